@@ -1,0 +1,1 @@
+"""Adapters from taskrunners to interfaces other libraries already accept."""

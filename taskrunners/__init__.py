@@ -1,0 +1,29 @@
+"""taskrunners: run function calls on pluggable backends behind one small API.
+
+The same runners work from plain synchronous code (:mod:`taskrunners.sync`) and from
+async code on asyncio or trio (this module), in order, on threads and the event
+loop, on local worker processes, on a Dask cluster or on a Ray cluster.
+"""
+
+from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners.task_runners import (
+    BaseTaskRunner,
+    ConcurrentTaskRunner,
+    DaskTaskRunner,
+    ParallelTaskRunner,
+    RayTaskRunner,
+    SequentialTaskRunner,
+    TaskConcurrencyType,
+)
+
+__all__ = [
+    "TaskConcurrencyType",
+    "BaseTaskRunner",
+    "SequentialTaskRunner",
+    "ConcurrentTaskRunner",
+    "ParallelTaskRunner",
+    "DaskTaskRunner",
+    "RayTaskRunner",
+    "PrefectFuture",
+    "TaskRun",
+]

@@ -1,0 +1,1 @@
+"""The blocking core: one module per runner, built on concurrent.futures-style primitives."""

@@ -1,0 +1,290 @@
+"""The machinery every blocking runner shares: start/stop, submission, waiting, pickling."""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import enum
+import logging
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from uuid import UUID
+
+from taskrunners._collections import iter_leaves, visit_collection
+from taskrunners._core.calls import TIMEOUT_ERRORS, block_until_done, settle
+from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners.states import State, exception_to_crashed_state
+
+__all__ = ["TaskConcurrencyType", "BlockingTaskRunner"]
+
+T = TypeVar("T", bound="BlockingTaskRunner")
+
+
+class TaskConcurrencyType(enum.Enum):
+    """How a runner runs the calls it is given."""
+
+    SEQUENTIAL = "SEQUENTIAL"
+    CONCURRENT = "CONCURRENT"
+    PARALLEL = "PARALLEL"
+
+
+def _is_future(value: Any) -> bool:
+    return isinstance(value, PrefectFuture)
+
+
+class BlockingTaskRunner(abc.ABC):
+    """Base class of the blocking twins in :mod:`taskrunners.sync`.
+
+    A subclass opens its resources in :meth:`_open`, releases them in :meth:`_close`
+    (after every call finished) or :meth:`_abort` (leaving the block with an
+    exception), and runs one call in :meth:`_dispatch`, which returns a
+    ``concurrent.futures.Future``-like handle whose result is the call's State.
+    """
+
+    #: Attributes holding pools, loops or clients: dropped when the runner is pickled.
+    _handles: tuple = ()
+    #: Whether a started runner, once unpickled, can still submit and wait.
+    _usable_after_pickling = False
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(f"task_runner.{self.name}")
+        self._started = False
+        self._detached = False
+        self._init_bookkeeping()
+
+    def _init_bookkeeping(self) -> None:
+        self._lifecycle_lock = threading.Lock()
+        # Calls not finished yet: leaving the start() block waits for these.
+        self._pending: set = set()
+        # Every call by run id, weakly: the PrefectFuture holds the strong reference,
+        # so a finished call's State goes once its last future is dropped.
+        self._calls: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    @property
+    @abc.abstractmethod
+    def concurrency_type(self) -> TaskConcurrencyType:
+        """How this runner runs calls."""
+
+    @property
+    def name(self) -> str:
+        """The class name, lower-cased, without "taskrunner"."""
+        return type(self).__name__.lower().replace("taskrunner", "")
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @contextmanager
+    def start(self: T) -> Iterator[T]:
+        """Start the runner for the duration of the block.
+
+        Leaving the block normally waits for every submitted call. Leaving it with an
+        exception cancels calls that have not started, stops what the runner owns
+        without waiting for running threads, and re-raises the exception.
+
+        :raises RuntimeError: if the runner is already started
+        """
+        self._begin()
+        try:
+            yield self
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self._end(None)
+
+    def _begin(self) -> None:
+        with self._lifecycle_lock:
+            if self._started:
+                raise RuntimeError("The task runner is already started!")
+            self._started = True
+        self.logger.debug("Starting task runner...")
+        try:
+            self._open()
+        except BaseException:
+            self._started = False
+            raise
+
+    def _end(self, exc: Optional[BaseException]) -> None:
+        try:
+            if exc is None:
+                try:
+                    self._drain()
+                    self._close()
+                except BaseException as interrupt:
+                    self._abort(interrupt)
+                    raise
+            else:
+                self._abort(exc)
+        finally:
+            self.logger.debug("Shutting down task runner...")
+            self._started = False
+
+    def _drain(self) -> None:
+        while self._pending:
+            block_until_done(list(self._pending))
+
+    def _cancel_pending(self) -> None:
+        for call in list(self._pending):
+            call.cancel()
+
+    def _open(self) -> None:
+        """Create the pools, loops or clients calls need."""
+
+    def _close(self) -> None:
+        """Release what :meth:`_open` created; every call has finished."""
+
+    def _abort(self, exc: BaseException) -> None:
+        """Release what :meth:`_open` created, now: the block is left with ``exc``."""
+        self._cancel_pending()
+        self._close()
+
+    # -- submission ----------------------------------------------------------------
+
+    def submit(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> PrefectFuture:
+        """Submit ``run_fn(**run_kwargs)``; returns a blocking :class:`PrefectFuture`.
+
+        Futures anywhere in ``run_kwargs`` reach ``run_fn`` as their final States.
+
+        :raises RuntimeError: if the runner is not started
+        """
+        future = PrefectFuture(task_run, self, asynchronous=False)
+        future._call = self._submit_call(task_run, run_fn, run_kwargs)
+        return future
+
+    def _submit_call(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> Any:
+        self._ensure_usable("submit work")
+        upstream = self._upstream_calls(run_kwargs)
+        if upstream:
+            call = self._dispatch_after(upstream, task_run, run_fn, run_kwargs)
+        else:
+            call = self._dispatch(task_run, run_fn, run_kwargs)
+        self._track(task_run.id, call)
+        return call
+
+    @abc.abstractmethod
+    def _dispatch(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> Any:
+        """Start one call whose arguments hold no futures; return its handle."""
+
+    def _track(self, run_id: UUID, call: Any) -> None:
+        self._calls[run_id] = call
+        pending = self._pending
+        pending.add(call)
+        call.add_done_callback(pending.discard)
+
+    def _upstream_calls(self, run_kwargs: Dict[str, Any]) -> List[Any]:
+        if not run_kwargs:
+            return []
+        return [self._call_of(future) for future in iter_leaves(run_kwargs, _is_future)]
+
+    def _dispatch_after(
+        self,
+        upstream: List[Any],
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+    ) -> concurrent.futures.Future:
+        """Start a call once its upstream calls are done, holding no worker meanwhile."""
+        call: concurrent.futures.Future = concurrent.futures.Future()
+        remaining = [len(upstream)]
+        lock = threading.Lock()
+
+        def upstream_done(_: Any) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            if call.done():  # cancelled while waiting
+                return
+            try:
+                inner = self._dispatch(task_run, run_fn, self.resolve_futures(run_kwargs))
+            except BaseException as exc:
+                settle(call, exception_to_crashed_state(exc))
+                return
+            inner.add_done_callback(lambda done: settle(call, self._state_of_done(done)))
+
+        for upstream_call in upstream:
+            upstream_call.add_done_callback(upstream_done)
+        return call
+
+    def resolve_futures(self, expr: Any) -> Any:
+        """Replace every future inside ``expr`` with its final State (all are done)."""
+        return visit_collection(
+            expr,
+            lambda value: self._state_of_done(self._call_of(value)) if _is_future(value) else value,
+        )
+
+    # -- waiting -------------------------------------------------------------------
+
+    def wait(self, future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+        """Block until the call is done and return its State, or None after ``timeout``.
+
+        Whatever the call did comes back as a State; only misuse raises.
+        """
+        return self._wait_blocking(future, timeout)
+
+    def _wait_blocking(self, future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
+        call = self._call_of(future)
+        try:
+            return call.result(timeout)
+        except BaseException as exc:
+            if not call.done():
+                if isinstance(exc, TIMEOUT_ERRORS):
+                    return None
+                raise  # the waiting caller's own interrupt
+            return self._failure_state(call, exc)
+
+    def _state_of_done(self, call: Any) -> State:
+        try:
+            return call.result(0)
+        except BaseException as exc:
+            return self._failure_state(call, exc)
+
+    def _failure_state(self, call: Any, exc: BaseException) -> State:
+        """The State of a call whose handle raised ``exc`` instead of giving a State."""
+        return exception_to_crashed_state(exc)
+
+    def _call_of(self, future: PrefectFuture, action: str = "wait for work") -> Any:
+        self._ensure_attached(action)
+        call = future._call
+        if call is None:
+            call = self._calls.get(future.run_id)
+            if call is None:
+                raise RuntimeError(
+                    f"No call for task run {future.task_run.name!r} ({future.run_id}) is "
+                    f"known to {self}: submit it to this runner first."
+                )
+        return call
+
+    def _ensure_usable(self, action: str) -> None:
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        self._ensure_attached(action)
+
+    def _ensure_attached(self, action: str) -> None:
+        if self._detached:
+            raise RuntimeError(
+                f"The {self.name} task runner cannot be used to {action} after "
+                "serialization."
+            )
+
+    # -- pickling --------------------------------------------------------------------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        data = self.__dict__.copy()
+        for name in ("_lifecycle_lock", "_pending", "_calls", *self._handles):
+            data[name] = None
+        data["_detached"] = self._started and not self._usable_after_pickling
+        return data
+
+    def __setstate__(self, data: Dict[str, Any]) -> None:
+        self.__dict__.update(data)
+        self._init_bookkeeping()

@@ -1,0 +1,124 @@
+"""Running one call to a State, and waiting for calls without holding a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+from typing import Any, Callable, Dict, Optional
+
+import anyio
+import sniffio
+
+from taskrunners.states import Crashed, State, exception_to_crashed_state
+
+TIMEOUT_ERRORS = (concurrent.futures.TimeoutError, TimeoutError, asyncio.TimeoutError)
+
+
+def is_coroutine_function(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)
+    )
+
+
+def checked_state(run_fn: Any, value: Any) -> State:
+    if isinstance(value, State):
+        return value
+    name = getattr(run_fn, "__qualname__", None) or type(run_fn).__name__
+    return Crashed(
+        message=f"run_fn {name!r} returned {type(value).__name__}, not a State; "
+        "return a State, e.g. `Completed(data=value)`.",
+        data=TypeError(f"run_fn {name!r} must return a State, got {type(value).__name__}"),
+    )
+
+
+def run_to_state(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> State:
+    """Call a plain ``run_fn``; whatever it raises becomes a Crashed state."""
+    try:
+        value = run_fn(**run_kwargs)
+    except BaseException as exc:
+        return exception_to_crashed_state(exc)
+    return checked_state(run_fn, value)
+
+
+async def arun_to_state(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> State:
+    """Await a coroutine ``run_fn``; whatever it raises becomes a Crashed state."""
+    try:
+        value = await run_fn(**run_kwargs)
+    except BaseException as exc:
+        return exception_to_crashed_state(exc)
+    return checked_state(run_fn, value)
+
+
+def run_anywhere(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> State:
+    """Run a plain or coroutine ``run_fn`` to a State in a thread with no event loop.
+
+    Used inside worker processes, where a coroutine gets an event loop of its own.
+    """
+    if is_coroutine_function(run_fn):
+        try:
+            return asyncio.run(arun_to_state(run_fn, run_kwargs))
+        except BaseException as exc:
+            return exception_to_crashed_state(exc)
+    return run_to_state(run_fn, run_kwargs)
+
+
+def done_call(state: State) -> concurrent.futures.Future:
+    call: concurrent.futures.Future = concurrent.futures.Future()
+    call.set_result(state)
+    return call
+
+
+def settle(call: concurrent.futures.Future, state: State) -> None:
+    """Set a call's State unless it was cancelled meanwhile."""
+    try:
+        call.set_result(state)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _loop_waker() -> Callable[[Callable[[], Any]], None]:
+    """A function that runs a callable on the current event loop from any thread."""
+    loop_thread = threading.get_ident()
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        schedule = trio.lowlevel.current_trio_token().run_sync_soon
+    else:
+        schedule = asyncio.get_running_loop().call_soon_threadsafe
+
+    def wake(fn: Callable[[], Any]) -> None:
+        if threading.get_ident() == loop_thread:
+            fn()
+            return
+        try:
+            schedule(fn)
+        except RuntimeError:  # the loop is gone: nobody is waiting any more
+            pass
+
+    return wake
+
+
+async def wait_until_done(call: Any, timeout: Optional[float]) -> bool:
+    """Wait, without a thread, until ``call`` is done; False if ``timeout`` passed first.
+
+    ``call`` is anything with ``done()`` and ``add_done_callback(fn)``.
+    """
+    if call.done():
+        return True
+    event = anyio.Event()
+    wake = _loop_waker()
+    call.add_done_callback(lambda _: wake(event.set))
+    with anyio.move_on_after(timeout):
+        await event.wait()
+    return call.done()
+
+
+def block_until_done(calls: Any) -> None:
+    """Block the calling thread until every call in ``calls`` is done."""
+    for call in calls:
+        if not call.done():
+            finished = threading.Event()
+            call.add_done_callback(lambda _: finished.set())
+            finished.wait()

@@ -1,0 +1,97 @@
+"""The blocking ConcurrentTaskRunner: plain calls on threads, coroutine calls on one loop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+from typing import Any, Callable, Dict, Optional
+
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core.calls import is_coroutine_function, run_to_state
+from taskrunners._core.loop_thread import LoopThread
+from taskrunners.futures import TaskRun
+
+__all__ = ["ConcurrentTaskRunner"]
+
+# With no max_workers, the pool grows by one thread whenever every thread is busy
+# (idle threads are reused first), so sleeping calls never starve each other.
+_UNBOUNDED_THREADS = 2**31 - 1
+
+
+class ConcurrentTaskRunner(BlockingTaskRunner):
+    """Runs plain calls in a thread pool and coroutine calls on one event loop.
+
+    :param max_workers: the most threads running plain calls at once; None for no
+        fixed bound (a new thread whenever all are busy)
+
+    Each call sees a copy of the submitting thread's context variables, taken at
+    submit time.
+
+    >>> from taskrunners.sync import ConcurrentTaskRunner
+    >>> from taskrunners import TaskRun
+    >>> from taskrunners.states import Completed
+    >>> with ConcurrentTaskRunner(max_workers=4).start() as runner:
+    ...     futures = [runner.submit(TaskRun(), lambda i=i: Completed(data=i), {}) for i in range(3)]
+    ...     [runner.wait(f).result() for f in futures]
+    [0, 1, 2]
+    """
+
+    _handles = ("_pool", "_loop_thread")
+
+    def __init__(self, max_workers: Optional[int] = None) -> None:
+        if max_workers is not None and (
+            not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
+        ):
+            raise ValueError(
+                f"`max_workers` must be a positive integer or None, got {max_workers!r}."
+            )
+        self.max_workers = max_workers
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._loop_thread: Optional[LoopThread] = None
+        super().__init__()
+
+    @property
+    def concurrency_type(self) -> TaskConcurrencyType:
+        return TaskConcurrencyType.CONCURRENT
+
+    def _open(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_workers or _UNBOUNDED_THREADS,
+            thread_name_prefix=f"{self}-worker",
+        )
+
+    def _close(self) -> None:
+        self._release(cancel=False)
+
+    def _abort(self, exc: BaseException) -> None:
+        self._cancel_pending()
+        self._release(cancel=True)
+
+    def _release(self, cancel: bool) -> None:
+        pool, loop_thread = self._pool, self._loop_thread
+        self._pool = self._loop_thread = None
+        if loop_thread is not None:
+            loop_thread.stop(cancel=cancel)
+        if pool is not None:
+            # After an exception, running threads are not waited for.
+            pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+    def _dispatch(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> concurrent.futures.Future:
+        if is_coroutine_function(run_fn):
+            return self._coroutine_loop().submit(run_fn, run_kwargs)
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        context = contextvars.copy_context()
+        return pool.submit(context.run, run_to_state, run_fn, run_kwargs)
+
+    def _coroutine_loop(self) -> LoopThread:
+        loop_thread = self._loop_thread
+        if loop_thread is None:
+            with self._lifecycle_lock:
+                if self._loop_thread is None:
+                    self._loop_thread = LoopThread(name=f"{self}-loop")
+                loop_thread = self._loop_thread
+        return loop_thread

@@ -1,0 +1,57 @@
+"""An asyncio event loop in a thread of its own, for coroutine calls of the blocking twins."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable, Dict
+
+from taskrunners._core.calls import arun_to_state
+
+
+class LoopThread:
+    """Runs coroutine calls on one event loop, in a daemon thread it owns.
+
+    Thousands of coroutine calls interleave there without a thread each, and the
+    caller's thread may itself be running a loop (a notebook) without conflict.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def submit(
+        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> concurrent.futures.Future:
+        """Schedule a coroutine call; its State arrives on the returned future.
+
+        The task runs in a copy of the submitting thread's context variables.
+        """
+        return asyncio.run_coroutine_threadsafe(arun_to_state(run_fn, run_kwargs), self.loop)
+
+    def stop(self, cancel: bool, timeout: float = 10.0) -> None:
+        """Stop the loop; with ``cancel``, running coroutine calls are cancelled first."""
+        if cancel:
+            self.loop.call_soon_threadsafe(self._cancel_all)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _cancel_all(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            task.cancel()

@@ -1,0 +1,82 @@
+"""The blocking SequentialTaskRunner: each call runs inside ``submit``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core.calls import block_until_done, done_call, is_coroutine_function, run_to_state
+from taskrunners._core.loop_thread import LoopThread
+from taskrunners.futures import TaskRun
+
+__all__ = ["SequentialTaskRunner"]
+
+
+class SequentialTaskRunner(BlockingTaskRunner):
+    """Runs each call to completion inside ``submit``, one at a time.
+
+    Calls submitted from several threads run one after another. A coroutine
+    ``run_fn`` runs on an event loop in a thread the runner owns, so this works from
+    a thread that is itself running a loop.
+
+    >>> from taskrunners.sync import SequentialTaskRunner
+    >>> from taskrunners import TaskRun
+    >>> from taskrunners.states import Completed
+    >>> with SequentialTaskRunner().start() as runner:
+    ...     future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+    ...     runner.wait(future).result()
+    42
+    """
+
+    _handles = ("_call_lock", "_loop_thread")
+    _usable_after_pickling = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._call_lock: Optional[threading.RLock] = None
+        self._loop_thread: Optional[LoopThread] = None
+
+    @property
+    def concurrency_type(self) -> TaskConcurrencyType:
+        return TaskConcurrencyType.SEQUENTIAL
+
+    def _open(self) -> None:
+        self._call_lock = threading.RLock()
+
+    def _close(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.stop(cancel=False)
+            self._loop_thread = None
+
+    def _abort(self, exc: BaseException) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.stop(cancel=True)
+            self._loop_thread = None
+
+    def _dispatch(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> concurrent.futures.Future:
+        if self._call_lock is None:  # unpickled while started: handles were dropped
+            self._call_lock = threading.RLock()
+        with self._call_lock:
+            if is_coroutine_function(run_fn):
+                return done_call(self._coroutine_loop().submit(run_fn, run_kwargs).result())
+            return done_call(run_to_state(run_fn, run_kwargs))
+
+    def _dispatch_after(
+        self,
+        upstream: List[Any],
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+    ) -> concurrent.futures.Future:
+        # Sequential means the call runs inside submit: wait for upstream calls here.
+        block_until_done(upstream)
+        return self._dispatch(task_run, run_fn, self.resolve_futures(run_kwargs))
+
+    def _coroutine_loop(self) -> LoopThread:
+        if self._loop_thread is None:
+            self._loop_thread = LoopThread(name=f"{self}-loop")
+        return self._loop_thread

@@ -1,0 +1,139 @@
+"""Task runs and the futures a runner hands back for them."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, Union
+
+from taskrunners.states import State
+
+if TYPE_CHECKING:
+    import concurrent.futures
+
+__all__ = ["TaskRun", "PrefectFuture"]
+
+_run_numbers = itertools.count(1)
+
+
+class TaskRun:
+    """One call to be run: a name for people and a unique id for runners.
+
+    :param name: a readable name; defaults to ``"task-run-<n>"``
+    :param id: a :class:`uuid.UUID`; defaults to a fresh ``uuid4``
+
+    >>> run = TaskRun(name="load")
+    >>> run.name, type(run.id).__name__
+    ('load', 'UUID')
+    """
+
+    __slots__ = ("name", "id")
+
+    def __init__(self, name: Optional[str] = None, id: Optional[uuid.UUID] = None) -> None:
+        self.id = id if id is not None else uuid.uuid4()
+        self.name = name if name is not None else f"task-run-{next(_run_numbers)}"
+
+    def __getstate__(self) -> tuple:
+        return (self.name, self.id)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.name, self.id = state
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskRun):
+            return NotImplemented
+        return self.id == other.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __repr__(self) -> str:
+        return f"TaskRun(name={self.name!r}, id={self.id!r})"
+
+
+class PrefectFuture:
+    """The handle to one submitted call.
+
+    With ``asynchronous=True`` (the facade's default), :meth:`wait` and
+    :meth:`result` return awaitables; with ``False`` (the blocking twins), they block.
+
+    :param task_run: the :class:`TaskRun` this future stands for
+    :param task_runner: the runner the call was submitted to
+    :param asynchronous: whether :meth:`wait` and :meth:`result` are awaited
+    """
+
+    __slots__ = ("task_run", "task_runner", "asynchronous", "_call", "__weakref__")
+
+    def __init__(self, task_run: TaskRun, task_runner: Any, asynchronous: bool = True) -> None:
+        self.task_run = task_run
+        self.task_runner = task_runner
+        self.asynchronous = asynchronous
+        # The runner's handle on the call (a concurrent.futures.Future of its State),
+        # set by the runner that made this future. Holding it here, and only weakly
+        # in the runner, lets a finished call's State go with its last future.
+        self._call: Optional[concurrent.futures.Future] = None
+
+    @property
+    def run_id(self) -> uuid.UUID:
+        return self.task_run.id
+
+    def wait(self, timeout: Optional[float] = None) -> Union[Optional[State], Awaitable[Optional[State]]]:
+        """The final State of the call, or None when ``timeout`` seconds pass first.
+
+        A later call may still succeed. Awaitable when the future is asynchronous.
+        """
+        if self.asynchronous:
+            return self.task_runner.wait(self, timeout)
+        return self.task_runner._wait_blocking(self, timeout)
+
+    def result(
+        self, timeout: Optional[float] = None, raise_on_failure: bool = True
+    ) -> Any:
+        """The data of the call's final State (see :meth:`State.result`).
+
+        :raises TimeoutError: when ``timeout`` seconds pass first
+        """
+        if self.asynchronous:
+            return self._result_async(timeout, raise_on_failure)
+        return _state_data(self, self.wait(timeout), timeout, raise_on_failure)
+
+    async def _result_async(self, timeout: Optional[float], raise_on_failure: bool) -> Any:
+        return _state_data(self, await self.wait(timeout), timeout, raise_on_failure)
+
+    def __hash__(self) -> int:
+        return hash(self.task_run.id)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PrefectFuture):
+            return NotImplemented
+        return self.task_run.id == other.task_run.id
+
+    def __bool__(self) -> bool:
+        warnings.warn(
+            "A 'PrefectFuture' was cast to a boolean, which is always True. "
+            "Did you mean to check its result with `future.result()` or "
+            "`future.wait()`?",
+            stacklevel=2,
+        )
+        return True
+
+    def __repr__(self) -> str:
+        return f"PrefectFuture({self.task_run.name!r})"
+
+    def __getstate__(self) -> tuple:
+        return (self.task_run, self.task_runner, self.asynchronous)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.task_run, self.task_runner, self.asynchronous = state
+        self._call = None
+
+
+def _state_data(
+    future: PrefectFuture, state: Optional[State], timeout: Optional[float], raise_on_failure: bool
+) -> Any:
+    if state is None:
+        raise TimeoutError(
+            f"Call {future.task_run.name!r} did not finish within {timeout} seconds."
+        )
+    return state.result(raise_on_failure=raise_on_failure)

@@ -1,0 +1,31 @@
+"""The blocking twins: the same runners, for plain synchronous code.
+
+``with runner.start():``, ``runner.submit(task_run, run_fn, run_kwargs)`` and
+``runner.wait(future, timeout=None)`` block the calling thread; no event loop is
+needed. Futures they return have ``asynchronous=False``.
+
+>>> from taskrunners.sync import ConcurrentTaskRunner
+>>> from taskrunners import TaskRun
+>>> from taskrunners.states import Completed
+>>> with ConcurrentTaskRunner().start() as runner:
+...     future = runner.submit(TaskRun(), lambda: Completed(data="hi"), {})
+...     future.result()
+'hi'
+"""
+
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core.concurrent import ConcurrentTaskRunner
+from taskrunners._core.dask import DaskTaskRunner
+from taskrunners._core.parallel import ParallelTaskRunner
+from taskrunners._core.ray import RayTaskRunner
+from taskrunners._core.sequential import SequentialTaskRunner
+
+__all__ = [
+    "BlockingTaskRunner",
+    "TaskConcurrencyType",
+    "SequentialTaskRunner",
+    "ConcurrentTaskRunner",
+    "ParallelTaskRunner",
+    "DaskTaskRunner",
+    "RayTaskRunner",
+]

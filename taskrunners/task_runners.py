@@ -1,0 +1,304 @@
+"""The async facade: the seed's ``start()`` / ``submit()`` / ``wait()`` on asyncio and trio.
+
+Each runner here wraps its blocking twin from :mod:`taskrunners.sync` and holds no
+scheduling logic of its own, except that a coroutine ``run_fn`` given to an
+in-process runner (Sequential, Concurrent) runs on the caller's event loop.
+
+>>> import anyio
+>>> from taskrunners import ConcurrentTaskRunner, TaskRun
+>>> from taskrunners.states import Completed
+>>> async def double(x):
+...     return Completed(data=x * 2)
+>>> async def main():
+...     async with ConcurrentTaskRunner().start() as runner:
+...         future = await runner.submit(TaskRun(), double, {"x": 21})
+...         return (await runner.wait(future)).result()
+>>> anyio.run(main)
+42
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import logging
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, TypeVar
+
+import anyio
+
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core.calls import (
+    arun_to_state,
+    done_call,
+    is_coroutine_function,
+    settle,
+    wait_until_done,
+)
+from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners.states import State, exception_to_crashed_state
+from taskrunners import sync
+
+__all__ = [
+    "TaskConcurrencyType",
+    "BaseTaskRunner",
+    "SequentialTaskRunner",
+    "ConcurrentTaskRunner",
+    "ParallelTaskRunner",
+    "DaskTaskRunner",
+    "RayTaskRunner",
+]
+
+T = TypeVar("T", bound="BaseTaskRunner")
+
+
+class BaseTaskRunner(metaclass=abc.ABCMeta):
+    """The seed's async task runner interface.
+
+    Subclasses implement :attr:`concurrency_type`, :meth:`submit` and :meth:`wait`,
+    and prepare resources in :meth:`_start`, pushing their cleanup onto the exit stack.
+    """
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(f"task_runner.{self.name}")
+        self._started = False
+
+    @property
+    @abc.abstractmethod
+    def concurrency_type(self) -> TaskConcurrencyType:
+        """How this runner runs calls."""
+
+    @property
+    def name(self) -> str:
+        """The class name, lower-cased, without "taskrunner"."""
+        return type(self).__name__.lower().replace("taskrunner", "")
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+    @abc.abstractmethod
+    async def submit(
+        self,
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+        asynchronous: bool = True,
+    ) -> PrefectFuture:
+        """Submit ``run_fn(**run_kwargs)`` and return a future for its State."""
+
+    @abc.abstractmethod
+    async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+        """The future's final State, or None if ``timeout`` seconds pass first."""
+
+    @asynccontextmanager
+    async def start(self: T) -> AsyncIterator[T]:
+        """Start the runner for the duration of the block.
+
+        :raises RuntimeError: if the runner is already started
+        """
+        if self._started:
+            raise RuntimeError("The task runner is already started!")
+        async with AsyncExitStack() as exit_stack:
+            self.logger.debug("Starting task runner...")
+            try:
+                await self._start(exit_stack)
+                self._started = True
+                yield self
+            finally:
+                self.logger.debug("Shutting down task runner...")
+                self._started = False
+
+    async def _start(self, exit_stack: AsyncExitStack) -> None:
+        """Create what calls need; push its cleanup onto ``exit_stack``."""
+
+
+class _FacadeRunner(BaseTaskRunner):
+    """A facade over one blocking twin (``_core``), which does the scheduling."""
+
+    _core_class: type = BlockingTaskRunner
+    # Whether coroutine calls run on the caller's event loop (in-process runners).
+    _coroutines_on_caller_loop = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._core: BlockingTaskRunner = self._core_class(*args, **kwargs)
+        self._task_group: Optional[anyio.abc.TaskGroup] = None
+        super().__init__()
+
+    def __getattr__(self, name: str) -> Any:
+        # Runner settings (max_workers, address, cluster_kwargs, ...) live on the core.
+        core = self.__dict__.get("_core")
+        if core is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(core, name)
+
+    @property
+    def concurrency_type(self) -> TaskConcurrencyType:
+        return self._core.concurrency_type
+
+    @asynccontextmanager
+    async def start(self: T) -> AsyncIterator[T]:
+        """Start the runner for the duration of the block.
+
+        Leaving the block normally waits for every submitted call. Leaving it with an
+        exception cancels calls not started and running coroutine calls, stops the
+        workers the runner owns without waiting for running threads, and re-raises
+        that exception unchanged.
+
+        :raises RuntimeError: if the runner is already started
+        """
+        if self._started:
+            raise RuntimeError("The task runner is already started!")
+        core = self._core
+        await anyio.to_thread.run_sync(core._begin)
+        self._started = True
+        failure: Optional[BaseException] = None
+        try:
+            try:
+                async with anyio.create_task_group() as task_group:
+                    self._task_group = task_group
+                    try:
+                        yield self
+                        await self._drain()
+                    except BaseException as exc:
+                        # Kept out of the task group, so it is never wrapped in a group.
+                        failure = exc
+                        task_group.cancel_scope.cancel()
+            except BaseException:
+                if failure is None:
+                    raise
+        finally:
+            self._task_group = None
+            self._started = False
+            # Shielded: an outer cancellation must not leave workers running.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(core._end, failure)
+        if failure is not None:
+            raise failure
+
+    async def _drain(self) -> None:
+        pending = self._core._pending
+        while pending:
+            await wait_until_done(next(iter(pending)), None)
+
+    async def submit(
+        self,
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+        asynchronous: bool = True,
+    ) -> PrefectFuture:
+        """Submit ``run_fn(**run_kwargs)`` and return a future for its State.
+
+        :raises RuntimeError: if the runner is not started, or was unpickled
+        """
+        core = self._core
+        if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
+            core._ensure_usable("submit work")
+            if self._task_group is None:
+                raise RuntimeError(
+                    f"The {self.name} task runner cannot be used to submit work after "
+                    "serialization."
+                )
+            call = await self._start_coroutine_call(run_fn, run_kwargs)
+            core._track(task_run.id, call)
+        else:
+            call = core._submit_call(task_run, run_fn, run_kwargs)
+        future = PrefectFuture(task_run, self, asynchronous=asynchronous)
+        future._call = call
+        return future
+
+    async def _start_coroutine_call(
+        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> concurrent.futures.Future:
+        call: concurrent.futures.Future = concurrent.futures.Future()
+        upstream = self._core._upstream_calls(run_kwargs)
+        self._task_group.start_soon(self._run_coroutine_call, call, upstream, run_fn, run_kwargs)
+        return call
+
+    async def _run_coroutine_call(
+        self,
+        call: concurrent.futures.Future,
+        upstream: List[Any],
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+    ) -> None:
+        try:
+            for upstream_call in upstream:
+                await wait_until_done(upstream_call, None)
+            if upstream:
+                run_kwargs = self._core.resolve_futures(run_kwargs)
+            settle(call, await arun_to_state(run_fn, run_kwargs))
+        except BaseException as exc:  # cancelled while waiting for upstream calls
+            settle(call, exception_to_crashed_state(exc))
+            raise
+
+    async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+        """The future's final State, or None if ``timeout`` seconds pass first.
+
+        Whatever the call did comes back as a State; waiting holds no thread.
+
+        :raises RuntimeError: if the runner was unpickled and cannot reach its calls
+        """
+        core = self._core
+        call = core._call_of(prefect_future)
+        if not await wait_until_done(call, timeout):
+            return None
+        return core._state_of_done(call)
+
+    def _wait_blocking(self, future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
+        return self._core._wait_blocking(future, timeout)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        data = self.__dict__.copy()
+        data["_task_group"] = None
+        return data
+
+    def __setstate__(self, data: Dict[str, Any]) -> None:
+        self.__dict__.update(data)
+
+
+class SequentialTaskRunner(_FacadeRunner):
+    """Runs each call to completion inside ``submit``.
+
+    Sync calls always run one after another; async calls do too, unless the caller
+    starts the submissions concurrently (an anyio task group, ``asyncio.gather``).
+    """
+
+    _core_class = sync.SequentialTaskRunner
+    _coroutines_on_caller_loop = True
+
+    async def _start_coroutine_call(
+        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> concurrent.futures.Future:
+        for upstream_call in self._core._upstream_calls(run_kwargs):
+            await wait_until_done(upstream_call, None)
+        return done_call(await arun_to_state(run_fn, self._core.resolve_futures(run_kwargs)))
+
+
+class ConcurrentTaskRunner(_FacadeRunner):
+    """Runs coroutine calls concurrently on the caller's event loop, plain calls on threads.
+
+    :param max_workers: the most threads running plain calls at once; None for no
+        fixed bound (a new thread whenever all are busy)
+    """
+
+    _core_class = sync.ConcurrentTaskRunner
+    _coroutines_on_caller_loop = True
+
+
+class ParallelTaskRunner(_FacadeRunner):
+    """Runs calls in loky worker processes; see :class:`taskrunners.sync.ParallelTaskRunner`."""
+
+    _core_class = sync.ParallelTaskRunner
+
+
+class DaskTaskRunner(_FacadeRunner):
+    """Runs calls on a Dask cluster; see :class:`taskrunners.sync.DaskTaskRunner`."""
+
+    _core_class = sync.DaskTaskRunner
+
+
+class RayTaskRunner(_FacadeRunner):
+    """Runs calls on a Ray cluster; see :class:`taskrunners.sync.RayTaskRunner`."""
+
+    _core_class = sync.RayTaskRunner

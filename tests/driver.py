@@ -1,0 +1,55 @@
+"""One way to drive a runner from test code, whatever its mode.
+
+The blocking twin is called directly; the async facade is called through an anyio
+blocking portal running asyncio or trio, so one test body covers all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from anyio.from_thread import BlockingPortal
+
+from taskrunners import PrefectFuture, TaskRun
+from taskrunners.states import State
+
+
+class Driver:
+    def __init__(self, runner: Any, portal: Optional[BlockingPortal], mode: str) -> None:
+        self.runner = runner
+        self.portal = portal
+        self.mode = mode
+
+    @property
+    def blocking(self) -> bool:
+        return self.portal is None
+
+    @contextlib.contextmanager
+    def start(self) -> Iterator[Any]:
+        if self.portal is None:
+            with self.runner.start() as started:
+                yield started
+        else:
+            with self.portal.wrap_async_context_manager(self.runner.start()) as started:
+                yield started
+
+    def submit(
+        self,
+        run_fn: Callable[..., Any],
+        run_kwargs: Optional[Dict[str, Any]] = None,
+        task_run: Optional[TaskRun] = None,
+    ) -> PrefectFuture:
+        task_run = task_run or TaskRun()
+        if self.portal is None:
+            return self.runner.submit(task_run, run_fn, run_kwargs or {})
+        return self.portal.call(self.runner.submit, task_run, run_fn, run_kwargs or {})
+
+    def wait(self, future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+        if self.portal is None:
+            return self.runner.wait(future, timeout)
+        return self.portal.call(self.runner.wait, future, timeout)
+
+    def run(self, run_fn: Callable[..., Any], run_kwargs: Optional[Dict[str, Any]] = None) -> State:
+        """Submit one call and wait for its State."""
+        return self.wait(self.submit(run_fn, run_kwargs))

@@ -1,0 +1,92 @@
+"""run_fns for the tests. Pickled by value, so they run the same in worker processes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import anyio
+
+from taskrunners.states import Completed, Failed
+
+
+def return_value(value=None):
+    return Completed(data=value)
+
+
+async def async_return_value(value=None):
+    await anyio.sleep(0)
+    return Completed(data=value)
+
+
+def add(x, y):
+    return Completed(data=x + y)
+
+
+def add_upstream(upstream, y):
+    """``upstream`` arrives as the upstream call's State."""
+    return Completed(data=upstream.result() + y)
+
+
+def fail_with(value="boom"):
+    return Failed(data=ValueError(value), message="it failed")
+
+
+def raise_exception(kind="ValueError", message="boom"):
+    exceptions = {
+        "ValueError": ValueError,
+        "KeyboardInterrupt": KeyboardInterrupt,
+        "SystemExit": SystemExit,
+    }
+    raise exceptions[kind](message)
+
+
+async def async_raise_exception(kind="ValueError", message="boom"):
+    raise_exception(kind, message)
+
+
+def sleep_then_return(seconds, value=None):
+    time.sleep(seconds)
+    return Completed(data=value)
+
+
+async def async_sleep_then_return(seconds, value=None):
+    await anyio.sleep(seconds)
+    return Completed(data=value)
+
+
+def receive_states(states):
+    """Return the types of the States found in ``states`` (a nested collection)."""
+    return Completed(data=states)
+
+
+def meet(own_marker, other_marker, patience):
+    """Leave ``own_marker``, then wait up to ``patience`` s for ``other_marker``.
+
+    Completed(True) when the two calls overlapped in time.
+    """
+    pathlib.Path(own_marker).touch()
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if os.path.exists(other_marker):
+            return Completed(data=True)
+        time.sleep(0.01)
+    return Completed(data=False)
+
+
+async def async_meet(own_marker, other_marker, patience):
+    pathlib.Path(own_marker).touch()
+    with anyio.move_on_after(patience):
+        while not os.path.exists(other_marker):
+            await anyio.sleep(0.01)
+        return Completed(data=True)
+    return Completed(data=False)
+
+
+def return_pid():
+    return Completed(data=os.getpid())
+
+
+def not_a_state(value=1):
+    return value
