@@ -5,6 +5,7 @@ async code on asyncio or trio (this module), in order, on threads and the event
 loop, on local worker processes, on a Dask cluster or on a Ray cluster.
 """
 
+from taskrunners.flows import as_completed, flow, task, unmapped, wait
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.task_runners import (
     BaseTaskRunner,
@@ -26,4 +27,9 @@ __all__ = [
     "RayTaskRunner",
     "PrefectFuture",
     "TaskRun",
+    "flow",
+    "task",
+    "unmapped",
+    "wait",
+    "as_completed",
 ]
