@@ -194,11 +194,6 @@ class _FacadeRunner(BaseTaskRunner):
         core = self._core
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
             core._ensure_usable("submit work")
-            if self._task_group is None:
-                raise RuntimeError(
-                    f"The {self.name} task runner cannot be used to submit work after "
-                    "serialization."
-                )
             call = await self._start_coroutine_call(run_fn, run_kwargs)
             core._track(task_run.id, call)
         else:
@@ -210,6 +205,10 @@ class _FacadeRunner(BaseTaskRunner):
     async def _start_coroutine_call(
         self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> concurrent.futures.Future:
+        if self._task_group is None:  # unpickled: the task group stayed behind
+            raise RuntimeError(
+                f"The {self.name} task runner cannot be used to submit work after serialization."
+            )
         call: concurrent.futures.Future = concurrent.futures.Future()
         upstream = self._core._upstream_calls(run_kwargs)
         self._task_group.start_soon(self._run_coroutine_call, call, upstream, run_fn, run_kwargs)

@@ -90,3 +90,17 @@ def return_pid():
 
 def not_a_state(value=1):
     return value
+
+
+def divide(a, b):
+    return a / b
+
+
+async def async_double(x):
+    await anyio.sleep(0)
+    return x * 2
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds

@@ -1,0 +1,121 @@
+"""States, futures' helpers and the collection visitor."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+
+import anyio
+import cloudpickle
+import pytest
+
+from taskrunners import PrefectFuture, TaskRun
+from taskrunners._collections import iter_leaves, visit_collection
+from taskrunners.states import (
+    Cancelled,
+    Completed,
+    Crashed,
+    Failed,
+    Pending,
+    Running,
+    State,
+    StateType,
+    exception_to_crashed_state,
+)
+
+
+def test_names_default_to_the_title_cased_type():
+    assert [s().name for s in (Pending, Running, Completed, Failed, Crashed, Cancelled)] == [
+        "Pending", "Running", "Completed", "Failed", "Crashed", "Cancelled",
+    ]
+    assert Pending(name="NotReady").name == "NotReady"
+    assert State(StateType.COMPLETED, data=1).is_completed()
+    assert State("FAILED").is_failed()
+
+
+def test_final_states():
+    assert [s().is_final() for s in (Pending, Running, Completed, Failed, Crashed)] == [
+        False, False, True, True, True,
+    ]
+
+
+def test_result_raises_exceptions_and_returns_base_exceptions_with_a_warning():
+    with pytest.raises(ValueError, match="x"):
+        Failed(data=ValueError("x")).result()
+    assert isinstance(Crashed(data=ValueError("x")).result(raise_on_failure=False), ValueError)
+    with pytest.warns(RuntimeWarning, match="KeyboardInterrupt"):
+        assert isinstance(Crashed(data=KeyboardInterrupt()).result(), KeyboardInterrupt)
+    assert Completed(data=ValueError("data, not failure")).result().args == ("data, not failure",)
+
+
+@pytest.mark.parametrize(
+    "exc, message",
+    [
+        (asyncio.CancelledError(), "Execution was cancelled by the runtime environment."),
+        (concurrent.futures.CancelledError(), "Execution was cancelled by the runtime environment."),
+        (KeyboardInterrupt(), "Execution was aborted by an interrupt signal."),
+        (SystemExit(1), "Execution was aborted by Python system exit call."),
+        (ValueError(), "Execution was interrupted by an unexpected exception."),
+    ],
+)
+def test_exception_to_crashed_state(exc, message):
+    state = exception_to_crashed_state(exc)
+    assert state.is_crashed() and state.name == "Crashed"
+    assert state.message == message
+    assert state.result(raise_on_failure=False) is exc
+
+
+async def test_the_running_backends_cancellation_is_recognised(anyio_backend):
+    caught = []
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await anyio.sleep(1)
+        except anyio.get_cancelled_exc_class() as exc:
+            caught.append(exc)
+            raise
+    assert exception_to_crashed_state(caught[0]).message == (
+        "Execution was cancelled by the runtime environment."
+    )
+
+
+def test_states_and_task_runs_pickle():
+    state = cloudpickle.loads(cloudpickle.dumps(Failed(data=ValueError("v"), message="m")))
+    assert state.is_failed() and state.message == "m" and state.data.args == ("v",)
+    run = TaskRun(name="r")
+    copy = cloudpickle.loads(cloudpickle.dumps(run))
+    assert copy == run and copy.name == "r" and hash(copy) == hash(run)
+
+
+def test_task_run_defaults():
+    first, second = TaskRun(), TaskRun()
+    assert first.id != second.id and first.name != second.name
+    assert first.name.startswith("task-run-")
+
+
+@dataclasses.dataclass
+class Pair:
+    left: object
+    right: object
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+def test_visit_collection_walks_every_container_and_reuses_unchanged_ones():
+    expr = {"a": [1, (2, {3})], "p": Pair(4, Point(5, 6)), 7: frozenset({8})}
+    doubled = visit_collection(expr, lambda v: v * 2 if isinstance(v, int) and not isinstance(v, bool) else v)
+    assert doubled == {"a": [2, (4, {6})], "p": Pair(8, Point(10, 12)), 14: frozenset({16})}
+    assert isinstance(doubled["p"].right, Point)
+    unchanged = visit_collection(expr, lambda v: v)
+    assert unchanged is expr
+    assert sorted(iter_leaves(expr, lambda v: isinstance(v, int))) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_future_without_runner_handle_pickles_without_its_call():
+    future = PrefectFuture(TaskRun(name="p"), task_runner=None, asynchronous=False)
+    future._call = concurrent.futures.Future()
+    copy = cloudpickle.loads(cloudpickle.dumps(future))
+    assert copy._call is None and copy.task_run == future.task_run
