@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import random
 import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Awaitable, Optional, Union
@@ -16,12 +18,23 @@ __all__ = ["TaskRun", "PrefectFuture"]
 
 _run_numbers = itertools.count(1)
 
+# uuid4() reads os.urandom on every call, which costs more than a whole thread-pool
+# call on some machines. Random 122-bit ids from a generator seeded from os.urandom
+# (and reseeded in forked children) are as unique, for a fraction of the cost.
+_ids = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.seed)
+
+
+def _new_run_id() -> uuid.UUID:
+    return uuid.UUID(int=_ids.getrandbits(128), version=4)
+
 
 class TaskRun:
     """One call to be run: a name for people and a unique id for runners.
 
     :param name: a readable name; defaults to ``"task-run-<n>"``
-    :param id: a :class:`uuid.UUID`; defaults to a fresh ``uuid4``
+    :param id: a :class:`uuid.UUID`; defaults to a fresh random (version 4) one
 
     >>> run = TaskRun(name="load")
     >>> run.name, type(run.id).__name__
@@ -31,7 +44,7 @@ class TaskRun:
     __slots__ = ("name", "id")
 
     def __init__(self, name: Optional[str] = None, id: Optional[uuid.UUID] = None) -> None:
-        self.id = id if id is not None else uuid.uuid4()
+        self.id = id if id is not None else _new_run_id()
         self.name = name if name is not None else f"task-run-{next(_run_numbers)}"
 
     def __getstate__(self) -> tuple:

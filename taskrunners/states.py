@@ -45,6 +45,7 @@ class StateType(str, enum.Enum):
     CANCELLED = "CANCELLED"
 
 
+_DEFAULT_NAMES = {state_type: state_type.value.title() for state_type in StateType}
 _FINAL_TYPES = frozenset(
     {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 )
@@ -71,8 +72,8 @@ class State(Generic[R]):
         message: Optional[str] = None,
         data: Any = None,
     ) -> None:
-        self.type = StateType(type)
-        self.name = name if name is not None else self.type.value.title()
+        self.type = type if type.__class__ is StateType else StateType(type)
+        self.name = name if name is not None else _DEFAULT_NAMES[self.type]
         self.message = message
         self.data = data
 

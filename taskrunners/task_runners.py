@@ -20,7 +20,6 @@ in-process runner (Sequential, Concurrent) runs on the caller's event loop.
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, TypeVar
@@ -29,10 +28,11 @@ import anyio
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import (
+    Call,
     arun_to_state,
+    checked_state,
     done_call,
     is_coroutine_function,
-    settle,
     wait_until_done,
 )
 from taskrunners.futures import PrefectFuture, TaskRun
@@ -194,8 +194,8 @@ class _FacadeRunner(BaseTaskRunner):
         core = self._core
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
             core._ensure_usable("submit work")
+            # The task group sees these calls to their end: no tracking needed.
             call = await self._start_coroutine_call(run_fn, run_kwargs)
-            core._track(task_run.id, call)
         else:
             call = core._submit_call(task_run, run_fn, run_kwargs)
         future = PrefectFuture(task_run, self, asynchronous=asynchronous)
@@ -204,32 +204,32 @@ class _FacadeRunner(BaseTaskRunner):
 
     async def _start_coroutine_call(
         self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> concurrent.futures.Future:
+    ) -> Call:
         if self._task_group is None:  # unpickled: the task group stayed behind
             raise RuntimeError(
                 f"The {self.name} task runner cannot be used to submit work after serialization."
             )
-        call: concurrent.futures.Future = concurrent.futures.Future()
+        call = Call()
         upstream = self._core._upstream_calls(run_kwargs)
         self._task_group.start_soon(self._run_coroutine_call, call, upstream, run_fn, run_kwargs)
         return call
 
     async def _run_coroutine_call(
-        self,
-        call: concurrent.futures.Future,
-        upstream: List[Any],
-        run_fn: Callable[..., Any],
-        run_kwargs: Dict[str, Any],
+        self, call: Call, upstream: List[Any], run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> None:
         try:
-            for upstream_call in upstream:
-                await wait_until_done(upstream_call, None)
             if upstream:
+                for upstream_call in upstream:
+                    await wait_until_done(upstream_call, None)
                 run_kwargs = self._core.resolve_futures(run_kwargs)
-            settle(call, await arun_to_state(run_fn, run_kwargs))
-        except BaseException as exc:  # cancelled while waiting for upstream calls
-            settle(call, exception_to_crashed_state(exc))
-            raise
+            value = await run_fn(**run_kwargs)
+        except BaseException as exc:
+            # A cancelled call still gets its State; the cancellation itself goes on.
+            call.set_result(exception_to_crashed_state(exc))
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            return
+        call.set_result(checked_state(run_fn, value))
 
     async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
         """The future's final State, or None if ``timeout`` seconds pass first.
@@ -266,9 +266,7 @@ class SequentialTaskRunner(_FacadeRunner):
     _core_class = sync.SequentialTaskRunner
     _coroutines_on_caller_loop = True
 
-    async def _start_coroutine_call(
-        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> concurrent.futures.Future:
+    async def _start_coroutine_call(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
         for upstream_call in self._core._upstream_calls(run_kwargs):
             await wait_until_done(upstream_call, None)
         return done_call(await arun_to_state(run_fn, self._core.resolve_futures(run_kwargs)))

@@ -235,7 +235,7 @@ def test_futures_know_their_run_and_block_or_await_by_mode(driver):
 def test_waiting_for_a_future_the_runner_never_saw_is_refused(driver):
     stranger = PrefectFuture(TaskRun(id=uuid.uuid4()), driver.runner, asynchronous=not driver.blocking)
     with driver.start():
-        with pytest.raises(RuntimeError, match="submit it to this runner first"):
+        with pytest.raises(RuntimeError, match="wait for the future that submit"):
             driver.wait(stranger)
 
 

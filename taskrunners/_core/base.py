@@ -7,10 +7,8 @@ import concurrent.futures
 import enum
 import logging
 import threading
-import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
-from uuid import UUID
 
 from taskrunners._collections import iter_leaves, visit_collection
 from taskrunners._core.calls import TIMEOUT_ERRORS, block_until_done, settle
@@ -28,6 +26,10 @@ class TaskConcurrencyType(enum.Enum):
     SEQUENTIAL = "SEQUENTIAL"
     CONCURRENT = "CONCURRENT"
     PARALLEL = "PARALLEL"
+
+
+# Argument types that can hold no future: the common case skips the collection walk.
+_FLAT_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 
 def _is_future(value: Any) -> bool:
@@ -56,11 +58,9 @@ class BlockingTaskRunner(abc.ABC):
 
     def _init_bookkeeping(self) -> None:
         self._lifecycle_lock = threading.Lock()
-        # Calls not finished yet: leaving the start() block waits for these.
+        # Calls not finished yet: leaving the start() block waits for these. Finished
+        # calls are held by their PrefectFutures only, so a State goes with its futures.
         self._pending: set = set()
-        # Every call by run id, weakly: the PrefectFuture holds the strong reference,
-        # so a finished call's State goes once its last future is dropped.
-        self._calls: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     @property
     @abc.abstractmethod
@@ -159,13 +159,14 @@ class BlockingTaskRunner(abc.ABC):
     def _submit_call(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> Any:
-        self._ensure_usable("submit work")
+        if not self._started or self._detached:
+            self._ensure_usable("submit work")
         upstream = self._upstream_calls(run_kwargs)
         if upstream:
             call = self._dispatch_after(upstream, task_run, run_fn, run_kwargs)
         else:
             call = self._dispatch(task_run, run_fn, run_kwargs)
-        self._track(task_run.id, call)
+        self._track(call)
         return call
 
     @abc.abstractmethod
@@ -174,14 +175,13 @@ class BlockingTaskRunner(abc.ABC):
     ) -> Any:
         """Start one call whose arguments hold no futures; return its handle."""
 
-    def _track(self, run_id: UUID, call: Any) -> None:
-        self._calls[run_id] = call
+    def _track(self, call: Any) -> None:
         pending = self._pending
         pending.add(call)
         call.add_done_callback(pending.discard)
 
     def _upstream_calls(self, run_kwargs: Dict[str, Any]) -> List[Any]:
-        if not run_kwargs:
+        if not run_kwargs or all(type(value) in _FLAT_TYPES for value in run_kwargs.values()):
             return []
         return [self._call_of(future) for future in iter_leaves(run_kwargs, _is_future)]
 
@@ -232,7 +232,9 @@ class BlockingTaskRunner(abc.ABC):
         return self._wait_blocking(future, timeout)
 
     def _wait_blocking(self, future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
-        call = self._call_of(future)
+        call = future._call
+        if call is None or self._detached:
+            call = self._call_of(future)
         try:
             return call.result(timeout)
         except BaseException as exc:
@@ -256,12 +258,10 @@ class BlockingTaskRunner(abc.ABC):
         self._ensure_attached(action)
         call = future._call
         if call is None:
-            call = self._calls.get(future.run_id)
-            if call is None:
-                raise RuntimeError(
-                    f"No call for task run {future.task_run.name!r} ({future.run_id}) is "
-                    f"known to {self}: submit it to this runner first."
-                )
+            raise RuntimeError(
+                f"No call for task run {future.task_run.name!r} ({future.run_id}) is "
+                f"known to {self}: wait for the future that submit() returned."
+            )
         return call
 
     def _ensure_usable(self, action: str) -> None:
@@ -280,7 +280,7 @@ class BlockingTaskRunner(abc.ABC):
 
     def __getstate__(self) -> Dict[str, Any]:
         data = self.__dict__.copy()
-        for name in ("_lifecycle_lock", "_pending", "_calls", *self._handles):
+        for name in ("_lifecycle_lock", "_pending", *self._handles):
             data[name] = None
         data["_detached"] = self._started and not self._usable_after_pickling
         return data

@@ -17,9 +17,65 @@ TIMEOUT_ERRORS = (concurrent.futures.TimeoutError, TimeoutError, asyncio.Timeout
 
 
 def is_coroutine_function(fn: Any) -> bool:
+    code = getattr(fn, "__code__", None)
+    if code is not None:  # a plain function: read the flag directly, it's on the hot path
+        return bool(code.co_flags & inspect.CO_COROUTINE)
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)
     )
+
+
+class Call:
+    """The outcome of one in-process call: a light ``concurrent.futures.Future`` stand-in.
+
+    Set once, from any thread; ``result`` blocks, ``add_done_callback`` runs its
+    function once the State is there. It has no running state and cannot be
+    cancelled: the code that runs the call decides its State.
+    """
+
+    __slots__ = ("_state", "_callbacks", "_lock", "_finished")
+
+    def __init__(self) -> None:
+        self._state: Optional[State] = None
+        self._callbacks: Optional[list] = []
+        self._lock = threading.Lock()
+        self._finished: Optional[threading.Event] = None
+
+    def done(self) -> bool:
+        return self._state is not None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+    def set_result(self, state: State) -> None:
+        with self._lock:
+            if self._state is not None:
+                return
+            self._state = state
+            callbacks, self._callbacks = self._callbacks, None
+            if self._finished is not None:
+                self._finished.set()
+        for callback in callbacks:
+            callback(self)
+
+    def result(self, timeout: Optional[float] = None) -> State:
+        if self._state is None:
+            with self._lock:
+                if self._state is None and self._finished is None:
+                    self._finished = threading.Event()
+            if self._state is None and not self._finished.wait(timeout):
+                raise TimeoutError
+        return self._state
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        with self._lock:
+            if self._state is None:
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
 
 def checked_state(run_fn: Any, value: Any) -> State:
@@ -64,9 +120,9 @@ def run_anywhere(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Stat
     return run_to_state(run_fn, run_kwargs)
 
 
-def done_call(state: State) -> concurrent.futures.Future:
-    call: concurrent.futures.Future = concurrent.futures.Future()
-    call.set_result(state)
+def done_call(state: State) -> Call:
+    call = Call()
+    call._state = state
     return call
 
 
