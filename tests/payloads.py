@@ -104,3 +104,51 @@ async def async_double(x):
 def nap(seconds):
     time.sleep(seconds)
     return seconds
+
+
+class CustomBaseException(BaseException):
+    """Not an Exception: like KeyboardInterrupt, never re-raised by State.result()."""
+
+
+class UnpicklableException(Exception):
+    """Pickling this exception itself fails."""
+
+    def __reduce__(self):
+        raise TypeError("this exception refuses to be pickled")
+
+
+RAISABLE = {
+    "ValueError": ValueError,
+    "KeyError": KeyError,
+    "RuntimeError": RuntimeError,
+    "MemoryError": MemoryError,
+    "RecursionError": RecursionError,
+    "StopIteration": StopIteration,
+    "GeneratorExit": GeneratorExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "SystemExit": SystemExit,
+    "CustomBaseException": CustomBaseException,
+    "UnpicklableException": UnpicklableException,
+}
+
+
+def misbehave(how, name="ValueError", message="fuzz"):
+    """Fail in one of the ways a run_fn can: see tests/test_faults.py."""
+    import threading
+
+    if how == "raise":
+        raise RAISABLE[name](message)
+    if how == "raise-unpicklable-args":
+        raise ValueError(message, threading.Lock())
+    if how == "return-unpicklable":
+        return Completed(data=threading.Lock())
+    if how == "return-non-state":
+        return {"message": message}
+    if how == "fail-with-unpicklable":
+        return Failed(data=UnpicklableException(message), message="failed with an unpicklable exception")
+    raise AssertionError(how)
+
+
+async def async_misbehave(how, name="ValueError", message="fuzz"):
+    await anyio.sleep(0)
+    return misbehave(how, name, message)

@@ -28,15 +28,18 @@ def is_coroutine_function(fn: Any) -> bool:
 class Call:
     """The outcome of one in-process call: a light ``concurrent.futures.Future`` stand-in.
 
-    Set once, from any thread; ``result`` blocks, ``add_done_callback`` runs its
-    function once the State is there. It has no running state and cannot be
-    cancelled: the code that runs the call decides its State.
+    Its State is set once, from any thread; ``result`` blocks for it and
+    ``add_done_callback`` runs a function once it is there. A call not yet running
+    can be cancelled: it then ends Crashed with the cancellation message, and
+    :meth:`set_running` tells the worker not to run it.
     """
 
-    __slots__ = ("_state", "_callbacks", "_lock", "_finished")
+    __slots__ = ("_state", "_running", "_cancelled", "_callbacks", "_lock", "_finished")
 
     def __init__(self) -> None:
         self._state: Optional[State] = None
+        self._running = False
+        self._cancelled = False
         self._callbacks: Optional[list] = []
         self._lock = threading.Lock()
         self._finished: Optional[threading.Event] = None
@@ -45,10 +48,23 @@ class Call:
         return self._state is not None
 
     def cancelled(self) -> bool:
-        return False
+        return self._cancelled
+
+    def set_running(self) -> bool:
+        """Mark the call running; False if it was cancelled first (do not run it)."""
+        with self._lock:
+            if self._state is not None:
+                return False
+            self._running = True
+            return True
 
     def cancel(self) -> bool:
-        return False
+        with self._lock:
+            if self._running or self._state is not None:
+                return self._cancelled
+            self._cancelled = True
+        self.set_result(exception_to_crashed_state(concurrent.futures.CancelledError()))
+        return True
 
     def set_result(self, state: State) -> None:
         with self._lock:

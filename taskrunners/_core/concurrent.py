@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextvars
 from typing import Any, Callable, Dict, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import is_coroutine_function, run_to_state
 from taskrunners._core.loop_thread import LoopThread
+from taskrunners._core.thread_pool import ThreadPool
 from taskrunners.futures import TaskRun
 
 __all__ = ["ConcurrentTaskRunner"]
@@ -46,7 +46,7 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
                 f"`max_workers` must be a positive integer or None, got {max_workers!r}."
             )
         self.max_workers = max_workers
-        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pool: Optional[ThreadPool] = None
         self._loop_thread: Optional[LoopThread] = None
         super().__init__()
 
@@ -55,10 +55,7 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
         return TaskConcurrencyType.CONCURRENT
 
     def _open(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.max_workers or _UNBOUNDED_THREADS,
-            thread_name_prefix=f"{self}-worker",
-        )
+        self._pool = ThreadPool(self.max_workers or _UNBOUNDED_THREADS, name=f"{self}-worker")
 
     def _close(self) -> None:
         self._release(cancel=False)
@@ -74,11 +71,11 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
             loop_thread.stop(cancel=cancel)
         if pool is not None:
             # After an exception, running threads are not waited for.
-            pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            pool.shutdown(wait=not cancel, cancel=cancel)
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> concurrent.futures.Future:
+    ) -> Any:
         if is_coroutine_function(run_fn):
             return self._coroutine_loop().submit(run_fn, run_kwargs)
         pool = self._pool
