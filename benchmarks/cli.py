@@ -1,0 +1,246 @@
+"""``python -m benchmarks``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+import time
+from datetime import datetime, timezone
+from typing import List, Optional, Sequence
+
+from benchmarks.engines import FAMILIES, EngineSettings, quiet_engines
+from benchmarks.workloads import WORKLOADS
+
+__all__ = ["main", "parse_args"]
+
+DEFAULT_OUTPUT = pathlib.Path("benchmark-results")
+
+#: Full runs: a batch aims at about this many seconds of work, and fails after the timeout.
+FULL_BATCH_SECONDS, FULL_BATCH_TIMEOUT = 1.0, 120.0
+QUICK_BATCH_SECONDS, QUICK_BATCH_TIMEOUT = 0.2, 60.0
+QUICK_REPEATS = 1
+
+
+def _names(kind: str, known: Sequence[str]):
+    def parse(text: str) -> List[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(map(repr, unknown)) or repr(text)}; "
+                f"choose from {', '.join(known)} (comma-separated)"
+            )
+        return names
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line's options (see ``python -m benchmarks --help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=(
+            "Measure calls per second of every taskrunners runner, through the blocking "
+            "twin (taskrunners.sync) and the async facade (taskrunners), side by side with "
+            "the raw engine under it, and write a table, a JSON file and a chart."
+        ),
+        epilog=(
+            f"workloads: {', '.join(f'{w.name} ({w.description})' for w in WORKLOADS.values())}. "
+            "Prefect 3's matching runners are added as extra columns when prefect is "
+            "importable (tox -e bench-peers)."
+        ),
+    )
+    parser.add_argument(
+        "--workloads", type=_names("workload", list(WORKLOADS)), default=list(WORKLOADS),
+        metavar="NAMES", help=f"comma-separated, of {','.join(WORKLOADS)} (default: all)",
+    )
+    parser.add_argument(
+        "--runners", type=_names("runner", list(FAMILIES)), default=list(FAMILIES),
+        metavar="NAMES", help=f"comma-separated, of {','.join(FAMILIES)} (default: all)",
+    )
+    parser.add_argument(
+        "--repeats", type=_positive, default=None, metavar="N",
+        help=f"timed batches per cell; each cell is their median (default: 5, "
+        f"or {QUICK_REPEATS} with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="small batches, one repeat, and one Dask cluster and one Ray instance shared "
+        "by the raw engine and both runner modes: proves the harness works in under a minute",
+    )
+    parser.add_argument(
+        "--output", type=pathlib.Path, default=DEFAULT_OUTPUT, metavar="DIR",
+        help=f"where results.json and results.png go (default: ./{DEFAULT_OUTPUT}/)",
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true",
+        help="leave out Prefect's runners even when prefect is importable",
+    )
+    parser.add_argument(
+        "--markdown", action="store_true",
+        help="print the tables as Markdown (for the README) instead of terminal tables",
+    )
+    parser.add_argument(
+        "--from-json", type=pathlib.Path, default=None, metavar="FILE",
+        help="measure nothing: print the tables of a results.json and redraw its chart "
+        "into --output",
+    )
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else 5
+    return args
+
+
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _time_spin(iterations: int) -> float:
+    from benchmarks.workloads import spin
+
+    best = float("inf")
+    for _ in range(3):
+        begun = time.perf_counter()
+        spin(iterations)
+        best = min(best, time.perf_counter() - begun)
+    return best
+
+
+def prefect_importable() -> bool:
+    return importlib.util.find_spec("prefect") is not None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmarks; 0 when every measured cell succeeded, 1 if any failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    from benchmarks import report
+
+    console = report.default_console()
+    if args.from_json is not None:
+        results = report.load_json(args.from_json)
+        _print_tables(results, console, args.markdown)
+        args.output.mkdir(parents=True, exist_ok=True)
+        report.write_chart(results, args.output / "results.png")
+        console.print(f"wrote {args.output / 'results.png'}")
+        return 0
+
+    environment = quiet_engines()
+    command = " ".join(["python -m benchmarks", *argv])
+    results, interrupted = measure(args, console, environment, command)
+    _print_tables(results, console, args.markdown)
+    json_path, chart_path = report.chart_and_json(results, args.output)
+    console.print(f"wrote {json_path} and {chart_path}")
+    if interrupted:
+        return 130
+    if results.failures:
+        console.print(
+            f"[red]{len(results.failures)} cell(s) failed:[/] "
+            + "; ".join(f"{c.family} {c.mode} {c.workload}: {c.note}" for c in results.failures)
+        )
+        return 1
+    return 0
+
+
+def _print_tables(results, console, markdown: bool) -> None:
+    from benchmarks import report
+
+    if markdown:
+        print(report.markdown_tables(results))
+    else:
+        report.render_tables(results, console)
+
+
+def measure(args: argparse.Namespace, console, environment, command: str):
+    """Calibrate, plan and run the sessions under a progress bar; returns (results, interrupted)."""
+    import loky
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+    )
+
+    from benchmarks import report
+    from benchmarks.measure import Config, plan_sessions, run_sessions
+    from benchmarks.workloads import calibrate_spin
+
+    started = time.perf_counter()
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = _load_average()
+    workers = loky.cpu_count()
+    spin_iterations, spin_seconds = (0, 0.0)
+    if "cpu" in args.workloads:
+        with console.status("calibrating the cpu workload (20 ms of pure-Python work)"):
+            spin_iterations, spin_seconds = calibrate_spin(WORKLOADS["cpu"].seconds_per_call)
+    peers = not args.no_peers and prefect_importable()
+    config = Config(
+        workloads=tuple(args.workloads),
+        families=tuple(key for key in FAMILIES if key in args.runners),
+        repeats=args.repeats,
+        quick=args.quick,
+        batch_seconds=QUICK_BATCH_SECONDS if args.quick else FULL_BATCH_SECONDS,
+        batch_timeout=QUICK_BATCH_TIMEOUT if args.quick else FULL_BATCH_TIMEOUT,
+        warmup_calls=max(4, 2 * workers),
+        spin_iterations=spin_iterations,
+        spin_seconds=spin_seconds,
+        engine_settings=EngineSettings(workers=workers),
+        peers=peers,
+        share_clusters=args.quick,
+    )
+    sessions = plan_sessions(config)
+    interrupted = False
+    with Progress(
+        TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as bar:
+        task = bar.add_task("starting", total=sum(s.units for s in sessions))
+
+        def progress(text: str, units: int) -> None:
+            if text:
+                bar.update(task, description=text)
+            if units:
+                bar.advance(task, units)
+
+        try:
+            run_sessions(sessions, progress)
+        except KeyboardInterrupt:
+            interrupted = True
+        bar.update(task, description="interrupted" if interrupted else "done")
+    if peers:
+        from benchmarks.peers import applied
+
+        environment = {**environment, **applied}
+    machine = report.machine_info(workers)
+    # How busy the machine was: other processes make every number noisier.
+    machine["load_average_before"] = load_before
+    machine["load_average_after"] = _load_average()
+    run_config = config.as_dict()
+    if spin_iterations:
+        # The same 20 ms of work timed again: a drift shows the machine's speed changed.
+        run_config["cpu_spin_seconds_after"] = _time_spin(spin_iterations)
+    results = report.Results(
+        config=run_config,
+        machine=machine,
+        cells=[cell for s in sessions for cell in s.cells.values()],
+        sessions=[s.record for s in sessions],
+        created=created,
+        elapsed_seconds=time.perf_counter() - started,
+        command=command,
+        environment=environment,
+        interrupted=interrupted,
+    )
+    return results, interrupted
