@@ -1,0 +1,80 @@
+"""run_fns for tests/test_dask.py. Pickled by value, so workers need not import the tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import signal
+import time
+import uuid
+
+from taskrunners.states import Completed
+
+
+def current_key():
+    """The Dask key of the task running this call, read on the worker."""
+    import distributed
+
+    return Completed(data=distributed.get_worker().get_current_task())
+
+
+def fresh_token():
+    return Completed(data=uuid.uuid4().hex)
+
+
+def die():
+    """Kill the worker process running this call, as the OOM killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def die_once(marker):
+    """Kill the worker the first time; any later attempt completes."""
+    path = pathlib.Path(marker)
+    if not path.exists():
+        path.touch()
+        die()
+    return Completed(data="survived")
+
+
+def fail_until(directory, failures):
+    """Raise on the first ``failures`` attempts (counted in ``directory``), then complete."""
+    attempts = len(os.listdir(directory)) + 1
+    pathlib.Path(directory, f"attempt-{attempts}").touch()
+    if attempts <= failures:
+        raise ValueError(f"attempt {attempts} fails")
+    return Completed(data=attempts)
+
+
+def submit_through(runner, value):
+    """Runs on a worker: ``runner`` was unpickled there; submit a call through it and wait."""
+    from taskrunners import TaskRun
+
+    future = runner.submit(TaskRun(name="inner"), echo, {"value": value})
+    state = runner.wait(future, timeout=60)
+    return Completed(data=(state.result(), runner._client is not None))
+
+
+def echo(value):
+    return Completed(data=value)
+
+
+def log_warning(logger_name, message):
+    logging.getLogger(logger_name).warning(message)
+    return Completed(data=os.getpid())
+
+
+async def async_sleep_registered(seconds):
+    """Sleep in a coroutine: the worker's registry of running coroutine calls sees it."""
+    import anyio
+
+    await anyio.sleep(seconds)
+    return Completed(data=seconds)
+
+
+def running_coroutines():
+    """Runs on workers (``Client.run``): how many coroutine calls are running there."""
+    from taskrunners._core import dask as dask_core
+
+    return len(dask_core._running_coroutines)

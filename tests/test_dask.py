@@ -1,0 +1,673 @@
+"""DaskTaskRunner specifics: configuration, keys, hand-off, failures, pickling, clusters.
+
+The standard suite (tests/test_standard.py) runs on the kinds of tests/kinds_dask.py;
+these tests cover what only the Dask runner does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import cloudpickle
+import psutil
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+import taskrunners
+import taskrunners.sync
+from taskrunners import TaskConcurrencyType, TaskRun
+from taskrunners.states import StateType
+from tests import dask_payloads, payloads
+from tests.conftest import kind_params
+from tests.driver import Driver
+from tests.kinds_dask import (
+    EXTERNAL_ALLOWED_FAILURES,
+    KINDS,
+    PROCESSES_CLUSTER,
+    ROOT,
+    THREADS_CLUSTER,
+    family,
+    read_address,
+    start_scheduler,
+    stop_processes,
+)
+
+distributed = pytest.importorskip("distributed")
+import dask  # noqa: E402  (after the skip: dask comes with distributed)
+
+cloudpickle.register_pickle_by_value(dask_payloads)
+
+pytestmark = [pytest.mark.dask, pytest.mark.timeout(180)]
+
+THREADS, PROCESSES, EXTERNAL = KINDS
+SyncDask = taskrunners.sync.DaskTaskRunner
+
+
+def threads_runner(**cluster_kwargs):
+    return SyncDask(cluster_kwargs={**THREADS_CLUSTER, **cluster_kwargs})
+
+
+def key_of(task_run):
+    return f"{task_run.name}-{task_run.id.hex}"
+
+
+def wait_for(predicate, timeout=60.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(pids=None):
+    """(pid, ip, port) of listening sockets of this process tree (or of ``pids``)."""
+    if pids is None:
+        me = psutil.Process()
+        processes = [me, *me.children(recursive=True)]
+    else:
+        processes = [psutil.Process(pid) for pid in pids]
+    found = []
+    for process in processes:
+        try:
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((process.pid, conn.laddr.ip, conn.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+# -- configuration (no cluster) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option", [{"cluster_class": "distributed.LocalCluster"}, {"cluster_kwargs": {"n_workers": 1}}, {"adapt_kwargs": {"maximum": 2}}]
+)
+@pytest.mark.parametrize("runner_class", [SyncDask, taskrunners.DaskTaskRunner])
+def test_address_with_cluster_options_is_refused(runner_class, option):
+    with pytest.raises(ValueError, match=r"`address` \('tcp://127.0.0.1:8786'\).*cannot be given with it"):
+        runner_class(address="tcp://127.0.0.1:8786", **option)
+
+
+@pytest.mark.parametrize("argument", ["client_kwargs", "cluster_kwargs"])
+def test_asynchronous_in_kwargs_is_refused(argument):
+    with pytest.raises(ValueError, match=f"`{argument}` cannot set `asynchronous`"):
+        SyncDask(**{argument: {"asynchronous": True}})
+    with pytest.raises(ValueError, match=f"`{argument}` cannot set `asynchronous`"):
+        taskrunners.DaskTaskRunner(**{argument: {"asynchronous": False}})
+
+
+def test_kwargs_are_copied_and_client_defaults_to_not_being_the_default_client():
+    cluster_kwargs = {"n_workers": 1}
+    adapt_kwargs = {"maximum": 3}
+    client_kwargs = {"name": "x"}
+    runner = SyncDask(cluster_kwargs=cluster_kwargs, adapt_kwargs=adapt_kwargs, client_kwargs=client_kwargs)
+    cluster_kwargs["n_workers"] = 9
+    adapt_kwargs["maximum"] = 9
+    assert runner.cluster_kwargs == {"n_workers": 1} and runner.cluster_kwargs is not cluster_kwargs
+    assert runner.adapt_kwargs == {"maximum": 3} and runner.adapt_kwargs is not adapt_kwargs
+    assert runner.client_kwargs == {"name": "x", "set_as_default": False}
+    assert client_kwargs == {"name": "x"}
+    assert SyncDask().client_kwargs == {"set_as_default": False}
+    assert SyncDask(client_kwargs={"set_as_default": True}).client_kwargs == {"set_as_default": True}
+    assert (SyncDask().cluster_kwargs, SyncDask().adapt_kwargs) == ({}, {})
+
+
+def test_the_facade_exposes_the_same_settings():
+    runner = taskrunners.DaskTaskRunner(cluster_kwargs={"processes": True}, client_kwargs={"name": "y"})
+    assert runner.cluster_kwargs == {"processes": True}
+    assert runner.client_kwargs == {"name": "y", "set_as_default": False}
+    assert runner.address is None and runner.cluster_class is None
+
+
+def test_a_cluster_class_name_is_imported_at_construction():
+    assert SyncDask(cluster_class="distributed.LocalCluster").cluster_class is distributed.LocalCluster
+    assert SyncDask(cluster_class="distributed.deploy.local:LocalCluster").cluster_class is distributed.LocalCluster
+    assert SyncDask(cluster_class=distributed.LocalCluster).cluster_class is distributed.LocalCluster
+    with pytest.raises(ValueError, match="`cluster_class` 'distributed.NoSuchCluster' could not be imported"):
+        SyncDask(cluster_class="distributed.NoSuchCluster")
+    with pytest.raises(ValueError, match="'no_such_module_xyz.Cluster' could not be imported"):
+        SyncDask(cluster_class="no_such_module_xyz.Cluster")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"cluster_kwargs": [("n_workers", 1)]}, TypeError),
+        ({"client_kwargs": "set_as_default"}, TypeError),
+        ({"cluster_class": 42}, TypeError),
+        ({"connect_timeout": 0}, ValueError),
+        ({"connect_timeout": "10"}, ValueError),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, exc):
+    (name,) = kwargs
+    with pytest.raises(exc, match=f"`{name}`"):
+        SyncDask(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cluster_kwargs, expected",
+    [
+        ({}, TaskConcurrencyType.CONCURRENT),
+        ({"processes": False}, TaskConcurrencyType.CONCURRENT),
+        ({"processes": True}, TaskConcurrencyType.PARALLEL),
+    ],
+)
+def test_concurrency_type_follows_processes(cluster_kwargs, expected):
+    assert SyncDask(cluster_kwargs=cluster_kwargs).concurrency_type is expected
+    assert taskrunners.DaskTaskRunner(cluster_kwargs=cluster_kwargs).concurrency_type is expected
+    assert SyncDask(address="tcp://127.0.0.1:8786").concurrency_type is TaskConcurrencyType.CONCURRENT
+
+
+def run_python(code):
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120
+    )
+
+
+def test_import_taskrunners_imports_neither_dask_nor_distributed():
+    result = run_python(
+        "import sys, taskrunners, taskrunners.sync\n"
+        "taskrunners.DaskTaskRunner(cluster_kwargs={'n_workers': 1})\n"
+        "taskrunners.sync.DaskTaskRunner(address='tcp://127.0.0.1:8786')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_missing_distributed_gives_the_documented_error_on_start():
+    result = run_python(
+        "import sys\n"
+        "sys.modules['distributed'] = None  # as if not installed\n"
+        "import taskrunners.sync\n"
+        "runner = taskrunners.sync.DaskTaskRunner()\n"
+        "try:\n"
+        "    with runner.start():\n"
+        "        pass\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+        "print(runner._started)\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "Using the `DaskTaskRunner` requires `distributed` to be installed.",
+        "False",
+    ]
+
+
+# -- a temporary cluster ---------------------------------------------------------------
+
+
+class SpyCluster(distributed.LocalCluster):
+    """A LocalCluster recording its constructor kwargs and adapt() calls."""
+
+    made = []
+
+    def __init__(self, **kwargs):
+        self.adapt_calls = []
+        SpyCluster.made.append(self)
+        self.given = dict(kwargs)
+        super().__init__(**kwargs)
+
+    def adapt(self, **kwargs):
+        self.adapt_calls.append(kwargs)
+        return super().adapt(**kwargs)
+
+
+@pytest.fixture
+def spy_cluster():
+    SpyCluster.made.clear()
+    yield SpyCluster
+    SpyCluster.made.clear()
+
+
+def test_cluster_class_is_none_until_start_then_local_cluster_with_loopback_defaults():
+    given = dict(THREADS_CLUSTER)
+    runner = SyncDask(cluster_kwargs=given)
+    assert runner.cluster_class is None
+    with runner.start():
+        assert runner.cluster_class is distributed.LocalCluster
+        assert isinstance(runner._cluster, distributed.LocalCluster)
+        assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 1})).result() == 1
+    # The user's kwargs stay exactly as given; the loopback defaults were not stored.
+    assert runner.cluster_kwargs == THREADS_CLUSTER and given == THREADS_CLUSTER
+    assert runner.cluster_class is distributed.LocalCluster
+
+
+def test_adapt_is_called_only_with_adapt_kwargs(spy_cluster):
+    with SyncDask(cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER)).start() as runner:
+        assert runner._cluster.adapt_calls == []
+    with SyncDask(
+        cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER), adapt_kwargs={"minimum": 1, "maximum": 2}
+    ).start() as runner:
+        assert runner._cluster.adapt_calls == [{"minimum": 1, "maximum": 2}]
+        assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 2})).result() == 2
+
+
+def test_loopback_defaults_are_added_only_where_the_user_gave_nothing(spy_cluster):
+    with SyncDask(cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER)).start():
+        pass
+    with SyncDask(
+        cluster_class=spy_cluster, cluster_kwargs={**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:0"}
+    ).start() as runner:
+        assert runner._client.dashboard_link and ":8787/" not in runner._client.dashboard_link
+    with SyncDask(
+        cluster_class=spy_cluster, cluster_kwargs={**THREADS_CLUSTER, "host": "127.0.0.1", "protocol": "tcp"}
+    ).start():
+        pass
+    defaults, chosen, own_host = (cluster.given for cluster in spy_cluster.made)
+    assert defaults["dashboard_address"] == "127.0.0.1:8787"
+    assert defaults["worker_dashboard_address"] == "127.0.0.1:0"
+    assert chosen["dashboard_address"] == "127.0.0.1:0"
+    assert "dashboard_address" not in own_host and "worker_dashboard_address" not in own_host
+
+
+def test_a_threads_cluster_listens_on_loopback_only():
+    before = set(listening())
+    with threads_runner().start() as runner:
+        assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 3})).result() == 3
+        opened = [entry for entry in listening() if entry not in before]
+    assert opened, "the dashboard at least should listen"
+    exposed = [entry for entry in opened if not ipaddress.ip_address(entry[1]).is_loopback]
+    assert not exposed
+
+
+def test_the_dashboard_link_is_logged(caplog):
+    caplog.set_level(logging.INFO, logger="task_runner.dask")
+    with threads_runner().start() as runner:
+        port = runner._cluster.scheduler_info["services"]["dashboard"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "task_runner.dask"]
+    # Dask's own link names this machine's IP; the dashboard listens on loopback only.
+    assert f"The Dask dashboard is available at http://127.0.0.1:{port}/status" in messages
+    assert any(message.startswith("Creating a new Dask cluster with `distributed.") for message in messages)
+
+
+def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_warns():
+    # Both ask for one dashboard port, as two runners with the default 8787 do.
+    dashboard = f"127.0.0.1:{free_port()}"
+    outer, inner = threads_runner(dashboard_address=dashboard), threads_runner(dashboard_address=dashboard)
+    with outer.start():
+        first = outer.submit(TaskRun(), payloads.return_value, {"value": "outer"})
+        with pytest.warns(UserWarning, match="already in use"):
+            inner_block = inner.start()
+            inner_block.__enter__()
+        try:
+            assert inner._client.dashboard_link != outer._client.dashboard_link
+            second = inner.submit(TaskRun(), payloads.add_upstream, {"upstream": first, "y": "+inner"})
+            assert inner.wait(second).result() == "outer+inner"
+        finally:
+            inner_block.__exit__(None, None, None)
+        assert outer.wait(first).result() == "outer"
+        assert outer.wait(outer.submit(TaskRun(), payloads.return_value, {"value": 5})).result() == 5
+
+
+# -- keys, hand-off, annotations -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", kind_params([THREADS]), indirect=True)
+def test_the_key_read_on_the_worker_is_name_and_run_id(driver):
+    task_run = TaskRun(name="load-data")
+    with driver.start():
+        key = driver.wait(driver.submit(dask_payloads.current_key, task_run=task_run)).result()
+    assert key == f"load-data-{task_run.id.hex}"
+
+
+def test_a_task_run_submitted_twice_runs_once():
+    task_run = TaskRun()
+    with threads_runner().start() as runner:
+        first = runner.submit(task_run, dask_payloads.fresh_token, {})
+        second = runner.submit(task_run, dask_payloads.fresh_token, {})
+        assert runner.wait(first).result() == runner.wait(second).result()
+
+
+def dependencies(client, key):
+    return client.run_on_scheduler(
+        lambda dask_scheduler: sorted(dep.key for dep in dask_scheduler.tasks[key].dependencies)
+    )
+
+
+@pytest.mark.parametrize("kind", kind_params([THREADS, PROCESSES]), indirect=True)
+def test_upstream_futures_reach_dask_as_dask_futures_and_their_states_arrive_intact(kind, request):
+    runner = kind.make(request, blocking=True)
+    up_run, down_run = TaskRun(name="up"), TaskRun(name="down")
+    with runner.start():
+        up = runner.submit(up_run, payloads.fail_with, {"value": "upstream broke"})
+        down = runner.submit(down_run, payloads.receive_states, {"states": {"nested": [up, (up,)]}})
+        received = runner.wait(down).result()
+        assert dependencies(runner._client, key_of(down_run)) == [key_of(up_run)]
+    first, (second,) = received["nested"]
+    for state in (first, second):
+        assert state.type is StateType.FAILED
+        assert state.message == "it failed"
+        assert isinstance(state.data, ValueError) and state.data.args == ("upstream broke",)
+
+
+def test_upstream_futures_of_another_runner_arrive_as_states_and_keep_annotations():
+    with taskrunners.sync.ConcurrentTaskRunner().start() as other, threads_runner().start() as runner:
+        foreign = other.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 0.5, "value": 40})
+        own = runner.submit(TaskRun(), payloads.return_value, {"value": 2})
+        down_run = TaskRun()
+        with dask.annotate(priority=3):
+            down = runner.submit(down_run, payloads.add_upstream, {"upstream": foreign, "y": 1})
+        both = runner.submit(TaskRun(), payloads.receive_states, {"states": [foreign, own]})
+        assert runner.wait(down).result() == 41
+        foreign_state, own_state = runner.wait(both).result()
+        assert (foreign_state.result(), own_state.result()) == (40, 2)
+        annotations, _ = annotations_of(runner._client, key_of(down_run))
+        assert annotations.get("priority") == 3
+
+
+def annotations_of(client, key):
+    def read(dask_scheduler):
+        task = dask_scheduler.tasks[key]
+        return dict(task.annotations), task.resource_restrictions
+
+    return client.run_on_scheduler(read)
+
+
+@pytest.fixture
+def resources_driver(mode):
+    """A threads cluster whose workers have 4 "slots", driven in each mode."""
+    cluster_kwargs = {**THREADS_CLUSTER, "resources": {"slots": 4}}
+    if mode == "sync":
+        yield Driver(SyncDask(cluster_kwargs=cluster_kwargs), None, mode)
+        return
+    with start_blocking_portal(backend=mode) as portal:
+        yield Driver(taskrunners.DaskTaskRunner(cluster_kwargs=cluster_kwargs), portal, mode)
+
+
+def test_dask_annotate_around_a_submission_applies_to_that_call(resources_driver):
+    driver = resources_driver
+    runner = driver.runner
+    runner_core = runner if driver.blocking else runner._core
+    annotated, plain = TaskRun(), TaskRun()
+
+    async def submit_annotated():
+        with dask.annotate(resources={"slots": 1}, priority=7, retries=2):
+            return await runner.submit(annotated, payloads.return_value, {"value": "a"})
+
+    with driver.start():
+        if driver.blocking:
+            with dask.annotate(resources={"slots": 1}, priority=7, retries=2):
+                first = runner.submit(annotated, payloads.return_value, {"value": "a"})
+        else:
+            first = driver.portal.call(submit_annotated)
+        second = driver.submit(payloads.return_value, {"value": "b"}, task_run=plain)
+        assert driver.wait(first).result() == "a" and driver.wait(second).result() == "b"
+        client = runner_core._client
+        annotations, restrictions = annotations_of(client, key_of(annotated))
+        assert annotations["priority"] == 7 and annotations["retries"] == 2
+        assert annotations["resources"] == {"slots": 1} and restrictions == {"slots": 1}
+        plain_annotations, plain_restrictions = annotations_of(client, key_of(plain))
+        assert "priority" not in plain_annotations and not plain_restrictions
+
+
+def test_dask_retries_apply_to_a_call_that_raises(tmp_path):
+    flaky, broken = tmp_path / "flaky", tmp_path / "broken"
+    flaky.mkdir()
+    broken.mkdir()
+    with threads_runner().start() as runner:
+        with dask.annotate(retries=2):
+            recovered = runner.submit(TaskRun(), dask_payloads.fail_until, {"directory": str(flaky), "failures": 2})
+        with dask.annotate(retries=1):
+            gave_up = runner.submit(TaskRun(), dask_payloads.fail_until, {"directory": str(broken), "failures": 5})
+        downstream = runner.submit(TaskRun(), payloads.receive_states, {"states": gave_up})
+        assert runner.wait(recovered).result() == 3
+        state = runner.wait(gave_up)
+        assert state.is_crashed()
+        assert state.message == "Execution was interrupted by an unexpected exception."
+        assert str(state.result(raise_on_failure=False)) == "attempt 2 fails"
+        # The downstream call still runs, with the crashed State of its upstream.
+        assert runner.wait(downstream).result().is_crashed()
+        without = runner.submit(TaskRun(), dask_payloads.fail_until, {"directory": str(tmp_path), "failures": 9})
+        assert runner.wait(without).is_crashed()
+    assert len(os.listdir(broken)) == 2
+
+
+def test_an_unpicklable_argument_crashes_the_call_at_once():
+    with threads_runner().start() as runner:
+        future = runner.submit(TaskRun(), payloads.return_value, {"value": threading.Lock()})
+        assert future._call.done()
+        state = runner.wait(future)
+    assert state.is_crashed()
+    assert "could not be pickled" in state.message
+
+
+# -- killed workers, exits with an exception ---------------------------------------------------
+
+
+@pytest.fixture
+def few_allowed_failures():
+    """Own clusters give up on a call after its workers died twice (as the external one)."""
+    with dask.config.set({"distributed.scheduler.allowed-failures": EXTERNAL_ALLOWED_FAILURES}):
+        yield
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+def test_a_killed_worker_crashes_only_its_call(kind, request, tmp_path, few_allowed_failures):
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        # Killed once: Dask runs the call again on another worker.
+        once = runner.submit(TaskRun(), dask_payloads.die_once, {"marker": str(tmp_path / "died")})
+        assert runner.wait(once).result() == "survived"
+        # Killed on every attempt: that call is Crashed, naming the cause.
+        doomed = runner.submit(TaskRun(), dask_payloads.die, {})
+        downstream = runner.submit(TaskRun(), payloads.receive_states, {"states": doomed})
+        state = runner.wait(doomed)
+        assert state.is_crashed()
+        assert "worker running this call died" in state.message
+        assert type(state.result(raise_on_failure=False)).__name__ == "KilledWorker"
+        received = runner.wait(downstream).result()
+        assert received.is_crashed() and "died" in received.message
+        # The runner keeps working.
+        assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": "ok"})).result() == "ok"
+        runner._client.wait_for_workers(2, timeout=120)
+
+
+@pytest.mark.timeout(120)
+def test_leaving_with_an_exception_cancels_and_stops_an_own_process_cluster_promptly():
+    runner = SyncDask(cluster_kwargs=dict(PROCESSES_CLUSTER))
+    with pytest.raises(KeyError):
+        with runner.start():
+            client, cluster = runner._client, runner._cluster
+            workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+            assert len(workers) == 2
+            futures = [runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 60}) for _ in range(4)]
+            wait_for(lambda: sum(len(v) for v in client.processing().values()) >= 2, timeout=60)
+            raise KeyError("stop")
+    assert client.status == "closed"
+    assert cluster.status == distributed.core.Status.closed
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+    states = [runner.wait(future, timeout=0) for future in futures]
+    assert all(state.is_crashed() for state in states)
+    assert all("cancelled" in state.message for state in states)
+    assert runner._client is None and not runner._started
+
+
+@pytest.mark.timeout(120)
+def test_leaving_with_an_exception_cancels_calls_on_a_cluster_it_did_not_create(dask_external_cluster):
+    address = dask_external_cluster.address
+    runner = SyncDask(address=address)
+    with pytest.raises(KeyError):
+        with runner.start():
+            running = [runner.submit(TaskRun(), dask_payloads.async_sleep_registered, {"seconds": 60}) for _ in range(2)]
+            queued = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 60})
+            client = runner._client
+            wait_for(lambda: sum(client.run(dask_payloads.running_coroutines).values()) == 2, timeout=60)
+            raise KeyError("stop")
+    assert all(runner.wait(future, timeout=0).is_crashed() for future in [*running, queued])
+    # The cluster is still up, its worker threads are free again.
+    with distributed.Client(address, set_as_default=False, timeout=30) as observer:
+        assert wait_for(lambda: sum(observer.run(dask_payloads.running_coroutines).values()) == 0)
+        assert len(observer.scheduler_info(n_workers=-1)["workers"]) == 2
+        assert wait_for(lambda: not any(observer.processing().values()), timeout=60)
+
+
+# -- logging --------------------------------------------------------------------------------
+
+
+def records_with(caplog, message):
+    return [record for record in caplog.records if record.getMessage() == message]
+
+
+@pytest.mark.parametrize("kind", kind_params([THREADS, PROCESSES, EXTERNAL]), indirect=True)
+def test_records_logged_in_a_call_reach_this_process_once(kind, request, caplog):
+    caplog.set_level(logging.WARNING)
+    message = f"from a worker {uuid.uuid4().hex}"
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        state = runner.wait(
+            runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": message})
+        )
+        assert wait_for(lambda: records_with(caplog, message), timeout=30)
+        # Anything forwarded twice would have arrived by the time a second call has.
+        runner.wait(runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": "x"}))
+        wait_for(lambda: records_with(caplog, "x"), timeout=30)
+    (record,) = records_with(caplog, message)
+    assert record.name == "user.module" and record.levelno == logging.WARNING
+    if kind is not THREADS:
+        assert state.result() != os.getpid()
+
+
+def test_two_runners_on_one_cluster_forward_each_record_once(dask_external_cluster, caplog):
+    caplog.set_level(logging.WARNING)
+    address = dask_external_cluster.address
+    first, second = SyncDask(address=address), SyncDask(address=address)
+    with first.start():
+        with second.start():
+            message = f"nested {uuid.uuid4().hex}"
+            second.wait(second.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": message}))
+            assert wait_for(lambda: records_with(caplog, message), timeout=30)
+        # The inner runner is gone; the outer one still forwards.
+        later = f"later {uuid.uuid4().hex}"
+        first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": later}))
+        assert wait_for(lambda: records_with(caplog, later), timeout=30)
+        first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": "y"}))
+        wait_for(lambda: records_with(caplog, "y"), timeout=30)
+    assert len(records_with(caplog, message)) == 1
+    assert len(records_with(caplog, later)) == 1
+
+
+# -- pickling ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", kind_params([THREADS, EXTERNAL]), indirect=True)
+def test_a_runner_unpickled_on_a_worker_reconnects_and_submits(kind, request):
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        state = runner.wait(runner.submit(TaskRun(), dask_payloads.submit_through, {"runner": runner, "value": 9}))
+    assert state.result() == (9, True)
+
+
+def test_a_runner_unpickled_elsewhere_refuses_to_submit_and_wait_with_guidance():
+    runner = threads_runner()
+    with runner.start():
+        future = runner.submit(TaskRun(), payloads.return_value, {"value": 1})
+        runner.wait(future)
+        copy, future_copy = cloudpickle.loads(cloudpickle.dumps((runner, future)))
+        assert copy._client is None and copy._cluster is None
+        with pytest.raises(RuntimeError, match="cannot be used to submit work after serialization") as info:
+            copy.submit(TaskRun(), payloads.return_value, {})
+        assert "get_client" in str(info.value) and "Dask worker" in str(info.value)
+        with pytest.raises(RuntimeError, match="cannot be used to wait for work after serialization"):
+            copy.wait(future_copy)
+        with pytest.raises(RuntimeError, match="after serialization"):
+            future_copy.wait()
+    # Not started when pickled: the copy starts like a new runner.
+    fresh = pickle.loads(pickle.dumps(threads_runner()))
+    with fresh.start():
+        assert fresh.wait(fresh.submit(TaskRun(), payloads.return_value, {"value": 2})).result() == 2
+
+
+# -- existing clusters ---------------------------------------------------------------------
+
+
+def test_connecting_retries_until_the_scheduler_comes_up_and_never_shuts_it_down(tmp_path):
+    port = free_port()
+    started = []
+
+    def start_later():
+        time.sleep(1.5)
+        started.append(start_scheduler(tmp_path, port=port))
+
+    starter = threading.Thread(target=start_later)
+    starter.start()
+    try:
+        runner = SyncDask(address=f"tcp://127.0.0.1:{port}", connect_timeout=90)
+        with runner.start():
+            assert runner._client.scheduler.address == f"tcp://127.0.0.1:{port}"
+            assert runner._cluster is None
+        starter.join()
+        (scheduler,) = started
+        assert scheduler.poll() is None, "leaving the block must not shut the scheduler down"
+        read_address(tmp_path / "scheduler.json", scheduler)
+        with distributed.Client(f"tcp://127.0.0.1:{port}", set_as_default=False, timeout=30) as client:
+            assert client.scheduler_info()["address"] == f"tcp://127.0.0.1:{port}"
+    finally:
+        starter.join()
+        for scheduler in started:
+            stop_processes(family(scheduler))
+
+
+@pytest.mark.parametrize("runner_class", [SyncDask, taskrunners.DaskTaskRunner])
+def test_an_unreachable_address_gives_up_after_connect_timeout_naming_it(runner_class):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    runner = runner_class(address=address, connect_timeout=1.5)
+
+    async def start():
+        async with runner.start():
+            pass
+
+    with pytest.raises(RuntimeError) as info:
+        if runner_class is SyncDask:
+            with runner.start():
+                pass
+        else:
+            import anyio
+
+            anyio.run(start)
+    message = str(info.value)
+    assert f"Dask scheduler at {address!r}" in message and "1.5 s" in message and "connect_timeout" in message
+    assert not runner._started
+
+
+def test_the_external_cluster_listens_on_loopback_only(dask_external_cluster):
+    pids = [process.pid for process in dask_external_cluster.processes()]
+    found = listening(pids)
+    assert found
+    assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in found), found
+
+
+# -- the blocking twin in odd places ------------------------------------------------------------
+
+
+def test_the_twin_works_from_a_thread_running_an_event_loop():
+    async def main():
+        with threads_runner().start() as runner:
+            upstream = runner.submit(TaskRun(), payloads.async_return_value, {"value": 20})
+            downstream = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": upstream, "y": 1})
+            await asyncio.sleep(0)
+            return runner.wait(downstream).result()
+
+    assert asyncio.run(main()) == 21
