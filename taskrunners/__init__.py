@@ -5,6 +5,7 @@ async code on asyncio or trio (this module), in order, on threads and the event
 loop, on local worker processes, on a Dask cluster or on a Ray cluster.
 """
 
+from taskrunners._core.ray import ray_options
 from taskrunners.flows import as_completed, flow, task, unmapped, wait
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.task_runners import (
@@ -25,6 +26,7 @@ __all__ = [
     "ParallelTaskRunner",
     "DaskTaskRunner",
     "RayTaskRunner",
+    "ray_options",
     "PrefectFuture",
     "TaskRun",
     "flow",

@@ -17,7 +17,7 @@ from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.concurrent import ConcurrentTaskRunner
 from taskrunners._core.dask import DaskTaskRunner
 from taskrunners._core.parallel import ParallelTaskRunner
-from taskrunners._core.ray import RayTaskRunner
+from taskrunners._core.ray import RayTaskRunner, ray_options
 from taskrunners._core.sequential import SequentialTaskRunner
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "ParallelTaskRunner",
     "DaskTaskRunner",
     "RayTaskRunner",
+    "ray_options",
 ]

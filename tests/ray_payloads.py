@@ -1,0 +1,39 @@
+"""run_fns for tests/test_ray.py that only make sense inside a Ray worker.
+
+Registered for pickling by value (Ray's cloudpickle and ours), like tests/payloads.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from taskrunners.states import Completed
+
+
+def record(marker: str) -> None:
+    with open(marker, "a") as file:
+        file.write(f"{os.getpid()}\n")
+
+
+def die(how: str, marker: str):
+    """Leave a line in ``marker``, then end the worker process mid-call."""
+    record(marker)
+    if how == "exit":
+        os._exit(3)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError(how)
+
+
+def receive_and_record(states, marker: str):
+    """Completed with ``states`` (upstream States), leaving a line in ``marker``."""
+    record(marker)
+    return Completed(data=states)
+
+
+def assigned_resources():
+    """The Ray resources this call holds, e.g. ``{"CPU": 1.0}``."""
+    import ray
+
+    return Completed(data=ray.get_runtime_context().get_assigned_resources())
