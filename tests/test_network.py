@@ -42,13 +42,13 @@ def listening_addresses():
     return found
 
 
-@pytest.mark.parametrize("runner_class, kwargs", DEFAULT_RUNNERS)
 def is_loopback(ip):
     address = ipaddress.ip_address(ip)
     # A dual-stack socket bound to 127.0.0.1 is listed as ::ffff:127.0.0.1.
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
+@pytest.mark.parametrize("runner_class, kwargs", DEFAULT_RUNNERS)
 def test_what_a_runner_starts_by_default_listens_on_loopback_only(runner_class, kwargs, request):
     if runner_class == "RayTaskRunner":
         # Otherwise it joins the session's shared Ray instance (tests/kinds_ray.py) and starts nothing.
