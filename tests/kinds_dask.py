@@ -19,6 +19,7 @@ import pytest
 
 from taskrunners import TaskConcurrencyType
 from tests.kinds import RunnerKind
+from tests.processes import stop_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DASK = pytest.mark.dask
@@ -64,22 +65,6 @@ def child_environment(**extra: str) -> Dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
-
-
-def stop_processes(processes: List[psutil.Process], timeout: float = 10.0) -> None:
-    """Terminate, then kill what is left after ``timeout``; by PID only."""
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
 
 
 def family(popen: subprocess.Popen) -> List[psutil.Process]:

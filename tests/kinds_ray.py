@@ -28,6 +28,7 @@ import pytest
 from taskrunners import TaskConcurrencyType
 from tests import payloads, ray_payloads
 from tests.kinds import RunnerKind
+from tests.processes import stop_processes
 
 HEAD_ENV = "TASKRUNNERS_TEST_RAY_HEAD"
 # A custom resource, for the tests of per-call options.
@@ -56,18 +57,6 @@ def ray_processes(root: Optional[psutil.Process] = None) -> List[psutil.Process]
         if any(name in text for name in RAY_PROCESS_NAMES):
             found.append(child)
     return found
-
-
-def stop_processes(processes: List[psutil.Process], timeout: float = 20.0) -> None:
-    """Terminate, then kill after ``timeout``, each process by its PID."""
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    psutil.wait_procs(alive, timeout=timeout)
 
 
 class RaySession:

@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 
+from tests.processes import alive, stop_processes
+
 pytestmark = pytest.mark.timeout(240)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,27 +29,6 @@ CASES = [
     ),
     pytest.param("RayTaskRunner", {"init_kwargs": {"num_cpus": 2}}, id="ray", marks=pytest.mark.ray),
 ]
-
-
-def alive(process):
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def stop_by_pid(processes, timeout=10.0):
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.mark.parametrize("runner_class, kwargs", CASES)
@@ -78,5 +59,5 @@ def test_ctrl_c_exits_promptly_and_leaves_no_child(runner_class, kwargs):
         assert not left, f"{runner_class} left {[child.pid for child in left]} behind"
     finally:
         if script.poll() is None:
-            stop_by_pid([psutil.Process(script.pid)])
-        stop_by_pid([child for child in children if alive(child)])
+            stop_processes([psutil.Process(script.pid)])
+        stop_processes([child for child in children if alive(child)])

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
 
 from taskrunners._collections import iter_leaves, visit_collection
-from taskrunners._core.calls import TIMEOUT_ERRORS, block_until_done, settle
+from taskrunners._core.calls import TIMEOUT_ERRORS, block_until_done, settle, when_all_done
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -194,14 +194,8 @@ class BlockingTaskRunner(abc.ABC):
     ) -> concurrent.futures.Future:
         """Start a call once its upstream calls are done, holding no worker meanwhile."""
         call: concurrent.futures.Future = concurrent.futures.Future()
-        remaining = [len(upstream)]
-        lock = threading.Lock()
 
-        def upstream_done(_: Any) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        def start() -> None:
             if call.done():  # cancelled while waiting
                 return
             try:
@@ -211,8 +205,7 @@ class BlockingTaskRunner(abc.ABC):
                 return
             inner.add_done_callback(lambda done: settle(call, self._state_of_done(done)))
 
-        for upstream_call in upstream:
-            upstream_call.add_done_callback(upstream_done)
+        when_all_done(upstream, start)
         return call
 
     def resolve_futures(self, expr: Any) -> Any:

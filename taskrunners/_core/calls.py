@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import anyio
 import sniffio
@@ -185,6 +185,28 @@ async def wait_until_done(call: Any, timeout: Optional[float]) -> bool:
     with anyio.move_on_after(timeout):
         await event.wait()
     return call.done()
+
+
+def when_all_done(calls: Sequence[Any], then: Callable[[], Any]) -> None:
+    """Call ``then()`` once every call in ``calls`` is done (at once if none is pending).
+
+    It runs in the thread that finishes the last call, so it must not block.
+    """
+    remaining = [len(calls)]
+    if not calls:
+        then()
+        return
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        then()
+
+    for call in calls:
+        call.add_done_callback(one_done)
 
 
 def block_until_done(calls: Any) -> None:

@@ -22,6 +22,7 @@ from taskrunners._core.calls import (
     checked_state,
     is_coroutine_function,
     settle,
+    when_all_done,
 )
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
@@ -740,14 +741,8 @@ class DaskTaskRunner(BlockingTaskRunner):
             import dask
 
             annotations = dask.get_annotations()
-        remaining = [len(upstream)]
-        lock = threading.Lock()
 
-        def upstream_done(_: Any) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        def upstream_done() -> None:
             if call.done():  # cancelled meanwhile
                 return
             try:
@@ -755,8 +750,7 @@ class DaskTaskRunner(BlockingTaskRunner):
             except BaseException as exc:
                 settle(call, exception_to_crashed_state(exc))
 
-        for upstream_call in upstream:
-            upstream_call.add_done_callback(upstream_done)
+        when_all_done(upstream, upstream_done)
 
     def _start(
         self,

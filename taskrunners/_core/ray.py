@@ -53,6 +53,7 @@ from taskrunners._core.calls import (
     is_coroutine_function,
     run_to_state,
     settle,
+    when_all_done,
 )
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
@@ -361,14 +362,8 @@ class _RayCall(concurrent.futures.Future):
     def _after_upstream(self, exc: BaseException) -> None:
         """The ref failed: if an upstream ref failed too, this call never ran: run it again."""
         upstream = self.upstream
-        remaining = [len(upstream)]
-        lock = threading.Lock()
 
-        def upstream_done(_: Any) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        def upstream_done() -> None:
             if self.done():
                 return
             if any(ref in call.failed_refs for call, ref in upstream):
@@ -377,8 +372,7 @@ class _RayCall(concurrent.futures.Future):
             else:
                 settle(self, self.runner._crash_state(self.task_run, exc))
 
-        for call, _ in upstream:
-            call.add_done_callback(upstream_done)
+        when_all_done([call for call, _ in upstream], upstream_done)
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -607,21 +601,7 @@ class RayTaskRunner(BlockingTaskRunner):
         # Calls of other kinds of runner are waited for here, holding no worker; Ray
         # calls go to Ray as ObjectRefs, so the cluster orders them.
         waiting = [up for up in upstream if not isinstance(up, _RayCall) and not up.done()]
-        if not waiting:
-            self._send_with_upstream(call, run_fn, run_kwargs, options)
-            return call
-        remaining = [len(waiting)]
-        lock = threading.Lock()
-
-        def one_done(_: Any) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
-            self._send_with_upstream(call, run_fn, run_kwargs, options)
-
-        for up in waiting:
-            up.add_done_callback(one_done)
+        when_all_done(waiting, lambda: self._send_with_upstream(call, run_fn, run_kwargs, options))
         return call
 
     def _send_with_upstream(
