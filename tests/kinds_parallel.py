@@ -1,0 +1,14 @@
+"""The parallel runner: loky worker processes."""
+
+from taskrunners import TaskConcurrencyType
+from tests.kinds import RunnerKind
+
+KINDS = [
+    RunnerKind(
+        "parallel",
+        "ParallelTaskRunner",
+        TaskConcurrencyType.PARALLEL,
+        kwargs=lambda request: {"max_workers": 2},
+        in_process=False,
+    ),
+]

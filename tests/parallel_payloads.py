@@ -1,0 +1,111 @@
+"""run_fns for the ParallelTaskRunner tests. Pickled by value, so workers need not import tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import threading
+import time
+
+from taskrunners.states import Completed
+
+
+def note_start(log, tag):
+    """Append ``tag`` to the file ``log``: one line per time a call started."""
+    with open(log, "a") as file:
+        file.write(f"{tag}\n")
+
+
+def started_calls(log):
+    path = pathlib.Path(log)
+    return sorted(path.read_text().split()) if path.exists() else []
+
+
+def wait_for(path, patience=60.0):
+    deadline = time.monotonic() + patience
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {patience} s")
+        time.sleep(0.01)
+
+
+def record_and_return(log, tag, value=None):
+    note_start(log, tag)
+    return Completed(data=value)
+
+
+def record_and_sleep(log, tag, marker, seconds):
+    """Note the start, leave ``marker`` holding this worker's pid, then sleep."""
+    note_start(log, tag)
+    pathlib.Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return Completed(data=tag)
+
+
+def die_once_marker_exists(log, tag, marker, how):
+    """Wait until the other worker is busy (``marker``), then kill this worker."""
+    note_start(log, tag)
+    wait_for(marker)
+    if how == "exit":
+        os._exit(3)
+    elif how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    time.sleep(60)
+    return Completed(data="survived")
+
+
+def return_unpicklable():
+    return Completed(data=threading.Lock())
+
+
+def pid_and_environment(*names):
+    return Completed(data=(os.getpid(), {name: os.environ.get(name) for name in names}))
+
+
+def set_environment(name, value):
+    """An initializer: the calls in the worker see ``name`` set to ``value``."""
+    os.environ[name] = value
+
+
+def failing_initializer():
+    raise ValueError("initializer refused to start")
+
+
+async def where_coroutines_run():
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    return Completed(data=(os.getpid(), loop.is_running()))
+
+
+def log_some_records(logger_name):
+    logger = logging.getLogger(logger_name)
+    logger.debug("debug %s", "hidden")
+    logger.info("hello %s", "there")
+    logger.warning("careful: %d", 3)
+    try:
+        raise ValueError("logged failure")
+    except ValueError:
+        logger.exception("it failed")
+
+    # Records from other threads of the worker are not the call's.
+    thread = threading.Thread(target=logger.warning, args=("from another thread",))
+    thread.start()
+    thread.join()
+    return Completed(data=os.getpid())
+
+
+def value_once_file_exists(path, value):
+    wait_for(path)
+    return Completed(data=value)
+
+
+def exit_at_start():
+    """An initializer that kills the worker before it takes any call."""
+    os._exit(5)

@@ -1,0 +1,483 @@
+"""ParallelTaskRunner specifics: worker processes, crashes, pickling, logs, interrupts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures.process import BrokenProcessPool
+
+import cloudpickle
+import loky
+import psutil
+import pytest
+
+from taskrunners import TaskRun
+from taskrunners.states import Completed
+from taskrunners.sync import ParallelTaskRunner
+from tests import parallel_payloads, payloads
+from tests.conftest import ALL_KINDS, kind_params
+
+cloudpickle.register_pickle_by_value(parallel_payloads)
+
+pytestmark = pytest.mark.timeout(120)
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "parallel_script.py")
+
+# The standard suite's driver fixture, on the parallel kind only: twin, asyncio, trio.
+PARALLEL_KIND = pytest.mark.parametrize(
+    "kind", kind_params([kind for kind in ALL_KINDS if kind.id == "parallel"]), indirect=True
+)
+
+
+def run(runner, run_fn, run_kwargs=None, name=None):
+    return runner.wait(runner.submit(TaskRun(name=name), run_fn, run_kwargs or {}))
+
+
+def assert_no_process_alive(pids, timeout=10.0):
+    processes = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            processes.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    for process in alive:
+        process.kill()
+    assert not alive, f"processes still alive: {alive}"
+
+
+# -- construction ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_max_workers_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match="`max_workers` must be a positive integer or None"):
+        ParallelTaskRunner(max_workers=value)
+
+
+def test_constructor_checks_initializer_initargs_and_env():
+    with pytest.raises(TypeError, match="`initializer` must be callable"):
+        ParallelTaskRunner(initializer=3)
+    with pytest.raises(TypeError, match="`initargs` must be a tuple"):
+        ParallelTaskRunner(initializer=print, initargs=[1])
+    with pytest.raises(ValueError, match="`env` must be a mapping"):
+        ParallelTaskRunner(env={"NAME": 1})
+
+
+def test_settings_are_kept_and_max_workers_defaults_to_usable_cpus():
+    runner = ParallelTaskRunner(env={"A": "1"})
+    assert runner.max_workers is None and runner.env == {"A": "1"}
+    with runner.start():  # no call submitted: no worker is started
+        assert runner._pool._max_workers == loky.cpu_count()
+
+
+# -- where and how calls run -------------------------------------------------------------
+
+
+def test_calls_run_in_worker_processes_that_stop_with_the_block():
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        states = [run(runner, payloads.sleep_then_return, {"seconds": 0.2}) for _ in range(4)]
+        pids = {run(runner, payloads.return_pid).result() for _ in range(8)}
+        assert all(state.is_completed() for state in states)
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    # No worker outlives the block: start() has joined them.
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+
+
+def test_lambdas_and_closures_travel_by_value():
+    offset = 40
+
+    def add_offset(x):
+        return Completed(data=x + offset)
+
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        assert run(runner, lambda: Completed(data="lambda")).result() == "lambda"
+        assert run(runner, add_offset, {"x": 2}).result() == 42
+
+
+@pytest.mark.timeout(60)
+def test_functions_defined_in_main_work_without_a_main_guard():
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "main"], capture_output=True, text=True, timeout=50, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "square": 49,
+        "other_pid": True,
+        "add": 15,
+    }
+
+
+@PARALLEL_KIND
+def test_a_coroutine_run_fn_runs_on_an_event_loop_in_a_worker(driver):
+    with driver.start():
+        pid, loop_running = driver.run(parallel_payloads.where_coroutines_run).result()
+    assert pid != os.getpid()
+    assert loop_running
+
+
+def test_a_chain_of_dependent_calls_completes_on_one_worker():
+    with ParallelTaskRunner(max_workers=1).start() as runner:
+        future = runner.submit(TaskRun(), payloads.return_value, {"value": 0})
+        for _ in range(20):
+            future = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": future, "y": 1})
+        assert runner.wait(future).result() == 20
+
+
+@pytest.mark.timeout(180)
+def test_a_fan_out_released_at_once_does_not_deadlock(tmp_path):
+    """17,000 calls wait on one upstream call and all become ready in one callback.
+
+    Submitted from loky's manager thread itself, they would fill its wake-up pipe
+    (16,384 wake-ups) and block it for good.
+    """
+    gate = str(tmp_path / "gate")
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        upstream = runner.submit(TaskRun(), parallel_payloads.value_once_file_exists, {"path": gate, "value": 1})
+        dependents = [
+            runner.submit(TaskRun(), payloads.add_upstream, {"upstream": upstream, "y": i})
+            for i in range(17_000)
+        ]
+        pathlib.Path(gate).touch()
+        values = [runner.wait(future).result() for future in dependents]
+    assert values == [1 + i for i in range(17_000)]
+
+
+def test_initializer_initargs_and_env_reach_the_workers():
+    runner = ParallelTaskRunner(
+        max_workers=2,
+        initializer=parallel_payloads.set_environment,
+        initargs=("TR_FROM_INITIALIZER", "initialized"),
+        env={"TR_FROM_ENV": "from env"},
+    )
+    with runner.start():
+        _, seen = run(
+            runner,
+            lambda: parallel_payloads.pid_and_environment("TR_FROM_INITIALIZER", "TR_FROM_ENV"),
+        ).result()
+    assert seen == {"TR_FROM_INITIALIZER": "initialized", "TR_FROM_ENV": "from env"}
+    assert "TR_FROM_ENV" not in os.environ
+
+
+def test_a_failing_initializer_crashes_the_calls_with_its_error():
+    runner = ParallelTaskRunner(max_workers=2, initializer=parallel_payloads.failing_initializer)
+    with runner.start():
+        state = run(runner, payloads.return_value, {"value": 1}, name="never-runs")
+        # The runner keeps accepting work, and says the same thing.
+        again = run(runner, payloads.return_value, {"value": 2})
+    for crashed in (state, again):
+        assert crashed.is_crashed()
+        assert "initializer" in crashed.message
+        assert "ValueError: initializer refused to start" in crashed.message
+    assert "'never-runs'" in state.message
+
+
+def test_workers_that_keep_dying_before_a_call_starts_crash_it_after_three_pools():
+    runner = ParallelTaskRunner(max_workers=2, initializer=parallel_payloads.exit_at_start)
+    with runner.start():
+        state = run(runner, payloads.return_value, {"value": 1}, name="unlucky")
+    assert state.is_crashed()
+    assert "'unlucky' never started: the process pool broke 3 times" in state.message
+    assert "exited with code 5" in state.message
+
+
+# -- a worker that dies --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how, cause",
+    [("exit", "exited with code 3"), ("sigkill", "SIGKILL"), ("segfault", "SIGSEGV")],
+)
+def test_a_worker_dying_mid_call(tmp_path, how, cause):
+    log, marker = str(tmp_path / "starts"), str(tmp_path / "sleeper-running")
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        sleeper = runner.submit(
+            TaskRun(name="sleeper"),
+            parallel_payloads.record_and_sleep,
+            {"log": log, "tag": "sleeper", "marker": marker, "seconds": 120},
+        )
+        dying = runner.submit(
+            TaskRun(name="dying"),
+            parallel_payloads.die_once_marker_exists,
+            {"log": log, "tag": "dying", "marker": marker, "how": how},
+        )
+        # Both workers are busy: these have not started when the pool breaks.
+        queued = [
+            runner.submit(
+                TaskRun(), parallel_payloads.record_and_return, {"log": log, "tag": f"q{i}", "value": i}
+            )
+            for i in range(6)
+        ]
+        dying_state = runner.wait(dying)
+        sleeper_state = runner.wait(sleeper)
+        queued_values = [runner.wait(future).result() for future in queued]
+        after = run(runner, payloads.return_value, {"value": "after"})
+        sleeper_pid = int(pathlib.Path(marker).read_text())
+
+    assert dying_state.is_crashed()
+    assert "'dying'" in dying_state.message and "died unexpectedly" in dying_state.message
+    assert cause in dying_state.message
+    assert isinstance(dying_state.result(raise_on_failure=False), BrokenProcessPool)
+
+    assert sleeper_state.is_crashed()
+    assert f"was running in worker process (pid {sleeper_pid})" in sleeper_state.message
+    assert "another worker of the pool" in sleeper_state.message and cause in sleeper_state.message
+    assert "not run again" in sleeper_state.message
+
+    assert queued_values == list(range(6))
+    assert after.result() == "after"
+    # Every call started exactly once: none was lost, none ran twice.
+    assert parallel_payloads.started_calls(log) == sorted(
+        ["sleeper", "dying"] + [f"q{i}" for i in range(6)]
+    )
+
+
+def test_a_worker_dying_is_logged_and_the_next_pool_is_fresh(tmp_path, caplog):
+    marker = str(tmp_path / "marker")
+    pathlib.Path(marker).touch()
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        before = run(runner, payloads.return_pid).result()
+        with caplog.at_level(logging.WARNING, logger="task_runner.parallel"):
+            state = run(
+                runner,
+                parallel_payloads.die_once_marker_exists,
+                {"log": os.devnull, "tag": "x", "marker": marker, "how": "exit"},
+            )
+            after = run(runner, payloads.return_pid).result()
+    assert state.is_crashed() and "exited with code 3" in state.message
+    assert before != after
+    assert any("fresh pool" in record.getMessage() for record in caplog.records)
+
+
+# -- values that cannot be pickled ----------------------------------------------------------
+
+
+@PARALLEL_KIND
+def test_an_argument_that_cannot_be_pickled_crashes_the_call_at_once(driver):
+    with driver.start():
+        future = driver.submit(payloads.return_value, {"value": threading.Lock()}, TaskRun(name="locked"))
+        state = driver.wait(future, timeout=0)
+        assert state is not None and state.is_crashed()
+        assert "'locked' was not started" in state.message
+        assert "the arguments (run_kwargs) could not be pickled" in state.message
+        assert "_thread.lock" in state.message
+        assert isinstance(state.result(raise_on_failure=False), TypeError)
+        # The pool is fine.
+        assert driver.run(payloads.return_value, {"value": 3}).result() == 3
+
+
+def test_a_run_fn_that_cannot_be_pickled_is_named():
+    lock = threading.Lock()
+
+    def holds_a_lock():
+        with lock:
+            return Completed(data=1)
+
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        state = runner.wait(runner.submit(TaskRun(), holds_a_lock, {}), timeout=0)
+    assert state.is_crashed() and "run_fn could not be pickled" in state.message
+
+
+def test_a_call_the_workers_cannot_unpickle_crashes_naming_the_module(tmp_path, monkeypatch):
+    with ParallelTaskRunner(max_workers=1).start() as runner:
+        run(runner, payloads.return_value)  # the worker starts with this sys.path
+        (tmp_path / "only_in_parent.py").write_text(
+            "from taskrunners.states import Completed\n\ndef hello():\n    return Completed(data=1)\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import only_in_parent  # pickled by reference: importable here, not in the worker
+
+        try:
+            state = run(runner, only_in_parent.hello, name="elsewhere")
+        finally:
+            del sys.modules["only_in_parent"]
+        after = run(runner, payloads.return_value, {"value": "fine"})
+    assert state.is_crashed()
+    assert "'elsewhere' could not be unpickled in the worker process" in state.message
+    assert "only_in_parent" in state.message
+    assert after.result() == "fine"
+
+
+def test_a_result_this_process_cannot_unpickle_crashes_naming_the_module(tmp_path):
+    (tmp_path / "only_in_workers.py").write_text("class Thing:\n    pass\n")
+    directory = str(tmp_path)
+
+    def make_thing():
+        sys.path.insert(0, directory)  # in the worker only
+        import only_in_workers
+
+        return Completed(data=only_in_workers.Thing())
+
+    with ParallelTaskRunner(max_workers=1).start() as runner:
+        state = run(runner, make_thing, name="foreign")
+        after = run(runner, payloads.return_value, {"value": "fine"})
+    assert state.is_crashed()
+    assert "'foreign' could not be unpickled in this process" in state.message
+    assert "only_in_workers" in state.message
+    assert after.result() == "fine"
+
+
+@PARALLEL_KIND
+def test_a_result_that_cannot_be_pickled_crashes_the_call(driver):
+    with driver.start():
+        state = driver.wait(
+            driver.submit(parallel_payloads.return_unpicklable, task_run=TaskRun(name="unpicklable"))
+        )
+        later = driver.run(payloads.return_value, {"value": "fine"})
+        core = driver.runner if driver.blocking else driver.runner._core
+        generations = len(core._pool._generations)
+    assert state.is_crashed()
+    assert "could not be pickled to send it back" in state.message and "_thread.lock" in state.message
+    assert "'unpicklable'" in state.message
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RuntimeError) and "_thread.lock" in str(error)
+    assert later.result() == "fine"
+    assert generations == 1  # the pool was never replaced
+
+
+# -- logging -------------------------------------------------------------------------------
+
+
+def test_worker_log_records_reach_the_parent(caplog):
+    caplog.set_level(logging.INFO)  # before start: the workers' threshold is taken there
+    with ParallelTaskRunner(max_workers=2).start() as runner:
+        worker_pid = run(runner, parallel_payloads.log_some_records, {"logger_name": "tests.worker"}).result()
+    records = [record for record in caplog.records if record.name == "tests.worker"]
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("INFO", "hello there"),
+        ("WARNING", "careful: 3"),
+        ("ERROR", "it failed"),
+    ]
+    assert all(record.process == worker_pid for record in records)
+    assert "ValueError: logged failure" in records[-1].exc_text
+    assert "it failed" in caplog.text and "ValueError: logged failure" in caplog.text
+
+
+def test_worker_records_respect_the_parent_logger_levels(caplog):
+    caplog.set_level(logging.INFO)
+    logging.getLogger("tests.quiet").setLevel(logging.ERROR)
+    try:
+        with ParallelTaskRunner(max_workers=1).start() as runner:
+            run(runner, parallel_payloads.log_some_records, {"logger_name": "tests.quiet"})
+    finally:
+        logging.getLogger("tests.quiet").setLevel(logging.NOTSET)
+    assert [r.getMessage() for r in caplog.records if r.name == "tests.quiet"] == ["it failed"]
+
+
+# -- pickling the runner ----------------------------------------------------------------------
+
+
+@PARALLEL_KIND
+def test_an_unpickled_started_runner_refuses_submit_and_wait(driver):
+    with driver.start():
+        future = driver.submit(payloads.return_value, {"value": 1})
+        copy = cloudpickle.loads(cloudpickle.dumps(driver.runner))
+        copied = type(driver)(copy, driver.portal, driver.mode)
+        with pytest.raises(RuntimeError, match="after serialization"):
+            copied.submit(payloads.return_value, {"value": 2})
+        with pytest.raises(RuntimeError, match="after serialization"):
+            copied.wait(future)
+        assert driver.wait(future).result() == 1
+
+
+# -- leaving the block early ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [KeyError("stop"), KeyboardInterrupt()])
+def test_leaving_with_an_exception_cancels_queued_calls_and_kills_the_workers(tmp_path, error):
+    log = str(tmp_path / "starts")
+    markers = [str(tmp_path / "first"), str(tmp_path / "second")]
+    runner = ParallelTaskRunner(max_workers=2)
+    with pytest.raises(type(error)) as info, runner.start():
+        running = [
+            runner.submit(
+                TaskRun(name=f"sleeper-{i}"),
+                parallel_payloads.record_and_sleep,
+                {"log": log, "tag": f"sleeper-{i}", "marker": marker, "seconds": 120},
+            )
+            for i, marker in enumerate(markers)
+        ]
+        queued = [
+            runner.submit(TaskRun(), parallel_payloads.record_and_return, {"log": log, "tag": f"q{i}"})
+            for i in range(4)
+        ]
+        for marker in markers:
+            parallel_payloads.wait_for(marker)
+        raise error
+    assert info.value is error
+    worker_pids = [int(pathlib.Path(marker).read_text()) for marker in markers]
+    assert_no_process_alive(worker_pids)
+
+    for future in running:
+        state = runner.wait(future, timeout=0)
+        assert state.is_crashed()
+        assert "start() block was left with" in state.message and type(error).__name__ in state.message
+    for future in queued:
+        state = runner.wait(future, timeout=0)
+        assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
+    assert parallel_payloads.started_calls(log) == ["sleeper-0", "sleeper-1"]
+    # The runner can start again.
+    with runner.start():
+        assert run(runner, payloads.return_value, {"value": "again"}).result() == "again"
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_on_a_waiting_script_exits_promptly_and_leaves_no_child(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "interrupt", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children = []
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == "waiting", process.stderr.read() if process.poll() is not None else line
+        children = psutil.Process(process.pid).children(recursive=True)
+        worker_pids = {int((tmp_path / name).read_text()) for name in ("first", "second")}
+        assert worker_pids <= {child.pid for child in children}
+
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the script did not exit within 10 s of SIGINT")
+        assert process.returncode != 0
+        assert "KeyboardInterrupt" in process.stderr.read()
+        assert "not interrupted" not in process.stdout.read()
+        assert_no_process_alive([child.pid for child in children])
+    finally:
+        for leftover in [process, *children]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                leftover.kill()
+        process.wait(timeout=10)
+
+
+@pytest.mark.timeout(90)
+def test_workers_do_not_outlive_a_parent_killed_outright(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "interrupt", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers = []
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == "waiting", process.stderr.read() if process.poll() is not None else line
+        worker_pids = [int((tmp_path / name).read_text()) for name in ("first", "second")]
+        workers = [psutil.Process(pid) for pid in worker_pids]
+        process.kill()  # SIGKILL: the runner gets no chance to stop its workers
+        process.wait(timeout=10)
+        assert_no_process_alive(worker_pids)
+    finally:
+        for leftover in [process, *workers]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                leftover.kill()
+        process.wait(timeout=10)
