@@ -173,8 +173,9 @@ class RayHead:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                log = self.log()  # read before stop() removes the temp dir
                 self.stop()
-                raise RuntimeError(f"ray start exited early:\n{self.log()}")
+                raise RuntimeError(f"ray start exited early:\n{log}")
             if "Ray runtime started" in self.log():
                 return
             time.sleep(0.2)
