@@ -20,13 +20,12 @@ in-process runner (Sequential, Concurrent) runs on the caller's event loop.
 from __future__ import annotations
 
 import abc
-import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, TypeVar
 
 import anyio
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
 from taskrunners._core.calls import (
     Call,
     arun_to_state,
@@ -52,7 +51,7 @@ __all__ = [
 T = TypeVar("T", bound="BaseTaskRunner")
 
 
-class BaseTaskRunner(metaclass=abc.ABCMeta):
+class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
     """The seed's async task runner interface.
 
     Subclasses implement :attr:`concurrency_type`, :meth:`submit` and :meth:`wait`,
@@ -60,21 +59,13 @@ class BaseTaskRunner(metaclass=abc.ABCMeta):
     """
 
     def __init__(self) -> None:
-        self.logger = logging.getLogger(f"task_runner.{self.name}")
+        self.logger = self._make_logger()
         self._started = False
 
     @property
     @abc.abstractmethod
     def concurrency_type(self) -> TaskConcurrencyType:
         """How this runner runs calls."""
-
-    @property
-    def name(self) -> str:
-        """The class name, lower-cased, without "taskrunner"."""
-        return type(self).__name__.lower().replace("taskrunner", "")
-
-    def __str__(self) -> str:
-        return type(self).__name__
 
     @abc.abstractmethod
     async def submit(

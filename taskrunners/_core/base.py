@@ -15,7 +15,7 @@ from taskrunners._core.calls import TIMEOUT_ERRORS, block_until_done, settle, wh
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
-__all__ = ["TaskConcurrencyType", "BlockingTaskRunner"]
+__all__ = ["TaskConcurrencyType", "RunnerIdentity", "BlockingTaskRunner"]
 
 T = TypeVar("T", bound="BlockingTaskRunner")
 
@@ -36,7 +36,22 @@ def _is_future(value: Any) -> bool:
     return isinstance(value, PrefectFuture)
 
 
-class BlockingTaskRunner(abc.ABC):
+class RunnerIdentity:
+    """The name, ``str()`` and logger every runner has, blocking twin or async facade."""
+
+    @property
+    def name(self) -> str:
+        """The class name, lower-cased, without "taskrunner"."""
+        return type(self).__name__.lower().replace("taskrunner", "")
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+    def _make_logger(self) -> logging.Logger:
+        return logging.getLogger(f"task_runner.{self.name}")
+
+
+class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     """Base class of the blocking twins in :mod:`taskrunners.sync`.
 
     A subclass opens its resources in :meth:`_open`, releases them in :meth:`_close`
@@ -51,7 +66,7 @@ class BlockingTaskRunner(abc.ABC):
     _usable_after_pickling = False
 
     def __init__(self) -> None:
-        self.logger = logging.getLogger(f"task_runner.{self.name}")
+        self.logger = self._make_logger()
         self._started = False
         self._detached = False
         self._init_bookkeeping()
@@ -66,14 +81,6 @@ class BlockingTaskRunner(abc.ABC):
     @abc.abstractmethod
     def concurrency_type(self) -> TaskConcurrencyType:
         """How this runner runs calls."""
-
-    @property
-    def name(self) -> str:
-        """The class name, lower-cased, without "taskrunner"."""
-        return type(self).__name__.lower().replace("taskrunner", "")
-
-    def __str__(self) -> str:
-        return type(self).__name__
 
     # -- lifecycle ---------------------------------------------------------------
 
