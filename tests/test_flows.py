@@ -649,7 +649,7 @@ def test_wait_and_as_completed_in_an_async_flow(runner, backend, tmp_path):
     async def test_flow():
         slow, fast = await held(str(release), "slow"), await quick("fast")
         if not runner.sequential:
-            async for first in as_completed([slow, fast], timeout=60):
+            async for first in as_completed([slow, fast], timeout=60):  # noqa: B007
                 break
             assert first is fast
             assert await wait([slow, fast], timeout=0.1) == ({fast}, {slow})

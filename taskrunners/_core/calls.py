@@ -214,5 +214,5 @@ def block_until_done(calls: Any) -> None:
     for call in calls:
         if not call.done():
             finished = threading.Event()
-            call.add_done_callback(lambda _: finished.set())
+            call.add_done_callback(lambda _, event=finished: event.set())
             finished.wait()
