@@ -275,10 +275,13 @@ def _log_retry(task_run_name: str, attempts: int) -> Callable[[tenacity.RetryCal
     def before_sleep(retry_state: tenacity.RetryCallState) -> None:
         number = retry_state.attempt_number
         exc = retry_state.outcome.exception()
+        outcome = f"raised {type(exc).__name__}: {exc}" if exc else (
+            f"returned {retry_state.outcome.result()!r}"
+        )
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
         task_logger.warning(
-            "Task run %r: attempt %d of %d raised %s: %s; retrying in %g s.",
-            task_run_name, number, attempts, type(exc).__name__, exc, delay,
+            "Task run %r: attempt %d of %d %s; retrying in %g s.",
+            task_run_name, number, attempts, outcome, delay,
             extra={"task_run_name": task_run_name, "attempt": number},
         )
 
@@ -429,22 +432,14 @@ class Task:
                 value = self.fn(*args, **kwargs)
             except Exception as exc:
                 return _failed(task_run_name, exc, 1)
-            return Completed(data=value)
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(attempts),
-            wait=_RetryDelays(self.retry_delay_seconds),
-            retry=tenacity.retry_if_exception_type(Exception),
-            before_sleep=_log_retry(task_run_name, attempts),
-            reraise=True,
-        )
+            return _final(task_run_name, value, 1)
         try:
-            for attempt in retrying:
-                with attempt:
-                    _log_attempt(task_run_name, attempt.retry_state.attempt_number, attempts)
-                    value = self.fn(*args, **kwargs)
+            value = self._retrying(tenacity.Retrying, task_run_name, attempts)(
+                self.fn, *args, **kwargs
+            )
         except Exception as exc:
-            return _failed(task_run_name, exc, attempts)
-        return Completed(data=value)
+            return _after_retries(task_run_name, exc, attempts)
+        return _final(task_run_name, value, attempts)
 
     async def _arun(self, task_run_name: str, args: tuple, kwargs: dict) -> State:
         attempts = self.retries + 1
@@ -454,23 +449,51 @@ class Task:
                 value = await self.fn(*args, **kwargs)
             except Exception as exc:
                 return _failed(task_run_name, exc, 1)
-            return Completed(data=value)
-        retrying = tenacity.AsyncRetrying(
-            sleep=anyio.sleep,  # tenacity's default sleep would tie retries to asyncio
+            return _final(task_run_name, value, 1)
+        try:
+            value = await self._retrying(tenacity.AsyncRetrying, task_run_name, attempts)(
+                self.fn, *args, **kwargs
+            )
+        except Exception as exc:
+            return _after_retries(task_run_name, exc, attempts)
+        return _final(task_run_name, value, attempts)
+
+    def _retrying(self, kind: type, task_run_name: str, attempts: int) -> Any:
+        # A body that raises, or returns a Failed state, is run again (as Prefect 2 did).
+        options: Dict[str, Any] = {}
+        if kind is tenacity.AsyncRetrying:
+            options["sleep"] = anyio.sleep  # tenacity's default sleep would tie retries to asyncio
+        return kind(
             stop=tenacity.stop_after_attempt(attempts),
             wait=_RetryDelays(self.retry_delay_seconds),
-            retry=tenacity.retry_if_exception_type(Exception),
+            retry=tenacity.retry_if_exception_type(Exception) | tenacity.retry_if_result(_is_failed),
+            before=lambda state: _log_attempt(task_run_name, state.attempt_number, attempts),
             before_sleep=_log_retry(task_run_name, attempts),
             reraise=True,
+            **options,
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    _log_attempt(task_run_name, attempt.retry_state.attempt_number, attempts)
-                    value = await self.fn(*args, **kwargs)
-        except Exception as exc:
-            return _failed(task_run_name, exc, attempts)
+
+
+def _is_failed(value: Any) -> bool:
+    return isinstance(value, State) and value.is_failed()
+
+
+def _final(task_run_name: str, value: Any, attempts: int) -> State:
+    """The task run's State once its body returned ``value``: a State stands as it is."""
+    if not isinstance(value, State):
         return Completed(data=value)
+    if value.is_failed():
+        task_logger.error(
+            "Task run %r returned %r.", task_run_name, value,
+            extra={"task_run_name": task_run_name, "attempt": attempts},
+        )
+    return value
+
+
+def _after_retries(task_run_name: str, exc: Exception, attempts: int) -> State:
+    if isinstance(exc, tenacity.RetryError):  # every attempt returned a Failed state
+        return _final(task_run_name, exc.last_attempt.result(), attempts)
+    return _failed(task_run_name, exc, attempts)
 
 
 def _checked_delays(delays: Any) -> Union[float, List[float]]:

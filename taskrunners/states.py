@@ -121,6 +121,20 @@ class State(Generic[R]):
             )
         return data
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, State):
+            return NotImplemented
+        return (
+            self.type is other.type
+            and self.name == other.name
+            and self.message == other.message
+            and _same_data(self.data, other.data)
+        )
+
+    def __hash__(self) -> int:
+        # Data may be unhashable (a list, an array): equal States share the rest.
+        return hash((self.type, self.name, self.message))
+
     def __getstate__(self) -> tuple:
         return (self.type, self.name, self.message, self.data)
 
@@ -137,6 +151,24 @@ class State(Generic[R]):
             f"{self.type.value.title()}[{self.name}]"
         )
         return f"{label}({', '.join(parts)})"
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    """Whether two States' data are equal: ``==``, or identity when that cannot tell.
+
+    Exceptions have no value equality of their own; they count as equal when type and
+    arguments are, so a Failed state equals its round trip through a pickle.
+    """
+    if a is b:
+        return True
+    if isinstance(a, BaseException) and isinstance(b, BaseException):
+        return type(a) is type(b) and a.args == b.args
+    try:
+        equal = a == b
+        # An array compares element-wise; its truth value raises: fall back to identity.
+        return equal if type(equal) is bool else bool(equal)
+    except Exception:
+        return False
 
 
 def Pending(**kwargs: Any) -> State:

@@ -291,6 +291,95 @@ def test_failing_flow_run(runner, tmp_path):
     assert not ran_downstream.exists()
 
 
+def test_a_task_that_returns_a_state_ends_in_that_state(runner, tmp_path):
+    ran_downstream = tmp_path / "downstream-ran"
+
+    @task
+    def refuse():
+        return Failed(message="refused on purpose")
+
+    @task
+    def hand_over():
+        return Completed(data=20)
+
+    @task
+    def add_one(x):
+        ran_downstream.touch()
+        return x + 1
+
+    futures = {}
+
+    @flow(task_runner=runner.make())
+    def test_flow():
+        futures["refused"] = refused = refuse()
+        futures["blocked"] = blocked = add_one(refused)
+        handed = hand_over()
+        return refused, blocked, handed, add_one(handed)
+
+    state = test_flow()
+    assert state.is_failed()
+    refused, blocked, handed, added = state.result(raise_on_failure=False)
+    assert refused.is_failed() and refused.message == "refused on purpose"
+    assert blocked.is_pending() and blocked.name == "NotReady"
+    assert blocked.message == (
+        f"Upstream task run '{futures['refused'].run_id}' did not reach a 'COMPLETED' state."
+    )
+    assert handed == Completed(data=20)
+    assert added.result() == 21
+    assert ran_downstream.exists()  # only the run downstream of the Completed state
+
+
+@async_cases()
+def test_an_async_task_that_returns_a_state_ends_in_that_state(runner, backend):
+    @task
+    async def refuse():
+        return Failed(message="refused on purpose")
+
+    @task
+    async def hand_over():
+        return Completed(data=20)
+
+    @task
+    async def add_one(x):
+        return x + 1
+
+    @flow(task_runner=runner.make())
+    async def test_flow():
+        refused = await refuse()
+        return refused, await add_one(refused), await add_one(await hand_over())
+
+    state = anyio.run(test_flow, backend=backend)
+    assert state.is_failed()
+    refused, blocked, added = state.result(raise_on_failure=False)
+    assert refused.is_failed() and refused.message == "refused on purpose"
+    assert blocked.name == "NotReady"
+    assert added.result() == 21
+
+
+def test_a_returned_failed_state_is_retried_like_a_raise(tmp_path):
+    attempts = tmp_path / "attempts"
+
+    @task(retries=2)
+    def flaky():
+        with attempts.open("a") as file:
+            file.write("x")
+        if len(attempts.read_text()) < 3:
+            return Failed(message="not yet")
+        return Completed(data="third time")
+
+    @task(retries=1)
+    def hopeless():
+        return Failed(message="never")
+
+    @flow(task_runner=SequentialTaskRunner())
+    def test_flow():
+        return flaky(), hopeless()
+
+    ok, failed = test_flow().result(raise_on_failure=False)
+    assert ok.result() == "third time" and attempts.read_text() == "xxx"
+    assert failed == Failed(message="never")
+
+
 @async_cases()
 def test_failing_async_flow_run(runner, backend):
     @task

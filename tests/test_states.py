@@ -89,6 +89,46 @@ def test_states_and_task_runs_pickle():
     assert copy == run and copy.name == "r" and hash(copy) == hash(run)
 
 
+@pytest.mark.parametrize(
+    "state",
+    [
+        Completed(data={"nested": [1, 2]}),
+        Failed(data=ValueError("v"), message="m"),
+        Crashed(data=KeyboardInterrupt(), message="Execution was aborted by an interrupt signal."),
+        Pending(name="NotReady", message="Upstream task run did not complete."),
+        Completed(),
+    ],
+)
+def test_a_state_equals_its_round_trip_and_compares_by_value(state):
+    copy = cloudpickle.loads(cloudpickle.dumps(state))
+    assert copy is not state
+    assert copy == state and hash(copy) == hash(state)
+    assert {copy} == {state}
+
+
+def test_states_differing_in_any_part_are_not_equal():
+    base = Failed(data=ValueError("v"), message="m")
+    assert base != Failed(data=ValueError("w"), message="m")
+    assert base != Failed(data=TypeError("v"), message="m")
+    assert base != Failed(data=ValueError("v"), message="other")
+    assert base != Crashed(data=ValueError("v"), message="m")
+    assert base != Failed(data=ValueError("v"), message="m", name="Other")
+    assert Completed(data=1) != Completed(data=2)
+    assert Completed(data=1) != 1
+
+
+def test_data_that_cannot_be_compared_falls_back_to_identity():
+    class Ambiguous:
+        def __eq__(self, other):
+            raise ValueError("The truth value of an array is ambiguous")
+
+        __hash__ = object.__hash__
+
+    value = Ambiguous()
+    assert Completed(data=value) == Completed(data=value)
+    assert Completed(data=value) != Completed(data=Ambiguous())
+
+
 def test_task_run_defaults():
     first, second = TaskRun(), TaskRun()
     assert first.id != second.id and first.name != second.name
