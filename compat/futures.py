@@ -25,7 +25,7 @@ from taskrunners.states import Completed, Failed, State
 __all__ = ["RunnerExecutor"]
 
 
-class _Call:
+class _FunctionCall:
     """``fn(*args, **kwargs)`` as a run_fn: its value or exception as a State.
 
     A small picklable object, so it reaches worker processes and clusters.
@@ -49,7 +49,7 @@ class _Call:
             return Failed(data=exc, message=f"{type(exc).__name__}: {exc}")
 
 
-class _AsyncCall(_Call):
+class _AsyncFunctionCall(_FunctionCall):
     __slots__ = ()
 
     async def __call__(self) -> State:
@@ -57,6 +57,60 @@ class _AsyncCall(_Call):
             return Completed(data=await self.fn(*self.args, **self.kwargs))
         except Exception as exc:
             return Failed(data=exc, message=f"{type(exc).__name__}: {exc}")
+
+
+# Open executors, so that calls still pending at interpreter exit finish first, as
+# concurrent.futures promises; and whether that exit has begun (submit then refuses).
+_open_executors: "set[RunnerExecutor]" = set()
+_closing_threads: "set[threading.Thread]" = set()
+_exit_lock = threading.Lock()
+_exiting = False
+
+
+def _finish_at_exit() -> None:
+    global _exiting
+    with _exit_lock:
+        _exiting = True
+        executors = list(_open_executors)
+    for executor in executors:
+        executor.shutdown(wait=True)
+    with _exit_lock:
+        threads = list(_closing_threads)
+    for thread in threads:
+        thread.join()
+
+
+# Called just before the interpreter joins its non-daemon threads, as the standard
+# library's executors do (a private hook, there since Python 3.9).
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_finish_at_exit)
+else:  # pragma: no cover - an interpreter without the hook
+    import atexit
+
+    atexit.register(_finish_at_exit)
+
+
+class _Future(concurrent.futures.Future):
+    """The future of one executor call; ``cancel()`` and ``running()`` ask the call.
+
+    As with ``ThreadPoolExecutor``, a call that has started cannot be cancelled: it
+    runs to completion.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call: Any = None
+
+    def running(self) -> bool:
+        call = self.call
+        return super().running() or (call is not None and not self.done() and call.running())
+
+    def cancel(self) -> bool:
+        call = self.call
+        if call is not None and not self.done() and not call.cancel():
+            return False  # started (or finished this moment): it runs to its end
+        return super().cancel()
 
 
 class RunnerExecutor(concurrent.futures.Executor):
@@ -69,6 +123,12 @@ class RunnerExecutor(concurrent.futures.Executor):
     The runner is started on first use and its ``start()`` block ends on
     :meth:`shutdown`. A call's future holds ``fn``'s value, or the exception it
     raised; a crashed call (a dead worker, an interrupt) sets the crash's exception.
+
+    As with the standard library's executors, a call that has started cannot be
+    cancelled (``cancel()`` returns False and it runs to completion),
+    ``shutdown(cancel_futures=True)`` cancels every call that has not started, and
+    calls still pending when the interpreter exits finish first, whether or not
+    :meth:`shutdown` was called.
     """
 
     def __init__(self, runner: Any) -> None:
@@ -90,19 +150,25 @@ class RunnerExecutor(concurrent.futures.Executor):
         :raises RuntimeError: after :meth:`shutdown`
         """
         with self._lock:
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._block is None:
                 block = contextlib.ExitStack()
                 block.enter_context(self._core.start())
                 self._block = block
-        run_fn = (_AsyncCall if is_coroutine_function(fn) else _Call)(fn, args, kwargs)
+                with _exit_lock:
+                    _open_executors.add(self)
+        run_fn = (_AsyncFunctionCall if is_coroutine_function(fn) else _FunctionCall)(
+            fn, args, kwargs
+        )
         name = getattr(fn, "__name__", type(fn).__name__)
         call = self._core._submit_call(TaskRun(name=name), run_fn, {})
-        result: concurrent.futures.Future = concurrent.futures.Future()
-        result.add_done_callback(lambda done: done.cancelled() and call.cancel())
-        call.add_done_callback(lambda done: _deliver(self._core, done, result))
-        return result
+        future = _Future()
+        future.call = call
+        call.add_done_callback(lambda done: _deliver(self._core, done, future))
+        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """End the runner's ``start()`` block.
@@ -118,15 +184,31 @@ class RunnerExecutor(concurrent.futures.Executor):
         if cancel_futures:
             self._core._cancel_pending()
         if wait:
+            self._close(block)
+            return
+        # Not a daemon: the interpreter waits for it at exit, so pending calls finish.
+        thread = threading.Thread(target=self._close, args=(block,), name=f"{self._core}-shutdown")
+        with _exit_lock:
+            _closing_threads.add(thread)
+        thread.start()
+
+    def _close(self, block: contextlib.ExitStack) -> None:
+        try:
             block.close()
-        else:
-            threading.Thread(target=block.close, name=f"{self._core}-shutdown", daemon=True).start()
+        finally:
+            with _exit_lock:
+                _open_executors.discard(self)
+                _closing_threads.discard(threading.current_thread())
 
 
-def _deliver(core: BlockingTaskRunner, call: Any, result: concurrent.futures.Future) -> None:
+def _deliver(core: BlockingTaskRunner, call: Any, result: _Future) -> None:
+    result.call = None  # the finished call's State is not kept beyond the result
     if call.cancelled():
         result.cancel()
     if result.cancelled():
+        # What an executor's worker does with a cancelled item: concurrent.futures.wait()
+        # and as_completed() count a cancelled future as done only once notified.
+        result.set_running_or_notify_cancel()
         return
     state = core._state_of_done(call)
     exc = state.data

@@ -20,20 +20,20 @@ in-process runner (Sequential, Concurrent) runs on the caller's event loop.
 from __future__ import annotations
 
 import abc
+import functools
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, TypeVar
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Dict, List, Optional, TypeVar
 
 import anyio
 
-from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
-from taskrunners._core.calls import (
-    Call,
-    arun_to_state,
-    checked_state,
-    done_call,
-    is_coroutine_function,
-    wait_until_done,
+from taskrunners._core.base import (
+    BlockingTaskRunner,
+    RunnerIdentity,
+    TaskConcurrencyType,
+    check_submission,
 )
+from taskrunners._core.calls import Call, checked_state, is_coroutine_function, wait_until_done
+from taskrunners._core.interrupts import interrupted_since, sigint_watch
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 from taskrunners import sync
@@ -49,6 +49,43 @@ __all__ = [
 ]
 
 T = TypeVar("T", bound="BaseTaskRunner")
+
+
+class _StartBlock:
+    """What ``start()`` returns: an async context manager that refuses a plain ``with``."""
+
+    __slots__ = ("_runner", "_manager")
+
+    def __init__(self, runner: Any, manager: AsyncContextManager[Any]) -> None:
+        self._runner = runner
+        self._manager = manager
+
+    async def __aenter__(self) -> Any:
+        return await self._manager.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> Optional[bool]:
+        return await self._manager.__aexit__(*exc_info)
+
+    def __enter__(self) -> None:
+        name = type(self._runner).__name__
+        raise TypeError(
+            f"{name}.start() is an async context manager: use `async with "
+            f"runner.start():` in async code, or the blocking twin "
+            f"taskrunners.sync.{name} with a plain `with`."
+        )
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Never reached: :meth:`__enter__` refuses."""
+
+
+def _start_block(method: Callable[[T], AsyncIterator[T]]) -> Callable[[T], AsyncContextManager[T]]:
+    manager = asynccontextmanager(method)
+
+    @functools.wraps(method)
+    def start(self: T) -> AsyncContextManager[T]:
+        return _StartBlock(self, manager(self))
+
+    return start
 
 
 class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
@@ -81,11 +118,12 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
     async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
         """The future's final State, or None if ``timeout`` seconds pass first."""
 
-    @asynccontextmanager
+    @_start_block
     async def start(self: T) -> AsyncIterator[T]:
         """Start the runner for the duration of the block.
 
         :raises RuntimeError: if the runner is already started
+        :raises TypeError: when used in a plain ``with`` (use ``async with``)
         """
         if self._started:
             raise RuntimeError("The task runner is already started!")
@@ -109,6 +147,8 @@ class _FacadeRunner(BaseTaskRunner):
     _core_class: type = BlockingTaskRunner
     # Whether coroutine calls run on the caller's event loop (in-process runners).
     _coroutines_on_caller_loop = False
+    # Whether calls run in the caller's thread, where a Ctrl-C lands (in-process runners).
+    _watches_sigint = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._core: BlockingTaskRunner = self._core_class(*args, **kwargs)
@@ -126,7 +166,7 @@ class _FacadeRunner(BaseTaskRunner):
     def concurrency_type(self) -> TaskConcurrencyType:
         return self._core.concurrency_type
 
-    @asynccontextmanager
+    @_start_block
     async def start(self: T) -> AsyncIterator[T]:
         """Start the runner for the duration of the block.
 
@@ -136,12 +176,15 @@ class _FacadeRunner(BaseTaskRunner):
         that exception unchanged.
 
         :raises RuntimeError: if the runner is already started
+        :raises TypeError: when used in a plain ``with`` (use ``async with``, or the
+            blocking twin from :mod:`taskrunners.sync`)
         """
         if self._started:
             raise RuntimeError("The task runner is already started!")
         core = self._core
         await anyio.to_thread.run_sync(core._begin)
         self._started = True
+        watching = self._watches_sigint and sigint_watch.install()
         failure: Optional[BaseException] = None
         try:
             try:
@@ -154,10 +197,16 @@ class _FacadeRunner(BaseTaskRunner):
                         # Kept out of the task group, so it is never wrapped in a group.
                         failure = exc
                         task_group.cancel_scope.cancel()
-            except BaseException:
+            except BaseException as exc:
                 if failure is None:
-                    raise
+                    # A Ctrl-C raised in a coroutine call reaches us wrapped in a group.
+                    interrupt = _unwrapped_interrupt(exc)
+                    if interrupt is exc:
+                        raise
+                    raise interrupt from None
         finally:
+            if watching:
+                sigint_watch.uninstall()
             self._task_group = None
             self._started = False
             # Shielded: an outer cancellation must not leave workers running.
@@ -181,7 +230,9 @@ class _FacadeRunner(BaseTaskRunner):
         """Submit ``run_fn(**run_kwargs)`` and return a future for its State.
 
         :raises RuntimeError: if the runner is not started, or was unpickled
+        :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
         """
+        check_submission(run_fn, run_kwargs)
         core = self._core
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
             core._ensure_usable("submit work")
@@ -208,19 +259,15 @@ class _FacadeRunner(BaseTaskRunner):
     async def _run_coroutine_call(
         self, call: Call, upstream: List[Any], run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> None:
-        try:
-            if upstream:
+        if upstream:
+            try:
                 for upstream_call in upstream:
                     await wait_until_done(upstream_call, None)
-                run_kwargs = self._core.resolve_futures(run_kwargs)
-            value = await run_fn(**run_kwargs)
-        except BaseException as exc:
-            # A cancelled call still gets its State; the cancellation itself goes on.
-            call.set_result(exception_to_crashed_state(exc))
-            if isinstance(exc, anyio.get_cancelled_exc_class()):
+            except BaseException as exc:  # cancelled while waiting: it never ran
+                call.set_result(exception_to_crashed_state(exc))
                 raise
-            return
-        call.set_result(checked_state(run_fn, value))
+            run_kwargs = self._core.resolve_futures(run_kwargs)
+        await _await_call(call, run_fn, run_kwargs)
 
     async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
         """The future's final State, or None if ``timeout`` seconds pass first.
@@ -247,6 +294,32 @@ class _FacadeRunner(BaseTaskRunner):
         self.__dict__.update(data)
 
 
+async def _await_call(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+    """Await a coroutine call on the caller's event loop and set its State.
+
+    Whatever the call raises, it ends Crashed. A cancellation of the caller (asyncio's
+    answer to Ctrl-C among them) and a Ctrl-C itself then go on, so the script stops;
+    a KeyboardInterrupt the call raised on its own does not.
+    """
+    signals = sigint_watch.signals if sigint_watch.watching else None
+    try:
+        value = await run_fn(**run_kwargs)
+    except BaseException as exc:
+        call.set_result(exception_to_crashed_state(exc))
+        if isinstance(exc, anyio.get_cancelled_exc_class()) or interrupted_since(signals):
+            raise
+        return
+    call.set_result(checked_state(run_fn, value))
+
+
+def _unwrapped_interrupt(exc: BaseException) -> BaseException:
+    """A task group's exception group that holds only Ctrl-Cs: the first of them."""
+    inner = getattr(exc, "exceptions", None)
+    if inner and all(isinstance(one, KeyboardInterrupt) for one in inner):
+        return inner[0]
+    return exc
+
+
 class SequentialTaskRunner(_FacadeRunner):
     """Runs each call to completion inside ``submit``.
 
@@ -256,11 +329,14 @@ class SequentialTaskRunner(_FacadeRunner):
 
     _core_class = sync.SequentialTaskRunner
     _coroutines_on_caller_loop = True
+    _watches_sigint = True
 
     async def _start_coroutine_call(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
         for upstream_call in self._core._upstream_calls(run_kwargs):
             await wait_until_done(upstream_call, None)
-        return done_call(await arun_to_state(run_fn, self._core.resolve_futures(run_kwargs)))
+        call = Call()
+        await _await_call(call, run_fn, self._core.resolve_futures(run_kwargs))
+        return call
 
 
 class ConcurrentTaskRunner(_FacadeRunner):
@@ -272,6 +348,7 @@ class ConcurrentTaskRunner(_FacadeRunner):
 
     _core_class = sync.ConcurrentTaskRunner
     _coroutines_on_caller_loop = True
+    _watches_sigint = True
 
 
 class ParallelTaskRunner(_FacadeRunner):

@@ -31,6 +31,8 @@ class RunnerKind:
     kwargs: Callable[[pytest.FixtureRequest], Dict[str, Any]] = _no_kwargs
     # Whether calls run in this test process (so they can share Python objects).
     in_process: bool = False
+    # Whether States come back from another process, pickled.
+    pickles_results: bool = False
     marks: tuple = ()
 
     def make(self, request: pytest.FixtureRequest, blocking: bool) -> Any:

@@ -10,5 +10,6 @@ KINDS = [
         TaskConcurrencyType.PARALLEL,
         kwargs=lambda request: {"max_workers": 2},
         in_process=False,
+        pickles_results=True,
     ),
 ]

@@ -238,6 +238,7 @@ KINDS = [
         "RayTaskRunner",
         TaskConcurrencyType.PARALLEL,
         kwargs=_kind_kwargs,
+        pickles_results=True,
         marks=(pytest.mark.ray,),
     ),
 ]

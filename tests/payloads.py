@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import time
 
 import anyio
@@ -152,3 +153,29 @@ def misbehave(how, name="ValueError", message="fuzz"):
 async def async_misbehave(how, name="ValueError", message="fuzz"):
     await anyio.sleep(0)
     return misbehave(how, name, message)
+
+
+def mark_then_nap(marker, seconds):
+    """Write ``marker`` when the call starts, then sleep: a plain function for executors."""
+    with open(marker, "w") as file:
+        file.write(str(os.getpid()))
+    time.sleep(seconds)
+    return marker
+
+
+def return_unpicklable():
+    return Completed(data=threading.Lock())
+
+
+class Box:
+    """A weak-referenceable value, for the tests that a runner lets go of what it ran."""
+
+    def __init__(self, item=None):
+        self.item = item
+
+
+class BoxMaker:
+    """A callable object returning a fresh Box around its argument."""
+
+    def __call__(self, item):
+        return Box(item)

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 
 import pytest
 
@@ -11,9 +19,12 @@ import taskrunners
 import taskrunners.sync
 from taskrunners.compat.futures import RunnerExecutor
 from tests.conftest import ALL_KINDS, kind_params
-from tests.payloads import async_double, divide, nap
+from taskrunners import TaskConcurrencyType
+from tests.payloads import async_double, divide, mark_then_nap, nap
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["twin", "facade"])
@@ -57,22 +68,56 @@ def test_shutdown_waits_for_submitted_calls(kind, request):
     assert [future.result() for future in futures] == [0.2, 0.2, 0.2]
 
 
-@pytest.mark.parametrize(
+NOT_SEQUENTIAL = pytest.mark.parametrize(
     "kind",
-    kind_params([k for k in ALL_KINDS if k.concurrency_type is not taskrunners.TaskConcurrencyType.SEQUENTIAL]),
+    kind_params([k for k in ALL_KINDS if k.concurrency_type is not TaskConcurrencyType.SEQUENTIAL]),
     indirect=True,
 )
-def test_shutdown_can_cancel_calls_not_started(kind, request):
+
+
+def one_at_a_time(kind, request):
+    """A blocking runner of ``kind`` whose calls queue behind a running one."""
     if kind.class_name == "ConcurrentTaskRunner" and not kind.kwargs(request):
-        runner = taskrunners.sync.ConcurrentTaskRunner(max_workers=1)
+        return taskrunners.sync.ConcurrentTaskRunner(max_workers=1)
+    return kind.make(request, blocking=True)
+
+
+def wait_for_path(path, patience=120.0):
+    deadline = time.monotonic() + patience
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_a_running_call_cannot_be_cancelled_and_runs_to_completion(executor, kind, tmp_path):
+    marker = tmp_path / "started"
+    future = executor.submit(mark_then_nap, str(marker), 1.0)
+    if kind.concurrency_type is TaskConcurrencyType.SEQUENTIAL:
+        assert future.done()  # a Sequential call runs inside submit
     else:
-        runner = kind.make(request, blocking=True)
-    executor = RunnerExecutor(runner)
-    first = executor.submit(nap, 1.0)
-    queued = [executor.submit(nap, 1.0) for _ in range(20)]
+        wait_for_path(marker)
+        assert future.running()
+    assert not future.cancel()
+    assert not future.cancelled()
+    assert future.result(timeout=60) == str(marker)
+    assert not future.running() and future.done()
+
+
+@NOT_SEQUENTIAL
+def test_shutdown_cancels_exactly_the_calls_not_started(kind, request, tmp_path):
+    executor = RunnerExecutor(one_at_a_time(kind, request))
+    markers = [tmp_path / f"call-{n}" for n in range(12)]
+    futures = [executor.submit(mark_then_nap, str(marker), 0.5) for marker in markers]
+    wait_for_path(markers[0])
     executor.shutdown(wait=True, cancel_futures=True)
-    assert first.done()
-    assert any(future.cancelled() for future in queued)
+    assert all(future.done() for future in futures)
+    cancelled = [future.cancelled() for future in futures]
+    assert any(cancelled) and not cancelled[0]
+    for future, marker, was_cancelled in zip(futures, markers, cancelled):
+        if was_cancelled:
+            assert not marker.exists(), f"{marker.name} was cancelled but ran"
+        else:
+            assert future.result() == str(marker) and marker.exists()
 
 
 def test_refuses_what_is_not_a_runner():
@@ -87,3 +132,51 @@ def test_works_with_run_in_executor():
             return await loop.run_in_executor(executor, divide, 9, 3)
 
     assert asyncio.run(main()) == 3
+
+
+EXIT_RUNNERS = [
+    pytest.param("SequentialTaskRunner", {}, id="sequential"),
+    pytest.param("ConcurrentTaskRunner", {"max_workers": 1}, id="concurrent"),
+    pytest.param("ParallelTaskRunner", {"max_workers": 1}, id="parallel"),
+    pytest.param(
+        "DaskTaskRunner",
+        {"cluster_kwargs": {"n_workers": 1, "threads_per_worker": 1, "processes": True}},
+        id="dask",
+        marks=pytest.mark.dask,
+    ),
+    pytest.param(
+        "RayTaskRunner",
+        {"init_kwargs": {"num_cpus": 1, "include_dashboard": False}},
+        id="ray",
+        marks=pytest.mark.ray,
+    ),
+]
+
+
+@pytest.mark.parametrize("variant", ["no-shutdown", "shutdown-nowait", "atexit-submit"])
+@pytest.mark.parametrize("runner_class, kwargs", EXIT_RUNNERS)
+def test_pending_calls_finish_at_interpreter_exit_quietly(runner_class, kwargs, variant, tmp_path):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    # Short: Ray's socket paths under it are limited to 107 bytes.
+    temp = pathlib.Path(tempfile.mkdtemp(prefix="tx"))
+    env = dict(os.environ, TMPDIR=str(temp))
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.executor_exit_script", runner_class, json.dumps(kwargs), variant, str(calls)],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.name for path in calls.iterdir()) == ["call-0", "call-1", "call-2"]
+    for word in ("Traceback", "Error", "Exception"):
+        assert word not in done.stderr, done.stderr
+    if variant == "atexit-submit":
+        assert "refused: cannot schedule new futures after interpreter shutdown" in done.stdout
+    try:
+        # Ray keeps its session logs under the temporary folder on purpose.
+        assert [path.name for path in temp.iterdir() if path.name != "ray"] == []
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

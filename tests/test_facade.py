@@ -140,3 +140,12 @@ def test_importing_taskrunners_imports_no_cluster_engine():
 
 def test_completed_helper_is_reexported():
     assert Completed(data=1).is_completed()
+
+
+@pytest.mark.parametrize("class_name", ["SequentialTaskRunner", "ConcurrentTaskRunner", "ParallelTaskRunner"])
+def test_a_facade_runner_in_a_plain_with_points_to_async_with_and_the_twin(class_name):
+    runner = getattr(taskrunners, class_name)()
+    with pytest.raises(TypeError, match=rf"async with runner.start\(\):.*taskrunners\.sync\.{class_name}"):
+        with runner.start():
+            pass  # pragma: no cover
+    assert not runner._started

@@ -397,17 +397,26 @@ def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):
         assert len(functions._entries) == 2, "the wrapper must go with its run_fn"
 
 
-def test_upstream_futures_reach_ray_as_object_refs(ray_session):
+def test_upstream_futures_reach_ray_as_object_refs(ray_session, monkeypatch):
     ray_session.shared()
     runner = taskrunners.sync.RayTaskRunner()
+    sent = []
+    with_refs = runner._with_upstream_refs
+
+    def spy(run_kwargs):
+        kwargs, refs = with_refs(run_kwargs)
+        sent.append(refs)
+        return kwargs, refs
+
+    monkeypatch.setattr(runner, "_with_upstream_refs", spy)
     with runner.start():
         upstream = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 1, "value": 41})
         downstream = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": upstream, "y": 1})
-        # Handed to Ray already, with the upstream's ObjectRef as an argument: Ray orders them.
-        assert not upstream._call.done()
-        assert downstream._call.ref is not None
-        assert [ref for _, ref in downstream._call.upstream] == [upstream._call.ref]
+        # Held here, holding no worker, until the upstream is done; then handed to Ray
+        # with the upstream's ObjectRef as an argument, read from the object store.
+        assert downstream._call.ref is None and not downstream._call.running()
         assert runner.wait(downstream).result() == 42
+    assert sent == [[upstream._call.ref]]
 
 
 def test_a_dead_upstream_reaches_its_downstream_as_a_crashed_state(ray_session, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import threading
 import uuid
 import warnings
@@ -67,6 +68,27 @@ def test_submit_before_start_is_refused(driver):
         driver.submit(payloads.return_value)
 
 
+@pytest.mark.parametrize(
+    "run_fn, run_kwargs, named",
+    [
+        (42, {}, r"`run_fn` must be callable, got int: 42\. Pass the function itself"),
+        (payloads.return_value(1), {}, r"`run_fn` must be callable, got State"),
+        (payloads.return_value, [("value", 1)], r"`run_kwargs` must be a mapping .* got list"),
+        (payloads.return_value, None, r"`run_kwargs` must be a mapping .* got NoneType: None"),
+    ],
+)
+def test_misuse_at_submit_is_a_type_error_naming_the_argument_and_the_fix(
+    driver, run_fn, run_kwargs, named
+):
+    with driver.start():
+        with pytest.raises(TypeError, match=named):
+            if driver.blocking:
+                driver.runner.submit(TaskRun(), run_fn, run_kwargs)
+            else:
+                driver.portal.call(driver.runner.submit, TaskRun(), run_fn, run_kwargs)
+        assert driver.run(payloads.return_value, {"value": 1}).result() == 1
+
+
 @pytest.mark.parametrize("run_fn", [payloads.return_value, payloads.async_return_value])
 def test_completed_state_carries_the_value(driver, run_fn):
     with driver.start():
@@ -110,6 +132,18 @@ def test_a_value_that_is_not_a_state_gives_a_crashed_state_naming_the_fix(driver
     assert state.is_crashed()
     assert "not a State" in state.message and "Completed(data=value)" in state.message
     assert isinstance(state.result(raise_on_failure=False), TypeError)
+
+
+def test_an_unpicklable_result_gives_the_pickling_error_itself(driver, kind):
+    with driver.start():
+        state = driver.run(payloads.return_unpicklable)
+    if not kind.pickles_results:
+        assert state.is_completed()  # nothing to pickle in one process
+        return
+    assert state.is_crashed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, (pickle.PicklingError, TypeError)), repr(error)
+    assert "pickle" in str(error) and "lock" in str(error)
 
 
 @CONCURRENT_KINDS

@@ -8,14 +8,14 @@ import enum
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
 
 from taskrunners._collections import iter_leaves, visit_collection
-from taskrunners._core.calls import TIMEOUT_ERRORS, block_until_done, settle, when_all_done
+from taskrunners._core.calls import TIMEOUT_ERRORS, Call, block_until_done, when_all_done
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
-__all__ = ["TaskConcurrencyType", "RunnerIdentity", "BlockingTaskRunner"]
+__all__ = ["TaskConcurrencyType", "RunnerIdentity", "BlockingTaskRunner", "check_submission"]
 
 T = TypeVar("T", bound="BlockingTaskRunner")
 
@@ -34,6 +34,45 @@ _FLAT_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 def _is_future(value: Any) -> bool:
     return isinstance(value, PrefectFuture)
+
+
+def check_submission(run_fn: Any, run_kwargs: Any) -> None:
+    """Refuse a ``run_fn`` that is not callable and ``run_kwargs`` that is not a mapping.
+
+    :raises TypeError: naming the argument, its type and the fix
+    """
+    if not callable(run_fn):
+        raise TypeError(
+            f"`run_fn` must be callable, got {type(run_fn).__name__}: {run_fn!r}. Pass the "
+            "function itself (e.g. `runner.submit(task_run, my_function, {...})`), not "
+            "the result of calling it."
+        )
+    if type(run_kwargs) is not dict and not isinstance(run_kwargs, Mapping):
+        raise TypeError(
+            f"`run_kwargs` must be a mapping of argument names to values, got "
+            f"{type(run_kwargs).__name__}: {run_kwargs!r}. Pass e.g. {{'x': 1}}, or {{}} "
+            "for a run_fn that takes no arguments."
+        )
+
+
+class _AfterUpstream(Call):
+    """A call waiting for its upstream calls, then the call it was started as."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: Optional[Any] = None
+
+    def running(self) -> bool:
+        started = self.started
+        return started is not None and started.running()
+
+    def cancel(self) -> bool:
+        started = self.started
+        if started is None:
+            return super().cancel()
+        return started.cancel()  # its State reaches this call through a callback
 
 
 class RunnerIdentity:
@@ -134,7 +173,11 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
             block_until_done(list(self._pending))
 
     def _cancel_pending(self) -> None:
-        for call in list(self._pending):
+        self._cancel_unstarted(list(self._pending))
+
+    def _cancel_unstarted(self, calls: Iterable[Any]) -> None:
+        """Cancel each of these calls that has not started; running ones run on."""
+        for call in calls:
             call.cancel()
 
     def _open(self) -> None:
@@ -158,7 +201,9 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         Futures anywhere in ``run_kwargs`` reach ``run_fn`` as their final States.
 
         :raises RuntimeError: if the runner is not started
+        :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
         """
+        check_submission(run_fn, run_kwargs)
         future = PrefectFuture(task_run, self, asynchronous=False)
         future._call = self._submit_call(task_run, run_fn, run_kwargs)
         return future
@@ -198,19 +243,22 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         task_run: TaskRun,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
-    ) -> concurrent.futures.Future:
+    ) -> Call:
         """Start a call once its upstream calls are done, holding no worker meanwhile."""
-        call: concurrent.futures.Future = concurrent.futures.Future()
+        call = _AfterUpstream()
 
         def start() -> None:
             if call.done():  # cancelled while waiting
                 return
             try:
-                inner = self._dispatch(task_run, run_fn, self.resolve_futures(run_kwargs))
+                started = self._dispatch(task_run, run_fn, self.resolve_futures(run_kwargs))
             except BaseException as exc:
-                settle(call, exception_to_crashed_state(exc))
+                call.set_result(exception_to_crashed_state(exc))
                 return
-            inner.add_done_callback(lambda done: settle(call, self._state_of_done(done)))
+            call.started = started
+            if call.done():  # cancelled meanwhile: so is the call it became, if it can be
+                started.cancel()
+            started.add_done_callback(lambda done: call.set_result(self._state_of_done(done)))
 
         when_all_done(upstream, start)
         return call
@@ -235,14 +283,18 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         call = future._call
         if call is None or self._detached:
             call = self._call_of(future)
-        try:
-            return call.result(timeout)
-        except BaseException as exc:
-            if not call.done():
-                if isinstance(exc, TIMEOUT_ERRORS):
+        if not call.done():
+            # Anything raised here but a timeout or the call's own cancellation is the
+            # waiting caller's (a Ctrl-C): it goes on even if the call just finished.
+            try:
+                call.result(timeout)
+            except TIMEOUT_ERRORS:
+                if not call.done():
                     return None
-                raise  # the waiting caller's own interrupt
-            return self._failure_state(call, exc)
+            except concurrent.futures.CancelledError:
+                if not call.cancelled():
+                    raise
+        return self._state_of_done(call)
 
     def _state_of_done(self, call: Any) -> State:
         try:

@@ -47,6 +47,10 @@ class Call:
     def done(self) -> bool:
         return self._state is not None
 
+    def running(self) -> bool:
+        """Started and not finished: from now on :meth:`cancel` refuses."""
+        return self._running and self._state is None
+
     def cancelled(self) -> bool:
         return self._cancelled
 
@@ -59,6 +63,7 @@ class Call:
             return True
 
     def cancel(self) -> bool:
+        """Cancel the call if it has not started; as ``concurrent.futures.Future.cancel``."""
         with self._lock:
             if self._running or self._state is not None:
                 return self._cancelled

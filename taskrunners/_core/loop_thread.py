@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from typing import Any, Callable, Dict
 
-from taskrunners._core.calls import arun_to_state
+from taskrunners._core.calls import Call, arun_to_state
 
 
 class LoopThread:
@@ -35,14 +34,24 @@ class LoopThread:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
-    def submit(
-        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> concurrent.futures.Future:
-        """Schedule a coroutine call; its State arrives on the returned future.
+    def submit(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
+        """Schedule a coroutine call; its State arrives on the returned call.
 
-        The task runs in a copy of the submitting thread's context variables.
+        The task runs in a copy of the submitting thread's context variables. The call
+        can be cancelled until its task starts; :meth:`stop` cancels running ones.
         """
-        return asyncio.run_coroutine_threadsafe(arun_to_state(run_fn, run_kwargs), self.loop)
+        call = Call()
+        # The handle copies this thread's context, and the task copies the handle's.
+        self.loop.call_soon_threadsafe(self._start, call, run_fn, run_kwargs)
+        return call
+
+    def _start(self, call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+        if call.set_running():
+            self.loop.create_task(self._run(call, run_fn, run_kwargs))
+
+    @staticmethod
+    async def _run(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+        call.set_result(await arun_to_state(run_fn, run_kwargs))
 
     def stop(self, cancel: bool, timeout: float = 10.0) -> None:
         """Stop the loop; with ``cancel``, running coroutine calls are cancelled first."""

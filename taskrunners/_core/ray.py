@@ -16,10 +16,15 @@ Hazards this module handles, each with its own State or error:
 - A worker that dies mid-call (``os._exit``, a signal, the OOM killer). Every task is
   submitted with ``max_retries=0`` by default, so the call is Crashed with a message
   naming the cause instead of silently running a second time.
-- Dependencies. Upstream calls of this runner reach Ray as ``ObjectRef`` arguments, so
-  the cluster orders them and no worker waits. When an upstream task itself died,
-  Ray fails every task depending on it without running it; those downstream calls are
-  then run again with the upstream's Crashed State, as the contract wants.
+- Dependencies. A call is handed to Ray once its upstream calls are done; upstream
+  calls of this runner reach it as ``ObjectRef`` arguments, so their States go from
+  the object store to the worker without a trip through this process. An upstream
+  task that died has no State in the store: its Crashed State is passed by value.
+- Cancelling. Ray cannot tell this process whether a task it was handed has started,
+  so, as ``ProcessPoolExecutor`` does with the calls in its call queue, a call counts
+  as running once it is handed to Ray, and ``cancel()`` then refuses. The runner hands
+  Ray at most two calls per CPU of the cluster at a time; the others wait here, where
+  they can still be cancelled.
 - A resource request no live node can meet would wait forever in Ray; such a call is
   Crashed at submit time with a message naming the request and the cluster's largest
   node.
@@ -36,23 +41,27 @@ Hazards this module handles, each with its own State or error:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import ipaddress
+import logging
 import os
+import queue
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from taskrunners._collections import visit_collection
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import (
+    Call,
     arun_to_state,
     is_coroutine_function,
     run_to_state,
-    settle,
     when_all_done,
 )
 from taskrunners.futures import PrefectFuture, TaskRun
@@ -321,67 +330,120 @@ class _RemoteFunctions:
 # -- the handle on one call ----------------------------------------------------------------
 
 
-class _RayCall(concurrent.futures.Future):
-    """A Future of one call's State, settled when the call's ``ObjectRef`` is ready."""
+class _RayCall(Call):
+    """One call: waits here until the runner hands it to Ray, then follows its ``ObjectRef``."""
+
+    __slots__ = ("runner", "task_run", "ref", "failed")
 
     def __init__(self, runner: "RayTaskRunner", task_run: TaskRun) -> None:
         super().__init__()
         self.runner = runner
         self.task_run = task_run
         self.ref: Any = None
-        # Refs of this call that ended in a Ray error (the worker died, cancelled, ...).
-        self.failed_refs: List[Any] = []
-        # For a call with upstream refs: how to run it again if an upstream task died.
-        self.rerun: Optional[Callable[[], None]] = None
-        self.upstream: List[Tuple["_RayCall", Any]] = []
+        # Whether Ray failed the task (the worker died, cancelled, ...): its ref holds no State.
+        self.failed = False
 
     def follow(self, ref: Any) -> None:
         self.ref = ref
         on_completed = getattr(ref, "_on_completed", None)
         if on_completed is not None:
             # What ObjectRef.future() builds on, without a second Future per call.
-            on_completed(lambda result: self._ref_done(ref, result))
+            on_completed(self._ref_done)
         else:
-            ref.future().add_done_callback(lambda done: self._ref_done(ref, _outcome(done)))
+            ref.future().add_done_callback(lambda done: self._ref_done(_outcome(done)))
 
-    def _ref_done(self, ref: Any, result: Any) -> None:
+    def _ref_done(self, result: Any) -> None:
         # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
         _in_ray_callback.active = True
         try:
+            gate = self.runner._gate
+            if gate is not None:
+                gate.release()
             if isinstance(result, BaseException):  # run_fns give States, so Ray failed
-                self.failed_refs.append(ref)
-                if self.upstream and self.rerun is not None:
-                    self._after_upstream(result)
-                    return
+                self.failed = True
                 result = self.runner._crash_state(self.task_run, result)
-            self.upstream, self.rerun = [], None
-            settle(self, _unpacked(result))
+            self.set_result(_unpacked(result))
         finally:
             _in_ray_callback.active = False
 
-    def _after_upstream(self, exc: BaseException) -> None:
-        """The ref failed: if an upstream ref failed too, this call never ran: run it again."""
-        upstream = self.upstream
+    def stop(self) -> None:
+        """Cancel the call, or its Ray task if it was handed to Ray (leaving the block)."""
+        if self.cancel() or self.done():
+            return
+        self.failed = True
+        self.runner._cancel_ref(self.ref)
+        self.set_result(exception_to_crashed_state(concurrent.futures.CancelledError()))
 
-        def upstream_done() -> None:
-            if self.done():
+
+class _Submitter:
+    """A thread of the runner's own that hands calls to Ray for Ray's callback threads.
+
+    Made when the runner starts, not on first use: at interpreter exit (a
+    RunnerExecutor finishing its calls) no new ThreadPoolExecutor can be made.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
                 return
-            if any(ref in call.failed_refs for call, ref in upstream):
-                rerun, self.rerun, self.upstream = self.rerun, None, []
-                rerun()
-            else:
-                settle(self, self.runner._crash_state(self.task_run, exc))
+            try:
+                fn()
+            except Exception:
+                logging.getLogger("task_runner.ray").exception("Handing a call to Ray failed.")
+            del fn
 
-        when_all_done([call for call, _ in upstream], upstream_done)
 
-    def cancel(self) -> bool:
-        if not super().cancel():
-            return False
-        ref = self.ref
-        if ref is not None:
-            self.failed_refs.append(ref)
-            self.runner._cancel_ref(ref)
-        return True
+class _Gate:
+    """Hands calls to Ray while fewer than ``limit`` are in Ray; the others wait in order."""
+
+    def __init__(self, limit: int, send: Callable[[Callable[[], None]], None]) -> None:
+        self.limit = limit
+        self._send = send
+        self._lock = threading.Lock()
+        self._in_ray = 0
+        self._waiting: Deque[Callable[[], bool]] = collections.deque()
+
+    def enter(self, hand_over: Callable[[], bool]) -> None:
+        """Run ``hand_over()`` now if there is room, else when there is.
+
+        ``hand_over`` returns whether it handed a call to Ray (which takes the room).
+        """
+        with self._lock:
+            if self._waiting or self._in_ray >= self.limit:
+                self._waiting.append(hand_over)
+                return
+            self._in_ray += 1
+        if not hand_over():
+            self.release()
+
+    def release(self) -> None:
+        """A call left Ray: hand the next waiting one over."""
+        with self._lock:
+            self._in_ray -= 1
+            if not self._waiting:
+                return
+            self._in_ray += 1
+            hand_over = self._waiting.popleft()
+        self._send(self._next(hand_over))
+
+    def _next(self, hand_over: Callable[[], bool]) -> Callable[[], None]:
+        def run() -> None:
+            if not hand_over():
+                self.release()
+
+        return run
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -428,7 +490,9 @@ class RayTaskRunner(BlockingTaskRunner):
     42
     """
 
-    _handles = ("_ray", "_remote_functions", "_capacity", "_fitting_requests", "_submit_thread")
+    _handles = (
+        "_ray", "_remote_functions", "_capacity", "_fitting_requests", "_submitter", "_gate"
+    )
 
     def __init__(
         self,
@@ -462,7 +526,8 @@ class RayTaskRunner(BlockingTaskRunner):
         self._remote_functions: Optional[_RemoteFunctions] = None
         self._capacity: Optional[List[Dict[str, float]]] = None
         self._fitting_requests: Optional[set] = None
-        self._submit_thread: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._submitter: Optional[_Submitter] = None
+        self._gate: Optional[_Gate] = None
         self._closing = False
         super().__init__()
 
@@ -490,6 +555,9 @@ class RayTaskRunner(BlockingTaskRunner):
         except BaseException:
             self._release()
             raise
+        cpus = sum(node.get("CPU", 0) for node in self._capacity or [])
+        self._gate = _Gate(max(2, int(2 * cpus)), self._submit_later)
+        self._submitter = _Submitter(f"{self}-submit")
 
     def _connect(self, ray: Any) -> Any:
         if ray.is_initialized():
@@ -563,17 +631,18 @@ class RayTaskRunner(BlockingTaskRunner):
 
     def _abort(self, exc: BaseException) -> None:
         self._closing = True
-        # Cancelling a call also cancels its Ray task (see _cancel_ref).
-        self._cancel_pending()
+        for call in list(self._pending):
+            call.stop()
         self._release()
 
     def _release(self) -> None:
         ray, connection = self._ray, self.connection
-        submit_thread, self._submit_thread = self._submit_thread, None
-        if submit_thread is not None:
-            submit_thread.shutdown(wait=False, cancel_futures=True)
+        submitter, self._submitter = self._submitter, None
+        if submitter is not None:
+            submitter.stop()
         self._remote_functions = None
         self._capacity = None
+        self._gate = None
         self.connection = None
         if ray is not None and connection in ("started", "connected"):
             with _CONNECT_LOCK:
@@ -584,9 +653,9 @@ class RayTaskRunner(BlockingTaskRunner):
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> concurrent.futures.Future:
+    ) -> _RayCall:
         call = _RayCall(self, task_run)
-        self._send(call, run_fn, run_kwargs, [], _call_options.get())
+        self._enter(call, run_fn, run_kwargs, [], _call_options.get())
         return call
 
     def _dispatch_after(
@@ -595,62 +664,48 @@ class RayTaskRunner(BlockingTaskRunner):
         task_run: TaskRun,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
-    ) -> concurrent.futures.Future:
+    ) -> _RayCall:
         call = _RayCall(self, task_run)
         options = _call_options.get()
-        # Calls of other kinds of runner are waited for here, holding no worker; Ray
-        # calls go to Ray as ObjectRefs, so the cluster orders them.
-        waiting = [up for up in upstream if not isinstance(up, _RayCall) and not up.done()]
-        when_all_done(waiting, lambda: self._send_with_upstream(call, run_fn, run_kwargs, options))
+
+        def upstream_done() -> None:
+            if call.done():  # cancelled while waiting
+                return
+            try:
+                sent_kwargs, refs = self._with_upstream_refs(run_kwargs)
+            except BaseException as exc:
+                call.set_result(exception_to_crashed_state(exc))
+                return
+            self._enter(call, run_fn, sent_kwargs, refs, options)
+
+        when_all_done(upstream, upstream_done)
         return call
 
-    def _send_with_upstream(
-        self,
-        call: _RayCall,
-        run_fn: Callable[..., Any],
-        run_kwargs: Dict[str, Any],
-        options: Mapping[str, Any],
-    ) -> None:
+    def _with_upstream_refs(self, run_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Any]]:
+        """The arguments to send, upstream calls of this runner standing as their refs.
+
+        Every upstream call is done. One whose ref holds its State goes as that
+        ``ObjectRef`` (the worker reads it from the object store); any other, e.g. a
+        task that died or a call of another runner, goes as its State.
+        """
         slots: Dict[Any, _UpstreamSlot] = {}
-        depends: List[Tuple[_RayCall, Any]] = []
+        refs: List[Any] = []
 
         def to_slot(value: Any) -> Any:
             if not isinstance(value, PrefectFuture):
                 return value
             up = self._call_of(value)
-            ref = getattr(up, "ref", None)
-            if up.done() and (
-                ref is None or ref in up.failed_refs or up.runner is not self
-            ):
-                # Its ref holds no State, or may belong to a Ray instance that is gone.
+            if type(up) is not _RayCall or up.runner is not self or up.ref is None or up.failed:
                 return self._state_of_done(up)
-            slot = slots.get(ref)
+            slot = slots.get(up.ref)
             if slot is None:
-                slot = slots[ref] = _UpstreamSlot(len(depends))
-                depends.append((up, ref))
+                slot = slots[up.ref] = _UpstreamSlot(len(refs))
+                refs.append(up.ref)
             return slot
 
-        try:
-            sent_kwargs = visit_collection(run_kwargs, to_slot)
-        except BaseException as exc:
-            settle(call, exception_to_crashed_state(exc))
-            return
-        if depends:
-            call.upstream = depends
+        return visit_collection(run_kwargs, to_slot), refs
 
-            def rerun() -> None:
-                # An upstream task died, so Ray never ran this one: send the States.
-                try:
-                    resolved = self.resolve_futures(run_kwargs)
-                except BaseException as exc:
-                    settle(call, exception_to_crashed_state(exc))
-                    return
-                self._send(call, run_fn, resolved, [], options)
-
-            call.rerun = rerun
-        self._send(call, run_fn, sent_kwargs, [ref for _, ref in depends], options)
-
-    def _send(
+    def _enter(
         self,
         call: _RayCall,
         run_fn: Callable[..., Any],
@@ -658,57 +713,60 @@ class RayTaskRunner(BlockingTaskRunner):
         refs: List[Any],
         options: Mapping[str, Any],
     ) -> None:
-        if self._remote_functions is None or self._closing:
-            settle(call, _stopped_state(call))
+        """Hand the call to Ray through the gate: now, or once there is room."""
+        gate = self._gate
+        if gate is None or self._closing:
+            call.set_result(_stopped_state(call))
             return
+        hand_over = functools.partial(self._hand_over, call, run_fn, run_kwargs, refs, options)
         if getattr(_in_ray_callback, "active", False):
             # Submitting from Ray's own callback thread could block the thread that
             # completes Ray's requests: hand the submission to a thread of ours.
-            self._submitter().submit(self._send_now, call, run_fn, run_kwargs, refs, options)
-            return
-        self._send_now(call, run_fn, run_kwargs, refs, options)
+            self._submit_later(functools.partial(gate.enter, hand_over))
+        else:
+            gate.enter(hand_over)
 
-    def _submitter(self) -> concurrent.futures.ThreadPoolExecutor:
-        with self._lifecycle_lock:
-            if self._submit_thread is None:
-                self._submit_thread = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=f"{self}-submit"
-                )
-            return self._submit_thread
+    def _submit_later(self, fn: Callable[[], None]) -> None:
+        submitter = self._submitter
+        if submitter is not None and not self._closing:
+            submitter.submit(fn)
 
-    def _send_now(
+    def _hand_over(
         self,
         call: _RayCall,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
         refs: List[Any],
         options: Mapping[str, Any],
-    ) -> None:
+    ) -> bool:
+        """Submit the call to Ray; False if it was not (cancelled, refused, stopping)."""
+        if not call.set_running():  # cancelled while it waited
+            return False
         functions = self._remote_functions
-        if functions is None or call.done():
-            settle(call, _stopped_state(call))
-            return
+        if functions is None or self._closing:
+            call.set_result(_stopped_state(call))
+            return False
         refused = self._unmet_request(options)
         if refused is not None:
-            settle(call, refused)
-            return
+            call.set_result(refused)
+            return False
         try:
             remote = functions.get(run_fn)
             if options:
                 remote = remote.options(**options)
             ref = remote.remote(run_kwargs, *refs) if run_kwargs or refs else remote.remote()
         except Exception as exc:  # a run_fn or arguments Ray cannot serialize, bad options, ...
-            settle(
-                call,
+            call.set_result(
                 Crashed(
                     # Ray's serialization errors go on for pages: the first line says it.
                     message=f"Ray could not submit the call {call.task_run.name!r}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                     data=exc,
-                ),
+                )
             )
-            return
+            return False
         call.follow(ref)
+        return True
 
     def _unmet_request(self, options: Mapping[str, Any]) -> Optional[State]:
         """A Crashed state if no live node can ever meet the resources of a call, else None."""
@@ -787,11 +845,6 @@ class RayTaskRunner(BlockingTaskRunner):
                 message=f"Ray could not finish call {name!r}: {type(exc).__name__}: {exc}",
                 data=exc,
             )
-        return exception_to_crashed_state(exc)
-
-    def _failure_state(self, call: Any, exc: BaseException) -> State:
-        if isinstance(call, _RayCall) and not isinstance(exc, concurrent.futures.CancelledError):
-            return self._crash_state(call.task_run, exc)
         return exception_to_crashed_state(exc)
 
     def __setstate__(self, data: Dict[str, Any]) -> None:

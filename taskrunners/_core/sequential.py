@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import block_until_done, done_call, is_coroutine_function, run_to_state
+from taskrunners._core.interrupts import sigint_watch
 from taskrunners._core.loop_thread import LoopThread
 from taskrunners.futures import TaskRun
 
@@ -19,7 +20,10 @@ class SequentialTaskRunner(BlockingTaskRunner):
 
     Calls submitted from several threads run one after another. A coroutine
     ``run_fn`` runs on an event loop in a thread the runner owns, so this works from
-    a thread that is itself running a loop.
+    a thread that is itself running a loop. A Ctrl-C while a call runs in the main
+    thread ends that call Crashed and then raises KeyboardInterrupt out of ``submit``,
+    so the script stops; a ``run_fn`` that raises KeyboardInterrupt itself only gives
+    a Crashed state.
 
     >>> from taskrunners.sync import SequentialTaskRunner
     >>> from taskrunners import TaskRun
@@ -30,13 +34,14 @@ class SequentialTaskRunner(BlockingTaskRunner):
     42
     """
 
-    _handles = ("_call_lock", "_loop_thread")
+    _handles = ("_call_lock", "_loop_thread", "_watching")
     _usable_after_pickling = True
 
     def __init__(self) -> None:
         super().__init__()
         self._call_lock: Optional[threading.RLock] = None
         self._loop_thread: Optional[LoopThread] = None
+        self._watching = False
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
@@ -44,15 +49,20 @@ class SequentialTaskRunner(BlockingTaskRunner):
 
     def _open(self) -> None:
         self._call_lock = threading.RLock()
+        self._watching = sigint_watch.install()
 
     def _close(self) -> None:
-        if self._loop_thread is not None:
-            self._loop_thread.stop(cancel=False)
-            self._loop_thread = None
+        self._release(cancel=False)
 
     def _abort(self, exc: BaseException) -> None:
+        self._release(cancel=True)
+
+    def _release(self, cancel: bool) -> None:
+        if self._watching:
+            self._watching = False
+            sigint_watch.uninstall()
         if self._loop_thread is not None:
-            self._loop_thread.stop(cancel=True)
+            self._loop_thread.stop(cancel=cancel)
             self._loop_thread = None
 
     def _dispatch(
@@ -63,6 +73,8 @@ class SequentialTaskRunner(BlockingTaskRunner):
         with self._call_lock:
             if is_coroutine_function(run_fn):
                 return done_call(self._coroutine_loop().submit(run_fn, run_kwargs).result())
+            if sigint_watch.watching:
+                return done_call(sigint_watch.run_plain(run_fn, run_kwargs))
             return done_call(run_to_state(run_fn, run_kwargs))
 
     def _dispatch_after(

@@ -57,7 +57,8 @@ class ThreadPool:
             call, fn, args = item
             if call.set_running():
                 call.set_result(fn(*args))
-            del item, call  # drop references to the finished call before blocking again
+            # An idle thread must not keep the last call's function, arguments or State.
+            del item, call, fn, args
             with self._lock:
                 if self._shutdown:
                     return
