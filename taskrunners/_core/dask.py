@@ -213,6 +213,9 @@ class _CrashedOnWorker(Exception):
     def __str__(self) -> str:
         return f"the call crashed: {self.message}"
 
+    def __repr__(self) -> str:  # Dask logs it; the outcome may be a large pickle
+        return f"{type(self).__name__}({self.message!r})"
+
 
 # The calls of this worker process, by token (one per Dask task the runner creates):
 # those started and not finished (None, or (loop, task) for a coroutine call, which
@@ -426,6 +429,7 @@ def _captured_records(capture: Optional[Tuple[int, bool]]) -> Iterator[List[logg
         if not collector.calls:
             collector.level_before = root.level
             root.addHandler(collector)
+        outer = collector.calls.get(thread)  # a call run inside a call, in its thread
         collector.calls[thread] = (level, hide, records)
         _set_root_level(root, collector)
         if hide:
@@ -434,7 +438,10 @@ def _captured_records(capture: Optional[Tuple[int, bool]]) -> Iterator[List[logg
         yield records
     finally:
         with _capture_lock:
-            del collector.calls[thread]
+            if outer is None:
+                del collector.calls[thread]
+            else:
+                collector.calls[thread] = outer
             _set_root_level(root, collector)
             if not collector.calls:
                 root.removeHandler(collector)
