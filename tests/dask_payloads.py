@@ -77,4 +77,32 @@ def running_coroutines():
     """Runs on workers (``Client.run``): how many coroutine calls are running there."""
     from taskrunners._core import dask as dask_core
 
-    return len(dask_core._running_coroutines)
+    return sum(1 for running in dask_core._running.values() if running is not None)
+
+
+def wait_for_release(started, release, value=None):
+    """Touch ``started``, then wait until the file ``release`` exists (the test's go-ahead)."""
+    pathlib.Path(started).touch()
+    deadline = time.monotonic() + 150
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} did not appear")
+        time.sleep(0.02)
+    return Completed(data=value)
+
+
+def record_run(directory, name):
+    """Leave a file ``name`` in ``directory``: the proof that this call ran."""
+    pathlib.Path(directory, name).touch()
+    return Completed(data=name)
+
+
+def log_at(logger_name, level, message):
+    logging.getLogger(logger_name).log(level, message)
+    return Completed(data=os.getpid())
+
+
+def unpicklable_result():
+    import threading
+
+    return Completed(data=threading.Lock())

@@ -7,6 +7,7 @@ these tests cover what only the Dask runner does.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import os
@@ -263,22 +264,67 @@ def test_adapt_is_called_only_with_adapt_kwargs(spy_cluster):
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 2})).result() == 2
 
 
-def test_loopback_defaults_are_added_only_where_the_user_gave_nothing(spy_cluster):
+class NotStarted(Exception):
+    pass
+
+
+class RecordOnlyCluster(distributed.LocalCluster):
+    """Records its constructor kwargs and raises instead of starting (so nothing listens)."""
+
+    given = []
+
+    def __init__(self, **kwargs):
+        RecordOnlyCluster.given.append(dict(kwargs))
+        raise NotStarted
+
+
+def kwargs_given_to_the_cluster(cluster_kwargs):
+    RecordOnlyCluster.given.clear()
+    with pytest.raises(NotStarted):
+        with SyncDask(cluster_class=RecordOnlyCluster, cluster_kwargs=cluster_kwargs).start():
+            pass
+    (given,) = RecordOnlyCluster.given
+    return given
+
+
+def test_loopback_settings_are_added_only_where_the_user_chose_no_address(spy_cluster):
     with SyncDask(cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER)).start():
         pass
     with SyncDask(
         cluster_class=spy_cluster, cluster_kwargs={**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:0"}
     ).start() as runner:
         assert runner._client.dashboard_link and ":8787/" not in runner._client.dashboard_link
-    with SyncDask(
-        cluster_class=spy_cluster, cluster_kwargs={**THREADS_CLUSTER, "host": "127.0.0.1", "protocol": "tcp"}
-    ).start():
-        pass
-    defaults, chosen, own_host = (cluster.given for cluster in spy_cluster.made)
-    assert defaults["dashboard_address"] == "127.0.0.1:8787"
-    assert defaults["worker_dashboard_address"] == "127.0.0.1:0"
-    assert chosen["dashboard_address"] == "127.0.0.1:0"
-    assert "dashboard_address" not in own_host and "worker_dashboard_address" not in own_host
+    defaults, chosen = (cluster.given for cluster in spy_cluster.made)
+    assert defaults == {**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:8787", "worker_dashboard_address": "127.0.0.1:0"}
+    assert chosen == {**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0"}
+    # An address naming only a port names no host: served on loopback at that port.
+    assert kwargs_given_to_the_cluster({"processes": True, "dashboard_address": ":8787"}) == {
+        "processes": True,
+        "dashboard_address": "127.0.0.1:8787",
+    }
+    assert kwargs_given_to_the_cluster({"processes": True, "dashboard_address": 0, "worker_dashboard_address": ":0,:9"}) == {
+        "processes": True,
+        "dashboard_address": "127.0.0.1:0",
+        "worker_dashboard_address": "127.0.0.1:0,127.0.0.1:9",
+    }
+    # The dashboard off: Dask's HTTP endpoints still listen, on loopback; LocalCluster
+    # still sees None (and keeps the dashboard off); the user's scheduler_kwargs stay.
+    assert kwargs_given_to_the_cluster({"dashboard_address": None, "scheduler_kwargs": {"idle_timeout": "1h"}}) == {
+        "dashboard_address": None,
+        "scheduler_kwargs": {"idle_timeout": "1h", "dashboard_address": "127.0.0.1:0"},
+    }
+    # A loopback host is no choice of exposure; a host or dashboard host beyond it is.
+    assert kwargs_given_to_the_cluster({"processes": True, "host": "127.0.0.1"}) == {
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:8787",
+    }
+    assert kwargs_given_to_the_cluster({"host": "192.0.2.10"}) == {"host": "192.0.2.10"}
+    assert kwargs_given_to_the_cluster({"processes": False, "dashboard_address": "0.0.0.0:8787"}) == {
+        "processes": False,
+        "dashboard_address": "0.0.0.0:8787",
+        "worker_dashboard_address": "127.0.0.1:0",
+    }
 
 
 def test_a_threads_cluster_listens_on_loopback_only():
@@ -299,6 +345,12 @@ def test_the_dashboard_link_is_logged(caplog):
     # Dask's own link names this machine's IP; the dashboard listens on loopback only.
     assert f"The Dask dashboard is available at http://127.0.0.1:{port}/status" in messages
     assert any(message.startswith("Creating a new Dask cluster with `distributed.") for message in messages)
+    caplog.clear()
+    # With the dashboard off there is no dashboard to link to.
+    with threads_runner(dashboard_address=None).start():
+        pass
+    messages = [record.getMessage() for record in caplog.records if record.name == "task_runner.dask"]
+    assert messages and not any("dashboard" in message for message in messages)
 
 
 def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_warns():
@@ -452,6 +504,202 @@ def test_an_unpicklable_argument_crashes_the_call_at_once():
     assert "could not be pickled" in state.message
 
 
+@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, request):
+    try:
+        pickle.dumps(threading.Lock())
+    except Exception as exc:
+        expected = exc
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        locked = runner.submit(TaskRun(name="locked"), dask_payloads.unpicklable_result, {})
+        downstream = runner.submit(TaskRun(), payloads.receive_states, {"states": locked})
+        state = runner.wait(locked)
+        received = runner.wait(downstream).result()
+        assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": "ok"})).result() == "ok"
+    assert state.is_crashed()
+    error = state.result(raise_on_failure=False)
+    assert type(error) is type(expected) and str(error) == str(expected)
+    assert "could not be pickled to send it back from the Dask worker" in state.message
+    assert "cannot pickle '_thread.lock' object" in state.message and "cloudpickle" in state.message
+    assert received.is_crashed() and received.message == state.message
+
+
+# -- cancelling calls, as concurrent.futures does -----------------------------------------------
+
+
+@pytest.fixture
+def busy_processes_runner(tmp_path):
+    """A started 2-worker process cluster whose only two threads run a long call each.
+
+    Yields (runner, the two long futures, the release file that ends them).
+    """
+    release = tmp_path / "release"
+    runner = SyncDask(cluster_kwargs=dict(PROCESSES_CLUSTER))
+    with runner.start():
+        workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
+        long_runs = []
+        for index, worker in enumerate(workers):
+            with dask.annotate(workers=[worker]):
+                long_runs.append(
+                    runner.submit(
+                        TaskRun(name=f"long-{index}"),
+                        dask_payloads.wait_for_release,
+                        {"started": str(tmp_path / f"started-{index}"), "release": str(release), "value": index},
+                    )
+                )
+        assert wait_for(lambda: all((tmp_path / f"started-{i}").exists() for i in range(2)), timeout=120)
+        try:
+            yield runner, long_runs, release
+        finally:
+            release.touch()
+
+
+def submit_recorded(runner, directory, name):
+    return runner.submit(TaskRun(name=name), dask_payloads.record_run, {"directory": str(directory), "name": name})
+
+
+def assert_cancelled(runner, future):
+    call = future._call
+    assert call.cancelled() and call.done() and not call.running()
+    state = runner.wait(future)
+    assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
+    assert type(state.result(raise_on_failure=False)) is concurrent.futures.CancelledError
+
+
+@pytest.mark.timeout(240)
+def test_cancel_stops_only_calls_no_worker_started_and_running_tells_which(busy_processes_runner, tmp_path):
+    runner, long_runs, release = busy_processes_runner
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    # With Dask's default worker-saturation the first two typically wait on a worker,
+    # the others in the scheduler's queue, on no worker yet.
+    queued = [submit_recorded(runner, ran, f"queued-{index}") for index in range(4)]
+    started, waiting = long_runs[0]._call, queued[0]._call
+    # The marker file is written after the worker marked the call started.
+    assert started.running() and not waiting.running()
+    # A started call is not cancelled: it runs to its end.
+    assert started.cancel() is False
+    assert not started.cancelled() and started.running()
+    # A call no worker has started is cancelled, and never runs.
+    assert waiting.cancel() is True
+    assert waiting.cancel() is True  # as concurrent.futures: cancelled already
+    assert queued[2]._call.cancel() is True
+    assert_cancelled(runner, queued[0])
+    assert_cancelled(runner, queued[2])
+    release.touch()
+    assert [runner.wait(future).result() for future in long_runs] == [0, 1]
+    assert [runner.wait(queued[index]).result() for index in (1, 3)] == ["queued-1", "queued-3"]
+    assert not started.running() and started.done() and not started.cancelled()
+    assert sorted(os.listdir(ran)) == ["queued-1", "queued-3"]
+    # The cancelled task run, submitted again, is a new Dask task under the same
+    # key: the cancellation the workers remember does not apply to it.
+    again = runner.submit(queued[0].task_run, dask_payloads.record_run, {"directory": str(ran), "name": "queued-0"})
+    assert runner.wait(again).result() == "queued-0"
+
+
+@pytest.mark.timeout(240)
+def test_running_goes_from_false_to_true_to_false(tmp_path):
+    release = tmp_path / "release"
+    with threads_runner().start() as runner:
+        with taskrunners.sync.ConcurrentTaskRunner().start() as other:
+            gate = other.submit(
+                TaskRun(), dask_payloads.wait_for_release, {"started": str(tmp_path / "gate"), "release": str(release)}
+            )
+            # Waits for a call of another runner: not handed to Dask yet.
+            future = runner.submit(
+                TaskRun(),
+                dask_payloads.wait_for_release,
+                {"started": str(tmp_path / "started"), "release": str(tmp_path / "finish"), "value": gate},
+            )
+            assert not future._call.running()
+            release.touch()
+            assert wait_for(lambda: (tmp_path / "started").exists())
+            assert future._call.running()
+            (tmp_path / "finish").touch()
+            assert runner.wait(future).is_completed()
+            assert not future._call.running()
+
+
+@pytest.mark.timeout(240)
+def test_the_same_task_run_submitted_again_shares_its_running_task_and_is_not_cancelled(busy_processes_runner):
+    runner, long_runs, release = busy_processes_runner
+    again = runner.submit(long_runs[1].task_run, dask_payloads.wait_for_release, {"started": "-", "release": "-"})
+    assert again._call.running()
+    assert again._call.cancel() is False
+    release.touch()
+    assert runner.wait(again).result() == runner.wait(long_runs[1]).result() == 1
+
+
+@pytest.mark.timeout(240)
+def test_cancel_unstarted_cancels_what_no_worker_started_in_one_round_trip(busy_processes_runner, tmp_path):
+    runner, long_runs, release = busy_processes_runner
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    client = runner._client
+    queued = [submit_recorded(runner, ran, f"queued-{index}") for index in range(4)]
+    with taskrunners.sync.ConcurrentTaskRunner().start() as other:
+        foreign = other.submit(
+            TaskRun(), dask_payloads.wait_for_release, {"started": str(tmp_path / "foreign"), "release": str(release)}
+        )
+        after_foreign = runner.submit(
+            TaskRun(name="after-foreign"), payloads.add_upstream, {"upstream": foreign, "y": 1}
+        )
+        asked = []
+        real_run = client.run
+
+        def counting_run(function, *args, **kwargs):  # a pass-through spy
+            asked.append(function.__name__)
+            return real_run(function, *args, **kwargs)
+
+        client.run = counting_run
+        try:
+            runner._cancel_unstarted([future._call for future in [*long_runs, *queued[:3], after_foreign]])
+        finally:
+            del client.run
+        assert asked.count("_cancel_unstarted_calls") == 1
+        assert not any(future._call.cancelled() for future in long_runs)
+        for future in [*queued[:3], after_foreign]:
+            assert_cancelled(runner, future)
+        release.touch()
+        assert [runner.wait(future).result() for future in long_runs] == [0, 1]
+        assert runner.wait(queued[3]).result() == "queued-3"
+        assert other.wait(foreign).is_completed()
+    assert sorted(os.listdir(ran)) == ["queued-3"]
+
+
+@pytest.mark.timeout(240)
+def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
+    release = tmp_path / "release"
+    runner = threads_runner()
+    with runner.start(), taskrunners.sync.ConcurrentTaskRunner().start() as other:
+        workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
+        long_runs = []
+        for index, worker in enumerate(workers):
+            with dask.annotate(workers=[worker]):
+                long_runs.append(
+                    runner.submit(
+                        TaskRun(),
+                        dask_payloads.wait_for_release,
+                        {"started": str(tmp_path / f"started-{index}"), "release": str(release)},
+                    )
+                )
+        assert wait_for(lambda: all((tmp_path / f"started-{i}").exists() for i in range(2)))
+        queued = runner.submit(TaskRun(), payloads.return_value, {"value": "queued"})
+        foreign = other.submit(TaskRun(), dask_payloads.wait_for_release, {"started": os.devnull, "release": str(release)})
+        after_foreign = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": foreign, "y": 1})
+        answers = []
+        runner._client.loop.add_callback(
+            lambda: answers.append((queued._call.cancel(), queued._call.running(), after_foreign._call.cancel()))
+        )
+        assert wait_for(lambda: answers, timeout=60)
+        # There the workers cannot be asked: only a call not handed to Dask is cancelled.
+        assert answers == [(False, False, True)]
+        release.touch()
+        assert runner.wait(queued).result() == "queued"
+        assert_cancelled(runner, after_foreign)
+
+
 # -- killed workers, exits with an exception ---------------------------------------------------
 
 
@@ -567,6 +815,93 @@ def test_two_runners_on_one_cluster_forward_each_record_once(dask_external_clust
         wait_for(lambda: records_with(caplog, "y"), timeout=30)
     assert len(records_with(caplog, message)) == 1
     assert len(records_with(caplog, later)) == 1
+
+
+@pytest.fixture
+def quiet_logger():
+    """The logger "user.quiet" at WARNING in this process (caplog.set_level would also
+    raise the level of caplog's handler)."""
+    logger = logging.getLogger("user.quiet")
+    logger.setLevel(logging.WARNING)
+    yield logger
+    logger.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+def test_worker_records_keep_name_and_level_and_this_process_levels_decide(kind, request, caplog, quiet_logger):
+    caplog.set_level(logging.INFO)
+    tag = uuid.uuid4().hex
+    logged = [
+        ("user.module", logging.INFO, f"info {tag}"),
+        ("user.module", logging.WARNING, f"warning {tag}"),
+        ("user.module", logging.DEBUG, f"debug {tag}"),
+        ("user.quiet", logging.INFO, f"quiet {tag}"),
+    ]
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        futures = [
+            runner.submit(TaskRun(), dask_payloads.log_at, {"logger_name": name, "level": level, "message": message})
+            for name, level, message in logged
+        ]
+        pids = {runner.wait(future).result() for future in futures}
+        # The records come back with the State: there by the time it is.
+        (info,) = records_with(caplog, f"info {tag}")
+        (warning,) = records_with(caplog, f"warning {tag}")
+    assert os.getpid() not in pids
+    assert (info.name, info.levelno, warning.name, warning.levelno) == (
+        "user.module", logging.INFO, "user.module", logging.WARNING
+    )
+    assert not records_with(caplog, f"debug {tag}") and not records_with(caplog, f"quiet {tag}")
+
+
+LOGGING_SCRIPT = """
+import logging
+import sys
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+
+from taskrunners import TaskRun
+from taskrunners.states import Completed
+from taskrunners.sync import DaskTaskRunner
+
+
+def log_lines(tag):
+    logging.getLogger("user.module").info("info line %s", tag)
+    logging.getLogger("user.module").warning("warning line %s", tag)
+    logging.getLogger("user.quiet").info("quiet line %s", tag)
+    return Completed(data=tag)
+
+
+if __name__ == "__main__":
+    logging.getLogger("user.quiet").setLevel(logging.WARNING)
+    if sys.argv[1] == "processes":
+        runner = DaskTaskRunner(cluster_kwargs={"processes": True, "n_workers": 1, "threads_per_worker": 1})
+    else:
+        runner = DaskTaskRunner(address=sys.argv[1])
+    with runner.start():
+        states = [runner.wait(runner.submit(TaskRun(), log_lines, {"tag": tag})) for tag in ("first", "second")]
+    print([state.result() for state in states])
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("cluster", ["processes", "external"])
+def test_a_script_with_basic_config_prints_each_worker_record_once(cluster, tmp_path, request):
+    # Worker processes import the script's __main__, so its basicConfig runs there too.
+    script = tmp_path / "script.py"
+    script.write_text(LOGGING_SCRIPT)
+    target = "processes" if cluster == "processes" else request.getfixturevalue("dask_external_cluster").address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, str(script), target], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['first', 'second']"
+    lines = result.stderr.splitlines()
+    for tag in ("first", "second"):
+        assert lines.count(f"INFO user.module info line {tag}") == 1, result.stderr
+        assert lines.count(f"WARNING user.module warning line {tag}") == 1, result.stderr
+    assert not [line for line in lines if "quiet line" in line], result.stderr
 
 
 # -- pickling ------------------------------------------------------------------------------
