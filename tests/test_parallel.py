@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -335,10 +336,21 @@ def test_a_result_that_cannot_be_pickled_crashes_the_call(driver):
     assert state.is_crashed()
     assert "could not be pickled to send it back" in state.message and "_thread.lock" in state.message
     assert "'unpicklable'" in state.message
+    # The pickling error itself (rebuilt: the original may hold the lock).
     error = state.result(raise_on_failure=False)
-    assert isinstance(error, RuntimeError) and "_thread.lock" in str(error)
+    assert type(error) is TypeError and str(error) == "cannot pickle '_thread.lock' object"
     assert later.result() == "fine"
     assert generations == 1  # the pool was never replaced
+
+
+def test_a_result_pickling_error_that_cannot_be_rebuilt_comes_back_as_a_pickling_error():
+    with ParallelTaskRunner(max_workers=1).start() as runner:
+        state = run(runner, parallel_payloads.return_refusing_value, name="refusing")
+    assert state.is_crashed() and "'refusing'" in state.message
+    assert "could not be pickled to send it back" in state.message
+    assert "RefusedError: this value refuses to be pickled" in state.message
+    error = state.result(raise_on_failure=False)
+    assert type(error) is pickle.PicklingError and str(error) == "this value refuses to be pickled"
 
 
 # -- logging -------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Hazards this module exists to handle, each with its own State and message:
   message saying which worker died and how; no call runs twice.
 - A value that cannot be pickled. Arguments are pickled in the parent before the
   call is handed over, and results in the worker before they are sent back, so a
-  pickling error becomes that call's Crashed state and never breaks the pool.
+  pickling error becomes that call's Crashed state and never breaks the pool. A
+  result's pickling error is sent back rebuilt (same type, same message): the
+  original may hold the very value that cannot be pickled.
 - Leaving the ``start()`` block with an exception: calls not started are cancelled
   and the workers are killed, without waiting for running calls.
 """
@@ -122,6 +124,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _portable_error(exc: Exception) -> Exception:
+    """An exception with the type and message of ``exc`` that pickles.
+
+    ``exc`` itself may hold the value that could not be pickled; where its type
+    cannot be rebuilt from the message alone, a ``PicklingError`` carries it.
+    """
+    message = str(exc)
+    try:
+        rebuilt = type(exc)(message)
+        if str(rebuilt) == message:
+            cloudpickle.dumps(rebuilt)
+            return rebuilt
+    except Exception:
+        pass
+    return pickle.PicklingError(message)
+
+
 def _encode_result(name: str, state: State, records: List[logging.LogRecord]) -> bytes:
     result = (state, records or None)
     try:
@@ -144,8 +163,7 @@ def _encode_result(name: str, state: State, records: List[logging.LogRecord]) ->
             f"from the worker process: {_describe(exc)}. Return only data that cloudpickle "
             "can serialize."
         )
-        # The original error may hold the unpicklable value itself.
-        state = Crashed(message=message, data=RuntimeError(message))
+        state = Crashed(message=message, data=_portable_error(exc))
     return cloudpickle.dumps((state, records or None), _PROTOCOL)
 
 
