@@ -111,6 +111,13 @@ def exit_at_start():
     os._exit(5)
 
 
+def run_once_gate_opens(marker, gate, value):
+    """Leave ``marker`` holding this worker's pid, then return ``value`` once ``gate`` exists."""
+    pathlib.Path(marker).write_text(str(os.getpid()))
+    wait_for(gate)
+    return Completed(data=value)
+
+
 class RefusedError(Exception):
     """An error that cannot be rebuilt from its message alone, holding an unpicklable value."""
 
