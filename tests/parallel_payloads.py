@@ -109,3 +109,27 @@ def value_once_file_exists(path, value):
 def exit_at_start():
     """An initializer that kills the worker before it takes any call."""
     os._exit(5)
+
+
+def run_once_gate_opens(marker, gate, value):
+    """Leave ``marker`` holding this worker's pid, then return ``value`` once ``gate`` exists."""
+    pathlib.Path(marker).write_text(str(os.getpid()))
+    wait_for(gate)
+    return Completed(data=value)
+
+
+class RefusedError(Exception):
+    """An error that cannot be rebuilt from its message alone, holding an unpicklable value."""
+
+    def __init__(self, message, value):
+        super().__init__(message)
+        self.value = value
+
+
+class RefusesPickling:
+    def __reduce__(self):
+        raise RefusedError("this value refuses to be pickled", threading.Lock())
+
+
+def return_refusing_value():
+    return Completed(data=RefusesPickling())

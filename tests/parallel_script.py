@@ -7,6 +7,9 @@ live in ``__main__`` and reach the workers by value.
 lambda and a closure, as JSON.
 ``python parallel_script.py interrupt DIR``: starts two long calls, prints "waiting"
 once both run, then waits for them (the test sends SIGINT).
+``python parallel_script.py abort ROUNDS DIR``: ROUNDS times, starts two long calls and
+queues twenty more, then leaves the block with an exception once the long ones run;
+prints, as JSON, whether every queued call ended cancelled.
 """
 
 import json
@@ -37,7 +40,37 @@ def sleep_in_worker(marker, seconds):
     return Completed(data=None)
 
 
+def quick():
+    return Completed(data=None)
+
+
+class Stop(Exception):
+    pass
+
+
+def leave_with_queued_calls(directory, round_number):
+    markers = [directory / f"{round_number}-{i}" for i in range(2)]
+    runner = ParallelTaskRunner(max_workers=2)
+    try:
+        with runner.start():
+            for marker in markers:
+                runner.submit(TaskRun(), sleep_in_worker, {"marker": str(marker), "seconds": 120})
+            queued = [runner.submit(TaskRun(), quick, {}) for _ in range(20)]
+            while not all(marker.exists() for marker in markers):
+                time.sleep(0.01)
+            raise Stop
+    except Stop:
+        pass
+    return all(future._call.cancelled() for future in queued)
+
+
 mode = sys.argv[1]
+if mode == "abort":
+    rounds, directory = int(sys.argv[2]), pathlib.Path(sys.argv[3])
+    cancelled = [leave_with_queued_calls(directory, i) for i in range(rounds)]
+    print(json.dumps({"rounds": len(cancelled), "queued_calls_cancelled": all(cancelled)}))
+    sys.exit()
+
 runner = ParallelTaskRunner(max_workers=2)
 with runner.start():
     if mode == "main":

@@ -1,5 +1,10 @@
 """The blocking ParallelTaskRunner: calls in loky worker processes.
 
+The path of a call: ``submit`` pickles run_fn and its arguments and queues the call
+in this process; a feeder thread hands it to the current loky executor, which puts
+it on its workers' queue; a worker marks it started in a slot table, runs it and
+pickles its State; loky's manager thread settles the call with that State.
+
 Hazards this module exists to handle, each with its own State and message:
 
 - A worker dies mid-call (``os._exit``, a signal, a segfault). loky then marks every
@@ -11,9 +16,20 @@ Hazards this module exists to handle, each with its own State and message:
   message saying which worker died and how; no call runs twice.
 - A value that cannot be pickled. Arguments are pickled in the parent before the
   call is handed over, and results in the worker before they are sent back, so a
-  pickling error becomes that call's Crashed state and never breaks the pool.
+  pickling error becomes that call's Crashed state and never breaks the pool. A
+  result's pickling error is sent back rebuilt (same type, same message): the
+  original may hold the very value that cannot be pickled.
+- Cancelling a call loky holds. loky's shutdown with ``kill_workers`` sets an
+  exception on each future it still holds, and fails on one already cancelled: its
+  manager thread prints an ``InvalidStateError`` traceback and breaks the pool. So
+  loky's futures are never cancelled. A call waits in this process, where it can be
+  cancelled, until loky has room for it on its workers' queue; from the moment it
+  is handed over it is running and cannot be cancelled, as in ProcessPoolExecutor.
 - Leaving the ``start()`` block with an exception: calls not started are cancelled
   and the workers are killed, without waiting for running calls.
+- Keeping finished calls alive. A call's State may be large, and its caller's
+  future is meant to be the last thing holding it: no queue, thread or callback of
+  the pool refers to a call once it is settled.
 """
 
 from __future__ import annotations
@@ -40,13 +56,14 @@ import cloudpickle
 import loky
 from loky.backend import resource_tracker
 from loky.process_executor import (
+    EXTRA_QUEUED_CALLS,
     BrokenProcessPool,
     ShutdownExecutorError,
     TerminatedWorkerError,
 )
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.calls import Call, done_call, run_anywhere, settle
+from taskrunners._core.calls import Call, run_anywhere, settle
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -56,7 +73,6 @@ __all__ = ["ParallelTaskRunner"]
 # of the worker that finished it), 0 meaning "not yet".
 _SLOT = struct.Struct("=ii")
 _PID = struct.Struct("=i")
-_SLOTS_PER_POOL = 1 << 16
 # A call that meets this many broken pools before any worker starts it is Crashed
 # instead of being handed to yet another pool.
 _MAX_HANDOVERS = 3
@@ -122,6 +138,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _portable_error(exc: Exception) -> Exception:
+    """An exception with the type and message of ``exc`` that pickles.
+
+    ``exc`` itself may hold the value that could not be pickled; where its type
+    cannot be rebuilt from the message alone, a ``PicklingError`` carries it.
+    """
+    message = str(exc)
+    try:
+        rebuilt = type(exc)(message)
+        if str(rebuilt) == message:
+            cloudpickle.dumps(rebuilt)
+            return rebuilt
+    except Exception:
+        pass
+    return pickle.PicklingError(message)
+
+
 def _encode_result(name: str, state: State, records: List[logging.LogRecord]) -> bytes:
     result = (state, records or None)
     try:
@@ -144,8 +177,7 @@ def _encode_result(name: str, state: State, records: List[logging.LogRecord]) ->
             f"from the worker process: {_describe(exc)}. Return only data that cloudpickle "
             "can serialize."
         )
-        # The original error may hold the unpicklable value itself.
-        state = Crashed(message=message, data=RuntimeError(message))
+        state = Crashed(message=message, data=_portable_error(exc))
     return cloudpickle.dumps((state, records or None), _PROTOCOL)
 
 
@@ -270,28 +302,41 @@ def _dead_workers(executor: loky.ProcessPoolExecutor) -> Dict[int, Optional[int]
 
 
 class _Call(Call):
-    """One call on its way through the pool; its result is the call's State."""
+    """One call on its way through the pool; its result is the call's State.
 
-    __slots__ = ("task_run", "payload", "handovers", "submitted")
+    As a ProcessPoolExecutor future: it can be cancelled while it waits in this
+    process, and is running from the moment it is handed to loky until it is done
+    (also while it waits for a fresh pool after a break, as it cannot be withdrawn
+    from the broken one before loky gives it back).
+    """
 
-    def __init__(self, task_run: TaskRun, payload: bytes) -> None:
+    __slots__ = ("task_run", "payload", "handovers")
+
+    def __init__(self, task_run: TaskRun, payload: Optional[bytes]) -> None:
         super().__init__()
         self.task_run = task_run
-        self.payload: Optional[bytes] = payload
+        self.payload = payload
         self.handovers = 0
-        self.submitted: Optional[concurrent.futures.Future] = None
+
+    def running(self) -> bool:
+        return self._running and self._state is None
 
     def cancel(self) -> bool:
-        if super().cancel():  # still queued in this process
+        cancelled = super().cancel()
+        if cancelled:
             self.payload = None
-            return True
-        submitted = self.submitted
-        # Succeeds while loky has not yet put the call on its workers' queue.
-        return submitted is not None and submitted.cancel()
+        return cancelled
+
+    def set_cancelled(self) -> None:
+        """End a call that never started, because the pool stopped first, as cancelled."""
+        with self._lock:
+            if self._state is None:
+                self._cancelled = True
+        _finish(self, _cancelled_state())
 
 
 def _finish(call: _Call, state: State) -> None:
-    call.payload = call.submitted = None
+    call.payload = None
     settle(call, state)
 
 
@@ -303,6 +348,7 @@ class _Generation:
         number: int,
         directory: str,
         max_workers: int,
+        slots: int,
         initializer: Optional[Callable[..., Any]],
         initargs: Tuple[Any, ...],
         env: Optional[Dict[str, str]],
@@ -310,7 +356,7 @@ class _Generation:
         self.number = number
         self.path = os.path.join(directory, f"slots-{number}")
         with open(self.path, "w+b") as file:
-            file.truncate(_SLOTS_PER_POOL * _SLOT.size)
+            file.truncate(slots * _SLOT.size)
             self.table = mmap.mmap(file.fileno(), 0)
         self.executor = loky.ProcessPoolExecutor(
             max_workers=max_workers,
@@ -330,13 +376,13 @@ class _Generation:
         self.broken: Optional[BaseException] = None
         self.dead: Optional[Dict[int, Optional[int]]] = None
 
-    def take_slot(self) -> Optional[int]:
+    def take_slot(self) -> int:
         # Only the feeder thread takes slots; loky's manager thread gives them back.
+        # The pool never has more calls in flight than the table has slots.
         try:
             slot = self._freed.pop()
         except IndexError:
-            slot = next(self._fresh)
-            return slot if slot < _SLOTS_PER_POOL else None
+            return next(self._fresh)
         _SLOT.pack_into(self.table, slot * _SLOT.size, 0, 0)
         return slot
 
@@ -363,12 +409,13 @@ class _ProcessPool:
     """The worker processes of one ``start()`` block, replaced whole when one dies.
 
     Calls wait in a queue in this process and a feeder thread hands them to the
-    current loky executor. Two hazards make that thread worth its cost. Calls made
-    ready inside a callback on loky's manager thread (dependent calls, calls to retry
-    after a break) would otherwise be submitted from that thread, and a burst of them
-    fills its own wake-up pipe and deadlocks it. And a caller that submits in a loop
-    both pickles (CPU-bound) and wakes loky's manager (a syscall) for every call, so
-    the manager keeps waiting for the GIL and the workers starve.
+    current loky executor, as many at a time as loky's call queue holds. Two hazards
+    make that thread worth its cost. Calls made ready inside a callback on loky's
+    manager thread (dependent calls, calls to retry after a break) would otherwise be
+    submitted from that thread, and a burst of them fills its own wake-up pipe and
+    deadlocks it. And a caller that submits in a loop both pickles (CPU-bound) and
+    wakes loky's manager (a syscall) for every call, so the manager keeps waiting for
+    the GIL and the workers starve.
     """
 
     def __init__(
@@ -391,6 +438,13 @@ class _ProcessPool:
         resource_tracker.register(self._directory, "folder")
         self._cond = threading.Condition(threading.Lock())
         self._queue: Deque[_Call] = collections.deque()
+        # Calls handed to loky and not yet settled, at most the size of loky's call
+        # queue: loky moves each one to its workers' queue at once, so it never holds
+        # a call that could still be cancelled (see the module's notes). More would
+        # let very short calls go faster, and leave more calls that cannot be
+        # cancelled though they have not started.
+        self._in_flight = 0
+        self._capacity = 2 * max_workers + EXTRA_QUEUED_CALLS
         self._stopping = False
         self._abort_reason: Optional[BaseException] = None
         self._generations: List[_Generation] = []
@@ -405,6 +459,7 @@ class _ProcessPool:
             len(self._generations),
             self._directory,
             self._max_workers,
+            self._capacity,
             self._initializer,
             self._initargs,
             self._env,
@@ -416,43 +471,70 @@ class _ProcessPool:
 
     def submit(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> Any:
+    ) -> _Call:
         # Pickled now: an unpicklable value fails this call alone, at once, and later
         # changes to the arguments do not reach the worker.
         try:
             payload = cloudpickle.dumps((run_fn, run_kwargs), _PROTOCOL)
         except Exception as exc:
-            return done_call(_pickling_failure(task_run, run_fn, exc))
+            call = _Call(task_run, None)
+            _finish(call, _pickling_failure(task_run, run_fn, exc))
+            return call
         call = _Call(task_run, payload)
         self._enqueue(call)
         return call
 
-    def _enqueue(self, call: _Call) -> None:
+    def _enqueue(self, call: _Call, first: bool = False) -> None:
         with self._cond:
             if not self._stopping:
-                self._queue.append(call)
+                if first:
+                    self._queue.appendleft(call)
+                else:
+                    self._queue.append(call)
                 self._cond.notify()
                 return
-        _finish(call, _cancelled_state())
+        call.set_cancelled()
 
-    def _hand_over(self, call: _Call) -> bool:
-        """Submit ``call`` to the current executor; False if no slot is free."""
+    # -- the feeder thread ------------------------------------------------------------
+
+    def _feed(self) -> None:
+        while self._hand_over_next():
+            pass
+
+    def _hand_over_next(self) -> bool:
+        """Hand the next queued call to loky once it has room; False once stopping.
+
+        A frame of its own, so that no variable of the feeder keeps a call alive.
+        """
+        with self._cond:
+            while not (self._stopping or (self._queue and self._in_flight < self._capacity)):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            call = self._queue.popleft()
+        try:
+            self._hand_over(call)
+        except BaseException as exc:  # a bug here must not leave the call hanging
+            self._logger.exception("The feeder of the process pool failed.")
+            _finish(call, exception_to_crashed_state(exc))
+        return True
+
+    def _hand_over(self, call: _Call) -> None:
+        """Submit ``call`` to the current executor, or settle it if it cannot run."""
         if not call.handovers and not call.set_running():
-            return True  # cancelled while queued
+            return  # cancelled while queued
         for _ in range(_MAX_HANDOVERS):
             generation = self._generation
             if generation.broken is not None:
                 failure = self._initializer_failure(call)
                 if failure is not None:  # a fresh pool would fail the same way
                     _finish(call, failure)
-                    return True
+                    return
                 generation = self._replace(generation)
             if generation is None or self._stopping:
-                _finish(call, _cancelled_state())
-                return True
+                call.set_cancelled()
+                return
             slot = generation.take_slot()
-            if slot is None:
-                return False
             try:
                 submitted = generation.executor.submit(
                     _run_in_worker,
@@ -466,51 +548,26 @@ class _ProcessPool:
                 generation.broken = generation.broken or exc
                 continue  # on a fresh pool
             except ShutdownExecutorError:
-                _finish(call, _cancelled_state())
-                return True
+                call.set_cancelled()
+                return
             except Exception as exc:  # e.g. no worker process could be started
+                generation.give_back(slot)
                 message = (
                     f"Task run {call.task_run.name!r} could not be handed to the worker "
                     f"processes: {_describe(exc)}"
                 )
                 _finish(call, Crashed(message=message, data=exc))
-                return True
+                return
             call.handovers += 1
-            call.submitted = submitted
+            with self._cond:
+                self._in_flight += 1
             submitted.add_done_callback(functools.partial(self._on_done, call, generation, slot))
-            return True
+            return
         message = (
             f"Task run {call.task_run.name!r} could not be handed to the worker processes: "
             f"every new pool broke at once ({self._generation.cause()})."
         )
         _finish(call, Crashed(message=message, data=TerminatedWorkerError(message)))
-        return True
-
-    # -- the feeder thread ------------------------------------------------------------
-
-    def _feed(self) -> None:
-        cond = self._cond
-        queue = self._queue
-        while True:
-            with cond:
-                while not (queue or self._stopping):
-                    cond.wait()
-                if self._stopping:
-                    return
-                batch = list(queue)
-                queue.clear()
-            for index, call in enumerate(batch):
-                try:
-                    handed = self._hand_over(call)
-                except BaseException as exc:  # a bug here must not leave the call hanging
-                    self._logger.exception("The feeder of the process pool failed.")
-                    _finish(call, exception_to_crashed_state(exc))
-                    continue
-                if not handed:  # every slot is in flight: wait for calls to finish
-                    with cond:
-                        queue.extendleft(reversed(batch[index:]))
-                        cond.wait(0.01)
-                    break
 
     def _replace(self, broken: _Generation) -> Optional[_Generation]:
         with self._cond:
@@ -535,27 +592,33 @@ class _ProcessPool:
         except BaseException as exc:  # loky would only log it, and the call would hang
             self._logger.exception("Settling task run %r failed.", call.task_run.name)
             _finish(call, exception_to_crashed_state(exc))
+        finally:
+            # No worker writes to the slot any more: either the call came back, or the
+            # executor is broken or shut down and takes no other call.
+            generation.give_back(slot)
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify()
 
     def _settle(
         self, call: _Call, generation: _Generation, slot: int, submitted: concurrent.futures.Future
     ) -> None:
         try:
             data = submitted.result(0)
-        except concurrent.futures.CancelledError:
-            generation.give_back(slot)
-            _finish(call, _cancelled_state())
-            return
         except BaseException as exc:
             error = exc
         else:
-            generation.give_back(slot)
             state, records = _decode_result(call.task_run.name, data)
             if records:
                 _emit(records)
             _finish(call, state)
             return
         if isinstance(error, ShutdownExecutorError) or self._abort_reason is not None:
-            _finish(call, self._aborted_state(call, generation.marks(slot)[0]))
+            started = generation.marks(slot)[0]
+            if started:
+                _finish(call, self._stopped_state(call, started))
+            else:
+                call.set_cancelled()
         elif not isinstance(error, BrokenProcessPool):
             message = (
                 f"The process pool could not run task run {call.task_run.name!r}: "
@@ -578,7 +641,7 @@ class _ProcessPool:
             return
         state = self._never_started_state(call, generation)
         if state is None:
-            self._enqueue(call)  # on a fresh pool
+            self._enqueue(call, first=True)  # it was next in line, on a fresh pool
         else:
             _finish(call, state)
 
@@ -608,9 +671,7 @@ class _ProcessPool:
         )
         return Crashed(message=message, data=TerminatedWorkerError(message))
 
-    def _aborted_state(self, call: _Call, started: int) -> State:
-        if not started:
-            return _cancelled_state()
+    def _stopped_state(self, call: _Call, started: int) -> State:
         message = (
             f"Task run {call.task_run.name!r} was stopped in worker process (pid {started}): "
             f"the runner's start() block was left with {self._abort_reason!r}, which "
@@ -637,7 +698,7 @@ class _ProcessPool:
             self._queue.clear()
             self._cond.notify_all()
         for call in leftover:
-            _finish(call, _cancelled_state())
+            call.set_cancelled()
         self._feeder.join(timeout=10)
         with self._cond:
             generations = list(self._generations)
@@ -717,6 +778,11 @@ class ParallelTaskRunner(BlockingTaskRunner):
     and functions defined in ``__main__`` work; a coroutine ``run_fn`` runs on an event
     loop in the worker. Log records emitted in a call, at or above the root logger's
     level when the block started, reach this process's loggers.
+
+    As in ``concurrent.futures.ProcessPoolExecutor``, a call can be cancelled while it
+    waits its turn in this process, and counts as running once it is handed to the
+    worker processes, which hold at most ``2 * max_workers + 1`` calls at once, run or
+    queued (the size of loky's call queue).
 
     A worker that dies mid-call gives that call a Crashed state naming the exit code
     or signal; calls that were running in the other workers are Crashed too (saying
