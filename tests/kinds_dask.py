@@ -42,6 +42,7 @@ KINDS = [
         "DaskTaskRunner",
         TaskConcurrencyType.PARALLEL,
         kwargs=lambda request: {"cluster_kwargs": dict(PROCESSES_CLUSTER)},
+        pickles_results=True,
         marks=(DASK,),
     ),
     RunnerKind(
@@ -49,6 +50,7 @@ KINDS = [
         "DaskTaskRunner",
         TaskConcurrencyType.CONCURRENT,
         kwargs=lambda request: {"address": request.getfixturevalue("dask_external_cluster").address},
+        pickles_results=True,
         marks=(DASK,),
     ),
 ]
