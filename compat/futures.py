@@ -12,9 +12,12 @@ helpers, ...) can use any runner through it:
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
+import functools
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 from taskrunners._core.base import BlockingTaskRunner
@@ -59,36 +62,37 @@ class _AsyncFunctionCall(_FunctionCall):
             return Failed(data=exc, message=f"{type(exc).__name__}: {exc}")
 
 
-# Open executors, so that calls still pending at interpreter exit finish first, as
-# concurrent.futures promises; and whether that exit has begun (submit then refuses).
+# Executors whose runner is started, kept until shutdown so that their calls still
+# pending at interpreter exit finish first, as concurrent.futures promises; and
+# whether that exit has begun (submit then refuses).
 _open_executors: "set[RunnerExecutor]" = set()
-_closing_threads: "set[threading.Thread]" = set()
-_exit_lock = threading.Lock()
 _exiting = False
 
-
-def _finish_at_exit() -> None:
-    global _exiting
-    with _exit_lock:
-        _exiting = True
-        executors = list(_open_executors)
-    for executor in executors:
-        executor.shutdown(wait=True)
-    with _exit_lock:
-        threads = list(_closing_threads)
-    for thread in threads:
-        thread.join()
-
-
 # Called just before the interpreter joins its non-daemon threads, as the standard
-# library's executors do (a private hook, there since Python 3.9).
-_register_atexit = getattr(threading, "_register_atexit", None)
-if _register_atexit is not None:
-    _register_atexit(_finish_at_exit)
-else:  # pragma: no cover - an interpreter without the hook
-    import atexit
+# library's executors do (a private hook, there since Python 3.9), last registered
+# first. Each executor registers its own when its runner starts: after its engine
+# registered theirs (a ThreadPoolExecutor's, say), so the runner ends before they do.
+_register_atexit: Callable[[Callable[[], None]], None] = getattr(
+    threading, "_register_atexit", atexit.register
+)
 
-    atexit.register(_finish_at_exit)
+
+def _mark_exiting() -> None:
+    global _exiting
+    _exiting = True
+
+
+def _finish_at_exit(executor_ref: "weakref.ref[RunnerExecutor]") -> None:
+    _mark_exiting()
+    executor = executor_ref()
+    if executor is not None:
+        executor.shutdown(wait=True)
+        closing = executor._closing
+        if closing is not None:
+            closing.join()
+
+
+_register_atexit(_mark_exiting)
 
 
 class _Future(concurrent.futures.Future):
@@ -142,6 +146,7 @@ class RunnerExecutor(concurrent.futures.Executor):
         self._core = core
         self._lock = threading.Lock()
         self._block: Optional[contextlib.ExitStack] = None
+        self._closing: Optional[threading.Thread] = None
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -158,8 +163,9 @@ class RunnerExecutor(concurrent.futures.Executor):
                 block = contextlib.ExitStack()
                 block.enter_context(self._core.start())
                 self._block = block
-                with _exit_lock:
-                    _open_executors.add(self)
+                _open_executors.add(self)
+                with contextlib.suppress(RuntimeError):  # the interpreter is exiting already
+                    _register_atexit(functools.partial(_finish_at_exit, weakref.ref(self)))
         run_fn = (_AsyncFunctionCall if is_coroutine_function(fn) else _FunctionCall)(
             fn, args, kwargs
         )
@@ -187,18 +193,16 @@ class RunnerExecutor(concurrent.futures.Executor):
             self._close(block)
             return
         # Not a daemon: the interpreter waits for it at exit, so pending calls finish.
-        thread = threading.Thread(target=self._close, args=(block,), name=f"{self._core}-shutdown")
-        with _exit_lock:
-            _closing_threads.add(thread)
-        thread.start()
+        self._closing = threading.Thread(
+            target=self._close, args=(block,), name=f"{self._core}-shutdown"
+        )
+        self._closing.start()
 
     def _close(self, block: contextlib.ExitStack) -> None:
         try:
             block.close()
         finally:
-            with _exit_lock:
-                _open_executors.discard(self)
-                _closing_threads.discard(threading.current_thread())
+            _open_executors.discard(self)
 
 
 def _deliver(core: BlockingTaskRunner, call: Any, result: _Future) -> None:
