@@ -20,8 +20,8 @@ import threading
 import weakref
 from typing import Any, Callable, Optional
 
-from taskrunners._core.base import BlockingTaskRunner
-from taskrunners._core.calls import is_coroutine_function
+from taskrunners._core import seam
+from taskrunners._core.running import is_coroutine_function
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
 
@@ -55,7 +55,7 @@ class _FunctionCall:
 class _AsyncFunctionCall(_FunctionCall):
     __slots__ = ()
 
-    async def __call__(self) -> State:
+    async def __call__(self) -> State:  # type: ignore[override]
         try:
             return Completed(data=await self.fn(*self.args, **self.kwargs))
         except Exception as exc:
@@ -72,7 +72,7 @@ _exiting = False
 # library's executors do (a private hook, there since Python 3.9), last registered
 # first. Each executor registers its own when its runner starts: after its engine
 # registered theirs (a ThreadPoolExecutor's, say), so the runner ends before they do.
-_register_atexit: Callable[[Callable[[], None]], None] = getattr(
+_register_atexit: Callable[[Callable[[], None]], Any] = getattr(
     threading, "_register_atexit", atexit.register
 )
 
@@ -136,12 +136,13 @@ class RunnerExecutor(concurrent.futures.Executor):
     """
 
     def __init__(self, runner: Any) -> None:
-        core = getattr(runner, "_core", runner)
-        if not isinstance(core, BlockingTaskRunner):
+        try:
+            core = seam.core_of(runner)
+        except TypeError:
             raise TypeError(
                 f"RunnerExecutor needs a taskrunners runner, got {type(runner).__name__}; "
                 "pass e.g. taskrunners.sync.ConcurrentTaskRunner()."
-            )
+            ) from None
         self.runner = runner
         self._core = core
         self._lock = threading.Lock()
@@ -170,10 +171,10 @@ class RunnerExecutor(concurrent.futures.Executor):
             fn, args, kwargs
         )
         name = getattr(fn, "__name__", type(fn).__name__)
-        call = self._core._submit_call(TaskRun(name=name), run_fn, {})
+        call = seam.submit_call(self._core, TaskRun(name=name), run_fn, {})
         future = _Future()
         future.call = call
-        call.add_done_callback(lambda done: _deliver(self._core, done, future))
+        call.add_done_callback(lambda done: _deliver(done, future))
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -188,7 +189,7 @@ class RunnerExecutor(concurrent.futures.Executor):
         if block is None:
             return
         if cancel_futures:
-            self._core._cancel_pending()
+            seam.cancel_pending(self._core)
         if wait:
             self._close(block)
             return
@@ -205,7 +206,7 @@ class RunnerExecutor(concurrent.futures.Executor):
             _open_executors.discard(self)
 
 
-def _deliver(core: BlockingTaskRunner, call: Any, result: _Future) -> None:
+def _deliver(call: Any, result: _Future) -> None:
     result.call = None  # the finished call's State is not kept beyond the result
     if call.cancelled():
         result.cancel()
@@ -214,7 +215,7 @@ def _deliver(core: BlockingTaskRunner, call: Any, result: _Future) -> None:
         # and as_completed() count a cancelled future as done only once notified.
         result.set_running_or_notify_cancel()
         return
-    state = core._state_of_done(call)
+    state = seam.state_of(call)
     exc = state.data
     if not isinstance(exc, BaseException):
         exc = RuntimeError(state.message or f"The call ended in state {state.name!r}.")

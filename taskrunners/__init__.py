@@ -5,33 +5,11 @@ async code on asyncio or trio (this module), in order, on threads and the event
 loop, on local worker processes, on a Dask cluster or on a Ray cluster.
 """
 
+from taskrunners import task_runners
 from taskrunners._core.ray import ray_options
 from taskrunners.flows import as_completed, flow, task, unmapped, wait
 from taskrunners.futures import PrefectFuture, TaskRun
-from taskrunners.task_runners import (
-    BaseTaskRunner,
-    ConcurrentTaskRunner,
-    DaskTaskRunner,
-    ParallelTaskRunner,
-    RayTaskRunner,
-    SequentialTaskRunner,
-    TaskConcurrencyType,
-)
+from taskrunners.task_runners import *  # noqa: F403 - the runner classes, listed there
 
-__all__ = [
-    "TaskConcurrencyType",
-    "BaseTaskRunner",
-    "SequentialTaskRunner",
-    "ConcurrentTaskRunner",
-    "ParallelTaskRunner",
-    "DaskTaskRunner",
-    "RayTaskRunner",
-    "ray_options",
-    "PrefectFuture",
-    "TaskRun",
-    "flow",
-    "task",
-    "unmapped",
-    "wait",
-    "as_completed",
-]
+__all__ = ["ray_options", "PrefectFuture", "TaskRun", "flow", "task", "unmapped", "wait", "as_completed"]
+__all__ += task_runners.__all__

@@ -55,12 +55,13 @@ from typing import (
 )
 
 import anyio
-import sniffio
 import tenacity
 
 from taskrunners._collections import iter_leaves, visit_collection
+from taskrunners._core import seam
 from taskrunners._core.base import BlockingTaskRunner
-from taskrunners._core.calls import block_until_done, wait_until_done
+from taskrunners._core.calls import block_until_done
+from taskrunners._waiting import in_event_loop, wait_until_done
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Completed, Failed, Pending, State
 from taskrunners.task_runners import BaseTaskRunner, ConcurrentTaskRunner, _FacadeRunner
@@ -102,9 +103,8 @@ class _FlowRun:
             return runner.submit(task_run, run_fn, run_kwargs)
         # A plain run_fn goes to the facade's blocking core whatever the facade does,
         # so it can be submitted from this synchronous call.
-        future = PrefectFuture(task_run, runner, asynchronous=True)
-        future._call = runner._core._submit_call(task_run, run_fn, run_kwargs)
-        return future
+        call = seam.submit_call(seam.core_of(runner), task_run, run_fn, run_kwargs)
+        return seam.bind(PrefectFuture(task_run, runner, asynchronous=True), call)
 
     async def submit_async(self, task: "Task", args: tuple, kwargs: dict) -> PrefectFuture:
         task_run = self.task_run(task)
@@ -621,10 +621,6 @@ def task(
 # -- flows ------------------------------------------------------------------------------------
 
 
-def _core_of(runner: Any) -> BlockingTaskRunner:
-    return runner if isinstance(runner, BlockingTaskRunner) else runner._core
-
-
 def _checked_runner(runner: Any, flow_name: str) -> RunnerSpec:
     if isinstance(runner, type):
         if issubclass(runner, (_FacadeRunner, BlockingTaskRunner)):
@@ -649,7 +645,9 @@ def _runner_for_call(configured: RunnerSpec) -> Iterator[Any]:
         return
     key = id(configured)
     with _claims_lock:
-        free = key not in _claimed and not (configured._started or _core_of(configured)._started)
+        free = key not in _claimed and not (
+            configured.is_started or seam.core_of(configured).is_started
+        )
         if free:
             _claimed.add(key)
     if not free:
@@ -665,7 +663,7 @@ def _runner_for_call(configured: RunnerSpec) -> Iterator[Any]:
 
 def _fresh_copy(runner: Any) -> Any:
     """A new, unstarted runner of the same class with the same settings."""
-    core = _core_of(runner)
+    core = seam.core_of(runner)
     try:
         settings = {
             parameter.name: getattr(core, parameter.name)
@@ -681,28 +679,11 @@ def _fresh_copy(runner: Any) -> Any:
         ) from exc
 
 
-def _in_event_loop() -> bool:
-    try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
-    return True
-
-
-def _call_of(future: Any) -> Any:
-    if not isinstance(future, PrefectFuture):
-        raise TypeError(
-            f"Expected a PrefectFuture (what submitting a task returns), got "
-            f"{type(future).__name__}: {future!r}."
-        )
-    call = future._call
-    if call is None:
-        call = _core_of(future.task_runner)._call_of(future)
-    return call
+_call_of = seam.call_of
 
 
 def _done_state(future: PrefectFuture) -> State:
-    return _core_of(future.task_runner)._state_of_done(_call_of(future))
+    return seam.state_of(seam.call_of(future))
 
 
 def _is_future(value: Any) -> bool:
@@ -777,7 +758,7 @@ class Flow:
         failure: Optional[State] = None
         value: Any = None
         with _runner_for_call(self._task_runner) as runner:
-            core = _core_of(runner)
+            core = seam.core_of(runner)
             token = _current_flow_run.set(_FlowRun(self, core, asynchronous=False))
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, core)
@@ -847,7 +828,7 @@ class Flow:
             return args, kwargs, None
         calls = [_call_of(future) for future in upstream.values()]
         unfinished = [f for f, call in zip(upstream.values(), calls) if not call.done()]
-        if unfinished and _in_event_loop() and any(f.asynchronous for f in unfinished):
+        if unfinished and in_event_loop() and any(f.asynchronous for f in unfinished):
             # Their calls may need this very event loop to finish.
             raise RuntimeError(
                 f"Flow {self.name!r} is synchronous and was given unfinished asynchronous "
@@ -985,7 +966,7 @@ def wait(
     if completions.futures:
         asynchronous = any(future.asynchronous for future in completions.futures)
     else:
-        asynchronous = _in_event_loop()
+        asynchronous = in_event_loop()
     if asynchronous:
         return _wait_async(completions, deadline)
     while completions.unreported:
@@ -1016,7 +997,7 @@ class _AsCompleted:
         self._deadline = _deadline(timeout)
 
     def __iter__(self) -> Iterator[PrefectFuture]:
-        if _in_event_loop() and any(f.asynchronous for f in self._completions.futures):
+        if in_event_loop() and any(f.asynchronous for f in self._completions.futures):
             # Blocking here could starve the calls that run on this very loop.
             raise RuntimeError(
                 "as_completed() was iterated with `for` inside an event loop over "

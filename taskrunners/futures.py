@@ -7,14 +7,26 @@ import os
 import random
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Awaitable, Optional, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Generic, Optional, TypeVar, Union, overload
 
 from taskrunners.states import State
 
 if TYPE_CHECKING:
-    import concurrent.futures
+    from taskrunners._core.calls import CallHandle
 
-__all__ = ["TaskRun", "PrefectFuture"]
+__all__ = ["TaskRun", "PrefectFuture", "Sync", "Async"]
+
+
+class Sync:
+    """In type hints, marks a blocking future: ``PrefectFuture[Sync]`` (the twins')."""
+
+
+class Async:
+    """In type hints, marks an awaited future: ``PrefectFuture[Async]`` (the facade's)."""
+
+
+#: Whether a future blocks (:class:`Sync`) or is awaited (:class:`Async`).
+M = TypeVar("M", Sync, Async)
 
 _run_numbers = itertools.count(1)
 
@@ -65,11 +77,13 @@ class TaskRun:
         return f"TaskRun(name={self.name!r}, id={self.id!r})"
 
 
-class PrefectFuture:
+class PrefectFuture(Generic[M]):
     """The handle to one submitted call.
 
     With ``asynchronous=True`` (the facade's default), :meth:`wait` and
     :meth:`result` return awaitables; with ``False`` (the blocking twins), they block.
+    Type checkers tell the two apart as ``PrefectFuture[Async]`` and
+    ``PrefectFuture[Sync]``.
 
     :param task_run: the :class:`TaskRun` this future stands for
     :param task_runner: the runner the call was submitted to
@@ -82,37 +96,62 @@ class PrefectFuture:
         self.task_run = task_run
         self.task_runner = task_runner
         self.asynchronous = asynchronous
-        # The runner's handle on the call (a concurrent.futures.Future of its State),
-        # set by the runner that made this future. Holding it here, and only weakly
-        # in the runner, lets a finished call's State go with its last future.
-        self._call: Optional[concurrent.futures.Future] = None
+        # The runner's handle on the call, set by the runner that made this future.
+        # Holding it here, and not in the runner once it is done, lets a finished
+        # call's State go with its last future.
+        self._call: Optional[CallHandle] = None
 
     @property
     def run_id(self) -> uuid.UUID:
         return self.task_run.id
 
-    def wait(self, timeout: Optional[float] = None) -> Union[Optional[State], Awaitable[Optional[State]]]:
+    @overload
+    def wait(self: "PrefectFuture[Sync]", timeout: Optional[float] = None) -> Optional[State]: ...
+
+    @overload
+    def wait(
+        self: "PrefectFuture[Async]", timeout: Optional[float] = None
+    ) -> Awaitable[Optional[State]]: ...
+
+    def wait(
+        self, timeout: Optional[float] = None
+    ) -> Union[Optional[State], Awaitable[Optional[State]]]:
         """The final State of the call, or None when ``timeout`` seconds pass first.
 
         A later call may still succeed. Awaitable when the future is asynchronous.
         """
         if self.asynchronous:
             return self.task_runner.wait(self, timeout)
-        return self.task_runner._wait_blocking(self, timeout)
+        from taskrunners._core.seam import wait_blocking
 
+        return wait_blocking(self, timeout)
+
+    @overload
     def result(
-        self, timeout: Optional[float] = None, raise_on_failure: bool = True
-    ) -> Any:
+        self: "PrefectFuture[Sync]", timeout: Optional[float] = None, raise_on_failure: bool = True
+    ) -> Any: ...
+
+    @overload
+    def result(
+        self: "PrefectFuture[Async]", timeout: Optional[float] = None, raise_on_failure: bool = True
+    ) -> Awaitable[Any]: ...
+
+    def result(self, timeout: Optional[float] = None, raise_on_failure: bool = True) -> Any:
         """The data of the call's final State (see :meth:`State.result`).
+
+        Awaitable when the future is asynchronous.
 
         :raises TimeoutError: when ``timeout`` seconds pass first
         """
         if self.asynchronous:
             return self._result_async(timeout, raise_on_failure)
-        return _state_data(self, self.wait(timeout), timeout, raise_on_failure)
+        from taskrunners._core.seam import wait_blocking
+
+        return _state_data(self, wait_blocking(self, timeout), timeout, raise_on_failure)
 
     async def _result_async(self, timeout: Optional[float], raise_on_failure: bool) -> Any:
-        return _state_data(self, await self.wait(timeout), timeout, raise_on_failure)
+        state = await self.task_runner.wait(self, timeout)
+        return _state_data(self, state, timeout, raise_on_failure)
 
     def __hash__(self) -> int:
         return hash(self.task_run.id)
@@ -143,7 +182,7 @@ class PrefectFuture:
 
 
 def _state_data(
-    future: PrefectFuture, state: Optional[State], timeout: Optional[float], raise_on_failure: bool
+    future: "PrefectFuture[Any]", state: Optional[State], timeout: Optional[float], raise_on_failure: bool
 ) -> Any:
     if state is None:
         raise TimeoutError(

@@ -22,21 +22,39 @@ from __future__ import annotations
 import abc
 import functools
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncContextManager, AsyncIterator, Callable, Dict, List, Optional, TypeVar
+from typing import (
+    Any,
+    AsyncContextManager,
+    AsyncIterator,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 import anyio
+from typing_extensions import Literal
 
+from taskrunners import sync
+from taskrunners._core import seam
 from taskrunners._core.base import (
     BlockingTaskRunner,
     RunnerIdentity,
     TaskConcurrencyType,
     check_submission,
 )
-from taskrunners._core.calls import Call, checked_state, is_coroutine_function, wait_until_done
+from taskrunners._core.calls import Call, CallHandle
 from taskrunners._core.interrupts import interrupted_since, sigint_watch
-from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners._core.running import checked_state, is_coroutine_function
+from taskrunners._waiting import wait_until_done
+from taskrunners.futures import Async, PrefectFuture, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
-from taskrunners import sync
 
 __all__ = [
     "TaskConcurrencyType",
@@ -49,6 +67,8 @@ __all__ = [
 ]
 
 T = TypeVar("T", bound="BaseTaskRunner")
+C = TypeVar("C", bound=BlockingTaskRunner)
+F = TypeVar("F", bound="_FacadeRunner[Any]")
 
 
 class _StartBlock:
@@ -109,13 +129,15 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
         self,
         task_run: TaskRun,
         run_fn: Callable[..., Any],
-        run_kwargs: Dict[str, Any],
+        run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
-    ) -> PrefectFuture:
+    ) -> PrefectFuture[Any]:
         """Submit ``run_fn(**run_kwargs)`` and return a future for its State."""
 
     @abc.abstractmethod
-    async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+    async def wait(
+        self, prefect_future: PrefectFuture[Any], timeout: Optional[float] = None
+    ) -> Optional[State]:
         """The future's final State, or None if ``timeout`` seconds pass first."""
 
     @_start_block
@@ -141,33 +163,25 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
         """Create what calls need; push its cleanup onto ``exit_stack``."""
 
 
-class _FacadeRunner(BaseTaskRunner):
+class _FacadeRunner(BaseTaskRunner, Generic[C]):
     """A facade over one blocking twin (``_core``), which does the scheduling."""
 
-    _core_class: type = BlockingTaskRunner
     # Whether coroutine calls run on the caller's event loop (in-process runners).
     _coroutines_on_caller_loop = False
     # Whether calls run in the caller's thread, where a Ctrl-C lands (in-process runners).
     _watches_sigint = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._core: BlockingTaskRunner = self._core_class(*args, **kwargs)
+    def __init__(self, core: C) -> None:
+        self._core: C = core
         self._task_group: Optional[anyio.abc.TaskGroup] = None
         super().__init__()
-
-    def __getattr__(self, name: str) -> Any:
-        # Runner settings (max_workers, address, cluster_kwargs, ...) live on the core.
-        core = self.__dict__.get("_core")
-        if core is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(core, name)
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
         return self._core.concurrency_type
 
     @_start_block
-    async def start(self: T) -> AsyncIterator[T]:
+    async def start(self: F) -> AsyncIterator[F]:
         """Start the runner for the duration of the block.
 
         Leaving the block normally waits for every submitted call. Leaving it with an
@@ -182,7 +196,7 @@ class _FacadeRunner(BaseTaskRunner):
         if self._started:
             raise RuntimeError("The task runner is already started!")
         core = self._core
-        await anyio.to_thread.run_sync(core._begin)
+        await anyio.to_thread.run_sync(seam.open_block, core)
         self._started = True
         watching = self._watches_sigint and sigint_watch.install()
         failure: Optional[BaseException] = None
@@ -211,38 +225,68 @@ class _FacadeRunner(BaseTaskRunner):
             self._started = False
             # Shielded: an outer cancellation must not leave workers running.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(core._end, failure)
+                await anyio.to_thread.run_sync(seam.close_block, core, failure)
         if failure is not None:
             raise failure
 
     async def _drain(self) -> None:
-        pending = self._core._pending
+        pending = seam.pending_calls(self._core)
         while pending:
             await wait_until_done(next(iter(pending)), None)
+
+    @overload
+    async def submit(
+        self,
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Mapping[str, Any],
+        asynchronous: Literal[True] = True,
+    ) -> PrefectFuture[Async]: ...
+
+    @overload
+    async def submit(
+        self,
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Mapping[str, Any],
+        asynchronous: Literal[False],
+    ) -> PrefectFuture[Sync]: ...
+
+    @overload
+    async def submit(
+        self,
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Mapping[str, Any],
+        asynchronous: bool = True,
+    ) -> PrefectFuture[Any]: ...
 
     async def submit(
         self,
         task_run: TaskRun,
         run_fn: Callable[..., Any],
-        run_kwargs: Dict[str, Any],
+        run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
-    ) -> PrefectFuture:
+    ) -> PrefectFuture[Any]:
         """Submit ``run_fn(**run_kwargs)`` and return a future for its State.
 
+        Futures anywhere in ``run_kwargs`` reach ``run_fn`` as their final States.
+
+        :param asynchronous: whether the future's ``wait()`` and ``result()`` are
+            awaited (the default) or block
         :raises RuntimeError: if the runner is not started, or was unpickled
         :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
         """
         check_submission(run_fn, run_kwargs)
         core = self._core
+        call: CallHandle
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
-            core._ensure_usable("submit work")
+            seam.ensure_usable(core, "submit work")
             # The task group sees these calls to their end: no tracking needed.
-            call = await self._start_coroutine_call(run_fn, run_kwargs)
+            call = await self._start_coroutine_call(run_fn, dict(run_kwargs))
         else:
-            call = core._submit_call(task_run, run_fn, run_kwargs)
-        future = PrefectFuture(task_run, self, asynchronous=asynchronous)
-        future._call = call
-        return future
+            call = seam.submit_call(core, task_run, run_fn, dict(run_kwargs))
+        return seam.bind(PrefectFuture(task_run, self, asynchronous=asynchronous), call)
 
     async def _start_coroutine_call(
         self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
@@ -252,12 +296,16 @@ class _FacadeRunner(BaseTaskRunner):
                 f"The {self.name} task runner cannot be used to submit work after serialization."
             )
         call = Call()
-        upstream = self._core._upstream_calls(run_kwargs)
+        upstream = seam.upstream_calls(self._core, run_kwargs)
         self._task_group.start_soon(self._run_coroutine_call, call, upstream, run_fn, run_kwargs)
         return call
 
     async def _run_coroutine_call(
-        self, call: Call, upstream: List[Any], run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+        self,
+        call: Call,
+        upstream: List[CallHandle],
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
     ) -> None:
         if upstream:
             try:
@@ -266,24 +314,22 @@ class _FacadeRunner(BaseTaskRunner):
             except BaseException as exc:  # cancelled while waiting: it never ran
                 call.set_result(exception_to_crashed_state(exc))
                 raise
-            run_kwargs = self._core.resolve_futures(run_kwargs)
+            run_kwargs = seam.resolve_futures(self._core, run_kwargs)
         await _await_call(call, run_fn, run_kwargs)
 
-    async def wait(self, prefect_future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+    async def wait(
+        self, prefect_future: PrefectFuture[Any], timeout: Optional[float] = None
+    ) -> Optional[State]:
         """The future's final State, or None if ``timeout`` seconds pass first.
 
         Whatever the call did comes back as a State; waiting holds no thread.
 
         :raises RuntimeError: if the runner was unpickled and cannot reach its calls
         """
-        core = self._core
-        call = core._call_of(prefect_future)
+        call = seam.call_of(prefect_future, self._core)
         if not await wait_until_done(call, timeout):
             return None
-        return core._state_of_done(call)
-
-    def _wait_blocking(self, future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
-        return self._core._wait_blocking(future, timeout)
+        return seam.state_of(call)
 
     def __getstate__(self) -> Dict[str, Any]:
         data = self.__dict__.copy()
@@ -320,50 +366,162 @@ def _unwrapped_interrupt(exc: BaseException) -> BaseException:
     return exc
 
 
-class SequentialTaskRunner(_FacadeRunner):
-    """Runs each call to completion inside ``submit``.
+def _facade_doc(twin: type) -> str:
+    """The facade class's docstring: its twin's, up to the example, which is the twin's."""
+    text = (twin.__doc__ or "").split("\n    >>>")[0].rstrip()
+    return (
+        f"{text}\n\n    The async facade: ``async with runner.start()``, ``await "
+        f"runner.submit(...)``, ``await runner.wait(...)``, on asyncio or trio. The blocking "
+        f"twin, for code with no event loop, is :class:`taskrunners.sync.{twin.__name__}`.\n    "
+    )
 
-    Sync calls always run one after another; async calls do too, unless the caller
-    starts the submissions concurrently (an anyio task group, ``asyncio.gather``).
+
+class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
+    __doc__ = _facade_doc(sync.SequentialTaskRunner) + """
+    Plain calls run inside ``submit``, one after another; coroutine calls run on the
+    caller's event loop, one after another too, unless the caller starts the
+    submissions concurrently (an anyio task group, ``asyncio.gather``).
     """
 
-    _core_class = sync.SequentialTaskRunner
     _coroutines_on_caller_loop = True
     _watches_sigint = True
 
+    def __init__(self) -> None:
+        super().__init__(sync.SequentialTaskRunner())
+
     async def _start_coroutine_call(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
-        for upstream_call in self._core._upstream_calls(run_kwargs):
+        for upstream_call in seam.upstream_calls(self._core, run_kwargs):
             await wait_until_done(upstream_call, None)
         call = Call()
-        await _await_call(call, run_fn, self._core.resolve_futures(run_kwargs))
+        await _await_call(call, run_fn, seam.resolve_futures(self._core, run_kwargs))
         return call
 
 
-class ConcurrentTaskRunner(_FacadeRunner):
-    """Runs coroutine calls concurrently on the caller's event loop, plain calls on threads.
-
-    :param max_workers: the most threads running plain calls at once; None for no
-        fixed bound (a new thread whenever all are busy)
+class ConcurrentTaskRunner(_FacadeRunner[sync.ConcurrentTaskRunner]):
+    __doc__ = _facade_doc(sync.ConcurrentTaskRunner) + """
+    Coroutine calls run concurrently on the caller's event loop; plain calls on threads.
     """
 
-    _core_class = sync.ConcurrentTaskRunner
     _coroutines_on_caller_loop = True
     _watches_sigint = True
 
+    def __init__(self, max_workers: Optional[int] = None) -> None:
+        super().__init__(sync.ConcurrentTaskRunner(max_workers))
 
-class ParallelTaskRunner(_FacadeRunner):
-    """Runs calls in loky worker processes; see :class:`taskrunners.sync.ParallelTaskRunner`."""
-
-    _core_class = sync.ParallelTaskRunner
-
-
-class DaskTaskRunner(_FacadeRunner):
-    """Runs calls on a Dask cluster; see :class:`taskrunners.sync.DaskTaskRunner`."""
-
-    _core_class = sync.DaskTaskRunner
+    @property
+    def max_workers(self) -> Optional[int]:
+        """The most threads running plain calls at once; None for no fixed bound."""
+        return self._core.max_workers
 
 
-class RayTaskRunner(_FacadeRunner):
-    """Runs calls on a Ray cluster; see :class:`taskrunners.sync.RayTaskRunner`."""
+class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
+    __doc__ = _facade_doc(sync.ParallelTaskRunner)
 
-    _core_class = sync.RayTaskRunner
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        *,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+        env: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        super().__init__(
+            sync.ParallelTaskRunner(max_workers, initializer=initializer, initargs=initargs, env=env)
+        )
+
+    @property
+    def max_workers(self) -> Optional[int]:
+        """The number of worker processes; None for the number of CPUs."""
+        return self._core.max_workers
+
+    @property
+    def initializer(self) -> Optional[Callable[..., Any]]:
+        """Called as ``initializer(*initargs)`` in each worker process when it starts."""
+        return self._core.initializer
+
+    @property
+    def initargs(self) -> Tuple[Any, ...]:
+        """The arguments of :attr:`initializer`."""
+        return self._core.initargs
+
+    @property
+    def env(self) -> Optional[Dict[str, str]]:
+        """Environment variables set in the worker processes."""
+        return self._core.env
+
+
+class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
+    __doc__ = _facade_doc(sync.DaskTaskRunner)
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        cluster_class: Union[str, Callable[..., Any], None] = None,
+        cluster_kwargs: Optional[Dict[str, Any]] = None,
+        adapt_kwargs: Optional[Dict[str, Any]] = None,
+        client_kwargs: Optional[Dict[str, Any]] = None,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            sync.DaskTaskRunner(
+                address, cluster_class, cluster_kwargs, adapt_kwargs, client_kwargs, connect_timeout
+            )
+        )
+
+    @property
+    def address(self) -> Optional[str]:
+        """The address of the running scheduler to connect to; None for a temporary cluster."""
+        return self._core.address
+
+    @property
+    def cluster_class(self) -> Optional[Callable[..., Any]]:
+        """The class of the temporary cluster; None until started, for LocalCluster."""
+        return self._core.cluster_class
+
+    @property
+    def cluster_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for :attr:`cluster_class`, as given."""
+        return self._core.cluster_kwargs
+
+    @property
+    def adapt_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for ``cluster.adapt()``; adaptive scaling only when given."""
+        return self._core.adapt_kwargs
+
+    @property
+    def client_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for ``distributed.Client``."""
+        return self._core.client_kwargs
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds to keep trying to reach :attr:`address`."""
+        return self._core.connect_timeout
+
+
+class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
+    __doc__ = _facade_doc(sync.RayTaskRunner)
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        init_kwargs: Optional[Dict[str, Any]] = None,
+        *,
+        remote_options: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(sync.RayTaskRunner(address, init_kwargs, remote_options=remote_options))
+
+    @property
+    def address(self) -> Optional[str]:
+        """The cluster to join; None for ``RAY_ADDRESS`` or a local instance."""
+        return self._core.address
+
+    @property
+    def init_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for ``ray.init`` (``namespace`` defaults to "prefect")."""
+        return self._core.init_kwargs
+
+    @property
+    def remote_options(self) -> Dict[str, Any]:
+        """Ray remote options for every call (``max_retries`` defaults to 0)."""
+        return self._core.remote_options

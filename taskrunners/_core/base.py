@@ -8,14 +8,29 @@ import enum
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, TypeVar
 
 from taskrunners._collections import iter_leaves, visit_collection
-from taskrunners._core.calls import TIMEOUT_ERRORS, Call, block_until_done, when_all_done
+from taskrunners._core.calls import (
+    TIMEOUT_ERRORS,
+    Call,
+    CallHandle,
+    block_until_done,
+    when_all_done,
+)
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
-__all__ = ["TaskConcurrencyType", "RunnerIdentity", "BlockingTaskRunner", "check_submission"]
+__all__ = [
+    "TaskConcurrencyType",
+    "RunnerIdentity",
+    "BlockingTaskRunner",
+    "FLAT_TYPES",
+    "is_future",
+    "check_submission",
+    "check_max_workers",
+    "state_of_done",
+]
 
 T = TypeVar("T", bound="BlockingTaskRunner")
 
@@ -28,12 +43,20 @@ class TaskConcurrencyType(enum.Enum):
     PARALLEL = "PARALLEL"
 
 
-# Argument types that can hold no future: the common case skips the collection walk.
-_FLAT_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+#: Argument types that can hold no future: the common case skips the collection walk.
+FLAT_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 
-def _is_future(value: Any) -> bool:
+def is_future(value: Any) -> bool:
     return isinstance(value, PrefectFuture)
+
+
+def check_max_workers(max_workers: Any) -> None:
+    """:raises ValueError: unless ``max_workers`` is a positive integer or None"""
+    if max_workers is not None and (
+        not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
+    ):
+        raise ValueError(f"`max_workers` must be a positive integer or None, got {max_workers!r}.")
 
 
 def check_submission(run_fn: Any, run_kwargs: Any) -> None:
@@ -75,8 +98,18 @@ class _AfterUpstream(Call):
         return started.cancel()  # its State reaches this call through a callback
 
 
+def state_of_done(call: CallHandle) -> State:
+    """The State of a call that is done."""
+    try:
+        return call.result(0)
+    except BaseException as exc:  # a handle that raises instead (a cancelled Future)
+        return exception_to_crashed_state(exc)
+
+
 class RunnerIdentity:
     """The name, ``str()`` and logger every runner has, blocking twin or async facade."""
+
+    _started: bool
 
     @property
     def name(self) -> str:
@@ -85,6 +118,11 @@ class RunnerIdentity:
 
     def __str__(self) -> str:
         return type(self).__name__
+
+    @property
+    def is_started(self) -> bool:
+        """Whether the runner is inside its ``start()`` block."""
+        return self._started
 
     def _make_logger(self) -> logging.Logger:
         return logging.getLogger(f"task_runner.{self.name}")
@@ -114,7 +152,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         self._lifecycle_lock = threading.Lock()
         # Calls not finished yet: leaving the start() block waits for these. Finished
         # calls are held by their PrefectFutures only, so a State goes with its futures.
-        self._pending: set = set()
+        self._pending: Set[CallHandle] = set()
 
     @property
     @abc.abstractmethod
@@ -233,9 +271,9 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         call.add_done_callback(pending.discard)
 
     def _upstream_calls(self, run_kwargs: Dict[str, Any]) -> List[Any]:
-        if not run_kwargs or all(type(value) in _FLAT_TYPES for value in run_kwargs.values()):
+        if not run_kwargs or all(type(value) in FLAT_TYPES for value in run_kwargs.values()):
             return []
-        return [self._call_of(future) for future in iter_leaves(run_kwargs, _is_future)]
+        return [self._call_of(future) for future in iter_leaves(run_kwargs, is_future)]
 
     def _dispatch_after(
         self,
@@ -251,23 +289,23 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
             if call.done():  # cancelled while waiting
                 return
             try:
-                started = self._dispatch(task_run, run_fn, self.resolve_futures(run_kwargs))
+                started = self._dispatch(task_run, run_fn, self._resolve_futures(run_kwargs))
             except BaseException as exc:
                 call.set_result(exception_to_crashed_state(exc))
                 return
             call.started = started
             if call.done():  # cancelled meanwhile: so is the call it became, if it can be
                 started.cancel()
-            started.add_done_callback(lambda done: call.set_result(self._state_of_done(done)))
+            started.add_done_callback(lambda done: call.set_result(state_of_done(done)))
 
         when_all_done(upstream, start)
         return call
 
-    def resolve_futures(self, expr: Any) -> Any:
+    def _resolve_futures(self, expr: Any) -> Any:
         """Replace every future inside ``expr`` with its final State (all are done)."""
         return visit_collection(
             expr,
-            lambda value: self._state_of_done(self._call_of(value)) if _is_future(value) else value,
+            lambda value: state_of_done(self._call_of(value)) if is_future(value) else value,
         )
 
     # -- waiting -------------------------------------------------------------------
@@ -294,17 +332,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
             except concurrent.futures.CancelledError:
                 if not call.cancelled():
                     raise
-        return self._state_of_done(call)
-
-    def _state_of_done(self, call: Any) -> State:
-        try:
-            return call.result(0)
-        except BaseException as exc:
-            return self._failure_state(call, exc)
-
-    def _failure_state(self, call: Any, exc: BaseException) -> State:
-        """The State of a call whose handle raised ``exc`` instead of giving a State."""
-        return exception_to_crashed_state(exc)
+        return state_of_done(call)
 
     def _call_of(self, future: PrefectFuture, action: str = "wait for work") -> Any:
         self._ensure_attached(action)

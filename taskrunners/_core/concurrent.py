@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Callable, Dict, Optional
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.calls import is_coroutine_function, run_to_state
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, check_max_workers
+from taskrunners._core.running import is_coroutine_function, run_to_state
 from taskrunners._core.loop_thread import LoopThread
 from taskrunners._core.thread_pool import ThreadPool
 from taskrunners.futures import TaskRun
@@ -39,12 +39,7 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
     _handles = ("_pool", "_loop_thread")
 
     def __init__(self, max_workers: Optional[int] = None) -> None:
-        if max_workers is not None and (
-            not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
-        ):
-            raise ValueError(
-                f"`max_workers` must be a positive integer or None, got {max_workers!r}."
-            )
+        check_max_workers(max_workers)
         self.max_workers = max_workers
         self._pool: Optional[ThreadPool] = None
         self._loop_thread: Optional[LoopThread] = None

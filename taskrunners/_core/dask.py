@@ -52,14 +52,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import cloudpickle
 
 from taskrunners._collections import iter_leaves, visit_collection
-from taskrunners._core.base import _FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.calls import (
-    TIMEOUT_ERRORS,
-    checked_state,
-    is_coroutine_function,
-    settle,
-    when_all_done,
-)
+from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType, state_of_done
+from taskrunners._core.calls import TIMEOUT_ERRORS, when_all_done
+from taskrunners._core.running import checked_state, is_coroutine_function
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -856,7 +851,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         client_kwargs.setdefault("set_as_default", False)
 
         self.address = address
-        self.cluster_class = cluster_class
+        self.cluster_class: Optional[Callable[..., Any]] = cluster_class
         self.cluster_kwargs = cluster_kwargs
         self.adapt_kwargs = adapt_kwargs
         self.client_kwargs = client_kwargs
@@ -1140,7 +1135,7 @@ class DaskTaskRunner(BlockingTaskRunner):
             raise RuntimeError("The task runner must be started before submitting work.")
         call = _DaskCall(self, client)
         waiting = []
-        if run_kwargs and not all(type(value) in _FLAT_TYPES for value in run_kwargs.values()):
+        if run_kwargs and not all(type(value) in FLAT_TYPES for value in run_kwargs.values()):
             for future in iter_leaves(run_kwargs, _is_future):
                 upstream_call = self._call_of(future)
                 if not upstream_call.done() and not self._can_hand_off(upstream_call, client):
@@ -1229,7 +1224,7 @@ class DaskTaskRunner(BlockingTaskRunner):
                         upstream_futures.append(upstream_call.dask_future)
                         handed_off.append((upstream_call, upstream_call.dask_future))
                     return _Upstream(index)
-                return self._state_of_done(upstream_call)
+                return state_of_done(upstream_call)
 
             kwargs = visit_collection(run_kwargs, replace)
         try:
@@ -1462,3 +1457,11 @@ class DaskTaskRunner(BlockingTaskRunner):
 
 def _is_future(value: Any) -> bool:
     return isinstance(value, PrefectFuture)
+
+
+def settle(call: concurrent.futures.Future, state: State) -> None:
+    """Set a call's State unless it was cancelled meanwhile."""
+    try:
+        call.set_result(state)
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Any, Callable, Dict, Optional
 
-from taskrunners._core.calls import run_to_state
+from taskrunners._core.running import run_to_state
 from taskrunners.states import State
 
 __all__ = ["SigintWatch", "sigint_watch"]

@@ -63,7 +63,8 @@ from loky.process_executor import (
 )
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.calls import Call, run_anywhere, settle
+from taskrunners._core.calls import Call
+from taskrunners._core.remote import run_in_worker
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -211,7 +212,7 @@ def _run_in_worker(
             )
         else:
             del payload
-            state = run_anywhere(run_fn, run_kwargs)
+            state = run_in_worker(run_fn, run_kwargs)[0]
             del run_fn, run_kwargs
     finally:
         root.removeHandler(collector)
@@ -337,7 +338,7 @@ class _Call(Call):
 
 def _finish(call: _Call, state: State) -> None:
     call.payload = None
-    settle(call, state)
+    call.set_result(state)
 
 
 class _Generation:

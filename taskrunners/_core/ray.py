@@ -56,14 +56,9 @@ import weakref
 from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from taskrunners._collections import visit_collection
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.calls import (
-    Call,
-    arun_to_state,
-    is_coroutine_function,
-    run_to_state,
-    when_all_done,
-)
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, state_of_done
+from taskrunners._core.calls import Call, when_all_done
+from taskrunners._core.running import arun_to_state, is_coroutine_function, run_to_state
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -696,7 +691,7 @@ class RayTaskRunner(BlockingTaskRunner):
                 return value
             up = self._call_of(value)
             if type(up) is not _RayCall or up.runner is not self or up.ref is None or up.failed:
-                return self._state_of_done(up)
+                return state_of_done(up)
             slot = slots.get(up.ref)
             if slot is None:
                 slot = slots[up.ref] = _UpstreamSlot(len(refs))

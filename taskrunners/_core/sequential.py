@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.calls import block_until_done, done_call, is_coroutine_function, run_to_state
+from taskrunners._core.calls import Call, block_until_done, done_call
+from taskrunners._core.running import is_coroutine_function, run_to_state
 from taskrunners._core.interrupts import sigint_watch
 from taskrunners._core.loop_thread import LoopThread
 from taskrunners.futures import TaskRun
@@ -67,7 +67,7 @@ class SequentialTaskRunner(BlockingTaskRunner):
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> concurrent.futures.Future:
+    ) -> Call:
         if self._call_lock is None:  # unpickled while started: handles were dropped
             self._call_lock = threading.RLock()
         with self._call_lock:
@@ -83,10 +83,10 @@ class SequentialTaskRunner(BlockingTaskRunner):
         task_run: TaskRun,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
-    ) -> concurrent.futures.Future:
+    ) -> Call:
         # Sequential means the call runs inside submit: wait for upstream calls here.
         block_until_done(upstream)
-        return self._dispatch(task_run, run_fn, self.resolve_futures(run_kwargs))
+        return self._dispatch(task_run, run_fn, self._resolve_futures(run_kwargs))
 
     def _coroutine_loop(self) -> LoopThread:
         if self._loop_thread is None:

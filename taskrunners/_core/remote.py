@@ -1,0 +1,239 @@
+"""What the runners that send calls to other processes share: Parallel, Dask and Ray.
+
+How a call travels::
+
+    parent: (run_fn, run_kwargs) ── with_upstream() ──▶ futures become Upstream(n)
+            placeholders for what the engine hands over (a Dask future, a Ray
+            ObjectRef), or the upstream call's State itself ("by value")
+    worker: substitute() puts the upstream States in place; run_in_worker() runs the
+            call to a State (a coroutine run_fn on an event loop of its own, which a
+            backend may watch: Dask's cancel registry, Ray's interrupt tick);
+            encode_outcome() pickles the State and the call's log records
+    parent: decode_outcome() ──▶ the call's State; its records go to the loggers here
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import pickle
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+
+import cloudpickle
+
+from taskrunners._collections import visit_collection
+from taskrunners._core.calls import CallHandle
+from taskrunners._core.running import checked_state, is_coroutine_function
+from taskrunners.states import Crashed, State, exception_to_crashed_state
+
+__all__ = [
+    "Upstream",
+    "with_upstream",
+    "substitute",
+    "CoroutineWatch",
+    "run_in_worker",
+    "load_call",
+    "portable_error",
+    "encode_outcome",
+    "decode_outcome",
+    "import_engine",
+]
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+#: What a backend may do around a coroutine call running in a worker.
+CoroutineWatch = Callable[["asyncio.AbstractEventLoop", "asyncio.Task[State]"], AbstractContextManager]
+
+
+class Upstream:
+    """Stands in a call's arguments for the result of an upstream call, found by ``key``."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (Upstream, (self.key,))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Upstream and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash((Upstream, self.key))
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.key!r})"
+
+
+def with_upstream(
+    run_kwargs: Dict[str, Any],
+    call_of: Callable[[Any], CallHandle],
+    state_of: Callable[[CallHandle], State],
+    hand_off: Callable[[CallHandle], Any],
+) -> Tuple[Dict[str, Any], List[Any]]:
+    """``run_kwargs`` with each future in it replaced, and what the engine must deliver.
+
+    A future whose call ``hand_off`` gives an engine reference for (not None) becomes
+    ``Upstream(n)``, ``n`` its reference's place in the returned list (equal references
+    share one); any other becomes its call's State, by value.
+    """
+    from taskrunners.futures import PrefectFuture
+
+    places: Dict[Any, Upstream] = {}
+    references: List[Any] = []
+
+    def replace(value: Any) -> Any:
+        if not isinstance(value, PrefectFuture):
+            return value
+        call = call_of(value)
+        reference = hand_off(call)
+        if reference is None:
+            return state_of(call)
+        placeholder = places.get(reference)
+        if placeholder is None:
+            placeholder = places[reference] = Upstream(len(references))
+            references.append(reference)
+        return placeholder
+
+    return visit_collection(run_kwargs, replace), references
+
+
+def substitute(expr: Any, lookup: Callable[[Hashable], Any]) -> Any:
+    """``expr`` with each :class:`Upstream` placeholder replaced by ``lookup(key)``."""
+    return visit_collection(
+        expr, lambda value: lookup(value.key) if type(value) is Upstream else value
+    )
+
+
+def run_in_worker(
+    run_fn: Callable[..., Any],
+    run_kwargs: Dict[str, Any],
+    watch: Optional[CoroutineWatch] = None,
+) -> Tuple[State, Optional[BaseException]]:
+    """Run a call to its State in a thread with no event loop; also what it raised.
+
+    A coroutine ``run_fn`` runs on an event loop of its own, inside ``watch(loop,
+    task)`` if given.
+    """
+    if not is_coroutine_function(run_fn):
+        try:
+            return checked_state(run_fn, run_fn(**run_kwargs)), None
+        except BaseException as exc:
+            return exception_to_crashed_state(exc), exc
+    raised: List[BaseException] = []
+
+    async def run() -> State:
+        try:
+            value = await run_fn(**run_kwargs)
+        except BaseException as exc:
+            raised.append(exc)
+            return exception_to_crashed_state(exc)
+        return checked_state(run_fn, value)
+
+    async def watched() -> State:
+        if watch is None:
+            return await run()
+        with watch(asyncio.get_running_loop(), asyncio.current_task()):  # type: ignore[arg-type]
+            return await run()
+
+    try:
+        state = asyncio.run(watched())
+    except BaseException as exc:  # cancelled before it started
+        return exception_to_crashed_state(exc), None
+    return state, raised[0] if raised else None
+
+
+def load_call(payload: bytes, name: str, where: str) -> Tuple[Any, Any]:
+    """``(run_fn, run_kwargs)`` unpickled from ``payload``, or ``(None, Crashed state)``."""
+    try:
+        return cloudpickle.loads(payload)
+    except BaseException as exc:
+        return None, Crashed(
+            message=f"Task run {name!r} could not be unpickled in {where}: "
+            f"{type(exc).__name__}: {exc}. Make sure it can import every module that "
+            "run_fn and its arguments refer to.",
+            data=exc,
+        )
+
+
+def portable_error(exc: BaseException) -> BaseException:
+    """An exception with the type and message of ``exc`` that pickles.
+
+    ``exc`` itself may hold the very value that could not be pickled; where its type
+    cannot be rebuilt from the message alone, a ``PicklingError`` carries it.
+    """
+    message = str(exc)
+    try:
+        rebuilt = type(exc)(message)
+        if str(rebuilt) == message:
+            cloudpickle.dumps(rebuilt, PROTOCOL)
+            return rebuilt
+    except Exception:
+        pass
+    return pickle.PicklingError(message)
+
+
+def encode_outcome(
+    name: str,
+    state: State,
+    records: List[Any],
+    where: str,
+    tag: Optional[str] = None,
+    advice: str = "",
+) -> bytes:
+    """The call's State, log records and ``tag``, pickled to travel back from a worker.
+
+    A State that cannot be pickled becomes a Crashed state holding the pickling error
+    (rebuilt: see :func:`portable_error`), saying so and how to fix it.
+    """
+    from taskrunners._core.records import plain_record
+
+    outcome = (state, records or None, tag)
+    try:
+        # Plain pickle is several times faster. For what only cloudpickle can send (a
+        # class or function that came here by value) it fails instead of writing a
+        # reference, since the name does not lead back to the same object here.
+        return pickle.dumps(outcome, PROTOCOL)
+    except Exception:
+        pass
+    try:
+        return cloudpickle.dumps(outcome, PROTOCOL)
+    except Exception:
+        pass
+    try:
+        cloudpickle.dumps(state, PROTOCOL)
+    except Exception as exc:
+        state = Crashed(
+            message=f"The State returned by task run {name!r} could not be pickled to send "
+            f"it back from {where}: {type(exc).__name__}: {exc}. Return only data that "
+            f"cloudpickle can serialize{advice}.",
+            data=portable_error(exc),
+        )
+    plain = [plain_record(record) for record in records]
+    return cloudpickle.dumps((state, plain or None, tag), PROTOCOL)
+
+
+def decode_outcome(name: str, data: bytes) -> Tuple[State, Optional[List[Any]], Optional[str]]:
+    """(State, log records, tag) from what :func:`encode_outcome` made."""
+    try:
+        return cloudpickle.loads(data)
+    except Exception as exc:
+        message = (
+            f"The State of task run {name!r} could not be unpickled in this process: "
+            f"{type(exc).__name__}: {exc}. Return only data of modules this process can "
+            "import."
+        )
+        return Crashed(message=message, data=exc), None, None
+
+
+def import_engine(module: str, runner: str) -> Any:
+    """Import the engine a runner needs, on first use (``import taskrunners`` does not).
+
+    :raises RuntimeError: naming the runner and the package to install
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"Using the `{runner}` requires `{module}` to be installed.") from exc

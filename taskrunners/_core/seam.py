@@ -1,0 +1,125 @@
+"""The blocking core as the layers above it use it: the facade, flows, futures, compat.
+
+Nothing outside ``taskrunners._core`` touches a core runner's private members; the
+other layers go through these functions. A *core* is a blocking twin
+(:class:`~taskrunners._core.base.BlockingTaskRunner`); :func:`core_of` finds the one
+under a facade runner.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional
+
+from taskrunners._core.base import BlockingTaskRunner, state_of_done
+from taskrunners._core.calls import CallHandle
+from taskrunners.states import State
+
+if TYPE_CHECKING:
+    from taskrunners.futures import PrefectFuture, TaskRun
+
+__all__ = [
+    "core_of",
+    "open_block",
+    "close_block",
+    "submit_call",
+    "bind",
+    "call_of",
+    "state_of",
+    "wait_blocking",
+    "pending_calls",
+    "cancel_pending",
+    "ensure_usable",
+    "upstream_calls",
+    "resolve_futures",
+]
+
+
+def core_of(runner: Any) -> BlockingTaskRunner:
+    """The blocking twin doing the work of ``runner`` (a twin, or a facade over one)."""
+    if isinstance(runner, BlockingTaskRunner):
+        return runner
+    core = getattr(runner, "_core", None)
+    if not isinstance(core, BlockingTaskRunner):
+        raise TypeError(
+            f"Expected a taskrunners runner, got {type(runner).__name__}: {runner!r}; pass "
+            "e.g. taskrunners.ConcurrentTaskRunner() or taskrunners.sync.ConcurrentTaskRunner()."
+        )
+    return core
+
+
+def open_block(core: BlockingTaskRunner) -> None:
+    """Enter the core's ``start()`` block (it may block: pools and clusters start)."""
+    core._begin()
+
+
+def close_block(core: BlockingTaskRunner, exc: Optional[BaseException]) -> None:
+    """Leave the core's ``start()`` block: normally (wait for every call) or with ``exc``."""
+    core._end(exc)
+
+
+def submit_call(
+    core: BlockingTaskRunner, task_run: "TaskRun", run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+) -> CallHandle:
+    """Submit one call to a started core; its handle."""
+    return core._submit_call(task_run, run_fn, run_kwargs)
+
+
+def bind(future: "PrefectFuture", call: CallHandle) -> "PrefectFuture":
+    """Give ``future`` the handle of the call it stands for."""
+    future._call = call
+    return future
+
+
+def call_of(future: "PrefectFuture[Any]", core: Optional[BlockingTaskRunner] = None) -> CallHandle:
+    """The handle of the call ``future`` stands for, as ``core`` (or its own runner) sees it.
+
+    :raises TypeError: if ``future`` is not a PrefectFuture
+    :raises RuntimeError: if the runner cannot reach the call (unpickled, or a future
+        that no runner made)
+    """
+    from taskrunners.futures import PrefectFuture
+
+    if not isinstance(future, PrefectFuture):
+        raise TypeError(
+            f"Expected a PrefectFuture (what submitting a task returns), got "
+            f"{type(future).__name__}: {future!r}."
+        )
+    if core is not None:
+        return core._call_of(future)
+    call = future._call
+    if call is None:
+        return core_of(future.task_runner)._call_of(future)
+    return call
+
+
+state_of = state_of_done
+
+
+def wait_blocking(future: "PrefectFuture", timeout: Optional[float]) -> Optional[State]:
+    """Block until the call is done and return its State, or None after ``timeout``."""
+    return core_of(future.task_runner)._wait_blocking(future, timeout)
+
+
+def pending_calls(core: BlockingTaskRunner) -> Collection[CallHandle]:
+    """The calls of the current block that are not done yet (a live view)."""
+    return core._pending
+
+
+def cancel_pending(core: BlockingTaskRunner) -> None:
+    """Cancel every call of the current block that has not started."""
+    core._cancel_pending()
+
+
+def ensure_usable(core: BlockingTaskRunner, action: str) -> None:
+    """Raise the RuntimeError that says why the core cannot ``action`` now, if it cannot."""
+    core._ensure_usable(action)
+
+
+def upstream_calls(core: BlockingTaskRunner, run_kwargs: Dict[str, Any]) -> List[CallHandle]:
+    """The handles of the futures anywhere in ``run_kwargs``."""
+    return core._upstream_calls(run_kwargs)
+
+
+def resolve_futures(core: BlockingTaskRunner, expr: Any) -> Any:
+    """``expr`` with every future in it replaced by its final State (all are done)."""
+    return core._resolve_futures(expr)
