@@ -27,7 +27,7 @@ import collections
 import math
 import threading
 import weakref
-from typing import Any, Callable, Deque, Dict, Generic, Hashable, List, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, Generic, Hashable, List, Optional, TypeVar, Union
 
 from typing_extensions import Literal
 
