@@ -76,10 +76,10 @@ def batch_key_of(run_fn: Any, run_kwargs: Dict[str, Any]) -> Hashable:
     key_of = getattr(run_fn, "__batch_key__", None)
     if key_of is not None:
         try:
-            return key_of(run_kwargs)  # type: ignore[no-any-return]
+            return key_of(run_kwargs)
         except Exception:
             pass
-    return run_fn  # type: ignore[no-any-return]
+    return run_fn
 
 
 class Durations:
@@ -249,7 +249,7 @@ class Dispatcher(Generic[T]):
     def _take(
         self, group_key: Hashable, group: "collections.OrderedDict[Any, Entry[T]]", count: int
     ) -> List[Entry[T]]:
-        batch = []
+        batch: List[Entry[T]] = []
         while group and len(batch) < count:
             call, entry = group.popitem(last=False)
             del self._group_of[call]
