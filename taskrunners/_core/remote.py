@@ -15,10 +15,12 @@ How a call travels::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import pickle
+import time
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import cloudpickle
 
@@ -33,6 +35,7 @@ __all__ = [
     "substitute",
     "CoroutineWatch",
     "run_in_worker",
+    "run_batch",
     "load_call",
     "portable_error",
     "encode_outcome",
@@ -143,6 +146,35 @@ def run_in_worker(
     except BaseException as exc:  # cancelled before it started
         return exception_to_crashed_state(exc), None
     return state, raised[0] if raised else None
+
+
+def run_batch(
+    calls: Sequence[Tuple[Callable[..., Any], Dict[str, Any]]],
+    watch: Optional[CoroutineWatch] = None,
+    starting: Optional[Callable[[int], bool]] = None,
+    finished: Optional[Callable[[int], None]] = None,
+) -> List[Tuple[State, float, Optional[BaseException]]]:
+    """Run the calls of one batch in order: each one's State, seconds and what it raised.
+
+    ``starting(i)`` is called before call ``i`` runs, and may say it must not (it was
+    cancelled meanwhile: its State is then the cancellation); ``finished(i)`` after.
+    A call that raises affects no other call of its batch.
+    """
+    outcomes: List[Tuple[State, float, Optional[BaseException]]] = []
+    for index, (run_fn, run_kwargs) in enumerate(calls):
+        if starting is not None and not starting(index):
+            outcomes.append((_cancelled_state(), 0.0, None))
+            continue
+        begun = time.perf_counter()
+        state, raised = run_in_worker(run_fn, run_kwargs, watch)
+        outcomes.append((state, time.perf_counter() - begun, raised))
+        if finished is not None:
+            finished(index)
+    return outcomes
+
+
+def _cancelled_state() -> State:
+    return exception_to_crashed_state(concurrent.futures.CancelledError())
 
 
 def load_call(payload: bytes, name: str, where: str) -> Tuple[Any, Any]:
