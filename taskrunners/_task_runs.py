@@ -14,9 +14,10 @@ Every attempt is logged on the ``taskrunners.task`` logger, where the body runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import anyio
 import tenacity
@@ -70,31 +71,38 @@ def run_task(
     invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
 ) -> State[Any]:
     """Run a plain task's body (with its retries) to a State."""
-    args, kwargs = invocation.args, invocation.kwargs
-    if upstream is not None:
-        args, kwargs, not_ready = resolve_inputs(args, kwargs, upstream)
-        if not_ready is not None:
-            return not_ready
-    # A task called from inside a task body is a plain call, not a submission.
-    token = current_flow_run.set(None)
-    try:
+    args, kwargs, not_ready = _arguments(invocation, upstream)
+    if not_ready is not None:
+        return not_ready
+    with _outside_flow():
         return _run_body(invocation.task, invocation.task_run_name, args, kwargs)
-    finally:
-        current_flow_run.reset(token)
 
 
 async def arun_task(
     invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
 ) -> State[Any]:
     """Run an async task's body (with its retries) to a State."""
-    args, kwargs = invocation.args, invocation.kwargs
-    if upstream is not None:
-        args, kwargs, not_ready = resolve_inputs(args, kwargs, upstream)
-        if not_ready is not None:
-            return not_ready
+    args, kwargs, not_ready = _arguments(invocation, upstream)
+    if not_ready is not None:
+        return not_ready
+    with _outside_flow():
+        return await _arun_body(invocation.task, invocation.task_run_name, args, kwargs)
+
+
+def _arguments(
+    invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]]
+) -> Tuple[tuple, dict, Optional[State[Any]]]:
+    if upstream is None:
+        return invocation.args, invocation.kwargs, None
+    return resolve_inputs(invocation.args, invocation.kwargs, upstream)
+
+
+@contextlib.contextmanager
+def _outside_flow() -> Iterator[None]:
+    """A task called from inside a task body is a plain call, not a submission."""
     token = current_flow_run.set(None)
     try:
-        return await _arun_body(invocation.task, invocation.task_run_name, args, kwargs)
+        yield
     finally:
         current_flow_run.reset(token)
 

@@ -29,6 +29,7 @@ from typing import (
     Generic,
     Iterable,
     Iterator,
+    List,
     Optional,
     Set,
     TypeVar,
@@ -267,12 +268,17 @@ class _Completions:
         except concurrent.futures.InvalidStateError:
             pass
 
-    def pop(self) -> Union[PrefectFuture[Any], concurrent.futures.Future[None]]:
-        """A finished future not reported yet; else a signal set when the next one finishes."""
+    def pop(self) -> Union[PrefectFuture[Any], concurrent.futures.Future[None], None]:
+        """A finished future not reported yet, None once all are; else a signal.
+
+        The signal is set when the next future finishes.
+        """
         with self._lock:
             if self._finished:
                 self.unreported -= 1
                 return self._finished.popleft()
+            if not self.unreported:
+                return None
             if self._signal.done():
                 self._signal = concurrent.futures.Future()
             return self._signal
@@ -296,6 +302,75 @@ def _deadline(timeout: Optional[float]) -> Optional[float]:
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class _AsCompleted(Generic[M]):
+    """Futures in the order they finish, by ``for`` (blocking) or ``async for``."""
+
+    def __init__(self, futures: Iterable[PrefectFuture[M]], timeout: Optional[float]) -> None:
+        self._completions = _Completions(futures)
+        self.futures: List[PrefectFuture[M]] = self._completions.futures
+        self._deadline = _deadline(timeout)
+
+    def done_and_not_done(self) -> DoneAndNotDone[M]:
+        return self._completions.done_and_not_done()
+
+    def __iter__(self) -> Iterator[PrefectFuture[M]]:
+        if in_event_loop() and any(f.asynchronous for f in self.futures):
+            # Blocking here could starve the calls that run on this very loop.
+            raise RuntimeError(
+                "as_completed() was iterated with `for` inside an event loop over "
+                "asynchronous futures; use `async for future in as_completed(...)`."
+            )
+        return self
+
+    def __next__(self) -> PrefectFuture[M]:
+        while True:
+            found = self._completions.pop()
+            if found is None:
+                raise StopIteration
+            if isinstance(found, PrefectFuture):
+                return found
+            if not concurrent.futures.wait([found], _remaining(self._deadline)).done:
+                raise self._completions.timeout_error()
+
+    def __aiter__(self) -> AsyncIterator[PrefectFuture[M]]:
+        return self
+
+    async def __anext__(self) -> PrefectFuture[M]:
+        while True:
+            found = self._completions.pop()
+            if found is None:
+                raise StopAsyncIteration
+            if isinstance(found, PrefectFuture):
+                return found
+            if not await wait_until_done(_as_call(found), _remaining(self._deadline)):
+                raise self._completions.timeout_error()
+
+
+def as_completed(
+    futures: Iterable[PrefectFuture[M]], timeout: Optional[float] = None
+) -> _AsCompleted[M]:
+    """Yield the futures as their runs finish, from any runner.
+
+    Iterate with ``for`` in synchronous code (it blocks the thread) and with
+    ``async for`` in async code (it waits without a thread, on asyncio or trio);
+    either works on blocking and asynchronous futures alike. ``for`` inside an event
+    loop over asynchronous futures is refused, since blocking there could starve the
+    very calls being waited for.
+
+    >>> for future in as_completed(futures, timeout=60):        # doctest: +SKIP
+    ...     print(future.result())
+    >>> async for future in as_completed(futures, timeout=60):  # doctest: +SKIP
+    ...     print(await future.result())
+
+    :param futures: :class:`PrefectFuture` objects; duplicates are yielded once
+    :param timeout: the most seconds, counted from this call, until the last one is
+        yielded; None for no limit
+    :raises TimeoutError: while iterating, when ``timeout`` passes first
+    :raises TypeError: if an item is not a PrefectFuture
+    """
+    return _AsCompleted(futures, timeout)
 
 
 @overload
@@ -333,93 +408,25 @@ def wait(futures: Iterable[PrefectFuture[Any]], timeout: Optional[float] = None)
         not an error
     :raises TypeError: if an item is not a PrefectFuture
     """
-    completions = _Completions(futures)
-    deadline = _deadline(timeout)
-    if completions.futures:
-        asynchronous = any(future.asynchronous for future in completions.futures)
+    arrivals = _AsCompleted(futures, timeout)
+    if arrivals.futures:
+        asynchronous = any(future.asynchronous for future in arrivals.futures)
     else:
         asynchronous = in_event_loop()
     if asynchronous:
-        return _wait_async(completions, deadline)
-    while completions.unreported:
-        found = completions.pop()
-        if not isinstance(found, PrefectFuture):
-            if not concurrent.futures.wait([found], _remaining(deadline)).done:
-                break
-    return completions.done_and_not_done()
+        return _wait_async(arrivals)
+    try:
+        for _ in arrivals:
+            pass
+    except TimeoutError:  # not an error here: the futures not done say so
+        pass
+    return arrivals.done_and_not_done()
 
 
-async def _wait_async(completions: _Completions, deadline: Optional[float]) -> DoneAndNotDone[Any]:
-    while completions.unreported:
-        found = completions.pop()
-        if not isinstance(found, PrefectFuture):
-            if not await wait_until_done(_as_call(found), _remaining(deadline)):
-                break
-    return completions.done_and_not_done()
-
-
-class _AsCompleted(Generic[M]):
-    """Futures in the order they finish, by ``for`` (blocking) or ``async for``."""
-
-    def __init__(self, futures: Iterable[PrefectFuture[M]], timeout: Optional[float]) -> None:
-        self._completions = _Completions(futures)
-        self._deadline = _deadline(timeout)
-
-    def __iter__(self) -> Iterator[PrefectFuture[M]]:
-        if in_event_loop() and any(f.asynchronous for f in self._completions.futures):
-            # Blocking here could starve the calls that run on this very loop.
-            raise RuntimeError(
-                "as_completed() was iterated with `for` inside an event loop over "
-                "asynchronous futures; use `async for future in as_completed(...)`."
-            )
-        return self
-
-    def __next__(self) -> PrefectFuture[M]:
-        completions = self._completions
-        while True:
-            found = completions.pop()
-            if isinstance(found, PrefectFuture):
-                return found
-            if not completions.unreported:
-                raise StopIteration
-            if not concurrent.futures.wait([found], _remaining(self._deadline)).done:
-                raise completions.timeout_error()
-
-    def __aiter__(self) -> AsyncIterator[PrefectFuture[M]]:
-        return self
-
-    async def __anext__(self) -> PrefectFuture[M]:
-        completions = self._completions
-        while True:
-            found = completions.pop()
-            if isinstance(found, PrefectFuture):
-                return found
-            if not completions.unreported:
-                raise StopAsyncIteration
-            if not await wait_until_done(_as_call(found), _remaining(self._deadline)):
-                raise completions.timeout_error()
-
-
-def as_completed(
-    futures: Iterable[PrefectFuture[M]], timeout: Optional[float] = None
-) -> _AsCompleted[M]:
-    """Yield the futures as their runs finish, from any runner.
-
-    Iterate with ``for`` in synchronous code (it blocks the thread) and with
-    ``async for`` in async code (it waits without a thread, on asyncio or trio);
-    either works on blocking and asynchronous futures alike. ``for`` inside an event
-    loop over asynchronous futures is refused, since blocking there could starve the
-    very calls being waited for.
-
-    >>> for future in as_completed(futures, timeout=60):        # doctest: +SKIP
-    ...     print(future.result())
-    >>> async for future in as_completed(futures, timeout=60):  # doctest: +SKIP
-    ...     print(await future.result())
-
-    :param futures: :class:`PrefectFuture` objects; duplicates are yielded once
-    :param timeout: the most seconds, counted from this call, until the last one is
-        yielded; None for no limit
-    :raises TimeoutError: while iterating, when ``timeout`` passes first
-    :raises TypeError: if an item is not a PrefectFuture
-    """
-    return _AsCompleted(futures, timeout)
+async def _wait_async(arrivals: _AsCompleted[Any]) -> DoneAndNotDone[Any]:
+    try:
+        async for _ in arrivals:
+            pass
+    except TimeoutError:
+        pass
+    return arrivals.done_and_not_done()
