@@ -62,8 +62,8 @@ __all__ = ["Flow", "Task", "flow", "task", "unmapped", "wait", "as_completed", "
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: What calling an async flow returns.
-AsyncFlowCall = Coroutine[Any, Any, State[Any]]
+#: What calling an async flow returns: a coroutine giving the flow's State.
+StateCoroutine = Coroutine[Any, Any, State[Any]]
 
 flow_logger = logging.getLogger("taskrunners.flow")
 
@@ -89,7 +89,7 @@ class Flow(Decorated[P], Generic[P, R]):
 
     @overload
     def __init__(
-        self: Flow[P, AsyncFlowCall],
+        self: Flow[P, StateCoroutine],
         fn: Callable[P, Coroutine[Any, Any, Any]],
         name: Optional[str] = None,
         task_runner: Optional[RunnerSpec] = None,
@@ -246,14 +246,14 @@ class _FlowDecorator(Protocol):
     """What ``@flow(...)`` with options returns: it makes a sync or an async flow."""
 
     @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, Any]], /) -> Flow[P, AsyncFlowCall]: ...
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, Any]], /) -> Flow[P, StateCoroutine]: ...
 
     @overload
     def __call__(self, fn: Callable[P, Any], /) -> Flow[P, State[Any]]: ...
 
 
 @overload
-def flow(fn: Callable[P, Coroutine[Any, Any, Any]], /) -> Flow[P, AsyncFlowCall]: ...
+def flow(fn: Callable[P, Coroutine[Any, Any, Any]], /) -> Flow[P, StateCoroutine]: ...
 
 
 @overload

@@ -247,7 +247,7 @@ class _Completions:
     """Collects futures as their calls finish; waited on by threads and event loops."""
 
     def __init__(self, futures: Iterable[PrefectFuture[Any]]) -> None:
-        from taskrunners._core.seam import call_of
+        from taskrunners._core.seam import call_of  # the core imports this module
 
         self.futures = list(dict.fromkeys(futures))
         # Every future is checked before any callback is added.

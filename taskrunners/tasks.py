@@ -120,21 +120,21 @@ class Task(Decorated[P], Generic[P, R]):
         :raises ValueError: if the iterables differ in length, or there is none
         """
         runs = _mapped_arguments(self.name, args, kwargs)
-        for run_args, run_kwargs in runs:
-            self._check_arguments(run_args, run_kwargs)
+        for a, k in runs:
+            self._check_arguments(a, k)
         flow_run = current_flow_run.get()
         if flow_run is None:
             if self.isasync:
                 return self._map_plain_async(runs)
             fn: Callable[..., Any] = self.fn
-            return [fn(*run_args, **run_kwargs) for run_args, run_kwargs in runs]
+            return [fn(*a, **k) for a, k in runs]
         if flow_run.asynchronous and self.isasync:
             return self._map_async(flow_run, runs)
         return [self._submit_now(flow_run, a, k) for a, k in runs]
 
     async def _map_plain_async(self, runs: List[Tuple[tuple, dict]]) -> List[Any]:
         fn: Callable[..., Any] = self.fn
-        return [await fn(*run_args, **run_kwargs) for run_args, run_kwargs in runs]
+        return [await fn(*a, **k) for a, k in runs]
 
     async def _map_async(
         self, flow_run: FlowRun, runs: List[Tuple[tuple, dict]]
