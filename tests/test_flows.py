@@ -1124,5 +1124,5 @@ def test_the_flow_context_ends_with_the_flow():
     def test_flow():
         return double(1)
 
-    assert isinstance(test_flow().result(), State)
+    assert test_flow().result() == Completed(data=2)
     assert double(2) == 4  # after the flow: a plain call again
