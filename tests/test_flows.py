@@ -36,7 +36,7 @@ from taskrunners import (
     wait,
 )
 from taskrunners._core import seam
-from taskrunners.states import Completed, Failed, State
+from taskrunners.states import Completed, Failed
 from tests import payloads
 from tests.conftest import ALL_KINDS
 from tests.flows_subprocess import run_python
@@ -782,6 +782,11 @@ def test_the_greetings_example_refuses_an_unknown_runner():
 # -- the engine's rules ---------------------------------------------------------------------------
 
 
+@task
+def identity(value):
+    return value
+
+
 @dataclasses.dataclass
 class Pair:
     left: Any
@@ -789,10 +794,6 @@ class Pair:
 
 
 def test_futures_and_states_nested_in_arguments_arrive_as_data(runner):
-    @task
-    def identity(value):
-        return value
-
     @flow(task_runner=runner.make())
     def test_flow():
         one = identity(1)
@@ -814,10 +815,6 @@ def test_futures_and_states_nested_in_arguments_arrive_as_data(runner):
 
 
 def test_a_failed_state_argument_makes_the_run_not_ready(runner):
-    @task
-    def identity(value):
-        return value
-
     @flow(task_runner=runner.make())
     def test_flow():
         return identity([Failed(data=ValueError("x"))])
@@ -963,10 +960,6 @@ def test_the_default_runner_is_concurrent_and_runner_classes_and_twins_are_accep
 
     assert isinstance(default.task_runner, ConcurrentTaskRunner)
 
-    @task
-    def identity(x):
-        return x
-
     for task_runner in (
         SequentialTaskRunner,
         taskrunners.sync.ConcurrentTaskRunner(),
@@ -1030,10 +1023,6 @@ def test_a_subflow_given_its_parents_runner_runs_on_a_copy_with_its_settings():
     shared = ConcurrentTaskRunner(max_workers=3)
     seen = {}
 
-    @task
-    def identity(x):
-        return x
-
     @flow(task_runner=shared)
     def child():
         seen["child"] = identity(1).task_runner
@@ -1052,10 +1041,6 @@ def test_a_subflow_given_its_parents_runner_runs_on_a_copy_with_its_settings():
 
 @in_process_runners()
 def test_a_flow_runs_again_on_the_same_runner(runner):
-    @task
-    def identity(x):
-        return x
-
     @flow(task_runner=runner.make())
     def test_flow(x):
         return identity(x)
@@ -1065,10 +1050,6 @@ def test_a_flow_runs_again_on_the_same_runner(runner):
 
 def test_subflow_arguments_resolve_and_a_failed_upstream_stops_the_subflow(tmp_path):
     ran = tmp_path / "child-ran"
-
-    @task
-    def identity(x):
-        return x
 
     @task
     def boom():
