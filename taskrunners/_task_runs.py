@@ -56,6 +56,9 @@ def submission(
     task: Task[Any, Any], task_run: TaskRun, args: tuple, kwargs: dict
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
     """The ``run_fn`` and ``run_kwargs`` that run ``task`` on these arguments."""
+    # The markers are remote.Upstream placeholders keyed by run id. They must stay
+    # inside the TaskInvocation, which no runner walks: in a run kwarg of their own, a
+    # remote backend's substitute() would look their run ids up among its references.
     args, kwargs, upstream = mark_inputs(args, kwargs)
     run_kwargs: Dict[str, Any] = {"invocation": TaskInvocation(task, task_run.name, args, kwargs)}
     if upstream is not None:
