@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -412,6 +413,32 @@ def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):
         assert [runner.wait(runner.submit(TaskRun(), fn, {"value": i})).result()
                 for i, fn in enumerate(unhashable)] == [0, 1]
         assert wrapped.count("Unhashable") == 2 and len(functions._entries) == 2
+
+
+def test_a_ref_without_the_private_completion_callback_is_followed_through_its_future(
+    ray_session,
+):
+    """ray_engine.on_ref_done's fallback, for a Ray whose ObjectRef has no _on_completed."""
+    import ray
+
+    ray_session.shared()
+
+    class WithoutPrivateCallback:  # passes future() through to the real ObjectRef
+        def __init__(self, ref):
+            self.ref = ref
+
+        def future(self):
+            return self.ref.future()
+
+    def fail():
+        raise LookupError("from the task")
+
+    outcomes = queue.Queue()
+    ray_engine.on_ref_done(WithoutPrivateCallback(ray.remote(payloads.add).remote(1, 2)), outcomes.put)
+    assert outcomes.get(timeout=60).result() == 3
+    ray_engine.on_ref_done(WithoutPrivateCallback(ray.remote(fail).remote()), outcomes.put)
+    error = outcomes.get(timeout=60)
+    assert isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, LookupError)
 
 
 def test_upstream_futures_reach_ray_as_object_refs(ray_session, monkeypatch):
