@@ -454,6 +454,35 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
         assert isinstance(state.result(raise_on_failure=False), concurrent.futures.CancelledError)
 
 
+def test_loky_never_holds_more_calls_than_its_call_queue():
+    """Whichever thread hands a call over: the feeder, or loky's manager thread in place
+    of a call it settled. More would leave calls that cannot be cancelled though they
+    have not started."""
+    with ParallelTaskRunner(max_workers=1).start() as runner:
+        executor = runner._pool._generation.executor
+        lock = threading.Lock()
+        held, most = [0], [0]
+        submit = executor.submit
+
+        def counting_submit(*args, **kwargs):  # a pass-through spy
+            future = submit(*args, **kwargs)
+            with lock:
+                held[0] += 1
+                most[0] = max(most[0], held[0])
+
+            def left(_):
+                with lock:
+                    held[0] -= 1
+
+            future.add_done_callback(left)
+            return future
+
+        executor.submit = counting_submit
+        futures = [runner.submit(TaskRun(), payloads.return_value, {"value": i}) for i in range(300)]
+        assert [runner.wait(future).result() for future in futures] == list(range(300))
+    assert 1 <= most[0] <= 3  # loky's call queue: 2 * max_workers + 1
+
+
 def test_an_executor_shutdown_cancelling_calls_marks_them_cancelled(tmp_path):
     from taskrunners.compat.futures import RunnerExecutor
 

@@ -690,7 +690,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> Any:
+    ) -> Call:
         pool = self._pool
         if pool is None:
             raise RuntimeError("The task runner must be started before submitting work.")

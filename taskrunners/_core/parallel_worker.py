@@ -56,11 +56,10 @@ def run_call(payload: bytes, name: str, table_path: str, slot: int, log_level: i
     offset = slot * SLOT.size
     _PID.pack_into(table, offset, pid)
     with captured_records(log_level) as emitted:
-        run_fn, run_kwargs = load_call(payload, name, _WHERE)
+        run_fn, loaded = load_call(payload, name, _WHERE)  # loaded: run_kwargs, or a State
         del payload
-        # Nothing of the call outlives it here: a worker keeps no argument alive.
-        state = run_kwargs if run_fn is None else run_in_worker(run_fn, run_kwargs)[0]
-        del run_fn, run_kwargs
+        state = loaded if run_fn is None else run_in_worker(run_fn, loaded)[0]
+        del run_fn, loaded  # the worker keeps no argument alive until its next call
     outcome = encode_outcome(name, state, emitted, _WHERE)
     _PID.pack_into(table, offset + _PID.size, pid)
     return outcome
