@@ -528,6 +528,25 @@ def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, requ
 # -- cancelling calls, as concurrent.futures does -----------------------------------------------
 
 
+def occupy_every_worker(runner, directory, release):
+    """Submit one long call to each worker of a started runner (its only thread) and
+    wait until all have started; they end once the file ``release`` exists."""
+    workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
+    long_runs = []
+    for index, worker in enumerate(workers):
+        with dask.annotate(workers=[worker]):
+            long_runs.append(
+                runner.submit(
+                    TaskRun(name=f"long-{index}"),
+                    dask_payloads.wait_for_release,
+                    {"started": str(directory / f"started-{index}"), "release": str(release), "value": index},
+                )
+            )
+    started = [directory / f"started-{index}" for index in range(len(workers))]
+    assert wait_for(lambda: all(path.exists() for path in started), timeout=120)
+    return long_runs
+
+
 @pytest.fixture
 def busy_processes_runner(tmp_path):
     """A started 2-worker process cluster whose only two threads run a long call each.
@@ -537,18 +556,7 @@ def busy_processes_runner(tmp_path):
     release = tmp_path / "release"
     runner = SyncDask(cluster_kwargs=dict(PROCESSES_CLUSTER))
     with runner.start():
-        workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
-        long_runs = []
-        for index, worker in enumerate(workers):
-            with dask.annotate(workers=[worker]):
-                long_runs.append(
-                    runner.submit(
-                        TaskRun(name=f"long-{index}"),
-                        dask_payloads.wait_for_release,
-                        {"started": str(tmp_path / f"started-{index}"), "release": str(release), "value": index},
-                    )
-                )
-        assert wait_for(lambda: all((tmp_path / f"started-{i}").exists() for i in range(2)), timeout=120)
+        long_runs = occupy_every_worker(runner, tmp_path, release)
         try:
             yield runner, long_runs, release
         finally:
@@ -673,18 +681,7 @@ def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
     release = tmp_path / "release"
     runner = threads_runner()
     with runner.start(), taskrunners.sync.ConcurrentTaskRunner().start() as other:
-        workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
-        long_runs = []
-        for index, worker in enumerate(workers):
-            with dask.annotate(workers=[worker]):
-                long_runs.append(
-                    runner.submit(
-                        TaskRun(),
-                        dask_payloads.wait_for_release,
-                        {"started": str(tmp_path / f"started-{index}"), "release": str(release)},
-                    )
-                )
-        assert wait_for(lambda: all((tmp_path / f"started-{i}").exists() for i in range(2)))
+        occupy_every_worker(runner, tmp_path, release)
         queued = runner.submit(TaskRun(), payloads.return_value, {"value": "queued"})
         foreign = other.submit(TaskRun(), dask_payloads.wait_for_release, {"started": os.devnull, "release": str(release)})
         after_foreign = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": foreign, "y": 1})

@@ -27,7 +27,7 @@ import asyncio
 import concurrent.futures
 import uuid
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import cloudpickle
 
@@ -39,6 +39,7 @@ from taskrunners._core.dask_calls import (
     DaskCall,
     StateFetcher,
     cancel_unstarted,
+    dask_future_to_hand_off,
     forget_token,
 )
 from taskrunners._core.remote import import_engine, with_upstream
@@ -50,6 +51,16 @@ __all__ = ["DaskTaskRunner"]
 
 def _import_distributed() -> Any:
     return import_engine("distributed", "DaskTaskRunner")
+
+
+class _Submission(NamedTuple):
+    """What a call was submitted with: what starting it (again) needs."""
+
+    task_run: TaskRun
+    run_fn: Callable[..., Any]
+    run_kwargs: Dict[str, Any]
+    #: ``dask.annotate`` values to start it with, if not started at once.
+    annotations: Optional[Dict[str, Any]] = None
 
 
 class DaskTaskRunner(BlockingTaskRunner):
@@ -282,16 +293,17 @@ class DaskTaskRunner(BlockingTaskRunner):
         if client is None:
             raise RuntimeError("The task runner must be started before submitting work.")
         call = DaskCall(self, client)
+        submission = _Submission(task_run, run_fn, run_kwargs)
         # Upstream calls that Dask cannot be handed are waited for here.
         waiting = [
             upstream
             for upstream in self._upstream_calls(run_kwargs)
-            if not upstream.done() and _dask_future_to_hand_off(upstream, client) is None
+            if not upstream.done() and dask_future_to_hand_off(upstream, client) is None
         ]
         if waiting:
-            self._start_after(waiting, call, task_run, run_fn, run_kwargs, by_value=False)
+            self._start_after(waiting, call, submission, by_value=False)
         else:
-            self._start(call, task_run, run_fn, run_kwargs, by_value=False)
+            self._start(call, submission, by_value=False)
         self._track(call)
         return call
 
@@ -299,54 +311,43 @@ class DaskTaskRunner(BlockingTaskRunner):
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> DaskCall:
         call = DaskCall(self, self._client)
-        self._start(call, task_run, run_fn, run_kwargs, by_value=True)
+        self._start(call, _Submission(task_run, run_fn, run_kwargs), by_value=True)
         return call
 
     def _start_after(
         self,
         upstream: List[Any],
         call: DaskCall,
-        task_run: TaskRun,
-        run_fn: Callable[..., Any],
-        run_kwargs: Dict[str, Any],
+        submission: _Submission,
         by_value: bool,
-        annotations: Optional[Dict[str, Any]] = None,
         rerun: bool = False,
     ) -> None:
         """Start ``call`` once the upstream calls are done, holding nothing meanwhile."""
-        if annotations is None:
+        if submission.annotations is None:
             import dask
 
-            annotations = dask.get_annotations()
+            submission = submission._replace(annotations=dask.get_annotations())
 
         def upstream_done() -> None:
             if call.done():  # cancelled meanwhile
                 return
             try:
-                self._start(call, task_run, run_fn, run_kwargs, by_value, annotations, rerun)
+                self._start(call, submission, by_value, rerun)
             except BaseException as exc:
                 call.set_result(exception_to_crashed_state(exc))
 
         when_all_done(upstream, upstream_done)
 
-    def _start(
-        self,
-        call: DaskCall,
-        task_run: TaskRun,
-        run_fn: Callable[..., Any],
-        run_kwargs: Dict[str, Any],
-        by_value: bool,
-        annotations: Optional[Dict[str, Any]] = None,
-        rerun: bool = False,
-    ) -> None:
+    def _start(self, call: DaskCall, submission: _Submission, by_value: bool, rerun: bool = False) -> None:
         """Submit ``call`` to Dask; its upstream calls are done or handed to Dask."""
+        task_run, run_fn, run_kwargs, annotations = submission
         client = call.client
         # (upstream call, the Dask future handed off), by that future, in the order of
         # the placeholders with_upstream() makes.
         handed_off: Dict[int, Tuple[DaskCall, Any]] = {}
 
         def hand_off(upstream_call: Any) -> Any:
-            dask_future = None if by_value else _dask_future_to_hand_off(upstream_call, client)
+            dask_future = None if by_value else dask_future_to_hand_off(upstream_call, client)
             if dask_future is not None:
                 handed_off.setdefault(id(dask_future), (upstream_call, dask_future))
             return dask_future
@@ -400,7 +401,7 @@ class DaskTaskRunner(BlockingTaskRunner):
             call.set_result(Crashed(message=f"Dask refused the call: {refused!r}.", data=refused))
             return
         if handed_off:
-            call.rerun = (task_run, run_fn, run_kwargs, annotations, list(handed_off.values()))
+            call.rerun = (submission, list(handed_off.values()))
         fetcher = self._fetcher or self._fetcher_for(client)
         fetcher.watch(call, dask_future)
 
@@ -425,7 +426,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         """Settle a call whose Dask task raised ``exc`` (on the client's loop)."""
         rerun = call.rerun
         if rerun is not None:
-            task_run, run_fn, run_kwargs, annotations, handed_off = rerun
+            submission, handed_off = rerun
             if any(
                 dask_future.status in ("error", "cancelled") for _, dask_future in handed_off
             ):
@@ -439,9 +440,7 @@ class DaskTaskRunner(BlockingTaskRunner):
                     call.rerun = None
                     call.dask_future = call.token = None
                 upstream = [upstream_call for upstream_call, _ in handed_off]
-                self._start_after(
-                    upstream, call, task_run, run_fn, run_kwargs, True, annotations, True
-                )
+                self._start_after(upstream, call, submission, by_value=True, rerun=True)
                 return
         if isinstance(exc, dask_worker.CrashedOnWorker):
             self._settle_outcome(call, exc.outcome)
@@ -499,18 +498,3 @@ class DaskTaskRunner(BlockingTaskRunner):
         else:
             self._reconnect_error = None
 
-
-def _dask_future_to_hand_off(call: Any, client: Any) -> Any:
-    """The Dask future a downstream call can be handed for ``call``, or None.
-
-    A call that failed in Dask and is settled goes by value; one not settled yet is
-    handed off anyway, and its downstream call is rerun if Dask fails it.
-    """
-    if type(call) is not DaskCall or call.client is not client:
-        return None
-    dask_future = call.dask_future
-    if dask_future is None:
-        return None
-    if call.done() and dask_future.status in ("error", "cancelled"):
-        return None
-    return dask_future

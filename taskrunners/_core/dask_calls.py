@@ -30,7 +30,14 @@ from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.calls import Call
 from taskrunners.states import Crashed, exception_to_crashed_state
 
-__all__ = ["CLIENT_CLOSED", "DaskCall", "StateFetcher", "cancel_unstarted", "forget_token"]
+__all__ = [
+    "CLIENT_CLOSED",
+    "DaskCall",
+    "dask_future_to_hand_off",
+    "forget_token",
+    "StateFetcher",
+    "cancel_unstarted",
+]
 
 CLIENT_CLOSED = "The Dask client closed before the call's State arrived."
 
@@ -89,6 +96,22 @@ def forget_token(tokens: Dict[str, str], call: DaskCall) -> None:
     """Drop the call's key from ``tokens`` (key -> token of the Dask task in flight)."""
     if call.key is not None and tokens.get(call.key) == call.token:
         tokens.pop(call.key, None)
+
+
+def dask_future_to_hand_off(call: Any, client: Any) -> Any:
+    """The Dask future a downstream call can be handed for ``call``, or None.
+
+    A call that failed in Dask and is settled goes by value; one not settled yet is
+    handed off anyway, and its downstream call is rerun if Dask fails it.
+    """
+    if type(call) is not DaskCall or call.client is not client:
+        return None
+    dask_future = call.dask_future
+    if dask_future is None:
+        return None
+    if call.done() and dask_future.status in ("error", "cancelled"):
+        return None
+    return dask_future
 
 
 def _on_loop_of(client: Any) -> bool:

@@ -14,7 +14,10 @@ one ``start()`` block.
   dashboard really listens on.
 - Log forwarding: whether workers send a call's log records back with its State
   (:attr:`Connection.capture`), and handing each batch of records that arrives to
-  this process's loggers once (:class:`RecordForwarder`).
+  this process's loggers once (:class:`RecordForwarder`). Worker processes of a
+  LocalCluster import the script's ``__main__`` and so inherit its logging
+  configuration: their own handlers are kept from printing a call's records a
+  second time on the terminal they share with this process.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ Dask client cannot see whether a task has begun on a worker, and Dask cannot sto
 one that has. A call marks itself started under a lock unless a cancellation got
 there first; a cancellation (:func:`cancel_unstarted_calls`, run with
 ``Client.run`` on every worker) marks the calls not started as cancelled under
-the same lock and reports the others. The client runs the other functions here
-the same way.
+the same lock and reports the others. The client's half of this is in
+:mod:`~taskrunners._core.dask_calls`; it runs the public functions below the
+registry the same way.
 """
 
 from __future__ import annotations
