@@ -34,7 +34,6 @@ from typing import (
     Set,
     TypeVar,
     Union,
-    cast,
     overload,
 )
 
@@ -291,11 +290,6 @@ class _Completions:
         return TimeoutError(f"{self.unreported} (of {len(self.futures)}) futures unfinished.")
 
 
-def _as_call(signal: concurrent.futures.Future[None]) -> CallHandle:
-    # wait_until_done() only asks done() and add_done_callback(), which a Future has.
-    return cast("CallHandle", signal)
-
-
 def _deadline(timeout: Optional[float]) -> Optional[float]:
     return None if timeout is None else time.monotonic() + timeout
 
@@ -344,7 +338,7 @@ class _AsCompleted(Generic[M]):
                 raise StopAsyncIteration
             if isinstance(found, PrefectFuture):
                 return found
-            if not await wait_until_done(_as_call(found), _remaining(self._deadline)):
+            if not await wait_until_done(found, _remaining(self._deadline)):
                 raise self._completions.timeout_error()
 
 

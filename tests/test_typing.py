@@ -32,12 +32,6 @@ MISTAKES = SAMPLE / "mistakes.py"
 # which the blocking twins and the facade still type `Optional[State]` even with no
 # timeout. They check once `wait()` is typed `State` when no timeout is given; this
 # mark (strict) then fails, to be removed.
-AWAITING_WAIT_OVERLOADS = pytest.mark.xfail(
-    strict=True,
-    reason="runner.wait(future) with no timeout is typed Optional[State] in "
-    "taskrunners/_core/base.py and taskrunners/task_runners.py",
-)
-NEEDS_WAIT_OVERLOADS = {"ok_readme_sync.py", "ok_readme_facade.py"}
 
 ERROR = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+): error: .*\[(?P<code>[a-z-]+)\]$", re.M)
 MARK = re.compile(r"#\s*E:\s*(?P<code>[a-z-]+)\s*$")
@@ -94,11 +88,7 @@ def test_the_sample_holds_every_readme_example():
 @pytest.mark.parametrize(
     "path",
     [
-        pytest.param(
-            path,
-            id=path.stem,
-            marks=[AWAITING_WAIT_OVERLOADS] if path.name in NEEDS_WAIT_OVERLOADS else [],
-        )
+        pytest.param(path, id=path.stem)
         for path in OK_FILES
     ],
 )

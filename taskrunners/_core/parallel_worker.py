@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import copy
-import logging
 import mmap
 import os
 import struct
@@ -21,7 +19,6 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from taskrunners._core import records
 from taskrunners._core.records import captured_records
 from taskrunners._core.remote import encode_outcome, load_call, run_in_worker
 
@@ -77,7 +74,6 @@ def initialize_worker(
     threading.Thread(
         target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
     ).start()
-    records._prepare = _prepare  # see _prepare
     if initializer is None:
         return
     try:
@@ -94,23 +90,3 @@ def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(_PARENT_CHECK_INTERVAL)
     os._exit(1)
-
-
-_formatter = logging.Formatter()
-
-
-def _prepare(record: logging.LogRecord) -> logging.LogRecord:
-    """A picklable copy of ``record``, its message and traceback kept apart.
-
-    A workaround, in this runner's worker processes only, until ``records`` does the
-    same: ``QueueHandler.prepare``, which it uses, appends the traceback to the
-    message and drops ``exc_text``, so ``getMessage()`` and the formatters of the
-    parent would see another record than the one logged here.
-    """
-    prepared = copy.copy(record)
-    prepared.msg = record.getMessage()
-    prepared.args = None
-    if record.exc_info:
-        prepared.exc_text = record.exc_text or _formatter.formatException(record.exc_info)
-    prepared.exc_info = None
-    return prepared
