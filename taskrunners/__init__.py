@@ -7,8 +7,9 @@ loop, on local worker processes, on a Dask cluster or on a Ray cluster.
 
 from taskrunners import task_runners
 from taskrunners._core.ray import ray_options
-from taskrunners.flows import as_completed, flow, task, unmapped, wait
-from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners.flows import flow
+from taskrunners.futures import PrefectFuture, TaskRun, as_completed, wait
+from taskrunners.tasks import task, unmapped
 from taskrunners.task_runners import *  # noqa: F403 - the runner classes, listed there
 
 __all__ = ["ray_options", "PrefectFuture", "TaskRun", "flow", "task", "unmapped", "wait", "as_completed"]

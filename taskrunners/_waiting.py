@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import anyio
 import sniffio
 
-from taskrunners._core.calls import CallHandle
+from taskrunners._core.calls import Completes
 
 __all__ = ["wait_until_done", "in_event_loop"]
 
@@ -46,7 +46,7 @@ def _loop_waker() -> Callable[[Callable[[], Any]], None]:
     return wake
 
 
-async def wait_until_done(call: CallHandle, timeout: Optional[float]) -> bool:
+async def wait_until_done(call: Completes, timeout: Optional[float]) -> bool:
     """Wait until ``call`` is done; False if ``timeout`` passed first."""
     if call.done():
         return True

@@ -1,20 +1,51 @@
-"""Task runs and the futures a runner hands back for them."""
+"""Task runs, the futures a runner hands back for them, and waiting for several.
+
+:class:`PrefectFuture` is the handle to one submitted call. :func:`wait` and
+:func:`as_completed` take futures from any runner, as :func:`concurrent.futures.wait`
+and :func:`concurrent.futures.as_completed` sit beside ``Future``. Each has a
+blocking and an awaited form; type checkers tell them apart by the future's mode,
+``PrefectFuture[Sync]`` (the blocking twins', a sync flow's) or
+``PrefectFuture[Async]`` (the facade's, an async flow's).
+"""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import functools
 import itertools
 import os
 import random
+import threading
+import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Awaitable, Generic, Optional, TypeVar, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Coroutine,
+    Deque,
+    Generic,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    TypeVar,
+    Union,
+    overload,
+)
 
+from typing_extensions import NamedTuple
+
+from taskrunners._waiting import in_event_loop, wait_until_done
 from taskrunners.states import State
 
 if TYPE_CHECKING:
     from taskrunners._core.calls import CallHandle
 
-__all__ = ["TaskRun", "PrefectFuture", "Sync", "Async"]
+__all__ = ["TaskRun", "PrefectFuture", "Sync", "Async", "wait", "as_completed", "DoneAndNotDone"]
 
 
 class Sync:
@@ -105,17 +136,24 @@ class PrefectFuture(Generic[M]):
     def run_id(self) -> uuid.UUID:
         return self.task_run.id
 
+    # With no timeout, waiting ends only with the call: the State is never None.
     @overload
-    def wait(self: "PrefectFuture[Sync]", timeout: Optional[float] = None) -> Optional[State]: ...
+    def wait(self: PrefectFuture[Sync], timeout: None = None) -> State[Any]: ...
+
+    @overload
+    def wait(self: PrefectFuture[Sync], timeout: Optional[float]) -> Optional[State[Any]]: ...
 
     @overload
     def wait(
-        self: "PrefectFuture[Async]", timeout: Optional[float] = None
-    ) -> Awaitable[Optional[State]]: ...
+        self: PrefectFuture[Async], timeout: None = None
+    ) -> Coroutine[Any, Any, State[Any]]: ...
 
+    @overload
     def wait(
-        self, timeout: Optional[float] = None
-    ) -> Union[Optional[State], Awaitable[Optional[State]]]:
+        self: PrefectFuture[Async], timeout: Optional[float]
+    ) -> Coroutine[Any, Any, Optional[State[Any]]]: ...
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
         """The final State of the call, or None when ``timeout`` seconds pass first.
 
         A later call may still succeed. Awaitable when the future is asynchronous.
@@ -128,13 +166,13 @@ class PrefectFuture(Generic[M]):
 
     @overload
     def result(
-        self: "PrefectFuture[Sync]", timeout: Optional[float] = None, raise_on_failure: bool = True
+        self: PrefectFuture[Sync], timeout: Optional[float] = None, raise_on_failure: bool = True
     ) -> Any: ...
 
     @overload
     def result(
-        self: "PrefectFuture[Async]", timeout: Optional[float] = None, raise_on_failure: bool = True
-    ) -> Awaitable[Any]: ...
+        self: PrefectFuture[Async], timeout: Optional[float] = None, raise_on_failure: bool = True
+    ) -> Coroutine[Any, Any, Any]: ...
 
     def result(self, timeout: Optional[float] = None, raise_on_failure: bool = True) -> Any:
         """The data of the call's final State (see :meth:`State.result`).
@@ -182,10 +220,207 @@ class PrefectFuture(Generic[M]):
 
 
 def _state_data(
-    future: "PrefectFuture[Any]", state: Optional[State], timeout: Optional[float], raise_on_failure: bool
+    future: PrefectFuture[Any],
+    state: Optional[State[Any]],
+    timeout: Optional[float],
+    raise_on_failure: bool,
 ) -> Any:
     if state is None:
         raise TimeoutError(
             f"Call {future.task_run.name!r} did not finish within {timeout} seconds."
         )
     return state.result(raise_on_failure=raise_on_failure)
+
+
+# -- waiting for several futures, from any runner ---------------------------------------
+
+
+class DoneAndNotDone(NamedTuple, Generic[M]):
+    """What :func:`wait` returns: the futures done, and those not done, as sets."""
+
+    done: Set[PrefectFuture[M]]
+    not_done: Set[PrefectFuture[M]]
+
+
+class _Completions:
+    """Collects futures as their calls finish; waited on by threads and event loops."""
+
+    def __init__(self, futures: Iterable[PrefectFuture[Any]]) -> None:
+        from taskrunners._core.seam import call_of  # the core imports this module
+
+        self.futures = list(dict.fromkeys(futures))
+        # Every future is checked before any callback is added.
+        self.calls = [call_of(future) for future in self.futures]
+        self.unreported = len(self.futures)
+        self._lock = threading.Lock()
+        self._finished: Deque[PrefectFuture[Any]] = collections.deque()
+        self._signal: concurrent.futures.Future[None] = concurrent.futures.Future()
+        for future, call in zip(self.futures, self.calls):
+            call.add_done_callback(functools.partial(self._arrive, future))
+
+    def _arrive(self, future: PrefectFuture[Any], _: object) -> None:
+        with self._lock:
+            self._finished.append(future)
+            signal = self._signal
+        try:
+            signal.set_result(None)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def pop(self) -> Union[PrefectFuture[Any], concurrent.futures.Future[None], None]:
+        """A finished future not reported yet, None once all are; else a signal.
+
+        The signal is set when the next future finishes.
+        """
+        with self._lock:
+            if self._finished:
+                self.unreported -= 1
+                return self._finished.popleft()
+            if not self.unreported:
+                return None
+            if self._signal.done():
+                self._signal = concurrent.futures.Future()
+            return self._signal
+
+    def done_and_not_done(self) -> DoneAndNotDone[Any]:
+        done = {future for future, call in zip(self.futures, self.calls) if call.done()}
+        return DoneAndNotDone(done, set(self.futures) - done)
+
+    def timeout_error(self) -> TimeoutError:
+        return TimeoutError(f"{self.unreported} (of {len(self.futures)}) futures unfinished.")
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class _AsCompleted(Generic[M]):
+    """Futures in the order they finish, by ``for`` (blocking) or ``async for``."""
+
+    def __init__(self, futures: Iterable[PrefectFuture[M]], timeout: Optional[float]) -> None:
+        self._completions = _Completions(futures)
+        self.futures: List[PrefectFuture[M]] = self._completions.futures
+        self._deadline = _deadline(timeout)
+
+    def done_and_not_done(self) -> DoneAndNotDone[M]:
+        return self._completions.done_and_not_done()
+
+    def __iter__(self) -> Iterator[PrefectFuture[M]]:
+        if in_event_loop() and any(f.asynchronous for f in self.futures):
+            # Blocking here could starve the calls that run on this very loop.
+            raise RuntimeError(
+                "as_completed() was iterated with `for` inside an event loop over "
+                "asynchronous futures; use `async for future in as_completed(...)`."
+            )
+        return self
+
+    def __next__(self) -> PrefectFuture[M]:
+        while True:
+            found = self._completions.pop()
+            if found is None:
+                raise StopIteration
+            if isinstance(found, PrefectFuture):
+                return found
+            if not concurrent.futures.wait([found], _remaining(self._deadline)).done:
+                raise self._completions.timeout_error()
+
+    def __aiter__(self) -> AsyncIterator[PrefectFuture[M]]:
+        return self
+
+    async def __anext__(self) -> PrefectFuture[M]:
+        while True:
+            found = self._completions.pop()
+            if found is None:
+                raise StopAsyncIteration
+            if isinstance(found, PrefectFuture):
+                return found
+            if not await wait_until_done(found, _remaining(self._deadline)):
+                raise self._completions.timeout_error()
+
+
+def as_completed(
+    futures: Iterable[PrefectFuture[M]], timeout: Optional[float] = None
+) -> _AsCompleted[M]:
+    """Yield the futures as their runs finish, from any runner.
+
+    Iterate with ``for`` in synchronous code (it blocks the thread) and with
+    ``async for`` in async code (it waits without a thread, on asyncio or trio);
+    either works on blocking and asynchronous futures alike. ``for`` inside an event
+    loop over asynchronous futures is refused, since blocking there could starve the
+    very calls being waited for.
+
+    >>> for future in as_completed(futures, timeout=60):        # doctest: +SKIP
+    ...     print(future.result())
+    >>> async for future in as_completed(futures, timeout=60):  # doctest: +SKIP
+    ...     print(await future.result())
+
+    :param futures: :class:`PrefectFuture` objects; duplicates are yielded once
+    :param timeout: the most seconds, counted from this call, until the last one is
+        yielded; None for no limit
+    :raises TimeoutError: while iterating, when ``timeout`` passes first
+    :raises TypeError: if an item is not a PrefectFuture
+    """
+    return _AsCompleted(futures, timeout)
+
+
+@overload
+def wait(
+    futures: Iterable[PrefectFuture[Sync]], timeout: Optional[float] = None
+) -> DoneAndNotDone[Sync]: ...
+
+
+@overload
+def wait(
+    futures: Iterable[PrefectFuture[Async]], timeout: Optional[float] = None
+) -> Coroutine[Any, Any, DoneAndNotDone[Async]]: ...
+
+
+@overload
+def wait(
+    futures: Iterable[PrefectFuture[Any]], timeout: Optional[float] = None
+) -> Union[DoneAndNotDone[Any], Coroutine[Any, Any, DoneAndNotDone[Any]]]: ...
+
+
+def wait(futures: Iterable[PrefectFuture[Any]], timeout: Optional[float] = None) -> Any:
+    """Wait until every future is done, or ``timeout`` seconds pass.
+
+    Works on futures from any runner, like :func:`concurrent.futures.wait`. Like
+    :meth:`PrefectFuture.wait`, it blocks for blocking futures (a sync flow's, the
+    blocking twins') and returns an awaitable for asynchronous ones (an async flow's,
+    the facade's) or, given no futures, when called inside an event loop:
+
+    >>> done, not_done = wait(futures, timeout=10)           # doctest: +SKIP
+    >>> done, not_done = await wait(futures, timeout=10)     # in async code  # doctest: +SKIP
+
+    :param futures: :class:`PrefectFuture` objects; duplicates count once
+    :param timeout: the most seconds to wait; None to wait until all are done
+    :return: ``DoneAndNotDone(done, not_done)``, two sets of futures; a timeout is
+        not an error
+    :raises TypeError: if an item is not a PrefectFuture
+    """
+    arrivals = _AsCompleted(futures, timeout)
+    if arrivals.futures:
+        asynchronous = any(future.asynchronous for future in arrivals.futures)
+    else:
+        asynchronous = in_event_loop()
+    if asynchronous:
+        return _wait_async(arrivals)
+    try:
+        for _ in arrivals:
+            pass
+    except TimeoutError:  # not an error here: the futures not done say so
+        pass
+    return arrivals.done_and_not_done()
+
+
+async def _wait_async(arrivals: _AsCompleted[Any]) -> DoneAndNotDone[Any]:
+    try:
+        async for _ in arrivals:
+            pass
+    except TimeoutError:
+        pass
+    return arrivals.done_and_not_done()

@@ -134,6 +134,14 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
     ) -> PrefectFuture[Any]:
         """Submit ``run_fn(**run_kwargs)`` and return a future for its State."""
 
+    @overload
+    async def wait(self, prefect_future: PrefectFuture[Any], timeout: None = None) -> State: ...
+
+    @overload
+    async def wait(
+        self, prefect_future: PrefectFuture[Any], timeout: Optional[float]
+    ) -> Optional[State]: ...
+
     @abc.abstractmethod
     async def wait(
         self, prefect_future: PrefectFuture[Any], timeout: Optional[float] = None
@@ -316,6 +324,14 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
                 raise
             run_kwargs = seam.resolve_futures(self._core, run_kwargs)
         await _await_call(call, run_fn, run_kwargs)
+
+    @overload
+    async def wait(self, prefect_future: PrefectFuture[Any], timeout: None = None) -> State: ...
+
+    @overload
+    async def wait(
+        self, prefect_future: PrefectFuture[Any], timeout: Optional[float]
+    ) -> Optional[State]: ...
 
     async def wait(
         self, prefect_future: PrefectFuture[Any], timeout: Optional[float] = None

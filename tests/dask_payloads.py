@@ -75,9 +75,9 @@ async def async_sleep_registered(seconds):
 
 def running_coroutines():
     """Runs on workers (``Client.run``): how many coroutine calls are running there."""
-    from taskrunners._core import dask as dask_core
+    from taskrunners._core import dask_worker
 
-    return sum(1 for running in dask_core._running.values() if running is not None)
+    return sum(1 for running in dask_worker._running.values() if running is not None)
 
 
 def wait_for_release(started, release, value=None):

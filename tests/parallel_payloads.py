@@ -24,12 +24,18 @@ def started_calls(log):
     return sorted(path.read_text().split()) if path.exists() else []
 
 
-def wait_for(path, patience=60.0):
+def poll(condition, patience=60.0, what="condition not met"):
+    """Return once ``condition()`` is true; TimeoutError after ``patience`` seconds."""
     deadline = time.monotonic() + patience
-    while not os.path.exists(path):
+    while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {patience} s")
+            raise TimeoutError(f"{what} within {patience} s")
         time.sleep(0.01)
+
+
+def wait_for(path, patience=60.0):
+    """Return once the file ``path`` exists (a marker left by a call or by the test)."""
+    poll(lambda: os.path.exists(path), patience, f"{path} did not appear")
 
 
 def record_and_return(log, tag, value=None):

@@ -42,6 +42,7 @@ from tests.kinds_dask import (
     start_scheduler,
     stop_processes,
 )
+from tests.test_network import listening_addresses
 
 distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (after the skip: dask comes with distributed)
@@ -75,24 +76,6 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def listening(pids=None):
-    """(pid, ip, port) of listening sockets of this process tree (or of ``pids``)."""
-    if pids is None:
-        me = psutil.Process()
-        processes = [me, *me.children(recursive=True)]
-    else:
-        processes = [psutil.Process(pid) for pid in pids]
-    found = []
-    for process in processes:
-        try:
-            for conn in process.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found.append((process.pid, conn.laddr.ip, conn.laddr.port))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 # -- configuration (no cluster) -----------------------------------------------------
@@ -215,6 +198,23 @@ def test_missing_distributed_gives_the_documented_error_on_start():
     ]
 
 
+# -- distributed's private names --------------------------------------------------------
+
+
+def test_every_private_distributed_name_the_runner_relies_on_is_still_there():
+    from taskrunners._core import dask_engine
+
+    with threads_runner().start() as runner:
+        found = dask_engine.required(runner._client, runner._cluster)
+    assert set(found) == set(dask_engine.__all__) - {"required"}
+    missing = sorted(name for name, present in found.items() if not present)
+    assert not missing, (
+        f"distributed {distributed.__version__} no longer has what these functions of "
+        f"taskrunners/_core/dask_engine.py use: {', '.join(missing)}. Each now takes its "
+        "fallback; update it for this version, or pin distributed below it in setup.cfg."
+    )
+
+
 # -- a temporary cluster ---------------------------------------------------------------
 
 
@@ -328,10 +328,10 @@ def test_loopback_settings_are_added_only_where_the_user_chose_no_address(spy_cl
 
 
 def test_a_threads_cluster_listens_on_loopback_only():
-    before = set(listening())
+    before = set(listening_addresses())
     with threads_runner().start() as runner:
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 3})).result() == 3
-        opened = [entry for entry in listening() if entry not in before]
+        opened = [entry for entry in listening_addresses() if entry not in before]
     assert opened, "the dashboard at least should listen"
     exposed = [entry for entry in opened if not ipaddress.ip_address(entry[1]).is_loopback]
     assert not exposed
@@ -528,6 +528,25 @@ def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, requ
 # -- cancelling calls, as concurrent.futures does -----------------------------------------------
 
 
+def occupy_every_worker(runner, directory, release):
+    """Submit one long call to each worker of a started runner (its only thread) and
+    wait until all have started; they end once the file ``release`` exists."""
+    workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
+    long_runs = []
+    for index, worker in enumerate(workers):
+        with dask.annotate(workers=[worker]):
+            long_runs.append(
+                runner.submit(
+                    TaskRun(name=f"long-{index}"),
+                    dask_payloads.wait_for_release,
+                    {"started": str(directory / f"started-{index}"), "release": str(release), "value": index},
+                )
+            )
+    started = [directory / f"started-{index}" for index in range(len(workers))]
+    assert wait_for(lambda: all(path.exists() for path in started), timeout=120)
+    return long_runs
+
+
 @pytest.fixture
 def busy_processes_runner(tmp_path):
     """A started 2-worker process cluster whose only two threads run a long call each.
@@ -537,18 +556,7 @@ def busy_processes_runner(tmp_path):
     release = tmp_path / "release"
     runner = SyncDask(cluster_kwargs=dict(PROCESSES_CLUSTER))
     with runner.start():
-        workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
-        long_runs = []
-        for index, worker in enumerate(workers):
-            with dask.annotate(workers=[worker]):
-                long_runs.append(
-                    runner.submit(
-                        TaskRun(name=f"long-{index}"),
-                        dask_payloads.wait_for_release,
-                        {"started": str(tmp_path / f"started-{index}"), "release": str(release), "value": index},
-                    )
-                )
-        assert wait_for(lambda: all((tmp_path / f"started-{i}").exists() for i in range(2)), timeout=120)
+        long_runs = occupy_every_worker(runner, tmp_path, release)
         try:
             yield runner, long_runs, release
         finally:
@@ -657,7 +665,7 @@ def test_cancel_unstarted_cancels_what_no_worker_started_in_one_round_trip(busy_
             runner._cancel_unstarted([future._call for future in [*long_runs, *queued[:3], after_foreign]])
         finally:
             del client.run
-        assert asked.count("_cancel_unstarted_calls") == 1
+        assert asked.count("cancel_unstarted_calls") == 1
         assert not any(future._call.cancelled() for future in long_runs)
         for future in [*queued[:3], after_foreign]:
             assert_cancelled(runner, future)
@@ -673,18 +681,7 @@ def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
     release = tmp_path / "release"
     runner = threads_runner()
     with runner.start(), taskrunners.sync.ConcurrentTaskRunner().start() as other:
-        workers = sorted(runner._client.scheduler_info(n_workers=-1)["workers"])
-        long_runs = []
-        for index, worker in enumerate(workers):
-            with dask.annotate(workers=[worker]):
-                long_runs.append(
-                    runner.submit(
-                        TaskRun(),
-                        dask_payloads.wait_for_release,
-                        {"started": str(tmp_path / f"started-{index}"), "release": str(release)},
-                    )
-                )
-        assert wait_for(lambda: all((tmp_path / f"started-{i}").exists() for i in range(2)))
+        occupy_every_worker(runner, tmp_path, release)
         queued = runner.submit(TaskRun(), payloads.return_value, {"value": "queued"})
         foreign = other.submit(TaskRun(), dask_payloads.wait_for_release, {"started": os.devnull, "release": str(release)})
         after_foreign = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": foreign, "y": 1})
@@ -989,7 +986,7 @@ def test_an_unreachable_address_gives_up_after_connect_timeout_naming_it(runner_
 
 def test_the_external_cluster_listens_on_loopback_only(dask_external_cluster):
     pids = [process.pid for process in dask_external_cluster.processes()]
-    found = listening(pids)
+    found = listening_addresses(pids)
     assert found
     assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in found), found
 

@@ -1,9 +1,8 @@
-"""Flows and tasks on every runner that has landed.
+"""Flows and tasks on every runner.
 
 The seed-era standard flow tests (a successful run, a failing run, the concurrency
 canaries, subflows), then retries, map, wait/as_completed, the greetings example and
-the engine's own rules. Runners whose constructor still raises NotImplementedError are
-left out at collection and join automatically once they land.
+the engine's own rules. The runners are the standard suite's kinds (tests/kinds_*.py).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable
 
 import anyio
 import cloudpickle
@@ -28,6 +27,7 @@ from taskrunners import (
     ConcurrentTaskRunner,
     PrefectFuture,
     SequentialTaskRunner,
+    TaskConcurrencyType,
     TaskRun,
     as_completed,
     flow,
@@ -35,9 +35,12 @@ from taskrunners import (
     unmapped,
     wait,
 )
-from taskrunners.states import Completed, Failed, State
+from taskrunners._core import seam
+from taskrunners.states import Completed, Failed
 from tests import payloads
+from tests.conftest import ALL_KINDS
 from tests.flows_subprocess import run_python
+from tests.kinds import RunnerKind
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,55 +50,38 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _kind(kind_id: str) -> RunnerKind:
+    return next(kind for kind in ALL_KINDS if kind.id == kind_id)
+
+
+# One kind per backend: Ray's id names the head it runs against, when it has one.
+_RAY = next(kind for kind in ALL_KINDS if kind.class_name == "RayTaskRunner")
+
+
 @dataclasses.dataclass(frozen=True)
 class FlowRunner:
-    """One runner configuration the flow tests run on."""
+    """A runner class the flow tests run on, as two standard kinds of it."""
 
-    id: str
-    class_name: str
-    # Settings with which the runner starts what it needs (a pool, a cluster).
-    settings: Callable[[], Dict[str, Any]]
-    sequential: bool = False
-    in_process: bool = False
-    marks: tuple = ()
-    # For cluster runners: the name of a function below giving settings that join a
-    # cluster the test session shares, as starting one per flow costs seconds.
-    shared: Optional[str] = None
+    # Most tests' runners: Dask's and Ray's join the cluster the session shares, as
+    # starting one per flow costs seconds.
+    shared: RunnerKind
+    # The seed's successful-run example: a runner that starts its own pool or cluster
+    # (Ray's joins the session's too: a process holds one Ray connection).
+    own: RunnerKind
+
+    @property
+    def id(self) -> str:
+        """The runner's name, as examples/greetings.py takes it: "dask", "ray", ..."""
+        return self.shared.class_name[: -len("TaskRunner")].lower()
 
 
-CANDIDATES = [
-    FlowRunner("sequential", "SequentialTaskRunner", dict, sequential=True, in_process=True),
-    FlowRunner("concurrent", "ConcurrentTaskRunner", dict, in_process=True),
-    FlowRunner("parallel", "ParallelTaskRunner", lambda: {"max_workers": 2}),
-    FlowRunner(
-        "dask",
-        "DaskTaskRunner",
-        lambda: {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1, "processes": True}},
-        marks=(pytest.mark.dask,),
-        shared="_join_dask",
-    ),
-    FlowRunner(
-        "ray",
-        "RayTaskRunner",
-        lambda: {"init_kwargs": {"num_cpus": 2}},
-        marks=(pytest.mark.ray,),
-        shared="_join_ray",
-    ),
+RUNNERS = [
+    FlowRunner(_kind("sequential"), _kind("sequential")),
+    FlowRunner(_kind("concurrent"), _kind("concurrent")),
+    FlowRunner(_kind("parallel"), _kind("parallel")),
+    FlowRunner(_kind("dask-external"), _kind("dask-processes")),
+    FlowRunner(_RAY, _RAY),
 ]
-
-
-def _join_dask(request: pytest.FixtureRequest) -> Dict[str, Any]:
-    # The external cluster of tests/kinds_dask.py: two worker processes, one thread each.
-    return {"address": request.getfixturevalue("dask_external_cluster").address}
-
-
-def _join_ray(request: pytest.FixtureRequest) -> Dict[str, Any]:
-    # A process holds one Ray connection; tests/kinds_ray.py keeps it for the session.
-    head = request.getfixturevalue("ray_session").shared()
-    import ray.cloudpickle  # Ray pickles with its own copy of cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return {"address": head} if head else {}
 
 
 class Runner:
@@ -103,46 +89,39 @@ class Runner:
 
     def __init__(self, spec: FlowRunner, request: pytest.FixtureRequest) -> None:
         self.spec = spec
-        self.id, self.sequential, self.in_process = spec.id, spec.sequential, spec.in_process
+        self.id = spec.id
+        self.sequential = spec.shared.concurrency_type is TaskConcurrencyType.SEQUENTIAL
+        self.in_process = spec.shared.in_process
         self._request = request
 
     def make(self) -> Any:
         """A runner on the shared cluster, if the kind has one."""
-        settings = (
-            globals()[self.spec.shared](self._request) if self.spec.shared else self.spec.settings()
-        )
-        return getattr(taskrunners, self.spec.class_name)(**settings)
+        return self._made(self.spec.shared)
 
     def make_own(self) -> Any:
         """A runner that starts its own pool or cluster (Ray: joins the process's connection)."""
-        if self.spec.id == "ray":
-            return self.make()
-        return getattr(taskrunners, self.spec.class_name)(**self.spec.settings())
+        return self._made(self.spec.own)
+
+    def _made(self, kind: RunnerKind) -> Any:
+        runner = kind.make(self._request, blocking=False)
+        if kind is _RAY:
+            import ray.cloudpickle  # Ray pickles with its own copy of cloudpickle
+
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        return runner
 
 
-def _landed(candidate: FlowRunner) -> bool:
-    """False while the runner is a stub; any other construction error shows in its tests."""
-    try:
-        getattr(taskrunners.sync, candidate.class_name)(**candidate.settings())
-    except NotImplementedError:
-        return False
-    except Exception:
-        return True
-    return True
-
-
-RUNNERS = [candidate for candidate in CANDIDATES if _landed(candidate)]
 # Trio adds little for the cluster runners, which the facade reaches through threads.
 ASYNC_CASES = [
-    pytest.param(runner, backend, id=f"{runner.id}-{backend}", marks=runner.marks)
+    pytest.param(runner, backend, id=f"{runner.id}-{backend}", marks=runner.shared.marks)
     for runner in RUNNERS
     for backend in ("asyncio", "trio")
     if backend == "asyncio" or runner.id not in ("dask", "ray")
 ]
-IN_PROCESS = [runner for runner in RUNNERS if runner.in_process]
+IN_PROCESS = [runner for runner in RUNNERS if runner.shared.in_process]
 
 
-@pytest.fixture(params=[pytest.param(r, id=r.id, marks=r.marks) for r in RUNNERS])
+@pytest.fixture(params=[pytest.param(r, id=r.id, marks=r.shared.marks) for r in RUNNERS])
 def runner(request: pytest.FixtureRequest) -> Runner:
     return Runner(request.param, request)
 
@@ -157,39 +136,27 @@ def in_process_runners() -> Any:
     )
 
 
-def wait_for_text(path: pathlib.Path, text: str, patience: float) -> bool:
-    """Poll ``path`` until it holds ``text``; False after ``patience`` seconds."""
+def wait_until(condition: Callable[[], bool], patience: float) -> bool:
+    """Poll ``condition`` until it holds; False after ``patience`` seconds."""
     deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text() == text:
-            return True
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.01)
-    return False
+    return True
 
 
-async def await_text(path: pathlib.Path, text: str, patience: float) -> bool:
+async def await_until(condition: Callable[[], bool], patience: float) -> bool:
+    """:func:`wait_until` without blocking the event loop."""
     with anyio.move_on_after(patience):
-        while not (path.exists() and path.read_text() == text):
+        while not condition():
             await anyio.sleep(0.01)
         return True
     return False
 
 
-def wait_for_path(path: pathlib.Path, patience: float) -> bool:
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        if path.exists():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-async def await_path(path: pathlib.Path, patience: float) -> bool:
-    with anyio.move_on_after(patience):
-        while not path.exists():
-            await anyio.sleep(0.01)
-        return True
-    return False
+def holds(path: pathlib.Path, text: str) -> Callable[[], bool]:
+    return lambda: path.exists() and path.read_text() == text
 
 
 # -- the seed-era standard flow tests ----------------------------------------------------
@@ -410,7 +377,7 @@ def _sync_canary_tasks(path: pathlib.Path, patience: float):
 
     @task
     def foo():
-        wait_for_text(path, "bar", patience)
+        wait_until(holds(path, "bar"), patience)
         path.write_text("foo")
 
     @task
@@ -423,7 +390,7 @@ def _sync_canary_tasks(path: pathlib.Path, patience: float):
 def _async_canary_tasks(path: pathlib.Path, patience: float):
     @task
     async def foo():
-        await await_text(path, "bar", patience)
+        await await_until(holds(path, "bar"), patience)
         path.write_text("foo")
 
     @task
@@ -687,7 +654,7 @@ def test_wait_and_as_completed_in_a_sync_flow(runner, tmp_path):
 
     @task
     def held(path, value):
-        assert wait_for_path(pathlib.Path(path), 60), "never released"
+        assert wait_until(pathlib.Path(path).exists, 60), "never released"
         return value
 
     @task
@@ -727,7 +694,7 @@ def test_wait_and_as_completed_in_an_async_flow(runner, backend, tmp_path):
 
     @task
     async def held(path, value):
-        assert await await_path(pathlib.Path(path), 60), "never released"
+        assert await await_until(pathlib.Path(path).exists, 60), "never released"
         return value
 
     @task
@@ -815,6 +782,11 @@ def test_the_greetings_example_refuses_an_unknown_runner():
 # -- the engine's rules ---------------------------------------------------------------------------
 
 
+@task
+def identity(value):
+    return value
+
+
 @dataclasses.dataclass
 class Pair:
     left: Any
@@ -822,10 +794,6 @@ class Pair:
 
 
 def test_futures_and_states_nested_in_arguments_arrive_as_data(runner):
-    @task
-    def identity(value):
-        return value
-
     @flow(task_runner=runner.make())
     def test_flow():
         one = identity(1)
@@ -847,10 +815,6 @@ def test_futures_and_states_nested_in_arguments_arrive_as_data(runner):
 
 
 def test_a_failed_state_argument_makes_the_run_not_ready(runner):
-    @task
-    def identity(value):
-        return value
-
     @flow(task_runner=runner.make())
     def test_flow():
         return identity([Failed(data=ValueError("x"))])
@@ -996,10 +960,6 @@ def test_the_default_runner_is_concurrent_and_runner_classes_and_twins_are_accep
 
     assert isinstance(default.task_runner, ConcurrentTaskRunner)
 
-    @task
-    def identity(x):
-        return x
-
     for task_runner in (
         SequentialTaskRunner,
         taskrunners.sync.ConcurrentTaskRunner(),
@@ -1054,7 +1014,7 @@ def test_one_runner_instance_serves_a_flow_called_from_two_threads_at_once(tmp_p
         thread.join()
     assert results["a"].result().result() is True
     assert results["b"].result().result() is True
-    assert not shared._started
+    assert not shared.is_started
     # Both ended, so the instance itself is free again.
     assert test_flow(str(tmp_path / "c"), a).result().result() is True
 
@@ -1062,10 +1022,6 @@ def test_one_runner_instance_serves_a_flow_called_from_two_threads_at_once(tmp_p
 def test_a_subflow_given_its_parents_runner_runs_on_a_copy_with_its_settings():
     shared = ConcurrentTaskRunner(max_workers=3)
     seen = {}
-
-    @task
-    def identity(x):
-        return x
 
     @flow(task_runner=shared)
     def child():
@@ -1077,17 +1033,14 @@ def test_a_subflow_given_its_parents_runner_runs_on_a_copy_with_its_settings():
         return child()
 
     assert parent().result().is_completed()
-    assert seen["parent"] is shared._core
-    assert seen["child"] is not shared._core
-    assert type(seen["child"]) is type(shared._core) and seen["child"].max_workers == 3
+    core = seam.core_of(shared)
+    assert seen["parent"] is core
+    assert seen["child"] is not core
+    assert type(seen["child"]) is type(core) and seen["child"].max_workers == 3
 
 
 @in_process_runners()
 def test_a_flow_runs_again_on_the_same_runner(runner):
-    @task
-    def identity(x):
-        return x
-
     @flow(task_runner=runner.make())
     def test_flow(x):
         return identity(x)
@@ -1097,10 +1050,6 @@ def test_a_flow_runs_again_on_the_same_runner(runner):
 
 def test_subflow_arguments_resolve_and_a_failed_upstream_stops_the_subflow(tmp_path):
     ran = tmp_path / "child-ran"
-
-    @task
-    def identity(x):
-        return x
 
     @task
     def boom():
@@ -1141,7 +1090,7 @@ def test_an_async_flow_cancelled_from_outside_stops_and_can_run_again(runner, ba
         with anyio.move_on_after(0.3) as scope:
             await test_flow(60)
         assert scope.cancelled_caught
-        assert not task_runner._started
+        assert not task_runner.is_started
         return await test_flow(0)
 
     assert anyio.run(main, backend=backend).result().result() == 0
@@ -1156,5 +1105,5 @@ def test_the_flow_context_ends_with_the_flow():
     def test_flow():
         return double(1)
 
-    assert isinstance(test_flow().result(), State)
+    assert test_flow().result() == Completed(data=2)
     assert double(2) == 4  # after the flow: a plain call again

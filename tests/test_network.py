@@ -28,11 +28,16 @@ DEFAULT_RUNNERS = [
 ]
 
 
-def listening_addresses():
-    """(pid, ip, port) of every listening socket of this process and its descendants."""
-    me = psutil.Process()
+def listening_addresses(pids=None):
+    """(pid, ip, port) of every listening socket of this process and its descendants
+    (or of the processes ``pids``)."""
+    if pids is None:
+        me = psutil.Process()
+        processes = [me, *me.children(recursive=True)]
+    else:
+        processes = [psutil.Process(pid) for pid in pids]
     found = []
-    for process in [me, *me.children(recursive=True)]:
+    for process in processes:
         try:
             connections = process.net_connections(kind="inet")
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import weakref
 from concurrent.futures.process import BrokenProcessPool
 
@@ -25,10 +24,14 @@ import psutil
 import pytest
 
 from taskrunners import TaskRun
+from taskrunners._core import loky_engine
+from taskrunners._core.seam import core_of
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
 from tests import parallel_payloads, payloads
 from tests.conftest import ALL_KINDS, kind_params
+from tests.parallel_payloads import poll
+from tests.processes import alive, stop_processes
 
 cloudpickle.register_pickle_by_value(parallel_payloads)
 
@@ -47,15 +50,15 @@ def run(runner, run_fn, run_kwargs=None, name=None):
 
 
 def assert_no_process_alive(pids, timeout=10.0):
+    """Wait up to ``timeout`` for these processes to end; stop and name any that do not."""
     processes = []
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             processes.append(psutil.Process(pid))
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    for process in alive:
-        process.kill()
-    assert not alive, f"processes still alive: {alive}"
+    psutil.wait_procs(processes, timeout=timeout)
+    left = [process for process in processes if alive(process)]
+    stop_processes(left)
+    assert not left, f"processes still alive: {left}"
 
 
 # -- construction ----------------------------------------------------------------------
@@ -81,6 +84,38 @@ def test_settings_are_kept_and_max_workers_defaults_to_usable_cpus():
     assert runner.max_workers is None and runner.env == {"A": "1"}
     with runner.start():  # no call submitted: no worker is started
         assert runner._pool._max_workers == loky.cpu_count()
+
+
+# -- what the runner reads of loky beyond its public API -------------------------------------
+
+
+@pytest.mark.parametrize("function", loky_engine.required())
+def test_the_installed_loky_has_the_private_name_each_engine_function_reads(function):
+    assert loky_engine.available(function), (
+        f"taskrunners._core.loky_engine.{function}() falls back: loky {loky.__version__} no "
+        "longer has the private name it reads. Adapt the function, and the loky range in "
+        "setup.cfg."
+    )
+
+
+def test_the_engine_functions_fall_back_when_loky_lacks_their_private_name(monkeypatch, tmp_path):
+    from loky import process_executor
+    from loky.backend import resource_tracker
+
+    for name in ("EXTRA_QUEUED_CALLS", "TerminatedWorkerError", "ShutdownExecutorError"):
+        monkeypatch.delattr(process_executor, name)
+    monkeypatch.delattr(resource_tracker, "register")
+    monkeypatch.delattr(resource_tracker, "unregister")
+    # (stopped_workers is left out: its check starts an executor, which needs the tracker.)
+    names = [name for name in loky_engine.required() if name != "stopped_workers"]
+    assert [name for name in names if not loky_engine.available(name)] == names
+    assert loky_engine.call_queue_size(2) == 5
+    error = loky_engine.worker_died_error("a worker died")
+    assert type(error) is loky.BrokenProcessPool and str(error) == "a worker died"
+    assert not loky_engine.is_shutdown_error(RuntimeError("cannot schedule new futures"))
+    assert loky_engine.stopped_workers(object()) == {}
+    loky_engine.track_folder(str(tmp_path))  # nothing to do, and no error
+    loky_engine.untrack_folder(str(tmp_path))
 
 
 # -- where and how calls run -------------------------------------------------------------
@@ -336,8 +371,7 @@ def test_a_result_that_cannot_be_pickled_crashes_the_call(driver):
             driver.submit(parallel_payloads.return_unpicklable, task_run=TaskRun(name="unpicklable"))
         )
         later = driver.run(payloads.return_value, {"value": "fine"})
-        core = driver.runner if driver.blocking else driver.runner._core
-        generations = len(core._pool._generations)
+        generations = len(core_of(driver.runner)._pool._generations)
     assert state.is_crashed()
     assert "could not be pickled to send it back" in state.message and "_thread.lock" in state.message
     assert "'unpicklable'" in state.message
@@ -359,13 +393,6 @@ def test_a_result_pickling_error_that_cannot_be_rebuilt_comes_back_as_a_pickling
 
 
 # -- call handles, as concurrent.futures futures -------------------------------------------
-
-
-def poll(condition, patience=60.0):
-    deadline = time.monotonic() + patience
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -425,6 +452,35 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
         state = middle[-1].result(0)
         assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
         assert isinstance(state.result(raise_on_failure=False), concurrent.futures.CancelledError)
+
+
+def test_loky_never_holds_more_calls_than_its_call_queue():
+    """Whichever thread hands a call over: the feeder, or loky's manager thread in place
+    of a call it settled. More would leave calls that cannot be cancelled though they
+    have not started."""
+    with ParallelTaskRunner(max_workers=1).start() as runner:
+        executor = runner._pool._generation.executor
+        lock = threading.Lock()
+        held, most = [0], [0]
+        submit = executor.submit
+
+        def counting_submit(*args, **kwargs):  # a pass-through spy
+            future = submit(*args, **kwargs)
+            with lock:
+                held[0] += 1
+                most[0] = max(most[0], held[0])
+
+            def left(_):
+                with lock:
+                    held[0] -= 1
+
+            future.add_done_callback(left)
+            return future
+
+        executor.submit = counting_submit
+        futures = [runner.submit(TaskRun(), payloads.return_value, {"value": i}) for i in range(300)]
+        assert [runner.wait(future).result() for future in futures] == list(range(300))
+    assert 1 <= most[0] <= 3  # loky's call queue: 2 * max_workers + 1
 
 
 def test_an_executor_shutdown_cancelling_calls_marks_them_cancelled(tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -27,7 +28,9 @@ from anyio.from_thread import start_blocking_portal
 import taskrunners
 import taskrunners.sync
 from taskrunners import TaskRun
+from taskrunners._core import ray_engine
 from taskrunners._core.ray import DEFAULT_REMOTE_OPTIONS, ray_options
+from taskrunners._core.ray_options import call_options
 from taskrunners.states import Completed
 from tests import payloads, ray_payloads
 from tests.conftest import kind_params
@@ -171,9 +174,7 @@ def test_settings_namespace_default_and_validation():
 
 
 def test_ray_options_validate_and_nest():
-    from taskrunners._core.ray import _call_options
-
-    assert dict(_call_options.get()) == {}
+    assert dict(call_options()) == {}
     with ray_options(num_cpus=2, resources={"a": 1}) as outer:
         assert dict(outer) == {"num_cpus": 2, "resources": {"a": 1}}
         with ray_options(memory=1024, num_gpus=0.5, resources={"b": 2}) as inner:
@@ -184,9 +185,9 @@ def test_ray_options_validate_and_nest():
                 "resources": {"a": 1, "b": 2},
             }
         with ray_options(num_cpus=1):
-            assert _call_options.get()["num_cpus"] == 1
-        assert dict(_call_options.get()) == dict(outer)
-    assert dict(_call_options.get()) == {}
+            assert call_options()["num_cpus"] == 1
+        assert dict(call_options()) == dict(outer)
+    assert dict(call_options()) == {}
 
     with pytest.raises(ValueError, match=r"`num_cpus` must be a non-negative number, got -1"):
         ray_options(num_cpus=-1).__enter__()
@@ -200,7 +201,19 @@ def test_ray_options_validate_and_nest():
         ray_options(resources=[("a", 1)]).__enter__()
     with pytest.raises(ValueError, match=r"`resources\['a'\]` must be a non-negative number"):
         ray_options(resources={"a": -2}).__enter__()
-    assert dict(_call_options.get()) == {}
+    assert dict(call_options()) == {}
+
+
+@pytest.mark.parametrize("function", sorted(ray_engine.PRIVATE_NAMES))
+def test_the_installed_ray_has_each_private_name_the_runner_uses(function):
+    import ray
+
+    private = ray_engine.PRIVATE_NAMES[function]
+    assert ray_engine.required()[function], (
+        f"taskrunners._core.ray_engine.{function}() relies on {private.name}, which Ray "
+        f"{ray.__version__} no longer has: it now runs its fallback. Update it, or pin Ray "
+        "below this version in setup.cfg."
+    )
 
 
 # -- runners that start their own local instance (the shared one released) -----------------
@@ -387,7 +400,7 @@ def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):
         assert [runner.wait(f).result() for f in futures] == [
             *range(30), *range(1, 11), *range(5)
         ]
-        assert sorted(name for name in wrapped if name != "_run_in_worker") == [
+        assert sorted(name for name in wrapped if name != "run_call") == [
             "add", "local_fn", "return_value"
         ]
         functions = runner._remote_functions
@@ -395,6 +408,37 @@ def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):
         del local_fn
         gc.collect()
         assert len(functions._entries) == 2, "the wrapper must go with its run_fn"
+        # A run_fn that cannot be a weak key is wrapped for each call, and runs.
+        unhashable = [ray_payloads.Unhashable(), ray_payloads.Unhashable()]
+        assert [runner.wait(runner.submit(TaskRun(), fn, {"value": i})).result()
+                for i, fn in enumerate(unhashable)] == [0, 1]
+        assert wrapped.count("Unhashable") == 2 and len(functions._entries) == 2
+
+
+def test_a_ref_without_the_private_completion_callback_is_followed_through_its_future(
+    ray_session,
+):
+    """ray_engine.on_ref_done's fallback, for a Ray whose ObjectRef has no _on_completed."""
+    import ray
+
+    ray_session.shared()
+
+    class WithoutPrivateCallback:  # passes future() through to the real ObjectRef
+        def __init__(self, ref):
+            self.ref = ref
+
+        def future(self):
+            return self.ref.future()
+
+    def fail():
+        raise LookupError("from the task")
+
+    outcomes = queue.Queue()
+    ray_engine.on_ref_done(WithoutPrivateCallback(ray.remote(payloads.add).remote(1, 2)), outcomes.put)
+    assert outcomes.get(timeout=60).result() == 3
+    ray_engine.on_ref_done(WithoutPrivateCallback(ray.remote(fail).remote()), outcomes.put)
+    error = outcomes.get(timeout=60)
+    assert isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, LookupError)
 
 
 def test_upstream_futures_reach_ray_as_object_refs(ray_session, monkeypatch):

@@ -8,7 +8,19 @@ import enum
 import logging
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    TypeVar,
+    overload,
+)
 
 from taskrunners._collections import iter_leaves, visit_collection
 from taskrunners._core.calls import (
@@ -18,7 +30,7 @@ from taskrunners._core.calls import (
     block_until_done,
     when_all_done,
 )
-from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners.futures import PrefectFuture, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -232,8 +244,8 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     # -- submission ----------------------------------------------------------------
 
     def submit(
-        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> PrefectFuture:
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Mapping[str, Any]
+    ) -> PrefectFuture[Sync]:
         """Submit ``run_fn(**run_kwargs)``; returns a blocking :class:`PrefectFuture`.
 
         Futures anywhere in ``run_kwargs`` reach ``run_fn`` as their final States.
@@ -242,8 +254,8 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
         """
         check_submission(run_fn, run_kwargs)
-        future = PrefectFuture(task_run, self, asynchronous=False)
-        future._call = self._submit_call(task_run, run_fn, run_kwargs)
+        future: PrefectFuture[Sync] = PrefectFuture(task_run, self, asynchronous=False)
+        future._call = self._submit_call(task_run, run_fn, dict(run_kwargs))
         return future
 
     def _submit_call(
@@ -310,7 +322,13 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
 
     # -- waiting -------------------------------------------------------------------
 
-    def wait(self, future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
+    @overload
+    def wait(self, future: PrefectFuture[Any], timeout: None = None) -> State: ...
+
+    @overload
+    def wait(self, future: PrefectFuture[Any], timeout: Optional[float]) -> Optional[State]: ...
+
+    def wait(self, future: PrefectFuture[Any], timeout: Optional[float] = None) -> Optional[State]:
         """Block until the call is done and return its State, or None after ``timeout``.
 
         Whatever the call did comes back as a State; only misuse raises.

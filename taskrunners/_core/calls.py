@@ -17,6 +17,7 @@ from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
     "TIMEOUT_ERRORS",
+    "Completes",
     "CallHandle",
     "Call",
     "done_call",
@@ -27,7 +28,17 @@ __all__ = [
 TIMEOUT_ERRORS = (concurrent.futures.TimeoutError, TimeoutError, asyncio.TimeoutError)
 
 
-class CallHandle(Protocol):
+class Completes(Protocol):
+    """Anything that says when it is done: a call, a ``concurrent.futures.Future``."""
+
+    def done(self) -> bool:
+        """Whether it is done."""
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        """Call ``fn(it)`` once it is done (at once if it is)."""
+
+
+class CallHandle(Completes, Protocol):
     """What the layers above the blocking core may do with a call."""
 
     def done(self) -> bool:

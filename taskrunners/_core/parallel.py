@@ -1,9 +1,22 @@
 """The blocking ParallelTaskRunner: calls in loky worker processes.
 
-The path of a call: ``submit`` pickles run_fn and its arguments and queues the call
-in this process; a feeder thread hands it to the current loky executor, which puts
-it on its workers' queue; a worker marks it started in a slot table, runs it and
-pickles its State; loky's manager thread settles the call with that State.
+How a call travels (the worker side is :mod:`~taskrunners._core.parallel_worker`)::
+
+    submit()           pickles run_fn and its arguments (an error settles the call
+       │               at once) and queues a _Call here, where it can be cancelled
+       ▼
+    feeder thread      once loky holds fewer calls than its call queue's size (or
+    (or loky's         loky's manager thread, in place of a call just settled): marks
+    manager thread)    the call running, takes a slot in the slot table, submits
+       │               run_call() to the current generation's loky executor
+       ▼
+    loky ──▶ worker    run_call() marks the slot started, runs the call to a State,
+       │               pickles it with the call's log records, marks the slot finished
+       ▼
+    loky's manager     _on_done(): the outcome's records go to this process's
+    thread             loggers and its State settles the _Call; after a break, the
+                       slot table tells calls that started (Crashed) from calls that
+                       never did (queued again, for a fresh generation)
 
 Hazards this module exists to handle, each with its own State and message:
 
@@ -36,7 +49,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import copy
 import functools
 import itertools
 import logging
@@ -45,238 +57,37 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import tempfile
 import threading
-import time
-import traceback
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 import cloudpickle
 import loky
-from loky.backend import resource_tracker
-from loky.process_executor import (
-    EXTRA_QUEUED_CALLS,
-    BrokenProcessPool,
-    ShutdownExecutorError,
-    TerminatedWorkerError,
-)
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core import loky_engine
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, check_max_workers
 from taskrunners._core.calls import Call
-from taskrunners._core.remote import run_in_worker
+from taskrunners._core.parallel_worker import (
+    INITIALIZER_ERROR_FILE,
+    SLOT,
+    initialize_worker,
+    run_call,
+)
+from taskrunners._core.records import emit
+from taskrunners._core.remote import decode_outcome
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = ["ParallelTaskRunner"]
 
-# One slot per call handed to a pool: (pid of the worker that started the call, pid
-# of the worker that finished it), 0 meaning "not yet".
-_SLOT = struct.Struct("=ii")
-_PID = struct.Struct("=i")
 # A call that meets this many broken pools before any worker starts it is Crashed
 # instead of being handed to yet another pool.
 _MAX_HANDOVERS = 3
-_INITIALIZER_ERROR_FILE = "initializer-error"
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
-# How often (seconds) a worker checks that the process that started it is alive.
-_PARENT_CHECK_INTERVAL = 0.5
-
-
-# -- in the worker process ----------------------------------------------------------
-
-
-class _RecordCollector(logging.Handler):
-    """Keeps the log records the running call's own thread emits, made picklable."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread: Optional[int] = None
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.records.append(_picklable_record(record))
-
-
-_worker_tables: Dict[str, mmap.mmap] = {}
-_collector: Optional[_RecordCollector] = None
-_formatter = logging.Formatter()
-
-
-def _slot_table(path: str) -> mmap.mmap:
-    table = _worker_tables.get(path)
-    if table is None:
-        with open(path, "r+b") as file:
-            table = mmap.mmap(file.fileno(), 0)
-        _worker_tables[path] = table
-    return table
-
-
-def _picklable_record(record: logging.LogRecord) -> logging.LogRecord:
-    prepared = copy.copy(record)
-    prepared.msg = record.getMessage()
-    prepared.args = None
-    if record.exc_info:
-        prepared.exc_text = record.exc_text or _formatter.formatException(record.exc_info)
-    prepared.exc_info = None
-    return prepared
-
-
-_PLAIN_TYPES = (str, int, float, bool, type(None))
-
-
-def _plain_record(record: logging.LogRecord) -> logging.LogRecord:
-    """A copy of ``record`` whose extra attributes are made plain (for pickling)."""
-    attributes = {
-        key: value if isinstance(value, _PLAIN_TYPES) else repr(value)
-        for key, value in record.__dict__.items()
-    }
-    return logging.makeLogRecord(attributes)
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _portable_error(exc: Exception) -> Exception:
-    """An exception with the type and message of ``exc`` that pickles.
-
-    ``exc`` itself may hold the value that could not be pickled; where its type
-    cannot be rebuilt from the message alone, a ``PicklingError`` carries it.
-    """
-    message = str(exc)
-    try:
-        rebuilt = type(exc)(message)
-        if str(rebuilt) == message:
-            cloudpickle.dumps(rebuilt)
-            return rebuilt
-    except Exception:
-        pass
-    return pickle.PicklingError(message)
-
-
-def _encode_result(name: str, state: State, records: List[logging.LogRecord]) -> bytes:
-    result = (state, records or None)
-    try:
-        # Plain pickle is several times faster. For what only cloudpickle can send (a
-        # class or function that came here by value) it fails instead of writing a
-        # reference, since the name does not lead back to the same object here.
-        return pickle.dumps(result, _PROTOCOL)
-    except Exception:
-        pass
-    try:
-        return cloudpickle.dumps(result, _PROTOCOL)
-    except Exception:
-        pass
-    records = [_plain_record(record) for record in records]
-    try:
-        cloudpickle.dumps(state)
-    except Exception as exc:
-        message = (
-            f"The State returned by task run {name!r} could not be pickled to send it back "
-            f"from the worker process: {_describe(exc)}. Return only data that cloudpickle "
-            "can serialize."
-        )
-        state = Crashed(message=message, data=_portable_error(exc))
-    return cloudpickle.dumps((state, records or None), _PROTOCOL)
-
-
-def _run_in_worker(
-    payload: bytes, name: str, table_path: str, slot: int, log_level: int
-) -> bytes:
-    """Run one call in a worker process; returns its pickled (State, log records)."""
-    global _collector
-    pid = os.getpid()
-    table = _slot_table(table_path)
-    offset = slot * _SLOT.size
-    _PID.pack_into(table, offset, pid)
-    collector = _collector
-    if collector is None:
-        collector = _collector = _RecordCollector()
-    collector.thread = threading.get_ident()
-    collector.setLevel(log_level)
-    root = logging.getLogger()
-    if root.level != log_level:  # the worker's threshold follows the parent's
-        root.setLevel(log_level)
-    root.addHandler(collector)
-    try:
-        try:
-            run_fn, run_kwargs = cloudpickle.loads(payload)
-        except BaseException as exc:
-            state = Crashed(
-                message=f"Task run {name!r} could not be unpickled in the worker process: "
-                f"{_describe(exc)}. Make sure the workers can import every module that "
-                "run_fn and its arguments refer to.",
-                data=exc,
-            )
-        else:
-            del payload
-            state = run_in_worker(run_fn, run_kwargs)[0]
-            del run_fn, run_kwargs
-    finally:
-        root.removeHandler(collector)
-        records, collector.records = collector.records, []
-    result = _encode_result(name, state, records)
-    _PID.pack_into(table, offset + _PID.size, pid)
-    return result
-
-
-def _initialize_worker(
-    parent_pid: int,
-    error_path: str,
-    initializer: Optional[Callable[..., Any]],
-    initargs: Tuple[Any, ...],
-) -> None:
-    # A worker blocks on loky's queue forever once its parent is gone (killed with
-    # SIGKILL, say): leave with it instead of lingering as an orphan.
-    threading.Thread(
-        target=_exit_with_parent, args=(parent_pid,), name="exit-with-parent", daemon=True
-    ).start()
-    if initializer is None:
-        return
-    try:
-        initializer(*initargs)
-    except BaseException:
-        # loky only logs the error and lets the worker exit: keep it for the parent.
-        with open(error_path, "w") as file:
-            file.write(traceback.format_exc())
-        raise
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    # An orphan is adopted by another process; on Windows the check never fires.
-    while os.getppid() == parent_pid:
-        time.sleep(_PARENT_CHECK_INTERVAL)
-    os._exit(1)
-
-
-# -- in the parent process ----------------------------------------------------------
-
-
-def _cancelled_state() -> State:
-    return exception_to_crashed_state(concurrent.futures.CancelledError())
-
-
-def _decode_result(name: str, data: bytes) -> Tuple[State, Optional[List[logging.LogRecord]]]:
-    try:
-        return cloudpickle.loads(data)
-    except Exception as exc:
-        message = (
-            f"The State of task run {name!r} could not be unpickled in this process: "
-            f"{_describe(exc)}. Return only data this process can import."
-        )
-        return Crashed(message=message, data=exc), None
-
-
-def _emit(records: Iterable[logging.LogRecord]) -> None:
-    for record in records:
-        logger = logging.getLogger(record.name)
-        try:
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
-        except Exception:  # as logging does: a broken filter must not fail the call
-            traceback.print_exc()
 
 
 def _describe_exit(exitcode: Optional[int]) -> str:
@@ -289,17 +100,6 @@ def _describe_exit(exitcode: Optional[int]) -> str:
             name = f"signal {-exitcode}"
         return f"was killed by {name} (exit code {exitcode})"
     return f"exited with code {exitcode}"
-
-
-def _dead_workers(executor: loky.ProcessPoolExecutor) -> Dict[int, Optional[int]]:
-    """Exit codes of the workers that have stopped, by pid.
-
-    Reads loky's private map of worker processes, from the first callback of a
-    break: loky runs the callbacks before it kills the surviving workers (and
-    empties that map), so these are the workers that died on their own.
-    """
-    processes = getattr(executor, "_processes", None) or {}
-    return {pid: p.exitcode for pid, p in list(processes.items()) if p.exitcode is not None}
 
 
 class _Call(Call):
@@ -319,26 +119,9 @@ class _Call(Call):
         self.payload = payload
         self.handovers = 0
 
-    def running(self) -> bool:
-        return self._running and self._state is None
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled:
-            self.payload = None
-        return cancelled
-
-    def set_cancelled(self) -> None:
-        """End a call that never started, because the pool stopped first, as cancelled."""
-        with self._lock:
-            if self._state is None:
-                self._cancelled = True
-        _finish(self, _cancelled_state())
-
-
-def _finish(call: _Call, state: State) -> None:
-    call.payload = None
-    call.set_result(state)
+    def set_result(self, state: State) -> None:
+        self.payload = None  # a settled call, cancelled ones too, keeps no argument alive
+        super().set_result(state)
 
 
 class _Generation:
@@ -357,14 +140,14 @@ class _Generation:
         self.number = number
         self.path = os.path.join(directory, f"slots-{number}")
         with open(self.path, "w+b") as file:
-            file.truncate(slots * _SLOT.size)
+            file.truncate(slots * SLOT.size)
             self.table = mmap.mmap(file.fileno(), 0)
         self.executor = loky.ProcessPoolExecutor(
             max_workers=max_workers,
-            initializer=_initialize_worker,
+            initializer=initialize_worker,
             initargs=(
                 os.getpid(),
-                os.path.join(directory, _INITIALIZER_ERROR_FILE),
+                os.path.join(directory, INITIALIZER_ERROR_FILE),
                 initializer,
                 initargs,
             ),
@@ -378,13 +161,13 @@ class _Generation:
         self.dead: Optional[Dict[int, Optional[int]]] = None
 
     def take_slot(self) -> int:
-        # Only the feeder thread takes slots; loky's manager thread gives them back.
-        # The pool never has more calls in flight than the table has slots.
+        # Taken for a place in loky (see _ProcessPool._in_flight), given back when
+        # loky is done with the call: never more slots in use than the table has.
         try:
             slot = self._freed.pop()
         except IndexError:
             return next(self._fresh)
-        _SLOT.pack_into(self.table, slot * _SLOT.size, 0, 0)
+        SLOT.pack_into(self.table, slot * SLOT.size, 0, 0)
         return slot
 
     def give_back(self, slot: int) -> None:
@@ -392,7 +175,7 @@ class _Generation:
 
     def marks(self, slot: int) -> Tuple[int, int]:
         """(pid that started the call in ``slot``, pid that finished it), 0 for not yet."""
-        return _SLOT.unpack_from(self.table, slot * _SLOT.size)
+        return SLOT.unpack_from(self.table, slot * SLOT.size)
 
     def cause(self) -> str:
         """Which workers died and how, for messages."""
@@ -401,22 +184,22 @@ class _Generation:
                 f"worker process (pid {pid}) {_describe_exit(code)}"
                 for pid, code in sorted(self.dead.items())
             )
-        lines = str(self.broken or "").strip().splitlines()
-        codes = [line.strip() for line in lines if "exit codes" in line]
-        return (codes or lines or ["unknown cause"])[0]
+        return loky_engine.break_summary(self.broken)
 
 
 class _ProcessPool:
     """The worker processes of one ``start()`` block, replaced whole when one dies.
 
-    Calls wait in a queue in this process and a feeder thread hands them to the
-    current loky executor, as many at a time as loky's call queue holds. Two hazards
-    make that thread worth its cost. Calls made ready inside a callback on loky's
-    manager thread (dependent calls, calls to retry after a break) would otherwise be
-    submitted from that thread, and a burst of them fills its own wake-up pipe and
-    deadlocks it. And a caller that submits in a loop both pickles (CPU-bound) and
-    wakes loky's manager (a syscall) for every call, so the manager keeps waiting for
-    the GIL and the workers starve.
+    Calls wait in a queue in this process and are handed to the current loky
+    executor, as many at a time as loky's call queue holds: by a feeder thread, and
+    by loky's manager thread, which hands over the next call in place of each call it
+    settles. Two hazards make the feeder worth its cost. Calls made ready inside a
+    callback on loky's manager thread (dependent calls, calls to retry after a break)
+    are queued, never submitted from that thread: a burst of them would fill its own
+    wake-up pipe and deadlock it (in place of a settled call it submits one, never
+    more). And a caller that submits in a loop both pickles (CPU-bound) and would wake
+    loky's manager (a syscall) for every call, so the manager would keep waiting for
+    the GIL and the workers would starve.
     """
 
     def __init__(
@@ -436,7 +219,7 @@ class _ProcessPool:
         self._log_level = logging.getLogger().level
         self._directory = tempfile.mkdtemp(prefix="taskrunners-parallel-")
         # Removed by loky's resource tracker if this process dies without cleaning up.
-        resource_tracker.register(self._directory, "folder")
+        loky_engine.track_folder(self._directory)
         self._cond = threading.Condition(threading.Lock())
         self._queue: Deque[_Call] = collections.deque()
         # Calls handed to loky and not yet settled, at most the size of loky's call
@@ -445,7 +228,7 @@ class _ProcessPool:
         # let very short calls go faster, and leave more calls that cannot be
         # cancelled though they have not started.
         self._in_flight = 0
-        self._capacity = 2 * max_workers + EXTRA_QUEUED_CALLS
+        self._capacity = loky_engine.call_queue_size(max_workers)
         self._stopping = False
         self._abort_reason: Optional[BaseException] = None
         self._generations: List[_Generation] = []
@@ -479,7 +262,7 @@ class _ProcessPool:
             payload = cloudpickle.dumps((run_fn, run_kwargs), _PROTOCOL)
         except Exception as exc:
             call = _Call(task_run, None)
-            _finish(call, _pickling_failure(task_run, run_fn, exc))
+            call.set_result(_pickling_failure(task_run, run_fn, exc))
             return call
         call = _Call(task_run, payload)
         self._enqueue(call)
@@ -492,7 +275,8 @@ class _ProcessPool:
                     self._queue.appendleft(call)
                 else:
                     self._queue.append(call)
-                self._cond.notify()
+                if self._in_flight < self._capacity:  # else the feeder could not take it
+                    self._cond.notify()
                 return
         call.set_cancelled()
 
@@ -513,62 +297,89 @@ class _ProcessPool:
             if self._stopping:
                 return False
             call = self._queue.popleft()
-        try:
-            self._hand_over(call)
-        except BaseException as exc:  # a bug here must not leave the call hanging
-            self._logger.exception("The feeder of the process pool failed.")
-            _finish(call, exception_to_crashed_state(exc))
+            self._in_flight += 1  # its place in loky, given back if it does not get there
+        self._send(call)
         return True
 
-    def _hand_over(self, call: _Call) -> None:
-        """Submit ``call`` to the current executor, or settle it if it cannot run."""
+    def _send(self, call: _Call, manager_of: Optional[_Generation] = None) -> None:
+        """Hand over a call that has a place in loky; the place is freed if it is not used."""
+        try:
+            sent = self._hand_over(call, manager_of)
+        except BaseException as exc:  # a bug here must not leave the call hanging
+            self._logger.exception("Handing task run %r to the pool failed.", call.task_run.name)
+            call.set_result(exception_to_crashed_state(exc))
+            sent = False
+        if not sent:
+            self._free_place()
+
+    def _free_place(self) -> None:
+        with self._cond:
+            self._place_freed()
+
+    def _place_freed(self) -> None:
+        # With the lock held. The feeder is woken only when it has a call to hand over:
+        # a wake-up per call costs as much as the rest of the hand-over.
+        self._in_flight -= 1
+        if self._queue:
+            self._cond.notify()
+
+    def _hand_over(self, call: _Call, manager_of: Optional[_Generation]) -> bool:
+        """Submit ``call`` to the current executor, or settle it if it cannot run.
+
+        True once loky holds it. On the manager thread of ``manager_of``, it goes to
+        that executor or, if that one broke or was replaced, back to the front of the
+        queue: only the feeder replaces pools.
+        """
         if not call.handovers and not call.set_running():
-            return  # cancelled while queued
+            return False  # cancelled while queued
         for _ in range(_MAX_HANDOVERS):
-            generation = self._generation
-            if generation.broken is not None:
+            current: Optional[_Generation] = self._generation
+            if manager_of is not None and (current is not manager_of or manager_of.broken):
+                self._enqueue(call, first=True)
+                return False
+            if current is not None and current.broken is not None:
                 failure = self._initializer_failure(call)
                 if failure is not None:  # a fresh pool would fail the same way
-                    _finish(call, failure)
-                    return
-                generation = self._replace(generation)
-            if generation is None or self._stopping:
+                    call.set_result(failure)
+                    return False
+                current = self._replace(current)
+            if current is None or self._stopping:
                 call.set_cancelled()
-                return
+                return False
+            generation = current
             slot = generation.take_slot()
             try:
                 submitted = generation.executor.submit(
-                    _run_in_worker,
+                    run_call,
                     call.payload,
                     call.task_run.name,
                     generation.path,
                     slot,
                     self._log_level,
                 )
-            except BrokenProcessPool as exc:
+            except loky.BrokenProcessPool as exc:
                 generation.broken = generation.broken or exc
                 continue  # on a fresh pool
-            except ShutdownExecutorError:
-                call.set_cancelled()
-                return
             except Exception as exc:  # e.g. no worker process could be started
+                if loky_engine.is_shutdown_error(exc):
+                    call.set_cancelled()
+                    return False
                 generation.give_back(slot)
                 message = (
                     f"Task run {call.task_run.name!r} could not be handed to the worker "
                     f"processes: {_describe(exc)}"
                 )
-                _finish(call, Crashed(message=message, data=exc))
-                return
+                call.set_result(Crashed(message=message, data=exc))
+                return False
             call.handovers += 1
-            with self._cond:
-                self._in_flight += 1
             submitted.add_done_callback(functools.partial(self._on_done, call, generation, slot))
-            return
+            return True
         message = (
             f"Task run {call.task_run.name!r} could not be handed to the worker processes: "
             f"every new pool broke at once ({self._generation.cause()})."
         )
-        _finish(call, Crashed(message=message, data=TerminatedWorkerError(message)))
+        call.set_result(Crashed(message=message, data=loky_engine.worker_died_error(message)))
+        return False
 
     def _replace(self, broken: _Generation) -> Optional[_Generation]:
         with self._cond:
@@ -592,14 +403,36 @@ class _ProcessPool:
             self._settle(call, generation, slot, submitted)
         except BaseException as exc:  # loky would only log it, and the call would hang
             self._logger.exception("Settling task run %r failed.", call.task_run.name)
-            _finish(call, exception_to_crashed_state(exc))
+            call.set_result(exception_to_crashed_state(exc))
         finally:
             # No worker writes to the slot any more: either the call came back, or the
             # executor is broken or shut down and takes no other call.
             generation.give_back(slot)
-            with self._cond:
-                self._in_flight -= 1
-                self._cond.notify()
+            self._next_in_place_of(generation)
+
+    def _next_in_place_of(self, generation: _Generation) -> None:
+        """A call of ``generation`` left loky: hand the next queued call over in its place.
+
+        On loky's manager thread, while its pool is the current one and healthy, the
+        next call is submitted from here: the manager moves it to the workers' queue
+        as soon as this callback returns, where handing it to the feeder would cost
+        a wake-up of the feeder and one of the manager, per call. This is one call
+        per call settled, never a burst (see the class notes).
+        """
+        with self._cond:
+            if (
+                not self._queue
+                or self._stopping
+                or generation is not self._generation
+                or generation.broken is not None
+                # The call came back before the feeder registered this callback,
+                # which then ran at once: the feeder goes on by itself.
+                or threading.current_thread() is self._feeder
+            ):
+                self._place_freed()
+                return
+            call = self._queue.popleft()  # takes over the place
+        self._send(call, manager_of=generation)
 
     def _settle(
         self, call: _Call, generation: _Generation, slot: int, submitted: concurrent.futures.Future
@@ -609,23 +442,23 @@ class _ProcessPool:
         except BaseException as exc:
             error = exc
         else:
-            state, records = _decode_result(call.task_run.name, data)
+            state, records, _ = decode_outcome(call.task_run.name, data)
             if records:
-                _emit(records)
-            _finish(call, state)
+                emit(records)
+            call.set_result(state)
             return
-        if isinstance(error, ShutdownExecutorError) or self._abort_reason is not None:
+        if loky_engine.is_shutdown_error(error) or self._abort_reason is not None:
             started = generation.marks(slot)[0]
             if started:
-                _finish(call, self._stopped_state(call, started))
+                call.set_result(self._stopped_state(call, started))
             else:
                 call.set_cancelled()
-        elif not isinstance(error, BrokenProcessPool):
+        elif not isinstance(error, loky.BrokenProcessPool):
             message = (
                 f"The process pool could not run task run {call.task_run.name!r}: "
                 f"{_describe(error)}"
             )
-            _finish(call, Crashed(message=message, data=error))
+            call.set_result(Crashed(message=message, data=error))
         else:
             self._after_break(call, generation, slot, error)
 
@@ -635,20 +468,20 @@ class _ProcessPool:
         with self._cond:
             generation.broken = generation.broken or error
             if generation.dead is None:
-                generation.dead = _dead_workers(generation.executor)
+                generation.dead = loky_engine.stopped_workers(generation.executor)
         started, finished = generation.marks(slot)
         if started:
-            _finish(call, _broken_pool_state(call, generation, started, finished))
+            call.set_result(_broken_pool_state(call, generation, started, finished))
             return
         state = self._never_started_state(call, generation)
         if state is None:
             self._enqueue(call, first=True)  # it was next in line, on a fresh pool
         else:
-            _finish(call, state)
+            call.set_result(state)
 
     def _initializer_failure(self, call: _Call) -> Optional[State]:
         """A Crashed state if the workers' initializer failed, else None."""
-        error_path = os.path.join(self._directory, _INITIALIZER_ERROR_FILE)
+        error_path = os.path.join(self._directory, INITIALIZER_ERROR_FILE)
         if not os.path.exists(error_path):
             return None
         with open(error_path) as file:
@@ -670,7 +503,7 @@ class _ProcessPool:
             f"Task run {call.task_run.name!r} never started: the process pool broke "
             f"{call.handovers} times before a worker took it (last: {generation.cause()})."
         )
-        return Crashed(message=message, data=TerminatedWorkerError(message))
+        return Crashed(message=message, data=loky_engine.worker_died_error(message))
 
     def _stopped_state(self, call: _Call, started: int) -> State:
         message = (
@@ -711,7 +544,7 @@ class _ProcessPool:
             for generation in generations:
                 generation.table.close()
             shutil.rmtree(self._directory, ignore_errors=True)
-            resource_tracker.unregister(self._directory, "folder")
+            loky_engine.untrack_folder(self._directory)
 
 
 def _broken_pool_state(call: _Call, generation: _Generation, started: int, finished: int) -> State:
@@ -743,7 +576,7 @@ def _broken_pool_state(call: _Call, generation: _Generation, started: int, finis
             f"worker of the pool died unexpectedly ({generation.cause()}); the pool was "
             "stopped with the call unfinished, and the call was not run again."
         )
-    return Crashed(message=message, data=TerminatedWorkerError(message))
+    return Crashed(message=message, data=loky_engine.worker_died_error(message))
 
 
 def _pickling_failure(task_run: TaskRun, run_fn: Callable[..., Any], exc: Exception) -> State:
@@ -809,12 +642,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
         initargs: Tuple[Any, ...] = (),
         env: Optional[Mapping[str, str]] = None,
     ) -> None:
-        if max_workers is not None and (
-            not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
-        ):
-            raise ValueError(
-                f"`max_workers` must be a positive integer or None, got {max_workers!r}."
-            )
+        check_max_workers(max_workers)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"`initializer` must be callable or None, got {initializer!r}.")
         if not isinstance(initargs, tuple):
@@ -862,7 +690,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> Any:
+    ) -> Call:
         pool = self._pool
         if pool is None:
             raise RuntimeError("The task runner must be started before submitting work.")

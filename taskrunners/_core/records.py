@@ -8,8 +8,8 @@ where this process's logger levels decide what is emitted, once each.
 
 from __future__ import annotations
 
+import copy
 import logging
-import logging.handlers
 import threading
 import traceback
 from contextlib import contextmanager
@@ -18,14 +18,24 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 __all__ = ["captured_records", "plain_record", "emit"]
 
 
-class _Preparer(logging.handlers.QueueHandler):
-    """Only for :meth:`prepare`: a record with its message and traceback as text."""
-
-    def __init__(self) -> None:
-        super().__init__(None)  # type: ignore[arg-type]
+_formatter = logging.Formatter()
 
 
-_prepare = _Preparer().prepare
+def _prepare(record: logging.LogRecord) -> logging.LogRecord:
+    """A picklable copy of ``record``: its message as text, its traceback as text apart.
+
+    Not ``logging.handlers.QueueHandler.prepare``, which does the rest of this: it
+    appends the traceback to the message and drops ``exc_text``, so ``getMessage()``
+    and the parent's formatters (one that puts the traceback in a field of its own,
+    say) would see another record than the one logged here.
+    """
+    prepared = copy.copy(record)
+    prepared.msg = prepared.message = record.getMessage()
+    prepared.args = None
+    if record.exc_info:
+        prepared.exc_text = record.exc_text or _formatter.formatException(record.exc_info)
+    prepared.exc_info = None
+    return prepared
 
 
 class _RecordCollector(logging.Handler):

@@ -45,7 +45,9 @@ __all__ = [
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
-#: What a backend may do around a coroutine call running in a worker.
+#: What a backend may do around a coroutine call running in a worker: a context
+#: manager given the call's loop and task. Raising ``asyncio.CancelledError`` on entry
+#: refuses to begin the call (it then ends as cancelled).
 CoroutineWatch = Callable[["asyncio.AbstractEventLoop", "asyncio.Task[State]"], AbstractContextManager]
 
 

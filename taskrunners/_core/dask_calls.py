@@ -1,0 +1,326 @@
+"""The DaskTaskRunner's calls as the client sees them: their handle, the fetching of
+their States, and cancelling them through the workers' registry.
+
+Hazards, each with its own answer:
+
+- Started or not. Dask cannot stop a task a worker has begun, nor tell the client
+  whether it has. The workers are asked (their registry is in
+  :mod:`~taskrunners._core.dask_worker`), once for any number of calls, and only
+  the calls that no worker started are cancelled: a cancelled call never runs, a
+  started call runs to its end, as in ``concurrent.futures``.
+- The client's own loop. States are fetched and Dask's callbacks run on the client's
+  event loop thread. A handle used there must not block it, so there the workers
+  are never asked: only a call not yet handed to Dask can be cancelled, and a call
+  counts as running only once a worker was seen running it.
+- Many small calls. One ``gather`` brings back every State that finished meanwhile,
+  so a thousand small calls cost a few round trips, not a thousand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import logging
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from taskrunners._core import dask_engine, dask_worker
+from taskrunners._core.calls import Call
+from taskrunners.states import Crashed, exception_to_crashed_state
+
+__all__ = [
+    "CLIENT_CLOSED",
+    "DaskCall",
+    "dask_future_to_hand_off",
+    "forget_token",
+    "StateFetcher",
+    "cancel_unstarted",
+]
+
+CLIENT_CLOSED = "The Dask client closed before the call's State arrived."
+
+
+class DaskCall(Call):
+    """One call on the cluster; its State arrives from the client's loop.
+
+    ``dask_future``, ``key`` and ``token`` are None until the call is handed to Dask
+    (it may wait for upstream calls of other runners first); all are replaced if the
+    call is rerun. It counts as running once a worker reported that it started.
+    """
+
+    __slots__ = ("runner", "client", "key", "token", "dask_future", "cancelling", "handover", "rerun")
+
+    def __init__(self, runner: Any, client: Any) -> None:
+        super().__init__()
+        self.runner = runner
+        self.client = client
+        self.key: Optional[str] = None
+        self.token: Optional[str] = None
+        self.dask_future: Any = None
+        # Set, under ``handover``, once the call is to be cancelled: it is not handed
+        # to Dask (again) from then on.
+        self.cancelling = False
+        self.handover = threading.Lock()
+        # Set when upstream calls were handed to Dask: what a rerun needs.
+        self.rerun: Optional[Tuple[Any, ...]] = None
+
+    @property
+    def started(self) -> bool:
+        """Whether a worker was seen running the call."""
+        return self._running
+
+    def running(self) -> bool:
+        """Whether the call has started on a worker and is not done (asks the workers).
+
+        On the Dask client's event loop thread, where the workers cannot be asked
+        without blocking that loop, it is False until a worker was seen running it.
+        """
+        if self.done():
+            return False
+        return self._running or _started_on_workers(self)
+
+    def cancel(self) -> bool:
+        """Cancel the call if no worker has started it; a started call runs to its end.
+
+        On the Dask client's event loop thread only a call not yet handed to Dask can
+        be cancelled (asking the workers would block that loop); False otherwise.
+        """
+        if not self.done():
+            self.runner._cancel_unstarted([self])
+        return self.cancelled()
+
+
+def forget_token(tokens: Dict[str, str], call: DaskCall) -> None:
+    """Drop the call's key from ``tokens`` (key -> token of the Dask task in flight)."""
+    if call.key is not None and tokens.get(call.key) == call.token:
+        tokens.pop(call.key, None)
+
+
+def dask_future_to_hand_off(call: Any, client: Any) -> Any:
+    """The Dask future a downstream call can be handed for ``call``, or None.
+
+    A call that failed in Dask and is settled goes by value; one not settled yet is
+    handed off anyway, and its downstream call is rerun if Dask fails it.
+    """
+    if type(call) is not DaskCall or call.client is not client:
+        return None
+    dask_future = call.dask_future
+    if dask_future is None:
+        return None
+    if call.done() and dask_future.status in ("error", "cancelled"):
+        return None
+    return dask_future
+
+
+def _on_loop_of(client: Any) -> bool:
+    """Whether this thread runs ``client``'s event loop (where it must not block)."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return running is dask_engine.client_event_loop(client)
+
+
+# -- fetching States ---------------------------------------------------------------------
+
+
+class StateFetcher:
+    """Fetches the States of finished calls in batches, on the client's event loop.
+
+    :param on_outcome: called with a call and what its Dask task returned
+    :param on_failure: called with a call and what its Dask task raised
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        on_outcome: Callable[[DaskCall, Any], None],
+        on_failure: Callable[[DaskCall, BaseException], None],
+    ) -> None:
+        self._client = client
+        self._on_outcome = on_outcome
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self._to_watch: List[Tuple[DaskCall, Any]] = []
+        self._watching = False
+        self._ready: List[Tuple[DaskCall, Any]] = []
+        self._fetching = False
+
+    def watch(self, call: DaskCall, dask_future: Any) -> None:
+        """Fetch the State of ``call`` once ``dask_future`` is done."""
+        # Done callbacks are registered from the client's loop, a burst at a time:
+        # each registration from another thread would wake the loop up.
+        with self._lock:
+            self._to_watch.append((call, dask_future))
+            if self._watching:
+                return
+            self._watching = True
+        dask_engine.call_soon_on_client_loop(self._client, self._watch_all)
+
+    def _watch_all(self) -> None:
+        with self._lock:
+            batch, self._to_watch, self._watching = self._to_watch, [], False
+        for call, dask_future in batch:
+            dask_future.add_done_callback(functools.partial(self._on_done, call))
+
+    def _on_done(self, call: DaskCall, dask_future: Any) -> None:
+        with self._lock:
+            self._ready.append((call, dask_future))
+            if self._fetching:
+                return
+            self._fetching = True
+        try:
+            dask_engine.call_soon_on_client_loop(self._client, self._fetch)
+        except Exception:  # the client's loop is gone: nothing can be fetched
+            with self._lock:
+                batch, self._ready, self._fetching = self._ready, [], False
+            for call, _ in batch:
+                call.set_result(Crashed(message=CLIENT_CLOSED))
+
+    async def _fetch(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._ready = self._ready, []
+                if not batch:
+                    self._fetching = False
+                    return
+            try:
+                await self._settle(batch)
+            except BaseException as exc:
+                for call, _ in batch:
+                    call.set_result(exception_to_crashed_state(exc))
+                if not isinstance(exc, Exception):
+                    with self._lock:
+                        self._fetching = False
+                    raise
+
+    async def _settle(self, batch: List[Tuple[DaskCall, Any]]) -> None:
+        gatherable = []
+        for call, dask_future in batch:
+            if call.done() or call.dask_future is not dask_future:
+                continue  # cancelled, or replaced by a rerun
+            status = dask_future.status
+            if status == "error":
+                self._on_failure(call, await dask_future.exception(asynchronous=True))
+            elif status == "cancelled":
+                self._on_failure(call, concurrent.futures.CancelledError())
+            else:
+                gatherable.append(call)
+        if not gatherable:
+            return
+        client = self._client
+        try:
+            values = await client.gather([c.dask_future for c in gatherable], asynchronous=True)
+        except Exception:
+            # One lost result must not take the others with it.
+            for call in gatherable:
+                try:
+                    (value,) = await client.gather([call.dask_future], asynchronous=True)
+                except Exception as exc:
+                    value = Crashed(
+                        message="The call's State could not be fetched from the Dask "
+                        f"cluster: {exc!r}.",
+                        data=exc,
+                    )
+                self._on_outcome(call, value)
+            return
+        for call, value in zip(gatherable, values):
+            self._on_outcome(call, value)
+
+
+# -- cancelling ----------------------------------------------------------------------------
+
+
+def cancel_unstarted(calls: Iterable[Any], tokens: Dict[str, str], logger: logging.Logger) -> None:
+    """Cancel each of ``calls`` that no worker has started, asking the workers once.
+
+    ``tokens`` is the runner's key -> token map, from which cancelled calls go.
+    """
+    to_ask: Dict[Any, List[Tuple[DaskCall, Any, str]]] = {}
+    for call in calls:
+        if type(call) is not DaskCall or call.done() or call.started:
+            continue
+        with call.handover:
+            dask_future, token = call.dask_future, call.token
+            if dask_future is None:
+                # Waiting for upstream calls of another runner, or to be rerun:
+                # from now on it will not be handed to Dask.
+                call.cancelling = True
+        if dask_future is None:
+            Call.cancel(call)
+        elif dask_future.status != "finished":  # finished: it ran, its State is coming
+            to_ask.setdefault(call.client, []).append((call, dask_future, str(token)))
+    for client, entries in to_ask.items():
+        if not _on_loop_of(client):
+            _cancel_on_workers(client, entries, tokens, logger)
+
+
+def _cancel_on_workers(
+    client: Any,
+    entries: List[Tuple[DaskCall, Any, str]],
+    tokens: Dict[str, str],
+    logger: logging.Logger,
+) -> None:
+    try:
+        answers = client.run(
+            dask_worker.cancel_unstarted_calls,
+            [token for _, _, token in entries],
+            on_error="ignore",
+        )
+    except Exception:
+        logger.debug("Asking the Dask workers which calls started failed", exc_info=True)
+        return
+    started = set(itertools.chain.from_iterable(answers.values()))
+    cancelled = []
+    for call, dask_future, token in entries:
+        if token in started:
+            call.set_running()
+            continue
+        with call.handover:
+            # Rerun meanwhile (Dask failed it for a failed upstream, unstarted): not
+            # cancelled if its new task is submitted already, as that may have started.
+            if call.dask_future is not dask_future and call.dask_future is not None:
+                continue
+            call.cancelling = True
+        if Call.cancel(call):
+            cancelled.append(dask_future)
+            forget_token(tokens, call)
+    if started:
+        # The workers that had not started a started call marked it cancelled: a
+        # retry of it (Dask's ``retries``, or a rerun after its worker died) must
+        # still be able to start there. No answer is needed.
+        dask_engine.call_soon_on_client_loop(
+            client,
+            client.run,
+            dask_worker.forget_cancellations,
+            sorted(started),
+            on_error="ignore",
+            asynchronous=True,
+        )
+    if cancelled:
+        # Waited for: until the scheduler has released them, a task run submitted
+        # again under the same key would be given the cancelled task.
+        try:
+            client.cancel(cancelled)
+        except Exception:
+            logger.debug("Cancelling the Dask futures failed", exc_info=True)
+
+
+def _started_on_workers(call: DaskCall) -> bool:
+    with call.handover:
+        dask_future, token = call.dask_future, call.token
+    if dask_future is None or _on_loop_of(call.client):
+        return False
+    if dask_future.status == "finished":
+        started = True
+    else:
+        try:
+            answers = call.client.run(dask_worker.started_calls, [token], on_error="ignore")
+        except Exception:
+            return False
+        started = any(answers.values())
+    if started:
+        call.set_running()
+    return started and not call.done()

@@ -1,0 +1,422 @@
+"""The cluster side of the DaskTaskRunner: its settings, and the client and cluster of
+one ``start()`` block.
+
+- Settings: checking the kwargs given to the runner, importing a ``cluster_class``
+  given by name.
+- Network exposure: LocalCluster serves its dashboard and HTTP endpoints on every
+  interface by default; :func:`kwargs_on_loopback` pins every listener of a
+  LocalCluster the runner creates to 127.0.0.1, unless the user chose a host or
+  interface.
+- Connecting to a scheduler that may still be starting, with retries until
+  ``connect_timeout``; creating a cluster and its client; closing them again,
+  at once if the block is left with an exception.
+- The dashboard link to log: Dask's, or one naming the loopback address the
+  dashboard really listens on.
+- Log forwarding: whether workers send a call's log records back with its State
+  (:attr:`Connection.capture`), and handing each batch of records that arrives to
+  this process's loggers once (:class:`RecordForwarder`). Worker processes of a
+  LocalCluster import the script's ``__main__`` and so inherit its logging
+  configuration: their own handlers are kept from printing a call's records a
+  second time on the terminal they share with this process.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import inspect
+import ipaddress
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
+
+from taskrunners._core import dask_engine
+from taskrunners._core.calls import TIMEOUT_ERRORS
+from taskrunners._core.records import emit
+
+__all__ = [
+    "checked_kwargs",
+    "import_cluster_class",
+    "ClusterKwargs",
+    "kwargs_on_loopback",
+    "Connection",
+    "connect",
+    "create",
+    "close_connection",
+    "RecordForwarder",
+]
+
+# Each connection attempt to an existing scheduler may take this long (unless
+# client_kwargs["timeout"] says otherwise); attempts repeat until connect_timeout.
+_CONNECT_ATTEMPT_SECONDS = 5.0
+# How long a worker process may take to stop when the block is left with an exception.
+_KILL_GRACE_SECONDS = 1.0
+_LOOPBACK = "127.0.0.1"
+_ABSENT: Any = object()
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def checked_kwargs(name: str, value: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A copy of the kwargs argument ``name``, refused if it is no mapping or sets
+    ``asynchronous``.
+
+    :raises TypeError: for a value that is not a dict or None
+    :raises ValueError: for ``asynchronous`` in it
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be a dict or None, got {type(value).__name__}.")
+    if "asynchronous" in value:
+        raise ValueError(
+            f"`{name}` cannot set `asynchronous`: the runner decides how it talks to "
+            "Dask (the blocking core uses a synchronous client, the async facade "
+            f"bridges to it). Remove `asynchronous` from `{name}`."
+        )
+    return dict(value)
+
+
+def import_cluster_class(path: str) -> Any:
+    """The class a ``cluster_class`` name names ("package.module.Class" or "module:Class").
+
+    :raises ValueError: naming it, if it cannot be imported
+    """
+    module_name, _, attribute = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(
+            f"`cluster_class` {path!r} could not be imported ({exc}); give the full "
+            "dotted name of an installed class, e.g. 'distributed.LocalCluster', or "
+            "the class itself."
+        ) from exc
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+# -- where a LocalCluster listens -----------------------------------------------------------
+
+
+class ClusterKwargs(NamedTuple):
+    """What to create a cluster with, and what that means for its dashboard link."""
+
+    kwargs: Dict[str, Any]
+    #: The host to show in the dashboard link; None to show Dask's link.
+    dashboard_host: Optional[str]
+    #: False when the user turned the dashboard off: no link at all then.
+    dashboard_enabled: bool
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.split("://", 1)[-1]
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # "host:port"
+        host = host.partition(":")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _address_parts(address: Any) -> List[Tuple[str, str]]:
+    """(host, port) of each address in a Dask dashboard address: "host:port", ":port",
+    "port", a port number, a list of those or a comma-separated string."""
+    if isinstance(address, (list, tuple)):
+        return [part for item in address for part in _address_parts(item)]
+    if isinstance(address, int) and not isinstance(address, bool):
+        return [("", str(address))]
+    parts = []
+    for item in str(address).split(","):
+        host, _, port = item.strip().rpartition(":")
+        parts.append((host, port or "0"))
+    return parts
+
+
+def _on_loopback(address: Any) -> Any:
+    """``address`` with each part that names only a port bound to 127.0.0.1."""
+    parts = _address_parts(address)
+    if all(host for host, _ in parts):
+        return address
+    return ",".join(f"{host or _LOOPBACK}:{port}" for host, port in parts)
+
+
+def _names_a_listening_address(kwargs: Mapping[str, Any]) -> bool:
+    """Whether cluster kwargs choose a host or interface other than loopback."""
+    scheduler_kwargs = kwargs.get("scheduler_kwargs")
+    for options in (kwargs, scheduler_kwargs if isinstance(scheduler_kwargs, Mapping) else {}):
+        for name in ("host", "ip"):
+            host = options.get(name)
+            if host and not _is_loopback(str(host)):
+                return True
+        interface = options.get("interface")
+        if interface:
+            address = dask_engine.interface_address(interface)
+            if address is None or not _is_loopback(address):  # None: Dask will say why
+                return True
+    return False
+
+
+def _accepted_keywords(cluster_class: Any, names: Iterable[str]) -> Set[str]:
+    names = set(names)
+    try:
+        parameters = inspect.signature(cluster_class).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass them and see
+        return names
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return names
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {parameter.name for parameter in parameters if parameter.kind in keywords} & names
+
+
+def _creates_processes(kwargs: Mapping[str, Any], distributed: Any) -> bool:
+    processes = kwargs.get("processes")
+    if processes is None:
+        worker_class = kwargs.get("worker_class")
+        return worker_class is None or (
+            isinstance(worker_class, type) and issubclass(worker_class, distributed.Nanny)
+        )
+    return bool(processes)
+
+
+def kwargs_on_loopback(
+    cluster_class: Any, cluster_kwargs: Mapping[str, Any], distributed: Any, logger: logging.Logger
+) -> ClusterKwargs:
+    """The kwargs for the cluster: the user's, plus what keeps a LocalCluster on loopback.
+
+    A subclass whose ``__init__`` does not accept a keyword that pins loopback is
+    created without it, and ``logger`` warns.
+    """
+    kwargs = dict(cluster_kwargs)
+    if not (isinstance(cluster_class, type) and issubclass(cluster_class, distributed.LocalCluster)):
+        return ClusterKwargs(kwargs, None, True)
+    scheduler_kwargs = kwargs.get("scheduler_kwargs")
+    scheduler_kwargs = dict(scheduler_kwargs) if isinstance(scheduler_kwargs, Mapping) else {}
+    if "dashboard_address" in scheduler_kwargs:  # it wins over the top-level one
+        dashboard = scheduler_kwargs["dashboard_address"]
+    else:
+        dashboard = kwargs.get("dashboard_address", _ABSENT)
+    enabled = dashboard is not None
+    if _names_a_listening_address(kwargs):
+        return ClusterKwargs(kwargs, None, enabled)
+    pinned: Dict[str, Any] = {}
+    # What LocalCluster leaves on every interface: the scheduler's HTTP server
+    # (dashboard, health, metrics) for a dashboard address naming only a port (its
+    # default is ":8787"), and, with the dashboard off, on a threads cluster; each
+    # in-process worker's HTTP server unless given an address. Scheduler, worker
+    # and nanny comms already listen on 127.0.0.1 (or in-process transport).
+    if dashboard is None:
+        on_loopback: Any = f"{_LOOPBACK}:0"
+    else:
+        on_loopback = _on_loopback(f"{_LOOPBACK}:8787" if dashboard is _ABSENT else dashboard)
+    if on_loopback is not dashboard:
+        # With the dashboard off the address goes in scheduler_kwargs, so that
+        # LocalCluster still sees None and keeps the dashboard off.
+        if dashboard is None or "dashboard_address" in scheduler_kwargs:
+            pinned["scheduler_kwargs"] = {**scheduler_kwargs, "dashboard_address": on_loopback}
+        else:
+            pinned["dashboard_address"] = on_loopback
+    dashboard_host = None
+    if dashboard is not None and all(_is_loopback(host) for host, _ in _address_parts(on_loopback)):
+        dashboard_host = _LOOPBACK
+    worker_dashboard = kwargs.get("worker_dashboard_address")
+    if worker_dashboard is not None:
+        if _on_loopback(worker_dashboard) is not worker_dashboard:
+            pinned["worker_dashboard_address"] = _on_loopback(worker_dashboard)
+    elif not _creates_processes(kwargs, distributed):
+        pinned["worker_dashboard_address"] = f"{_LOOPBACK}:0"
+    accepted = _accepted_keywords(cluster_class, pinned)
+    kwargs.update((name, value) for name, value in pinned.items() if name in accepted)
+    refused = sorted(set(pinned) - accepted)
+    if refused:
+        logger.warning(
+            "`cluster_class` %s does not accept %s, so the runner cannot keep the "
+            "cluster's HTTP servers (dashboard, health, metrics) on 127.0.0.1: they "
+            "may listen on every network interface. Accept these keyword arguments "
+            "(or **kwargs) in its __init__ and pass them on to LocalCluster, or set "
+            "them there to loopback addresses such as '127.0.0.1:0'.",
+            _qualified_name(cluster_class),
+            ", ".join(f"`{name}`" for name in refused),
+        )
+    return ClusterKwargs(kwargs, dashboard_host, enabled)
+
+
+# -- the client and cluster of one block ------------------------------------------------------
+
+
+class Connection(NamedTuple):
+    """The client of one ``start()`` block, and the cluster if the runner created it."""
+
+    client: Any
+    #: None for a cluster the runner did not create (``address``): never shut down.
+    cluster: Any
+    #: Whether the workers run in this process (their records are logged here).
+    workers_in_process: bool
+    #: For workers outside this process: the lowest level of the records they send
+    #: back, and whether to keep those from their own handlers; None otherwise.
+    capture: Optional[Tuple[int, bool]]
+
+
+def connect(
+    address: str,
+    client_kwargs: Mapping[str, Any],
+    connect_timeout: float,
+    distributed: Any,
+    logger: logging.Logger,
+) -> Connection:
+    """Connect to the scheduler at ``address``, trying until ``connect_timeout``.
+
+    :raises RuntimeError: naming the address and the timeout, if it cannot be reached
+    """
+    import tenacity
+
+    logger.info("Connecting to an existing Dask cluster at %s", address)
+    client_kwargs = dict(client_kwargs)
+    attempt_timeout = client_kwargs.pop("timeout", None)
+    deadline = time.monotonic() + connect_timeout
+
+    def attempt() -> Any:
+        remaining = max(deadline - time.monotonic(), 0.5)
+        timeout = attempt_timeout or min(remaining, _CONNECT_ATTEMPT_SECONDS)
+        return distributed.Client(address, timeout=timeout, **client_kwargs)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(connect_timeout),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+        retry=tenacity.retry_if_exception_type((OSError, *TIMEOUT_ERRORS)),
+        reraise=True,
+    )
+    try:
+        client = retrying(attempt)
+    except (OSError, *TIMEOUT_ERRORS) as exc:
+        raise RuntimeError(
+            f"Could not connect to the Dask scheduler at {address!r} within "
+            f"{connect_timeout:g} s ({exc}). Check that the scheduler is running "
+            "and reachable at that address, or give it longer with `connect_timeout`."
+        ) from exc
+    in_process = _has_workers_in_process(client)
+    return _opened(client, None, in_process, False, ClusterKwargs({}, None, True), logger)
+
+
+def create(
+    cluster_class: Callable[..., Any],
+    cluster_kwargs: Mapping[str, Any],
+    adapt_kwargs: Mapping[str, Any],
+    client_kwargs: Mapping[str, Any],
+    distributed: Any,
+    logger: logging.Logger,
+) -> Connection:
+    """Create a cluster of ``cluster_class`` (on loopback, if a LocalCluster) and its client."""
+    logger.info("Creating a new Dask cluster with `%s`", _qualified_name(cluster_class))
+    settings = kwargs_on_loopback(cluster_class, cluster_kwargs, distributed, logger)
+    cluster = cluster_class(**settings.kwargs)
+    try:
+        if adapt_kwargs:
+            cluster.adapt(**adapt_kwargs)
+        client = distributed.Client(cluster, **client_kwargs)
+    except BaseException:
+        cluster.close()
+        raise
+    processes = None
+    if isinstance(cluster, distributed.LocalCluster):
+        processes = dask_engine.cluster_processes(cluster)
+    if processes is None:
+        return _opened(client, cluster, _has_workers_in_process(client), False, settings, logger)
+    # Its worker processes write to this process's terminal: hide_worker_output.
+    return _opened(client, cluster, not processes, processes, settings, logger)
+
+
+def _opened(
+    client: Any,
+    cluster: Any,
+    in_process: bool,
+    hide_worker_output: bool,
+    settings: ClusterKwargs,
+    logger: logging.Logger,
+) -> Connection:
+    """The connection, once its dashboard link is logged."""
+    capture = None if in_process else (logging.getLogger().level, hide_worker_output)
+    try:
+        link = _dashboard_link(client, cluster, settings)
+        if link:
+            logger.info("The Dask dashboard is available at %s", link)
+    except BaseException:
+        close_connection(client, cluster, abort=True, logger=logger)
+        raise
+    return Connection(client, cluster, in_process, capture)
+
+
+def _has_workers_in_process(client: Any) -> bool:
+    if dask_engine.scheduler_address(client).startswith("inproc://"):
+        return True
+    try:
+        pids = client.run(os.getpid)
+    except Exception:
+        return False
+    return os.getpid() in pids.values()
+
+
+def _dashboard_link(client: Any, cluster: Any, settings: ClusterKwargs) -> Optional[str]:
+    if cluster is None:
+        return client.dashboard_link
+    if not settings.dashboard_enabled:
+        return None
+    link = client.dashboard_link
+    if link and settings.dashboard_host:
+        # Dask builds the link from the scheduler's address, which for in-process
+        # transport is this machine's IP, not the loopback the dashboard is on.
+        port = dask_engine.dashboard_port(cluster)
+        if port is not None:
+            link = dask_engine.dashboard_link(settings.dashboard_host, port)
+    return link
+
+
+def close_connection(client: Any, cluster: Any, abort: bool, logger: logging.Logger) -> None:
+    """Close ``client``, and ``cluster`` if the runner created it (else None).
+
+    With ``abort`` (the block is left with an exception) the cluster's workers are
+    stopped first, without waiting for the calls they run.
+    """
+    try:
+        if abort and cluster is not None:
+            try:
+                dask_engine.stop_workers_now(cluster, _KILL_GRACE_SECONDS)
+            except Exception:
+                logger.debug("Stopping the Dask workers early failed", exc_info=True)
+        if client is not None:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+# -- log forwarding ----------------------------------------------------------------------------
+
+
+class RecordForwarder:
+    """Hands the log records that come back with calls' States to this process's loggers.
+
+    Two calls sharing one Dask task (a task run submitted twice) each get a copy of
+    its records, under one tag: each batch is emitted once.
+    """
+
+    _REMEMBERED_TAGS = 1_000
+
+    def __init__(self) -> None:
+        self._emitted: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+
+    def forward(self, records: Optional[List[logging.LogRecord]], tag: Optional[str]) -> None:
+        if not records or tag in self._emitted:
+            return
+        if tag is not None:
+            self._emitted[tag] = None
+            if len(self._emitted) > self._REMEMBERED_TAGS:
+                self._emitted.popitem(last=False)
+        emit(records)

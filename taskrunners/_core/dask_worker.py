@@ -1,0 +1,234 @@
+"""The worker side of the DaskTaskRunner: what runs in Dask's workers.
+
+Dask runs :func:`run_task` once per call. It marks the call started in this worker
+process's registry, puts the States of upstream calls in place of their
+placeholders, runs the call to a State (:func:`~taskrunners._core.remote.run_in_worker`)
+and, on workers outside the client's process, pickles that State here together
+with the log records the call emitted (so a State that cannot be pickled becomes
+the call's own Crashed state, not a Dask serialization failure logged far away).
+
+The registry is what lets the client cancel a call only if it has not started: a
+Dask client cannot see whether a task has begun on a worker, and Dask cannot stop
+one that has. A call marks itself started under a lock unless a cancellation got
+there first; a cancellation (:func:`cancel_unstarted_calls`, run with
+``Client.run`` on every worker) marks the calls not started as cancelled under
+the same lock and reports the others. The client's half of this is in
+:mod:`~taskrunners._core.dask_calls`; it runs the public functions below the
+registry the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import uuid
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Dict, Hashable, Iterator, List, Optional, Tuple
+
+from taskrunners._core import dask_engine
+from taskrunners._core.records import captured_records
+from taskrunners._core.remote import (
+    CoroutineWatch,
+    decode_outcome,
+    encode_outcome,
+    load_call,
+    run_in_worker,
+    substitute,
+)
+from taskrunners.states import State, exception_to_crashed_state
+
+__all__ = [
+    "WHERE",
+    "CrashedOnWorker",
+    "run_task",
+    "decoded",
+    "started_calls",
+    "cancel_unstarted_calls",
+    "forget_cancellations",
+    "abort_calls",
+]
+
+WHERE = "the Dask worker"
+_ADVICE = (
+    ", or run the call on a threads cluster (`cluster_kwargs={'processes': False}`), "
+    "whose States stay in this process"
+)
+
+# The calls of this worker process, by token (one per Dask task the runner creates):
+# those started and not finished (None, or (loop, task) for a coroutine call, which
+# can be cancelled where it awaits), and, for the last few thousand calls, those
+# finished and those cancelled before they started. A cancellation may reach a worker
+# before its task does, and a finished call's State may still be on its way back.
+_registry_lock = threading.Lock()
+_running: "dict[str, Optional[Tuple[asyncio.AbstractEventLoop, asyncio.Task[State]]]]" = {}
+_finished: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+_cancelled: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+_REMEMBERED_TOKENS = 10_000
+
+
+class CrashedOnWorker(Exception):
+    """Raised on a worker so that Dask's ``retries`` apply to a call that crashed.
+
+    ``outcome`` is what the call returns otherwise: its State, or its encoded outcome.
+    """
+
+    def __init__(self, outcome: Any, message: Optional[str]) -> None:
+        super().__init__(outcome, message)
+        self.outcome = outcome
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"the call crashed: {self.message}"
+
+    def __repr__(self) -> str:  # Dask logs it; the outcome may be a large pickle
+        return f"{type(self).__name__}({self.message!r})"
+
+
+def run_task(
+    payload: bytes,
+    key: str,
+    token: str,
+    upstream: Optional[List[Tuple[str, Any]]],
+    capture: Optional[Tuple[int, bool]],
+) -> Any:
+    """What Dask runs: one call, to its State.
+
+    :param upstream: (key, outcome) of each upstream call handed to Dask, in the
+        order of their placeholders
+    :param capture: for workers outside the client's process, the lowest log level
+        to send back and whether to hide those records from this process's handlers;
+        the value is then the State and the records pickled here (else the State)
+    """
+    if not _mark_started(token):
+        state = exception_to_crashed_state(concurrent.futures.CancelledError())
+        return state if capture is None else encode_outcome(key, state, [], WHERE)
+    capturing: ContextManager[List[Any]] = captured_records(*capture) if capture else nullcontext([])
+    try:
+        with capturing as records:
+            state, raised = _run_call(payload, key, token, upstream)
+    finally:
+        _mark_finished(token)
+    if capture is None:
+        outcome: Any = state
+    else:
+        tag = uuid.uuid4().hex if records else None
+        outcome = encode_outcome(key, state, records, WHERE, tag, _ADVICE)
+    if isinstance(raised, Exception) and dask_engine.retries_requested(key):
+        raise CrashedOnWorker(outcome, state.message) from raised
+    return outcome
+
+
+def _run_call(
+    payload: bytes, key: str, token: str, upstream: Optional[List[Tuple[str, Any]]]
+) -> Tuple[State, Optional[BaseException]]:
+    run_fn, run_kwargs = load_call(payload, key, WHERE)
+    if run_fn is None:
+        return run_kwargs, None
+    if upstream:
+        states: Dict[Hashable, State] = {
+            index: decoded(name, outcome)[0] for index, (name, outcome) in enumerate(upstream)
+        }
+        run_kwargs = substitute(run_kwargs, states.__getitem__)
+    return run_in_worker(run_fn, run_kwargs, watch=_registered(token))
+
+
+def decoded(name: str, value: Any) -> Tuple[State, Optional[List[Any]], Optional[str]]:
+    """(State, log records, their tag) from what :func:`run_task` returned."""
+    if isinstance(value, bytes):
+        return decode_outcome(name, value)
+    return value, None, None
+
+
+# -- the registry ------------------------------------------------------------------------
+
+
+def _remember(tokens: "collections.OrderedDict[str, None]", token: str) -> None:
+    tokens[token] = None
+    if len(tokens) > _REMEMBERED_TOKENS:
+        tokens.popitem(last=False)
+
+
+def _mark_started(token: str) -> bool:
+    """Mark the call started here; False if it was cancelled first (do not run it)."""
+    with _registry_lock:
+        if token in _cancelled:
+            return False
+        _running[token] = None
+        return True
+
+
+def _mark_finished(token: str) -> None:
+    with _registry_lock:
+        _running.pop(token, None)
+        _remember(_finished, token)
+
+
+def _registered(token: str) -> CoroutineWatch:
+    """The watch for a coroutine call: it can be cancelled where it awaits."""
+
+    @contextmanager
+    def watch(loop: asyncio.AbstractEventLoop, task: "asyncio.Task[State]") -> Iterator[None]:
+        with _registry_lock:
+            if token in _cancelled:  # aborted since it was marked started: not begun
+                raise asyncio.CancelledError
+            _running[token] = (loop, task)
+        try:
+            yield
+        finally:
+            with _registry_lock:
+                _running[token] = None
+
+    return watch
+
+
+def _started_here(token: str) -> bool:
+    return token in _running or token in _finished
+
+
+def started_calls(tokens: List[str]) -> List[str]:
+    """Run on workers (``Client.run``): which of these calls started here."""
+    with _registry_lock:
+        return [token for token in tokens if _started_here(token)]
+
+
+def cancel_unstarted_calls(tokens: List[str]) -> List[str]:
+    """Run on workers (``Client.run``): no call of these that has not started here
+    will start here; returns those that had started here."""
+    started = []
+    with _registry_lock:
+        for token in tokens:
+            if _started_here(token):
+                started.append(token)
+            else:
+                _remember(_cancelled, token)
+    return started
+
+
+def forget_cancellations(tokens: List[str]) -> None:
+    """Run on workers (``Client.run``): these calls were not cancelled after all (they
+    had started on another worker), so a retry of one may start here."""
+    with _registry_lock:
+        for token in tokens:
+            _cancelled.pop(token, None)
+
+
+def abort_calls(tokens: List[str]) -> int:
+    """Run on workers when the block is left with an exception: none of these calls
+    starts any more, and coroutine calls running here are cancelled where they await.
+    A plain call already running cannot be stopped. Returns how many were cancelled.
+    """
+    cancelled = 0
+    with _registry_lock:
+        for token in tokens:
+            _remember(_cancelled, token)
+            running = _running.get(token)
+            if running is not None:
+                loop, task = running
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                    cancelled += 1
+                except RuntimeError:  # that loop just closed
+                    pass
+    return cancelled

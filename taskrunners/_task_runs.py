@@ -1,0 +1,233 @@
+"""A task run, from submission to State: what travels to the runner and what runs there.
+
+How a task run travels::
+
+    flow side: submission() ── the run_fn (run_task or arun_task) and its run_kwargs:
+               a TaskInvocation (the task, its arguments with futures marked) and, if
+               any, the upstream futures, which the runner swaps for their States
+    worker:    run_task() resolves the arguments (or ends NotReady), then runs the
+               task's body with its retries: an attempt that raises an Exception, or
+               returns a Failed state, is run again; the last outcome is the State
+
+Every attempt is logged on the ``taskrunners.task`` logger, where the body runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import anyio
+import tenacity
+
+from taskrunners._flow_engine import current_flow_run, mark_inputs, resolve_inputs
+from taskrunners.futures import TaskRun
+from taskrunners.states import Completed, Failed, State
+
+if TYPE_CHECKING:
+    from taskrunners.tasks import Task
+
+__all__ = ["TaskInvocation", "submission", "run_task", "arun_task"]
+
+task_logger = logging.getLogger("taskrunners.task")
+
+
+class TaskInvocation:
+    """One task run's task and arguments, already marked: runners need not walk them."""
+
+    __slots__ = ("task", "task_run_name", "args", "kwargs")
+
+    def __init__(self, task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dict) -> None:
+        self.task = task
+        self.task_run_name = task_run_name
+        self.args = args
+        self.kwargs = kwargs
+
+    def __getstate__(self) -> tuple:
+        return (self.task, self.task_run_name, self.args, self.kwargs)
+
+    def __setstate__(self, state: tuple) -> None:
+        self.task, self.task_run_name, self.args, self.kwargs = state
+
+
+def submission(
+    task: Task[Any, Any], task_run: TaskRun, args: tuple, kwargs: dict
+) -> Tuple[Callable[..., Any], Dict[str, Any]]:
+    """The ``run_fn`` and ``run_kwargs`` that run ``task`` on these arguments."""
+    # The markers are remote.Upstream placeholders keyed by run id. They must stay
+    # inside the TaskInvocation, which no runner walks: in a run kwarg of their own, a
+    # remote backend's substitute() would look their run ids up among its references.
+    args, kwargs, upstream = mark_inputs(args, kwargs)
+    run_kwargs: Dict[str, Any] = {"invocation": TaskInvocation(task, task_run.name, args, kwargs)}
+    if upstream is not None:
+        run_kwargs["upstream"] = upstream
+    return (arun_task if task.isasync else run_task), run_kwargs
+
+
+# The run_fns: module-level so cloudpickle sends them by reference to worker
+# processes, which import this module; the task and its arguments travel by value.
+
+
+def run_task(
+    invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
+) -> State[Any]:
+    """Run a plain task's body (with its retries) to a State."""
+    args, kwargs, not_ready = _arguments(invocation, upstream)
+    if not_ready is not None:
+        return not_ready
+    with _outside_flow():
+        return _run_body(invocation.task, invocation.task_run_name, args, kwargs)
+
+
+async def arun_task(
+    invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
+) -> State[Any]:
+    """Run an async task's body (with its retries) to a State."""
+    args, kwargs, not_ready = _arguments(invocation, upstream)
+    if not_ready is not None:
+        return not_ready
+    with _outside_flow():
+        return await _arun_body(invocation.task, invocation.task_run_name, args, kwargs)
+
+
+def _arguments(
+    invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]]
+) -> Tuple[tuple, dict, Optional[State[Any]]]:
+    if upstream is None:
+        return invocation.args, invocation.kwargs, None
+    return resolve_inputs(invocation.args, invocation.kwargs, upstream)
+
+
+@contextlib.contextmanager
+def _outside_flow() -> Iterator[None]:
+    """A task called from inside a task body is a plain call, not a submission."""
+    token = current_flow_run.set(None)
+    try:
+        yield
+    finally:
+        current_flow_run.reset(token)
+
+
+# -- the body, with its retries -------------------------------------------------------------
+
+
+def _run_body(task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dict) -> State[Any]:
+    fn: Callable[..., Any] = task.fn
+    attempts = task.retries + 1
+    if attempts == 1:
+        _log_attempt(task_run_name, 1, 1)
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as exc:
+            return _failed(task_run_name, exc, 1)
+        return _final(task_run_name, value, 1)
+    retrying = _retrying(tenacity.Retrying, task, task_run_name, attempts)
+    try:
+        value = retrying(fn, *args, **kwargs)
+    except Exception as exc:
+        return _after_retries(task_run_name, exc, attempts)
+    return _final(task_run_name, value, attempts)
+
+
+async def _arun_body(
+    task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dict
+) -> State[Any]:
+    fn: Callable[..., Any] = task.fn
+    attempts = task.retries + 1
+    if attempts == 1:
+        _log_attempt(task_run_name, 1, 1)
+        try:
+            value = await fn(*args, **kwargs)
+        except Exception as exc:
+            return _failed(task_run_name, exc, 1)
+        return _final(task_run_name, value, 1)
+    retrying = _retrying(tenacity.AsyncRetrying, task, task_run_name, attempts)
+    try:
+        value = await retrying(fn, *args, **kwargs)
+    except Exception as exc:
+        return _after_retries(task_run_name, exc, attempts)
+    return _final(task_run_name, value, attempts)
+
+
+def _retrying(kind: type, task: Task[Any, Any], task_run_name: str, attempts: int) -> Any:
+    # A body that raises, or returns a Failed state, is run again (as Prefect 2 did).
+    options: Dict[str, Any] = {}
+    if kind is tenacity.AsyncRetrying:
+        options["sleep"] = anyio.sleep  # tenacity's default sleep would tie retries to asyncio
+    return kind(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=_RetryDelays(task.retry_delay_seconds),
+        retry=tenacity.retry_if_exception_type(Exception) | tenacity.retry_if_result(_is_failed),
+        before=lambda state: _log_attempt(task_run_name, state.attempt_number, attempts),
+        before_sleep=_log_retry(task_run_name, attempts),
+        reraise=True,
+        **options,
+    )
+
+
+class _RetryDelays(tenacity.wait.wait_base):
+    """Seconds before each retry: one number for all, or a list (the last one repeats)."""
+
+    def __init__(self, delays: Union[float, Sequence[float]]) -> None:
+        self.delays = delays
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        delays = self.delays
+        if isinstance(delays, (int, float)):
+            return float(delays)
+        return float(delays[min(retry_state.attempt_number, len(delays)) - 1])
+
+
+def _is_failed(value: Any) -> bool:
+    return isinstance(value, State) and value.is_failed()
+
+
+def _log_attempt(task_run_name: str, number: int, attempts: int) -> None:
+    task_logger.debug(
+        "Task run %r: attempt %d of %d.", task_run_name, number, attempts,
+        extra={"task_run_name": task_run_name, "attempt": number},
+    )
+
+
+def _log_retry(task_run_name: str, attempts: int) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(retry_state: tenacity.RetryCallState) -> None:
+        number = retry_state.attempt_number
+        outcome = retry_state.outcome
+        assert outcome is not None, "tenacity sleeps only after an attempt"
+        exc = outcome.exception()
+        told = f"raised {type(exc).__name__}: {exc}" if exc else f"returned {outcome.result()!r}"
+        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        task_logger.warning(
+            "Task run %r: attempt %d of %d %s; retrying in %g s.",
+            task_run_name, number, attempts, told, delay,
+            extra={"task_run_name": task_run_name, "attempt": number},
+        )
+
+    return before_sleep
+
+
+def _failed(task_run_name: str, exc: Exception, attempts: int) -> State[Any]:
+    after = f" after {attempts} attempts" if attempts > 1 else ""
+    message = f"Task run {task_run_name!r} failed{after}: {type(exc).__name__}: {exc}"
+    task_logger.error(message, extra={"task_run_name": task_run_name, "attempt": attempts})
+    return Failed(data=exc, message=message)
+
+
+def _final(task_run_name: str, value: Any, attempts: int) -> State[Any]:
+    """The task run's State once its body returned ``value``: a State stands as it is."""
+    if not isinstance(value, State):
+        return Completed(data=value)
+    if value.is_failed():
+        task_logger.error(
+            "Task run %r returned %r.", task_run_name, value,
+            extra={"task_run_name": task_run_name, "attempt": attempts},
+        )
+    return value
+
+
+def _after_retries(task_run_name: str, exc: Exception, attempts: int) -> State[Any]:
+    if isinstance(exc, tenacity.RetryError):  # every attempt returned a Failed state
+        return _final(task_run_name, exc.last_attempt.result(), attempts)
+    return _failed(task_run_name, exc, attempts)

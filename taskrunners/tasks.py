@@ -1,0 +1,287 @@
+"""Tasks: ``@task``, :class:`Task`, :meth:`Task.map` with :class:`unmapped`, and retries.
+
+Inside a flow, calling a task submits one task run to the flow's runner (the flow
+run is found in :mod:`taskrunners._flow_engine`); outside a flow it is a plain
+function call. What a task run carries to the runner, and how its body runs there
+with its retries, is in :mod:`taskrunners._task_runs`.
+
+>>> from taskrunners import task
+>>> @task
+... def double(x):
+...     return 2 * x
+>>> double(21)  # outside a flow
+42
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar, Union, overload
+
+from typing_extensions import ParamSpec
+
+from taskrunners._flow_engine import Decorated, FlowRun, current_flow_run
+from taskrunners._task_runs import submission
+from taskrunners.futures import PrefectFuture
+from taskrunners.states import State
+
+__all__ = ["Task", "task", "unmapped"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Task(Decorated[P], Generic[P, R]):
+    """A function that a flow runs on its task runner; made by :func:`task`.
+
+    Type checkers see a task's parameters (``P``) as its function's, so a wrong
+    argument name or type is reported; ``R`` is what the function returns. What a
+    call returns depends on where it runs (a future inside a flow, the value outside),
+    so it is typed ``Any``.
+
+    :param fn: the function, plain or ``async``
+    :param name: the task's name; defaults to the function's name
+    :param retries: how many times to run the body again after it raised an ``Exception``
+    :param retry_delay_seconds: seconds to wait before each retry: one number, or a list
+        of delays for successive retries (the last one repeats)
+    :raises TypeError: if ``fn`` is not callable
+    :raises ValueError: for a negative or non-integer ``retries`` or a bad delay
+    """
+
+    kind = "Task"
+    fn: Callable[P, R]
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        name: Optional[str] = None,
+        retries: int = 0,
+        retry_delay_seconds: Union[float, Sequence[float]] = 0,
+    ) -> None:
+        super().__init__(fn, name)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(
+                f"`retries` must be an integer >= 0, got {retries!r}; e.g. @task(retries=3)."
+            )
+        self.retries = retries
+        self.retry_delay_seconds = _checked_delays(retry_delay_seconds)
+
+    def __repr__(self) -> str:
+        return f"Task(name={self.name!r}, fn={self.fn!r})"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Submit the task inside a flow; call the function outside one.
+
+        Inside a flow this returns a :class:`PrefectFuture` (in an async flow, an
+        async task's call is awaited to get it). Outside a flow it returns what the
+        function returns.
+        """
+        flow_run = current_flow_run.get()
+        if flow_run is None:
+            return self.fn(*args, **kwargs)
+        return self._submit(flow_run, args, kwargs)
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Submit the task to the current flow's runner; the explicit spelling of a call.
+
+        :return: a :class:`PrefectFuture`; in an async flow an async task's submission
+            is awaited to get it
+        :raises RuntimeError: outside a flow
+        """
+        flow_run = current_flow_run.get()
+        if flow_run is None:
+            raise RuntimeError(
+                f"Task {self.name!r} can only be submitted inside a flow: call it from a "
+                f"function decorated with @flow, or call {self.name}(...) to run it here."
+            )
+        return self._submit(flow_run, args, kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit one run per element of the iterable arguments; returns their futures.
+
+        Iterable arguments are zipped, so they must have one length; wrap an argument in
+        :class:`unmapped` to pass it whole to every run. Outside a flow, the function
+        is called once per element and the list of values is returned.
+
+        >>> from taskrunners import flow, task, unmapped
+        >>> @task
+        ... def add(x, y):
+        ...     return x + y
+        >>> @flow
+        ... def sums():
+        ...     return [f.result() for f in add.map([1, 2, 3], unmapped(10))]
+        >>> sums().result()
+        [11, 12, 13]
+
+        :return: a list of :class:`PrefectFuture`, one per element (in an async flow, an
+            async task's map is awaited to get it)
+        :raises TypeError: if an argument to map over is not iterable, or is a future
+        :raises ValueError: if the iterables differ in length, or there is none
+        """
+        runs = _mapped_arguments(self.name, args, kwargs)
+        for a, k in runs:
+            self._check_arguments(a, k)
+        flow_run = current_flow_run.get()
+        if flow_run is None:
+            if self.isasync:
+                return self._map_plain_async(runs)
+            fn: Callable[..., Any] = self.fn
+            return [fn(*a, **k) for a, k in runs]
+        if flow_run.asynchronous and self.isasync:
+            return self._map_async(flow_run, runs)
+        return [self._submit_now(flow_run, a, k) for a, k in runs]
+
+    async def _map_plain_async(self, runs: List[Tuple[tuple, dict]]) -> List[Any]:
+        fn: Callable[..., Any] = self.fn
+        return [await fn(*a, **k) for a, k in runs]
+
+    async def _map_async(
+        self, flow_run: FlowRun, runs: List[Tuple[tuple, dict]]
+    ) -> List[PrefectFuture[Any]]:
+        return [await self._submit_awaited(flow_run, a, k) for a, k in runs]
+
+    def _submit(self, flow_run: FlowRun, args: tuple, kwargs: dict) -> Any:
+        self._check_arguments(args, kwargs)
+        if flow_run.asynchronous and self.isasync:
+            return self._submit_awaited(flow_run, args, kwargs)
+        return self._submit_now(flow_run, args, kwargs)
+
+    def _submit_now(self, flow_run: FlowRun, args: tuple, kwargs: dict) -> PrefectFuture[Any]:
+        task_run = flow_run.new_task_run(self.name)
+        return flow_run.submit(task_run, *submission(self, task_run, args, kwargs))
+
+    async def _submit_awaited(
+        self, flow_run: FlowRun, args: tuple, kwargs: dict
+    ) -> PrefectFuture[Any]:
+        task_run = flow_run.new_task_run(self.name)
+        return await flow_run.submit_async(task_run, *submission(self, task_run, args, kwargs))
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    *,
+    name: Optional[str] = None,
+    retries: int = 0,
+    retry_delay_seconds: Union[float, Sequence[float]] = 0,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(
+    fn: Optional[Callable[..., Any]] = None,
+    /,
+    *,
+    name: Optional[str] = None,
+    retries: int = 0,
+    retry_delay_seconds: Union[float, Sequence[float]] = 0,
+) -> Any:
+    """Make a function a task: ``@task`` or ``@task(name=..., retries=..., ...)``.
+
+    Inside a flow, calling the task submits it to the flow's runner and returns a
+    :class:`PrefectFuture`; futures and States in its arguments (nested in lists,
+    tuples, sets, dicts and dataclasses too) reach the body as their data. If an
+    upstream run did not complete, the run is ``Pending(name="NotReady")`` and its body
+    never runs. A body that raises gives a ``Failed`` state holding the exception, once
+    its retries are spent; every attempt is logged on the ``taskrunners.task`` logger.
+
+    >>> @task(retries=2, retry_delay_seconds=[0.1, 1])
+    ... def fetch(url):
+    ...     ...
+
+    :param name: the task's name; defaults to the function's name
+    :param retries: how many times to run the body again after it raised
+    :param retry_delay_seconds: seconds before each retry: a number, or a list of
+        delays for successive retries (the last one repeats)
+    :return: a :class:`Task`, or a decorator making one
+    """
+    if fn is None:
+        return functools.partial(
+            Task, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds
+        )
+    return Task(fn, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds)
+
+
+def _checked_delays(delays: Any) -> Union[float, List[float]]:
+    """``retry_delay_seconds`` as given, or as a list; refused with the fix if invalid."""
+    def is_delay(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+    if is_delay(delays):
+        return delays
+    if isinstance(delays, (list, tuple)) and delays and all(is_delay(d) for d in delays):
+        return list(delays)
+    raise ValueError(
+        "`retry_delay_seconds` must be a number of seconds >= 0 or a non-empty list of "
+        f"them (one per retry, the last repeats), got {delays!r}; e.g. "
+        "@task(retries=3, retry_delay_seconds=[1, 2, 4])."
+    )
+
+
+# -- map ----------------------------------------------------------------------------------
+
+
+class unmapped:
+    """Marks an argument of :meth:`Task.map` as constant: each run gets it whole.
+
+    :param value: the argument every mapped run receives
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"unmapped({self.value!r})"
+
+
+def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> List[Tuple[tuple, dict]]:
+    """The arguments of each mapped run: the iterables zipped, ``unmapped`` values whole."""
+
+    def describe(key: Union[int, str]) -> str:
+        return f"positional argument {key}" if isinstance(key, int) else f"argument {key!r}"
+
+    mapped: Dict[Union[int, str], list] = {}
+    for key, value in itertools.chain(enumerate(args), kwargs.items()):
+        if isinstance(value, unmapped):
+            continue
+        if isinstance(value, (PrefectFuture, State)):
+            raise TypeError(
+                f"{name}.map() cannot map over {describe(key)}, a {type(value).__name__}: "
+                "pass its data (`future.result()`, awaited in an async flow), or wrap it in "
+                "unmapped(...) to give it whole to every run."
+            )
+        try:
+            mapped[key] = list(value)
+        except TypeError:
+            raise TypeError(
+                f"{name}.map() maps over {describe(key)}, but {type(value).__name__} is not "
+                "iterable; wrap a constant argument in unmapped(...)."
+            ) from None
+    if not mapped:
+        raise ValueError(
+            f"{name}.map() needs at least one iterable argument to map over; every "
+            "argument given is wrapped in unmapped(...)."
+        )
+    lengths = {len(values) for values in mapped.values()}
+    if len(lengths) > 1:
+        found = ", ".join(f"{describe(key)} has {len(values)}" for key, values in mapped.items())
+        raise ValueError(
+            f"{name}.map() needs iterables of one length, but {found}; wrap constant "
+            "arguments in unmapped(...)."
+        )
+
+    def pick(key: Union[int, str], value: Any, index: int) -> Any:
+        return mapped[key][index] if key in mapped else value.value
+
+    return [
+        (
+            tuple(pick(key, value, index) for key, value in enumerate(args)),
+            {key: pick(key, value, index) for key, value in kwargs.items()},
+        )
+        for index in range(lengths.pop())
+    ]

@@ -1,0 +1,62 @@
+"""Mistakes a user's type checker must report: each line marked ``# E: <code>``, once.
+
+tests/test_typing.py runs mypy on this file and expects exactly one error, with that
+error code, on each marked line, and none elsewhere.
+"""
+
+from typing import List
+
+import taskrunners
+import taskrunners.sync
+from taskrunners import PrefectFuture, SequentialTaskRunner, flow, task
+from taskrunners.futures import Async, Sync
+
+
+@task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@flow(task_runner=SequentialTaskRunner())
+def total(values: List[int]) -> int:
+    return sum(values)
+
+
+@flow
+async def async_total(values: List[int]) -> int:
+    return sum(values)
+
+
+def arguments() -> None:
+    add(1, z=2)  # E: call-arg
+    add(1, 2, 3)  # E: call-arg
+    add("1", 2)  # E: arg-type
+    add.submit(x=1)  # E: call-arg
+    total("1, 2, 3")  # E: arg-type
+    total(valuez=[1])  # E: call-arg
+    task(retries="3")  # E: call-overload
+
+
+def settings() -> None:
+    taskrunners.DaskTaskRunner(max_wokers=2)  # E: call-arg
+    taskrunners.sync.ParallelTaskRunner(max_worker=2)  # E: call-arg
+    taskrunners.ConcurrentTaskRunner(max_workers="2")  # E: arg-type
+    taskrunners.RayTaskRunner(init_kwargs=["num_cpus", 2])  # E: arg-type
+
+
+async def sync_and_async(blocking: PrefectFuture[Sync], awaited: PrefectFuture[Async]) -> None:
+    await blocking.wait()  # E: misc
+    await taskrunners.wait([blocking])  # E: misc
+    awaited.result() + 1  # E: operator
+    awaited.wait().result()  # E: attr-defined
+    print(taskrunners.wait([awaited]).done)  # E: attr-defined
+    for future in taskrunners.as_completed([awaited]):
+        future.result() + 1  # E: operator
+    async_total([1])  # E: unused-coroutine
+    async_total([1]).result()  # E: attr-defined
+    await total([2])  # E: misc
+
+
+async def blocking_twin(twin: taskrunners.sync.ConcurrentTaskRunner) -> None:
+    with twin.start() as runner:
+        await runner.wait(runner.submit(taskrunners.TaskRun(), print, {}))  # E: misc
