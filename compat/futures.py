@@ -116,6 +116,19 @@ class _Future(concurrent.futures.Future):
             return False  # started (or finished this moment): it runs to its end
         return super().cancel()
 
+    def result(self, timeout: Optional[float] = None) -> Any:
+        self._expedite()
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        self._expedite()
+        return super().exception(timeout)
+
+    def _expedite(self) -> None:
+        call = self.call
+        if call is not None:  # waited for: it must not wait to fill a batch
+            call.expedite()
+
 
 class RunnerExecutor(concurrent.futures.Executor):
     """Submit plain calls to a runner through the ``concurrent.futures`` interface.

@@ -257,6 +257,8 @@ class _Completions:
         self._signal: concurrent.futures.Future[None] = concurrent.futures.Future()
         for future, call in zip(self.futures, self.calls):
             call.add_done_callback(functools.partial(self._arrive, future))
+        for call in self.calls:  # waited for: none may wait to fill a batch
+            call.expedite()
 
     def _arrive(self, future: PrefectFuture[Any], _: object) -> None:
         with self._lock:

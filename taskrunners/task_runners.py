@@ -343,6 +343,7 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         :raises RuntimeError: if the runner was unpickled and cannot reach its calls
         """
         call = seam.call_of(prefect_future, self._core)
+        call.expedite()
         if not await wait_until_done(call, timeout):
             return None
         return seam.state_of(call)

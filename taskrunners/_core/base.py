@@ -109,6 +109,11 @@ class _AfterUpstream(Call):
             return super().cancel()
         return started.cancel()  # its State reaches this call through a callback
 
+    def expedite(self) -> None:
+        started = self.started
+        if started is not None:
+            started.expedite()
+
 
 def state_of_done(call: CallHandle) -> State:
     """The State of a call that is done."""
@@ -340,6 +345,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         if call is None or self._detached:
             call = self._call_of(future)
         if not call.done():
+            call.expedite()
             # Anything raised here but a timeout or the call's own cancellation is the
             # waiting caller's (a Ctrl-C): it goes on even if the call just finished.
             try:

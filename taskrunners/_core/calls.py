@@ -59,6 +59,9 @@ class CallHandle(Completes, Protocol):
     def add_done_callback(self, fn: Callable[[Any], object]) -> None:
         """Call ``fn(call)`` once the call is done (at once if it is)."""
 
+    def expedite(self) -> None:
+        """Somebody waits for the call: if it waits to fill a batch, send it now."""
+
 
 class Call:
     """The outcome of one call: its State is set once, from any thread.
@@ -143,6 +146,9 @@ class Call:
                 return
         fn(self)
 
+    def expedite(self) -> None:
+        """Somebody waits for the call: nothing to do, unless a batch holds it back."""
+
 
 def _cancelled_state() -> State:
     return exception_to_crashed_state(concurrent.futures.CancelledError())
@@ -182,6 +188,7 @@ def block_until_done(calls: Iterable[CallHandle]) -> None:
     """Block the calling thread until every call in ``calls`` is done."""
     for call in calls:
         if not call.done():
+            call.expedite()
             finished = threading.Event()
             call.add_done_callback(functools.partial(_set_event, finished))
             finished.wait()

@@ -39,7 +39,9 @@ __all__ = [
     "load_call",
     "portable_error",
     "encode_outcome",
+    "encode_batch",
     "decode_outcome",
+    "decode_batch",
     "import_engine",
 ]
 
@@ -239,14 +241,51 @@ def encode_outcome(
     try:
         cloudpickle.dumps(state, PROTOCOL)
     except Exception as exc:
-        state = Crashed(
-            message=f"The State returned by task run {name!r} could not be pickled to send "
-            f"it back from {where}: {type(exc).__name__}: {exc}. Return only data that "
-            f"cloudpickle can serialize{advice}.",
-            data=portable_error(exc),
-        )
+        state = _unpicklable_state(name, exc, where, advice)
     plain = [plain_record(record) for record in records]
     return cloudpickle.dumps((state, plain or None, tag), PROTOCOL)
+
+
+def encode_batch(
+    names: Sequence[str],
+    outcomes: Sequence[Tuple[State, float]],
+    records: List[Any],
+    where: str,
+    advice: str = "",
+) -> bytes:
+    """The States and durations of a batch's calls and their log records, pickled.
+
+    One State that cannot be pickled becomes a Crashed state (as in
+    :func:`encode_outcome`) and takes no other call's State with it.
+    """
+    from taskrunners._core.records import plain_record
+
+    try:
+        return pickle.dumps((list(outcomes), records or None, None), PROTOCOL)
+    except Exception:
+        pass
+    try:
+        return cloudpickle.dumps((list(outcomes), records or None, None), PROTOCOL)
+    except Exception:
+        pass
+    sendable = []
+    for name, (state, seconds) in zip(names, outcomes):
+        try:
+            cloudpickle.dumps(state, PROTOCOL)
+        except Exception as exc:
+            state = _unpicklable_state(name, exc, where, advice)
+        sendable.append((state, seconds))
+    plain = [plain_record(record) for record in records]
+    return cloudpickle.dumps((sendable, plain or None, None), PROTOCOL)
+
+
+def _unpicklable_state(name: str, exc: BaseException, where: str, advice: str) -> State:
+    return Crashed(
+        message=f"The State returned by task run {name!r} could not be pickled to send "
+        f"it back from {where}: {type(exc).__name__}: {exc}. Return only data that "
+        f"cloudpickle can serialize{advice}.",
+        data=portable_error(exc),
+    )
 
 
 def decode_outcome(name: str, data: bytes) -> Tuple[State, Optional[List[Any]], Optional[str]]:
@@ -260,6 +299,17 @@ def decode_outcome(name: str, data: bytes) -> Tuple[State, Optional[List[Any]], 
             "import."
         )
         return Crashed(message=message, data=exc), None, None
+
+
+def decode_batch(
+    names: Sequence[str], data: bytes
+) -> Tuple[List[Tuple[State, float]], Optional[List[Any]]]:
+    """(each call's State and seconds, the batch's log records) from :func:`encode_batch`."""
+    what = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more in its batch"
+    outcomes, records, _ = decode_outcome(what, data)
+    if isinstance(outcomes, State):  # the batch could not be unpickled here
+        return [(outcomes, 0.0)] * len(names), None
+    return outcomes, records
 
 
 def import_engine(module: str, runner: str) -> Any:
