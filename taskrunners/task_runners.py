@@ -49,6 +49,7 @@ from taskrunners._core.base import (
     TaskConcurrencyType,
     check_submission,
 )
+from taskrunners._core.batching import BatchSize
 from taskrunners._core.calls import Call, CallHandle
 from taskrunners._core.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.running import checked_state, is_coroutine_function
@@ -441,9 +442,12 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
         initializer: Optional[Callable[..., Any]] = None,
         initargs: Tuple[Any, ...] = (),
         env: Optional[Mapping[str, str]] = None,
+        batch_size: BatchSize = "auto",
     ) -> None:
         super().__init__(
-            sync.ParallelTaskRunner(max_workers, initializer=initializer, initargs=initargs, env=env)
+            sync.ParallelTaskRunner(
+                max_workers, initializer=initializer, initargs=initargs, env=env, batch_size=batch_size
+            )
         )
 
     @property
@@ -466,6 +470,11 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
         """Environment variables set in the worker processes."""
         return self._core.env
 
+    @property
+    def batch_size(self) -> BatchSize:
+        """Calls per engine task: ``"auto"`` (learned per task), or a fixed number."""
+        return self._core.batch_size
+
 
 class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
     __doc__ = _facade_doc(sync.DaskTaskRunner)
@@ -478,10 +487,18 @@ class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
         adapt_kwargs: Optional[Dict[str, Any]] = None,
         client_kwargs: Optional[Dict[str, Any]] = None,
         connect_timeout: float = 30.0,
+        *,
+        batch_size: BatchSize = "auto",
     ) -> None:
         super().__init__(
             sync.DaskTaskRunner(
-                address, cluster_class, cluster_kwargs, adapt_kwargs, client_kwargs, connect_timeout
+                address,
+                cluster_class,
+                cluster_kwargs,
+                adapt_kwargs,
+                client_kwargs,
+                connect_timeout,
+                batch_size=batch_size,
             )
         )
 
@@ -515,6 +532,11 @@ class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
         """Seconds to keep trying to reach :attr:`address`."""
         return self._core.connect_timeout
 
+    @property
+    def batch_size(self) -> BatchSize:
+        """Calls per engine task: ``"auto"`` (learned per task), or a fixed number."""
+        return self._core.batch_size
+
 
 class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
     __doc__ = _facade_doc(sync.RayTaskRunner)
@@ -525,8 +547,13 @@ class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
         init_kwargs: Optional[Dict[str, Any]] = None,
         *,
         remote_options: Optional[Dict[str, Any]] = None,
+        batch_size: BatchSize = "auto",
     ) -> None:
-        super().__init__(sync.RayTaskRunner(address, init_kwargs, remote_options=remote_options))
+        super().__init__(
+            sync.RayTaskRunner(
+                address, init_kwargs, remote_options=remote_options, batch_size=batch_size
+            )
+        )
 
     @property
     def address(self) -> Optional[str]:
@@ -542,3 +569,8 @@ class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
     def remote_options(self) -> Dict[str, Any]:
         """Ray remote options for every call (``max_retries`` defaults to 0)."""
         return self._core.remote_options
+
+    @property
+    def batch_size(self) -> BatchSize:
+        """Calls per engine task: ``"auto"`` (learned per task), or a fixed number."""
+        return self._core.batch_size

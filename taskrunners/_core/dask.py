@@ -33,6 +33,7 @@ import cloudpickle
 
 from taskrunners._core import dask_cluster, dask_engine, dask_worker
 from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType, state_of_done
+from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import when_all_done
 from taskrunners._core.dask_calls import (
     CLIENT_CLOSED,
@@ -83,9 +84,14 @@ class DaskTaskRunner(BlockingTaskRunner):
         ``set_as_default`` defaults to False
     :param connect_timeout: seconds to keep trying to reach ``address`` (with
         back-off) before giving up
+    :param batch_size: how many calls one engine task may carry: ``"auto"`` (the
+        default) groups the calls of one task while every worker is busy, as many as
+        take about a tenth of a second, learned from how long its calls take; ``1``
+        sends every call as an engine task of its own; a number fixes the size
     :raises ValueError: for ``address`` together with cluster options, for
         ``asynchronous`` in ``cluster_kwargs`` or ``client_kwargs``, for a
-        ``cluster_class`` name that cannot be imported, or a bad ``connect_timeout``
+        ``cluster_class`` name that cannot be imported, a bad ``connect_timeout`` or
+        ``batch_size``
     :raises TypeError: for kwargs that are not dicts
 
     A LocalCluster (or subclass) the runner creates listens on 127.0.0.1 only:
@@ -158,6 +164,8 @@ class DaskTaskRunner(BlockingTaskRunner):
         adapt_kwargs: Optional[Dict[str, Any]] = None,
         client_kwargs: Optional[Dict[str, Any]] = None,
         connect_timeout: float = 30.0,
+        *,
+        batch_size: BatchSize = "auto",
     ) -> None:
         if address and (cluster_class or cluster_kwargs or adapt_kwargs):
             raise ValueError(
@@ -192,6 +200,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         self.adapt_kwargs = dask_cluster.checked_kwargs("adapt_kwargs", adapt_kwargs)
         self.client_kwargs = client_kwargs
         self.connect_timeout = float(connect_timeout)
+        self.batch_size = check_batch_size(batch_size)
 
         # The client, and the cluster if the runner created it (see dask_cluster.Connection).
         self._client: Any = None
