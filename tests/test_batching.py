@@ -154,3 +154,13 @@ def test_tasks_that_are_not_weak_referenceable_are_remembered_too():
     durations = Durations("auto")
     durations.record(pow, seconds=0.001, calls=1)
     assert durations.size(pow) == 100
+
+
+def test_many_calls_at_once_fill_the_room_then_gather():
+    engine = Recorder(limit=3, batch_size=10)
+    calls = [Call() for _ in range(20)]
+    engine.dispatcher.submit_many([Entry(call, task_a, None, None) for call in calls])
+    assert [len(batch) for batch in engine.batches] == [1, 1, 1]
+    assert engine.dispatcher.gathered == 17
+    engine.dispatcher.task_done()
+    assert engine.calls_of(3) == calls[3:9]  # its share: 17 waiting over 3 places

@@ -194,14 +194,35 @@ class Dispatcher(Generic[T]):
                 self._out += 1
                 batch: Optional[List[Entry[T]]] = [entry]
             else:
-                group = self._groups.get(entry.group)
-                if group is None:
-                    group = self._groups[entry.group] = collections.OrderedDict()
-                group[entry.call] = entry
-                self._group_of[entry.call] = entry.group
+                self._gather(entry)
                 batch = self._next_batch() if self._out < self.limit else None
         if batch:
             self._send(batch)
+
+    def submit_many(self, entries: List[Entry[T]]) -> None:
+        """Many calls are ready at once (``task.map``): as :meth:`submit`, in one go."""
+        batches: List[List[Entry[T]]] = []
+        with self._lock:
+            for entry in entries:
+                if self._out < self.limit and not self._group_of:
+                    self._out += 1
+                    batches.append([entry])
+                else:
+                    self._gather(entry)
+            while self._out < self.limit:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                batches.append(batch)
+        for batch in batches:
+            self._send(batch)
+
+    def _gather(self, entry: Entry[T]) -> None:
+        group = self._groups.get(entry.group)
+        if group is None:
+            group = self._groups[entry.group] = collections.OrderedDict()
+        group[entry.call] = entry
+        self._group_of[entry.call] = entry.group
 
     def task_done(self) -> None:
         """An engine task came back (whatever its outcome): send the next batch, if any."""
