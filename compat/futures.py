@@ -18,7 +18,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from taskrunners._core import seam
 from taskrunners._core.running import is_coroutine_function
@@ -44,6 +44,10 @@ class _FunctionCall:
 
     def __setstate__(self, state: tuple) -> None:
         self.fn, self.args, self.kwargs = state
+
+    def __batch_key__(self, run_kwargs: Dict[str, Any]) -> Any:
+        # For batching: every submission is a new instance; the function is the task.
+        return self.fn
 
     def __call__(self) -> State:
         try:

@@ -98,6 +98,21 @@ class FlowRun:
         call = seam.submit_call(self.core, task_run, run_fn, run_kwargs)
         return seam.bind(PrefectFuture(task_run, self.facade, asynchronous=True), call)
 
+    def submit_many(
+        self,
+        task_runs: List[TaskRun],
+        run_fn: Callable[..., Any],
+        run_kwargs_list: List[Dict[str, Any]],
+    ) -> List[PrefectFuture[Any]]:
+        """Submit many runs of one task at once (``task.map``), without awaiting."""
+        calls = seam.submit_calls(self.core, task_runs, run_fn, run_kwargs_list)
+        runner: Any = self.core if self.facade is None else self.facade
+        asynchronous = self.facade is not None
+        return [
+            seam.bind(PrefectFuture(task_run, runner, asynchronous=asynchronous), call)
+            for task_run, call in zip(task_runs, calls)
+        ]
+
     async def submit_async(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> PrefectFuture[Any]:

@@ -81,6 +81,14 @@ def run_task(
         return _run_body(invocation.task, invocation.task_run_name, args, kwargs)
 
 
+def _task_of(run_kwargs: Dict[str, Any]) -> Any:
+    # For batching: calls of two tasks share this wrapper, but never a batch.
+    return run_kwargs["invocation"].task
+
+
+run_task.__batch_key__ = _task_of  # type: ignore[attr-defined]
+
+
 async def arun_task(
     invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
 ) -> State[Any]:
@@ -90,6 +98,9 @@ async def arun_task(
         return not_ready
     with _outside_flow():
         return await _arun_body(invocation.task, invocation.task_run_name, args, kwargs)
+
+
+arun_task.__batch_key__ = _task_of  # type: ignore[attr-defined]
 
 
 def _arguments(

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple
 from typing_extensions import ParamSpec
 
 from taskrunners._flow_engine import Decorated, FlowRun, current_flow_run
-from taskrunners._task_runs import submission
+from taskrunners._task_runs import arun_task, run_task, submission
 from taskrunners.futures import PrefectFuture
 from taskrunners.states import State
 
@@ -120,8 +120,8 @@ class Task(Decorated[P], Generic[P, R]):
         :raises ValueError: if the iterables differ in length, or there is none
         """
         runs = _mapped_arguments(self.name, args, kwargs)
-        for a, k in runs:
-            self._check_arguments(a, k)
+        if runs:  # every run has the same arguments by name and position: check one
+            self._check_arguments(*runs[0])
         flow_run = current_flow_run.get()
         if flow_run is None:
             if self.isasync:
@@ -130,7 +130,7 @@ class Task(Decorated[P], Generic[P, R]):
             return [fn(*a, **k) for a, k in runs]
         if flow_run.asynchronous and self.isasync:
             return self._map_async(flow_run, runs)
-        return [self._submit_now(flow_run, a, k) for a, k in runs]
+        return self._submit_many(flow_run, runs)
 
     async def _map_plain_async(self, runs: List[Tuple[tuple, dict]]) -> List[Any]:
         fn: Callable[..., Any] = self.fn
@@ -146,6 +146,17 @@ class Task(Decorated[P], Generic[P, R]):
         if flow_run.asynchronous and self.isasync:
             return self._submit_awaited(flow_run, args, kwargs)
         return self._submit_now(flow_run, args, kwargs)
+
+    def _submit_many(
+        self, flow_run: FlowRun, runs: List[Tuple[tuple, dict]]
+    ) -> List[PrefectFuture[Any]]:
+        """Submit every run at once: one pass through the runner, for ``map``'s many runs."""
+        task_runs = [flow_run.new_task_run(self.name) for _ in runs]
+        run_fn = arun_task if self.isasync else run_task
+        run_kwargs_list = [
+            submission(self, task_run, a, k)[1] for task_run, (a, k) in zip(task_runs, runs)
+        ]
+        return flow_run.submit_many(task_runs, run_fn, run_kwargs_list)
 
     def _submit_now(self, flow_run: FlowRun, args: tuple, kwargs: dict) -> PrefectFuture[Any]:
         task_run = flow_run.new_task_run(self.name)

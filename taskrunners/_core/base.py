@@ -19,6 +19,7 @@ from typing import (
     Optional,
     Set,
     TypeVar,
+    cast,
     overload,
 )
 
@@ -276,11 +277,51 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         self._track(call)
         return call
 
+    def _submit_calls(
+        self,
+        task_runs: List[TaskRun],
+        run_fn: Callable[..., Any],
+        run_kwargs_list: List[Dict[str, Any]],
+    ) -> List[CallHandle]:
+        """Submit many calls of one ``run_fn`` at once (``task.map``); their handles."""
+        if not self._started or self._detached:
+            self._ensure_usable("submit work")
+        calls: List[Optional[CallHandle]] = [None] * len(task_runs)
+        ready: List[int] = []
+        for index, (task_run, run_kwargs) in enumerate(zip(task_runs, run_kwargs_list)):
+            upstream = self._upstream_calls(run_kwargs)
+            if upstream:
+                calls[index] = self._dispatch_after(upstream, task_run, run_fn, run_kwargs)
+            else:
+                ready.append(index)
+        if ready:
+            started = self._dispatch_many(
+                [task_runs[i] for i in ready], run_fn, [run_kwargs_list[i] for i in ready]
+            )
+            for index, call in zip(ready, started):
+                calls[index] = call
+        handles = cast(List[CallHandle], calls)
+        for call in handles:
+            self._track(call)
+        return handles
+
     @abc.abstractmethod
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> Any:
         """Start one call whose arguments hold no futures; return its handle."""
+
+    def _dispatch_many(
+        self,
+        task_runs: List[TaskRun],
+        run_fn: Callable[..., Any],
+        run_kwargs_list: List[Dict[str, Any]],
+    ) -> List[CallHandle]:
+        """Start many calls of one ``run_fn`` whose arguments hold no futures."""
+        return [
+            self._dispatch(task_run, run_fn, run_kwargs)
+            for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
+        ]
 
     def _track(self, call: Any) -> None:
         pending = self._pending

@@ -22,6 +22,7 @@ __all__ = [
     "open_block",
     "close_block",
     "submit_call",
+    "submit_calls",
     "bind",
     "call_of",
     "state_of",
@@ -62,6 +63,16 @@ def submit_call(
 ) -> CallHandle:
     """Submit one call to a started core; its handle."""
     return core._submit_call(task_run, run_fn, run_kwargs)
+
+
+def submit_calls(
+    core: BlockingTaskRunner,
+    task_runs: List["TaskRun"],
+    run_fn: Callable[..., Any],
+    run_kwargs_list: List[Dict[str, Any]],
+) -> List[CallHandle]:
+    """Submit many calls of one ``run_fn`` to a started core at once; their handles."""
+    return core._submit_calls(task_runs, run_fn, run_kwargs_list)
 
 
 def bind(future: "PrefectFuture", call: CallHandle) -> "PrefectFuture":
