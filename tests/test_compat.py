@@ -17,10 +17,10 @@ import pytest
 
 import taskrunners
 import taskrunners.sync
-from taskrunners.compat.futures import RunnerExecutor
-from tests.conftest import ALL_KINDS, kind_params
 from taskrunners import TaskConcurrencyType
-from tests.payloads import async_double, divide, mark_then_nap, nap
+from taskrunners.compat.futures import RunnerExecutor
+from tests.support.kinds import all_kinds, parametrize_kinds
+from tests.support.payloads import async_double, divide, mark_then_nap, nap
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,10 +68,8 @@ def test_shutdown_waits_for_submitted_calls(kind, request):
     assert [future.result() for future in futures] == [0.2, 0.2, 0.2]
 
 
-NOT_SEQUENTIAL = pytest.mark.parametrize(
-    "kind",
-    kind_params([k for k in ALL_KINDS if k.concurrency_type is not TaskConcurrencyType.SEQUENTIAL]),
-    indirect=True,
+NOT_SEQUENTIAL = parametrize_kinds(
+    k for k in all_kinds() if k.concurrency_type is not TaskConcurrencyType.SEQUENTIAL
 )
 
 
@@ -162,7 +160,7 @@ def test_pending_calls_finish_at_interpreter_exit_quietly(runner_class, kwargs, 
     temp = pathlib.Path(tempfile.mkdtemp(prefix="tx"))
     env = dict(os.environ, TMPDIR=str(temp))
     done = subprocess.run(
-        [sys.executable, "-m", "tests.executor_exit_script", runner_class, json.dumps(kwargs), variant, str(calls)],
+        [sys.executable, "-m", "tests.support.executor_exit_script", runner_class, json.dumps(kwargs), variant, str(calls)],
         cwd=str(ROOT),
         env=env,
         capture_output=True,

@@ -1,6 +1,6 @@
 """DaskTaskRunner specifics: configuration, keys, hand-off, failures, pickling, clusters.
 
-The standard suite (tests/test_standard.py) runs on the kinds of tests/kinds_dask.py;
+The standard suite (tests/test_standard.py) runs on the kinds of tests/support/kinds_dask.py;
 these tests cover what only the Dask runner does.
 """
 
@@ -22,16 +22,15 @@ import uuid
 import cloudpickle
 import psutil
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 import taskrunners
 import taskrunners.sync
 from taskrunners import TaskConcurrencyType, TaskRun
 from taskrunners.states import StateType
-from tests import dask_payloads, payloads
-from tests.conftest import kind_params
-from tests.driver import Driver
-from tests.kinds_dask import (
+from tests.support import dask_payloads, payloads
+from tests.support.driver import driving
+from tests.support.kinds import parametrize_kinds
+from tests.support.kinds_dask import (
     EXTERNAL_ALLOWED_FAILURES,
     KINDS,
     PROCESSES_CLUSTER,
@@ -46,8 +45,6 @@ from tests.test_network import listening_addresses
 
 distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (after the skip: dask comes with distributed)
-
-cloudpickle.register_pickle_by_value(dask_payloads)
 
 pytestmark = [pytest.mark.dask, pytest.mark.timeout(180)]
 
@@ -375,7 +372,7 @@ def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_war
 # -- keys, hand-off, annotations -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS]), indirect=True)
+@parametrize_kinds([THREADS])
 def test_the_key_read_on_the_worker_is_name_and_run_id(driver):
     task_run = TaskRun(name="load-data")
     with driver.start():
@@ -397,7 +394,7 @@ def dependencies(client, key):
     )
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS, PROCESSES]), indirect=True)
+@parametrize_kinds([THREADS, PROCESSES])
 def test_upstream_futures_reach_dask_as_dask_futures_and_their_states_arrive_intact(kind, request):
     runner = kind.make(request, blocking=True)
     up_run, down_run = TaskRun(name="up"), TaskRun(name="down")
@@ -440,11 +437,9 @@ def annotations_of(client, key):
 def resources_driver(mode):
     """A threads cluster whose workers have 4 "slots", driven in each mode."""
     cluster_kwargs = {**THREADS_CLUSTER, "resources": {"slots": 4}}
-    if mode == "sync":
-        yield Driver(SyncDask(cluster_kwargs=cluster_kwargs), None, mode)
-        return
-    with start_blocking_portal(backend=mode) as portal:
-        yield Driver(taskrunners.DaskTaskRunner(cluster_kwargs=cluster_kwargs), portal, mode)
+    module = taskrunners.sync if mode == "sync" else taskrunners
+    with driving(module.DaskTaskRunner(cluster_kwargs=cluster_kwargs), mode) as driver:
+        yield driver
 
 
 def test_dask_annotate_around_a_submission_applies_to_that_call(resources_driver):
@@ -504,7 +499,7 @@ def test_an_unpicklable_argument_crashes_the_call_at_once():
     assert "could not be pickled" in state.message
 
 
-@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([PROCESSES, EXTERNAL])
 def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, request):
     try:
         pickle.dumps(threading.Lock())
@@ -708,7 +703,7 @@ def few_allowed_failures():
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([PROCESSES, EXTERNAL])
 def test_a_killed_worker_crashes_only_its_call(kind, request, tmp_path, few_allowed_failures):
     runner = kind.make(request, blocking=True)
     with runner.start():
@@ -776,7 +771,7 @@ def records_with(caplog, message):
     return [record for record in caplog.records if record.getMessage() == message]
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS, PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([THREADS, PROCESSES, EXTERNAL])
 def test_records_logged_in_a_call_reach_this_process_once(kind, request, caplog):
     caplog.set_level(logging.WARNING)
     message = f"from a worker {uuid.uuid4().hex}"
@@ -824,7 +819,7 @@ def quiet_logger():
     logger.setLevel(logging.NOTSET)
 
 
-@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([PROCESSES, EXTERNAL])
 def test_worker_records_keep_name_and_level_and_this_process_levels_decide(kind, request, caplog, quiet_logger):
     caplog.set_level(logging.INFO)
     tag = uuid.uuid4().hex
@@ -904,7 +899,7 @@ def test_a_script_with_basic_config_prints_each_worker_record_once(cluster, tmp_
 # -- pickling ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS, EXTERNAL]), indirect=True)
+@parametrize_kinds([THREADS, EXTERNAL])
 def test_a_runner_unpickled_on_a_worker_reconnects_and_submits(kind, request):
     runner = kind.make(request, blocking=True)
     with runner.start():

@@ -12,7 +12,7 @@ import taskrunners
 import taskrunners.sync
 from taskrunners import BaseTaskRunner, PrefectFuture, TaskConcurrencyType, TaskRun
 from taskrunners.states import Completed
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = pytest.mark.timeout(120)
 

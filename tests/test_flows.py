@@ -2,7 +2,7 @@
 
 The seed-era standard flow tests (a successful run, a failing run, the concurrency
 canaries, subflows), then retries, map, wait/as_completed, the greetings example and
-the engine's own rules. The runners are the standard suite's kinds (tests/kinds_*.py).
+the engine's own rules. The runners are the standard suite's kinds (tests/support/kinds_*.py).
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from taskrunners import (
 )
 from taskrunners._core import seam
 from taskrunners.states import Completed, Failed
-from tests import payloads
-from tests.conftest import ALL_KINDS
-from tests.flows_subprocess import run_python
-from tests.kinds import RunnerKind
+from tests.support import payloads
+from tests.support.flows_subprocess import run_python
+from tests.support.kinds import RunnerKind, all_kinds
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,11 +50,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _kind(kind_id: str) -> RunnerKind:
-    return next(kind for kind in ALL_KINDS if kind.id == kind_id)
+    return next(kind for kind in all_kinds() if kind.id == kind_id)
 
 
 # One kind per backend: Ray's id names the head it runs against, when it has one.
-_RAY = next(kind for kind in ALL_KINDS if kind.class_name == "RayTaskRunner")
+_RAY = next(kind for kind in all_kinds() if kind.class_name == "RayTaskRunner")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Ctrl-C on a script waiting on a runner: it stops at once and leaves no child behind.
 
-Each case runs ``tests/interrupt_script.py`` in a subprocess and sends it a real
+Each case runs ``tests/support/interrupt_script.py`` in a subprocess and sends it a real
 SIGINT once its calls are running: to the script alone, on every runner and in every
 mode (blocking twin, facade on asyncio and trio, sync and async flow), and to the
 script's whole process group, as a terminal's Ctrl-C does (workers included), twenty
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List
 import psutil
 import pytest
 
-from tests.processes import alive, stop_processes
+from tests.support.processes import alive, stop_processes
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -58,7 +58,7 @@ def interrupt_and_check(
 ) -> None:
     """Start the script, send SIGINT once a call runs, check a prompt exit with no child left."""
     script = subprocess.Popen(
-        [sys.executable, "-m", "tests.interrupt_script", runner_class, json.dumps(kwargs), mode, str(marker)],
+        [sys.executable, "-m", "tests.support.interrupt_script", runner_class, json.dumps(kwargs), mode, str(marker)],
         cwd=str(ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = pytest.mark.timeout(600)
 

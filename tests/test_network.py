@@ -10,7 +10,7 @@ import pytest
 
 import taskrunners.sync
 from taskrunners import TaskRun
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -57,7 +57,7 @@ def is_loopback(ip):
 @pytest.mark.parametrize("runner_class, kwargs", DEFAULT_RUNNERS)
 def test_what_a_runner_starts_by_default_listens_on_loopback_only(runner_class, kwargs, request):
     if runner_class == "RayTaskRunner":
-        # Otherwise it joins the session's shared Ray instance (tests/kinds_ray.py) and starts nothing.
+        # Otherwise it joins the session's shared Ray instance (tests/support/kinds_ray.py) and starts nothing.
         request.getfixturevalue("ray_session").release()
     runner = getattr(taskrunners.sync, runner_class)(**kwargs)
     before = set(listening_addresses())

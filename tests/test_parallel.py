@@ -28,21 +28,17 @@ from taskrunners._core import loky_engine
 from taskrunners._core.seam import core_of
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
-from tests import parallel_payloads, payloads
-from tests.conftest import ALL_KINDS, kind_params
-from tests.parallel_payloads import poll
-from tests.processes import alive, stop_processes
-
-cloudpickle.register_pickle_by_value(parallel_payloads)
+from tests.support import parallel_payloads, payloads
+from tests.support.kinds import all_kinds, parametrize_kinds
+from tests.support.parallel_payloads import poll
+from tests.support.processes import alive, stop_processes
 
 pytestmark = pytest.mark.timeout(120)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "parallel_script.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "support", "parallel_script.py")
 
 # The standard suite's driver fixture, on the parallel kind only: twin, asyncio, trio.
-PARALLEL_KIND = pytest.mark.parametrize(
-    "kind", kind_params([kind for kind in ALL_KINDS if kind.id == "parallel"]), indirect=True
-)
+PARALLEL_KIND = parametrize_kinds(kind for kind in all_kinds() if kind.id == "parallel")
 
 
 def run(runner, run_fn, run_kwargs=None, name=None):
@@ -569,7 +565,7 @@ def test_an_unpickled_started_runner_refuses_submit_and_wait(driver):
     with driver.start():
         future = driver.submit(payloads.return_value, {"value": 1})
         copy = cloudpickle.loads(cloudpickle.dumps(driver.runner))
-        copied = type(driver)(copy, driver.portal, driver.mode)
+        copied = driver.for_runner(copy)
         with pytest.raises(RuntimeError, match="after serialization"):
             copied.submit(payloads.return_value, {"value": 2})
         with pytest.raises(RuntimeError, match="after serialization"):

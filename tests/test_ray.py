@@ -1,7 +1,7 @@
 """RayTaskRunner specifics: starting versus joining Ray, per-call options, dead workers.
 
 The standard suite covers the contract on the shared Ray instance of the session
-(tests/kinds_ray.py). Tests here are grouped by the Ray connection they need, in
+(tests/support/kinds_ray.py). Tests here are grouped by the Ray connection they need, in
 this order, so Ray starts as few times as possible: none, a runner's own local
 instance (the shared one released), the shared one, and a head started with
 ``ray start --head`` for the session.
@@ -9,7 +9,6 @@ instance (the shared one released), the shared one, and a head started with
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -23,7 +22,6 @@ import anyio
 import cloudpickle
 import psutil
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 import taskrunners
 import taskrunners.sync
@@ -32,43 +30,24 @@ from taskrunners._core import ray_engine
 from taskrunners._core.ray import DEFAULT_REMOTE_OPTIONS, ray_options
 from taskrunners._core.ray_options import call_options
 from taskrunners.states import Completed
-from tests import payloads, ray_payloads
-from tests.conftest import kind_params
-from tests.driver import Driver
-from tests.kinds_ray import (
-    HEAD_ENV,
-    KINDS,
-    LOCAL_INIT_KWARGS,
-    ray_processes,
-    register_payloads,
-)
+from tests.support import payloads, ray_payloads
+from tests.support.driver import driving
+from tests.support.kinds import parametrize_kinds
+from tests.support.kinds_ray import HEAD_ENV, KINDS, LOCAL_INIT_KWARGS, ray_processes
+from tests.support.pickling import register_payloads
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 REPO = Path(__file__).resolve().parent.parent
-RAY_KIND = pytest.mark.parametrize("kind", kind_params(KINDS), indirect=True)
+RAY_KIND = parametrize_kinds(KINDS)
 MISSING_RAY = "Using the `RayTaskRunner` requires `ray` to be installed."
 
 
 @pytest.fixture(autouse=True)
 def _payloads_by_value():
     """Ray workers get the test run_fns by value, whichever test starts Ray first."""
-    pytest.importorskip("ray")
-    register_payloads()
-
-
-def make_driver(runner_class_name, mode, **kwargs):
-    module = taskrunners.sync if mode == "sync" else taskrunners
-    runner = getattr(module, runner_class_name)(**kwargs)
-    if mode == "sync":
-        return contextlib.nullcontext(Driver(runner, None, mode))
-    return _portal_driver(runner, mode)
-
-
-@contextlib.contextmanager
-def _portal_driver(runner, mode):
-    with start_blocking_portal(backend=mode) as portal:
-        yield Driver(runner, portal, mode)
+    ray = pytest.importorskip("ray")
+    register_payloads(ray.cloudpickle)
 
 
 def lines(path):
@@ -89,8 +68,8 @@ def run_script(*args, env=None, timeout=170):
 
 
 def join_script(*args, env=None, timeout=170):
-    """Run tests/ray_join.py; its JSON report."""
-    output = run_script("-m", "tests.ray_join", *args, env=env, timeout=timeout)
+    """Run tests/support/ray_join.py; its JSON report."""
+    output = run_script("-m", "tests.support.ray_join", *args, env=env, timeout=timeout)
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -227,7 +206,8 @@ def test_a_runner_with_no_address_starts_a_local_instance_and_shuts_it_down(
 
     ray_session.release()
     caplog.set_level("INFO", logger="task_runner.ray")
-    with make_driver("RayTaskRunner", mode, init_kwargs=dict(LOCAL_INIT_KWARGS)) as driver:
+    module = taskrunners.sync if mode == "sync" else taskrunners
+    with driving(module.RayTaskRunner(init_kwargs=dict(LOCAL_INIT_KWARGS)), mode) as driver:
         with driver.start():
             assert ray.is_initialized()
             assert ray.get_runtime_context().namespace == "prefect"
@@ -305,7 +285,7 @@ def test_an_unpickled_started_runner_refuses_to_submit_and_wait(driver):
         driver.wait(future)
         copy = cloudpickle.loads(cloudpickle.dumps(driver.runner))
         future_copy = cloudpickle.loads(cloudpickle.dumps(future))
-        copy_driver = Driver(copy, driver.portal, driver.mode)
+        copy_driver = driver.for_runner(copy)
         with pytest.raises(RuntimeError, match="cannot be used to submit work after serialization"):
             copy_driver.submit(payloads.return_value, {"value": 2})
         future_copy.task_runner = copy

@@ -13,7 +13,7 @@ from typing import List, NamedTuple
 
 import pytest
 
-from tests.flows_subprocess import run_python
+from tests.support.flows_subprocess import run_python
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 NO_TEST = "<!-- no-test -->"

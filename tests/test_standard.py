@@ -1,6 +1,6 @@
 """The standard suite: the contract every runner keeps, blocking twin and facade alike.
 
-Each test runs on every runner kind (``tests/kinds_*.py``) in three modes: the
+Each test runs on every runner kind (``tests/support/kinds_*.py``) in three modes: the
 blocking twin, and the async facade on asyncio and on trio.
 """
 
@@ -18,21 +18,17 @@ import pytest
 
 from taskrunners import PrefectFuture, TaskConcurrencyType, TaskRun
 from taskrunners.states import Completed, StateType
-from tests import payloads
-from tests.conftest import ALL_KINDS, kind_params
+from tests.support import payloads
+from tests.support.kinds import all_kinds, parametrize_kinds
 
 pytestmark = pytest.mark.timeout(180)
 
 # The sequential runner finishes every call inside submit; some tests are about the others.
-SEQUENTIAL_KINDS = pytest.mark.parametrize(
-    "kind",
-    kind_params([k for k in ALL_KINDS if k.concurrency_type is TaskConcurrencyType.SEQUENTIAL]),
-    indirect=True,
+SEQUENTIAL_KINDS = parametrize_kinds(
+    k for k in all_kinds() if k.concurrency_type is TaskConcurrencyType.SEQUENTIAL
 )
-CONCURRENT_KINDS = pytest.mark.parametrize(
-    "kind",
-    kind_params([k for k in ALL_KINDS if k.concurrency_type is not TaskConcurrencyType.SEQUENTIAL]),
-    indirect=True,
+CONCURRENT_KINDS = parametrize_kinds(
+    k for k in all_kinds() if k.concurrency_type is not TaskConcurrencyType.SEQUENTIAL
 )
 
 

@@ -26,23 +26,15 @@ import psutil
 import pytest
 
 from taskrunners import TaskConcurrencyType
-from tests import payloads, ray_payloads
-from tests.kinds import RunnerKind
-from tests.processes import stop_processes
+from tests.support.kinds import RunnerKind
+from tests.support.pickling import register_payloads
+from tests.support.processes import stop_processes
 
 HEAD_ENV = "TASKRUNNERS_TEST_RAY_HEAD"
 # A custom resource, for the tests of per-call options.
 TEST_RESOURCES = {"test-slot": 2}
 LOCAL_INIT_KWARGS = {"num_cpus": 2, "include_dashboard": False, "resources": TEST_RESOURCES}
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "ray.util.client.server", "dashboard.py")
-
-
-def register_payloads() -> None:
-    """Send the test run_fns by value through Ray's own cloudpickle, as conftest does for ours."""
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(payloads)
-    ray.cloudpickle.register_pickle_by_value(ray_payloads)
 
 
 def ray_processes(root: Optional[psutil.Process] = None) -> List[psutil.Process]:
@@ -75,7 +67,9 @@ class RaySession:
         if self._stack is not None and not ray.is_initialized():
             self.release()  # someone shut Ray down under us
         if self._stack is None:
-            register_payloads()
+            import ray.cloudpickle
+
+            register_payloads(ray.cloudpickle)
             if self.head:
                 runner = RayTaskRunner(address=self.head)
             else:

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from taskrunners import TaskConcurrencyType
-from tests.kinds import RunnerKind
-from tests.processes import stop_processes
+from tests.support.kinds import RunnerKind
+from tests.support.processes import stop_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DASK = pytest.mark.dask
