@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import os
 import pickle
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,14 +30,19 @@ from tests.support.kinds_dask import (
     EXTERNAL_ALLOWED_FAILURES,
     KINDS,
     PROCESSES_CLUSTER,
-    ROOT,
     THREADS_CLUSTER,
-    family,
     read_address,
     start_scheduler,
+)
+from tests.support.network import free_port, is_loopback, listening_addresses
+from tests.support.processes import (
+    assert_all_ended,
+    family,
+    python_environment,
+    run_python,
     stop_processes,
 )
-from tests.test_network import listening_addresses
+from tests.support.waiting import wait_for_path, wait_until
 
 distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (after the skip: dask comes with distributed)
@@ -58,21 +59,6 @@ def threads_runner(**cluster_kwargs):
 
 def key_of(task_run):
     return f"{task_run.name}-{task_run.id.hex}"
-
-
-def wait_for(predicate, timeout=60.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- configuration (no cluster) -----------------------------------------------------
@@ -158,14 +144,9 @@ def test_concurrency_type_follows_processes(cluster_kwargs, expected):
     assert SyncDask(address="tcp://127.0.0.1:8786").concurrency_type is TaskConcurrencyType.CONCURRENT
 
 
-def run_python(code):
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120
-    )
-
-
 def test_import_taskrunners_imports_neither_dask_nor_distributed():
     result = run_python(
+        "-c",
         "import sys, taskrunners, taskrunners.sync\n"
         "taskrunners.DaskTaskRunner(cluster_kwargs={'n_workers': 1})\n"
         "taskrunners.sync.DaskTaskRunner(address='tcp://127.0.0.1:8786')\n"
@@ -177,6 +158,7 @@ def test_import_taskrunners_imports_neither_dask_nor_distributed():
 
 def test_missing_distributed_gives_the_documented_error_on_start():
     result = run_python(
+        "-c",
         "import sys\n"
         "sys.modules['distributed'] = None  # as if not installed\n"
         "import taskrunners.sync\n"
@@ -330,7 +312,7 @@ def test_a_threads_cluster_listens_on_loopback_only():
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 3})).result() == 3
         opened = [entry for entry in listening_addresses() if entry not in before]
     assert opened, "the dashboard at least should listen"
-    exposed = [entry for entry in opened if not ipaddress.ip_address(entry[1]).is_loopback]
+    exposed = [entry for entry in opened if not is_loopback(entry[1])]
     assert not exposed
 
 
@@ -538,7 +520,7 @@ def occupy_every_worker(runner, directory, release):
                 )
             )
     started = [directory / f"started-{index}" for index in range(len(workers))]
-    assert wait_for(lambda: all(path.exists() for path in started), timeout=120)
+    wait_until(lambda: all(path.exists() for path in started), 120, "the long calls did not all start")
     return long_runs
 
 
@@ -617,7 +599,7 @@ def test_running_goes_from_false_to_true_to_false(tmp_path):
             )
             assert not future._call.running()
             release.touch()
-            assert wait_for(lambda: (tmp_path / "started").exists())
+            wait_for_path(tmp_path / "started")
             assert future._call.running()
             (tmp_path / "finish").touch()
             assert runner.wait(future).is_completed()
@@ -684,7 +666,7 @@ def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
         runner._client.loop.add_callback(
             lambda: answers.append((queued._call.cancel(), queued._call.running(), after_foreign._call.cancel()))
         )
-        assert wait_for(lambda: answers, timeout=60)
+        wait_until(lambda: answers, 60, "the client's event loop did not run the callback")
         # There the workers cannot be asked: only a call not handed to Dask is cancelled.
         assert answers == [(False, False, True)]
         release.touch()
@@ -733,12 +715,16 @@ def test_leaving_with_an_exception_cancels_and_stops_an_own_process_cluster_prom
             workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
             assert len(workers) == 2
             futures = [runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 60}) for _ in range(4)]
-            wait_for(lambda: sum(len(v) for v in client.processing().values()) >= 2, timeout=60)
+            wait_until(
+                lambda: sum(len(v) for v in client.processing().values()) >= 2,
+                60,
+                "the workers did not take two calls",
+                interval=0.1,
+            )
             raise KeyError("stop")
     assert client.status == "closed"
     assert cluster.status == distributed.core.Status.closed
-    _, alive = psutil.wait_procs(workers, timeout=30)
-    assert not alive
+    assert_all_ended(workers, 30, "worker processes left after the block")
     states = [runner.wait(future, timeout=0) for future in futures]
     assert all(state.is_crashed() for state in states)
     assert all("cancelled" in state.message for state in states)
@@ -754,14 +740,29 @@ def test_leaving_with_an_exception_cancels_calls_on_a_cluster_it_did_not_create(
             running = [runner.submit(TaskRun(), dask_payloads.async_sleep_registered, {"seconds": 60}) for _ in range(2)]
             queued = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 60})
             client = runner._client
-            wait_for(lambda: sum(client.run(dask_payloads.running_coroutines).values()) == 2, timeout=60)
+            wait_until(
+                lambda: sum(client.run(dask_payloads.running_coroutines).values()) == 2,
+                60,
+                "the two coroutine calls did not start",
+                interval=0.1,
+            )
             raise KeyError("stop")
     assert all(runner.wait(future, timeout=0).is_crashed() for future in [*running, queued])
     # The cluster is still up, its worker threads are free again.
     with distributed.Client(address, set_as_default=False, timeout=30) as observer:
-        assert wait_for(lambda: sum(observer.run(dask_payloads.running_coroutines).values()) == 0)
+        wait_until(
+            lambda: sum(observer.run(dask_payloads.running_coroutines).values()) == 0,
+            60,
+            "coroutine calls still run on the workers",
+            interval=0.1,
+        )
         assert len(observer.scheduler_info(n_workers=-1)["workers"]) == 2
-        assert wait_for(lambda: not any(observer.processing().values()), timeout=60)
+        wait_until(
+            lambda: not any(observer.processing().values()),
+            60,
+            "the scheduler still has calls processing",
+            interval=0.1,
+        )
 
 
 # -- logging --------------------------------------------------------------------------------
@@ -780,10 +781,10 @@ def test_records_logged_in_a_call_reach_this_process_once(kind, request, caplog)
         state = runner.wait(
             runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": message})
         )
-        assert wait_for(lambda: records_with(caplog, message), timeout=30)
+        wait_until(lambda: records_with(caplog, message), 30, f"{message!r} was not logged here")
         # Anything forwarded twice would have arrived by the time a second call has.
         runner.wait(runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": "x"}))
-        wait_for(lambda: records_with(caplog, "x"), timeout=30)
+        wait_until(lambda: records_with(caplog, "x"), 30, "'x' was not logged here")
     (record,) = records_with(caplog, message)
     assert record.name == "user.module" and record.levelno == logging.WARNING
     if kind is not THREADS:
@@ -798,13 +799,13 @@ def test_two_runners_on_one_cluster_forward_each_record_once(dask_external_clust
         with second.start():
             message = f"nested {uuid.uuid4().hex}"
             second.wait(second.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": message}))
-            assert wait_for(lambda: records_with(caplog, message), timeout=30)
+            wait_until(lambda: records_with(caplog, message), 30, f"{message!r} was not logged here")
         # The inner runner is gone; the outer one still forwards.
         later = f"later {uuid.uuid4().hex}"
         first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": later}))
-        assert wait_for(lambda: records_with(caplog, later), timeout=30)
+        wait_until(lambda: records_with(caplog, later), 30, f"{later!r} was not logged here")
         first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": "y"}))
-        wait_for(lambda: records_with(caplog, "y"), timeout=30)
+        wait_until(lambda: records_with(caplog, "y"), 30, "'y' was not logged here")
     assert len(records_with(caplog, message)) == 1
     assert len(records_with(caplog, later)) == 1
 
@@ -883,10 +884,7 @@ def test_a_script_with_basic_config_prints_each_worker_record_once(cluster, tmp_
     script = tmp_path / "script.py"
     script.write_text(LOGGING_SCRIPT)
     target = "processes" if cluster == "processes" else request.getfixturevalue("dask_external_cluster").address
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, str(script), target], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180
-    )
+    result = run_python(script, target, cwd=tmp_path, env=python_environment(), timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['first', 'second']"
     lines = result.stderr.splitlines()
@@ -983,7 +981,7 @@ def test_the_external_cluster_listens_on_loopback_only(dask_external_cluster):
     pids = [process.pid for process in dask_external_cluster.processes()]
     found = listening_addresses(pids)
     assert found
-    assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in found), found
+    assert all(is_loopback(ip) for _, ip, _ in found), found
 
 
 # -- the blocking twin in odd places ------------------------------------------------------------

@@ -37,16 +37,15 @@ from taskrunners import (
 )
 from taskrunners._core import seam
 from taskrunners.states import Completed, Failed
-from tests.support import payloads
-from tests.support.flows_subprocess import run_python
+from tests.support import ROOT, payloads
 from tests.support.kinds import RunnerKind, all_kinds
+from tests.support.processes import run_python
+from tests.support.waiting import async_holds_within, holds_within, wait_for_path
 
 pytestmark = pytest.mark.timeout(180)
 
 # Tasks and helpers defined here travel by value, so workers need not import the tests.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _kind(kind_id: str) -> RunnerKind:
@@ -133,25 +132,6 @@ def in_process_runners() -> Any:
     return pytest.mark.parametrize(
         "runner", [pytest.param(r, id=r.id) for r in IN_PROCESS], indirect=True
     )
-
-
-def wait_until(condition: Callable[[], bool], patience: float) -> bool:
-    """Poll ``condition`` until it holds; False after ``patience`` seconds."""
-    deadline = time.monotonic() + patience
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-async def await_until(condition: Callable[[], bool], patience: float) -> bool:
-    """:func:`wait_until` without blocking the event loop."""
-    with anyio.move_on_after(patience):
-        while not condition():
-            await anyio.sleep(0.01)
-        return True
-    return False
 
 
 def holds(path: pathlib.Path, text: str) -> Callable[[], bool]:
@@ -376,7 +356,7 @@ def _sync_canary_tasks(path: pathlib.Path, patience: float):
 
     @task
     def foo():
-        wait_until(holds(path, "bar"), patience)
+        holds_within(holds(path, "bar"), patience)
         path.write_text("foo")
 
     @task
@@ -389,7 +369,7 @@ def _sync_canary_tasks(path: pathlib.Path, patience: float):
 def _async_canary_tasks(path: pathlib.Path, patience: float):
     @task
     async def foo():
-        await await_until(holds(path, "bar"), patience)
+        await async_holds_within(holds(path, "bar"), patience)
         path.write_text("foo")
 
     @task
@@ -653,7 +633,7 @@ def test_wait_and_as_completed_in_a_sync_flow(runner, tmp_path):
 
     @task
     def held(path, value):
-        assert wait_until(pathlib.Path(path).exists, 60), "never released"
+        wait_for_path(path)
         return value
 
     @task
@@ -693,7 +673,7 @@ def test_wait_and_as_completed_in_an_async_flow(runner, backend, tmp_path):
 
     @task
     async def held(path, value):
-        assert await await_until(pathlib.Path(path).exists, 60), "never released"
+        assert await async_holds_within(pathlib.Path(path).exists, 60), "never released"
         return value
 
     @task
@@ -762,7 +742,7 @@ GREETINGS = [f"{word} {name}" for name in NAMES for word in ("hello", "goodbye")
 
 @pytest.mark.timeout(300)
 def test_the_greetings_example_runs_as_a_script(runner):
-    result = run_python(REPO / "examples" / "greetings.py", [runner.id], timeout=240)
+    result = run_python(ROOT / "examples" / "greetings.py", runner.id, timeout=240)
     assert result.returncode == 0, result.stderr
     if runner.sequential:
         assert result.stdout.splitlines() == GREETINGS
@@ -773,7 +753,7 @@ def test_the_greetings_example_runs_as_a_script(runner):
 
 
 def test_the_greetings_example_refuses_an_unknown_runner():
-    result = run_python(REPO / "examples" / "greetings.py", ["threads"], timeout=60)
+    result = run_python(ROOT / "examples" / "greetings.py", "threads", timeout=60)
     assert result.returncode == 2
     assert "invalid choice: 'threads'" in result.stderr
 

@@ -23,11 +23,11 @@ from typing import Any, Dict, Iterator, List
 import psutil
 import pytest
 
-from tests.support.processes import alive, stop_processes
+from tests.support import ROOT
+from tests.support.processes import alive, assert_all_ended, stop_processes
+from tests.support.waiting import holds_within
 
 pytestmark = pytest.mark.timeout(900)
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 RUNNERS = [
     pytest.param("SequentialTaskRunner", {}, id="sequential"),
@@ -69,12 +69,10 @@ def interrupt_and_check(
     children: List[psutil.Process] = []
     try:
         first = pathlib.Path(f"{marker}-0")
-        deadline = time.monotonic() + START_SECONDS
-        while not first.exists():
-            if script.poll() is not None or time.monotonic() > deadline:
-                out, err = script.communicate(timeout=30) if script.poll() is not None else ("", "")
-                pytest.fail(f"{runner_class}/{mode}: no call started (exit {script.returncode}):\n{err}")
-            time.sleep(0.02)
+        holds_within(lambda: first.exists() or script.poll() is not None, START_SECONDS, interval=0.02)
+        if not first.exists():
+            out, err = script.communicate(timeout=30) if script.poll() is not None else ("", "")
+            pytest.fail(f"{runner_class}/{mode}: no call started (exit {script.returncode}):\n{err}")
         if whole_group:
             time.sleep(random.uniform(0, 0.3))  # land anywhere in the calls' lives
         children = psutil.Process(script.pid).children(recursive=True)
@@ -89,12 +87,7 @@ def interrupt_and_check(
         assert script.returncode != 0, out
         assert "NOT INTERRUPTED" not in out
         assert "KeyboardInterrupt" in err, err
-        deadline = time.monotonic() + EXIT_SECONDS
-        left = [child for child in children if alive(child)]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [child for child in left if alive(child)]
-        assert not left, f"{runner_class}/{mode} left {[child.pid for child in left]} behind"
+        assert_all_ended(children, EXIT_SECONDS, f"{runner_class}/{mode} left these behind")
     finally:
         if script.poll() is None:
             stop_processes([psutil.Process(script.pid)])

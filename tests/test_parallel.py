@@ -30,8 +30,8 @@ from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
 from tests.support import parallel_payloads, payloads
 from tests.support.kinds import all_kinds, parametrize_kinds
-from tests.support.parallel_payloads import poll
-from tests.support.processes import alive, stop_processes
+from tests.support.processes import assert_all_ended, run_python
+from tests.support.waiting import wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,18 +43,6 @@ PARALLEL_KIND = parametrize_kinds(kind for kind in all_kinds() if kind.id == "pa
 
 def run(runner, run_fn, run_kwargs=None, name=None):
     return runner.wait(runner.submit(TaskRun(name=name), run_fn, run_kwargs or {}))
-
-
-def assert_no_process_alive(pids, timeout=10.0):
-    """Wait up to ``timeout`` for these processes to end; stop and name any that do not."""
-    processes = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            processes.append(psutil.Process(pid))
-    psutil.wait_procs(processes, timeout=timeout)
-    left = [process for process in processes if alive(process)]
-    stop_processes(left)
-    assert not left, f"processes still alive: {left}"
 
 
 # -- construction ----------------------------------------------------------------------
@@ -140,9 +128,7 @@ def test_lambdas_and_closures_travel_by_value():
 
 @pytest.mark.timeout(60)
 def test_functions_defined_in_main_work_without_a_main_guard():
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "main"], capture_output=True, text=True, timeout=50, check=False
-    )
+    result = run_python(SCRIPT, "main", timeout=50)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
         "square": 49,
@@ -421,11 +407,11 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
         last = submit(
             parallel_payloads.run_once_gate_opens, marker=last_marker, gate=last_gate, value="last"
         )
-        parallel_payloads.wait_for(first_marker)
+        wait_for_path(first_marker)
         assert first.running() and not first.cancel() and not first.cancelled()
         # The pool moves the next call to its workers' queue before a worker is free:
         # from then on it is running, and cannot be cancelled, though it has not started.
-        poll(middle[0].running)
+        wait_until(middle[0].running, what="the next call was not handed to the worker")
         assert not middle[0].cancel() and not middle[0].cancelled()
         # Calls still waiting behind it can be cancelled, and then never run.
         assert not last.running()
@@ -436,7 +422,7 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
         pathlib.Path(first_gate).touch()
         assert first.result(timeout=60).result() == "first"
         assert not first.running() and not first.cancel()
-        parallel_payloads.wait_for(last_marker)
+        wait_for_path(last_marker)
         assert last.running() and not last.cancel()
         pathlib.Path(last_gate).touch()
         assert last.result(timeout=60).result() == "last"
@@ -489,11 +475,14 @@ def test_an_executor_shutdown_cancelling_calls_marks_them_cancelled(tmp_path):
     queued = [
         executor.submit(parallel_payloads.record_and_return, log, f"q{i}", i) for i in range(20)
     ]
-    parallel_payloads.wait_for(marker)
+    wait_for_path(marker)
     executor.shutdown(wait=False, cancel_futures=True)
     pathlib.Path(gate).touch()
     assert first.result(timeout=60).result() == "first"
-    poll(lambda: all(future.done() for future in queued) and not runner._started)
+    wait_until(
+        lambda: all(future.done() for future in queued) and not runner._started,
+        what="the executor did not settle its calls and stop the runner",
+    )
     # Only the calls already handed to the worker were not cancelled; they ran.
     ran = [i for i, future in enumerate(queued) if not future.cancelled()]
     assert len(ran) < 10
@@ -525,7 +514,7 @@ def test_a_finished_call_is_not_kept_alive_by_the_runner():
             return [ref() for ref in refs] == [None, None, None]
 
         # The runner is started and idle: nothing of it may hold the call any more.
-        poll(all_gone, patience=10)
+        wait_until(all_gone, 10, "the runner still holds the call's function, argument or result")
 
 
 # -- logging -------------------------------------------------------------------------------
@@ -595,11 +584,11 @@ def test_leaving_with_an_exception_cancels_queued_calls_and_kills_the_workers(tm
             for i in range(4)
         ]
         for marker in markers:
-            parallel_payloads.wait_for(marker)
+            wait_for_path(marker)
         raise error
     assert info.value is error
     worker_pids = [int(pathlib.Path(marker).read_text()) for marker in markers]
-    assert_no_process_alive(worker_pids)
+    assert_all_ended(worker_pids)
 
     for future in running:
         state = runner.wait(future, timeout=0)
@@ -622,13 +611,7 @@ def test_leaving_with_an_exception_prints_nothing(tmp_path):
     Cancelling loky's futures made its manager thread print an InvalidStateError
     traceback when the workers were then killed; a race, so ten rounds.
     """
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "abort", "10", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
+    result = run_python(SCRIPT, "abort", "10", tmp_path, timeout=110)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
@@ -661,7 +644,7 @@ def test_ctrl_c_on_a_waiting_script_exits_promptly_and_leaves_no_child(tmp_path)
         assert process.returncode != 0
         assert "KeyboardInterrupt" in process.stderr.read()
         assert "not interrupted" not in process.stdout.read()
-        assert_no_process_alive([child.pid for child in children])
+        assert_all_ended(children)
     finally:
         for leftover in [process, *children]:
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
@@ -685,7 +668,7 @@ def test_workers_do_not_outlive_a_parent_killed_outright(tmp_path):
         workers = [psutil.Process(pid) for pid in worker_pids]
         process.kill()  # SIGKILL: the runner gets no chance to stop its workers
         process.wait(timeout=10)
-        assert_no_process_alive(worker_pids)
+        assert_all_ended(workers)
     finally:
         for leftover in [process, *workers]:
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):

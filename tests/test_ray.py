@@ -14,13 +14,10 @@ import json
 import os
 import queue
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import cloudpickle
-import psutil
 import pytest
 
 import taskrunners
@@ -35,10 +32,10 @@ from tests.support.driver import driving
 from tests.support.kinds import parametrize_kinds
 from tests.support.kinds_ray import HEAD_ENV, KINDS, LOCAL_INIT_KWARGS, ray_processes
 from tests.support.pickling import register_payloads
+from tests.support.processes import assert_all_ended, run_python
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
-REPO = Path(__file__).resolve().parent.parent
 RAY_KIND = parametrize_kinds(KINDS)
 MISSING_RAY = "Using the `RayTaskRunner` requires `ray` to be installed."
 
@@ -55,16 +52,8 @@ def lines(path):
 
 
 def run_script(*args, env=None, timeout=170):
-    process = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert process.returncode == 0, f"{args} failed:\n{process.stdout[-4000:]}\n{process.stderr[-4000:]}"
-    return process.stdout
+    """Run this interpreter with ``args``; its output, once it exited with 0."""
+    return run_python(*args, env=env, timeout=timeout, check=True).stdout
 
 
 def join_script(*args, env=None, timeout=170):
@@ -215,8 +204,7 @@ def test_a_runner_with_no_address_starts_a_local_instance_and_shuts_it_down(
             assert any(p.name() == "raylet" for p in started), started
             assert driver.run(payloads.add, {"x": 1, "y": 2}).result() == 3
         assert not ray.is_initialized()
-    _, alive = psutil.wait_procs(started, timeout=30)
-    assert not alive, f"Ray processes left after the block: {alive}"
+    assert_all_ended(started, 30, "Ray processes left after the block")
     messages = [record.getMessage() for record in caplog.records]
     assert "Creating a local Ray instance" in messages
     assert "Using Ray cluster with 1 nodes." in messages
@@ -240,8 +228,7 @@ def test_leaving_with_an_exception_stops_the_local_instance_without_waiting(ray_
     for future in futures:
         state = runner.wait(future, timeout=0)
         assert state.is_crashed() and "cancelled" in state.message
-    _, alive = psutil.wait_procs(started, timeout=30)
-    assert not alive, f"Ray processes left after the block: {alive}"
+    assert_all_ended(started, 30, "Ray processes left after the block")
 
 
 @pytest.mark.timeout(300)

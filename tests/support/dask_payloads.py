@@ -10,6 +10,7 @@ import time
 import uuid
 
 from taskrunners.states import Completed
+from tests.support.waiting import wait_for_path
 
 
 def current_key():
@@ -83,11 +84,7 @@ def running_coroutines():
 def wait_for_release(started, release, value=None):
     """Touch ``started``, then wait until the file ``release`` exists (the test's go-ahead)."""
     pathlib.Path(started).touch()
-    deadline = time.monotonic() + 150
-    while not os.path.exists(release):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{release} did not appear")
-        time.sleep(0.02)
+    wait_for_path(release, patience=150)
     return Completed(data=value)
 
 

@@ -10,6 +10,7 @@ import time
 import anyio
 
 from taskrunners.states import Completed, Failed
+from tests.support.waiting import async_holds_within, holds_within
 
 
 def return_value(value=None):
@@ -68,21 +69,12 @@ def meet(own_marker, other_marker, patience):
     Completed(True) when the two calls overlapped in time.
     """
     pathlib.Path(own_marker).touch()
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        if os.path.exists(other_marker):
-            return Completed(data=True)
-        time.sleep(0.01)
-    return Completed(data=False)
+    return Completed(data=holds_within(lambda: os.path.exists(other_marker), patience))
 
 
 async def async_meet(own_marker, other_marker, patience):
     pathlib.Path(own_marker).touch()
-    with anyio.move_on_after(patience):
-        while not os.path.exists(other_marker):
-            await anyio.sleep(0.01)
-        return Completed(data=True)
-    return Completed(data=False)
+    return Completed(data=await async_holds_within(lambda: os.path.exists(other_marker), patience))
 
 
 def return_pid():
