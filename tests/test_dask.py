@@ -495,7 +495,7 @@ def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, requ
         expected = exc
     runner = kind.make(request, blocking=True)
     with runner.start():
-        locked = runner.submit(TaskRun(name="locked"), dask_payloads.unpicklable_result, {})
+        locked = runner.submit(TaskRun(name="locked"), payloads.return_unpicklable, {})
         downstream = runner.submit(TaskRun(), payloads.receive_states, {"states": locked})
         state = runner.wait(locked)
         received = runner.wait(downstream).result()
@@ -521,8 +521,8 @@ def occupy_every_worker(runner, directory, release):
             long_runs.append(
                 runner.submit(
                     TaskRun(name=f"long-{index}"),
-                    dask_payloads.wait_for_release,
-                    {"started": str(directory / f"started-{index}"), "release": str(release), "value": index},
+                    payloads.run_once_gate_opens,
+                    {"marker": str(directory / f"started-{index}"), "gate": str(release), "value": index},
                 )
             )
     started = [directory / f"started-{index}" for index in range(len(workers))]
@@ -595,13 +595,13 @@ def test_running_goes_from_false_to_true_to_false(tmp_path):
     with threads_runner().start() as runner:
         with taskrunners.sync.ConcurrentTaskRunner().start() as other:
             gate = other.submit(
-                TaskRun(), dask_payloads.wait_for_release, {"started": str(tmp_path / "gate"), "release": str(release)}
+                TaskRun(), payloads.run_once_gate_opens, {"marker": str(tmp_path / "gate"), "gate": str(release)}
             )
             # Waits for a call of another runner: not handed to Dask yet.
             future = runner.submit(
                 TaskRun(),
-                dask_payloads.wait_for_release,
-                {"started": str(tmp_path / "started"), "release": str(tmp_path / "finish"), "value": gate},
+                payloads.run_once_gate_opens,
+                {"marker": str(tmp_path / "started"), "gate": str(tmp_path / "finish"), "value": gate},
             )
             assert not future._call.running()
             release.touch()
@@ -615,7 +615,7 @@ def test_running_goes_from_false_to_true_to_false(tmp_path):
 @pytest.mark.timeout(240)
 def test_the_same_task_run_submitted_again_shares_its_running_task_and_is_not_cancelled(busy_processes_runner):
     runner, long_runs, release = busy_processes_runner
-    again = runner.submit(long_runs[1].task_run, dask_payloads.wait_for_release, {"started": "-", "release": "-"})
+    again = runner.submit(long_runs[1].task_run, payloads.run_once_gate_opens, {"marker": "-", "gate": "-"})
     assert again._call.running()
     assert again._call.cancel() is False
     release.touch()
@@ -631,7 +631,7 @@ def test_cancel_unstarted_cancels_what_no_worker_started_in_one_round_trip(busy_
     queued = [submit_recorded(runner, ran, f"queued-{index}") for index in range(4)]
     with taskrunners.sync.ConcurrentTaskRunner().start() as other:
         foreign = other.submit(
-            TaskRun(), dask_payloads.wait_for_release, {"started": str(tmp_path / "foreign"), "release": str(release)}
+            TaskRun(), payloads.run_once_gate_opens, {"marker": str(tmp_path / "foreign"), "gate": str(release)}
         )
         after_foreign = runner.submit(
             TaskRun(name="after-foreign"), payloads.add_upstream, {"upstream": foreign, "y": 1}
@@ -666,7 +666,7 @@ def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
     with runner.start(), taskrunners.sync.ConcurrentTaskRunner().start() as other:
         occupy_every_worker(runner, tmp_path, release)
         queued = runner.submit(TaskRun(), payloads.return_value, {"value": "queued"})
-        foreign = other.submit(TaskRun(), dask_payloads.wait_for_release, {"started": os.devnull, "release": str(release)})
+        foreign = other.submit(TaskRun(), payloads.run_once_gate_opens, {"marker": os.devnull, "gate": str(release)})
         after_foreign = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": foreign, "y": 1})
         answers = []
         runner._client.loop.add_callback(
@@ -778,18 +778,22 @@ def records_with(caplog, message):
     return [record for record in caplog.records if record.getMessage() == message]
 
 
+def warn_in_a_call(runner, logger_name, message):
+    """A call on ``runner`` logs ``message`` at WARNING; its State (the worker's pid)."""
+    run_kwargs = {"logger_name": logger_name, "level": logging.WARNING, "message": message}
+    return runner.wait(runner.submit(TaskRun(), dask_payloads.log_at, run_kwargs))
+
+
 @parametrize_kinds([THREADS, PROCESSES, EXTERNAL])
 def test_records_logged_in_a_call_reach_this_process_once(kind, request, caplog):
     caplog.set_level(logging.WARNING)
     message = f"from a worker {uuid.uuid4().hex}"
     runner = kind.make(request, blocking=True)
     with runner.start():
-        state = runner.wait(
-            runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": message})
-        )
+        state = warn_in_a_call(runner, "user.module", message)
         wait_until(lambda: records_with(caplog, message), 30, f"{message!r} was not logged here")
         # Anything forwarded twice would have arrived by the time a second call has.
-        runner.wait(runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": "x"}))
+        warn_in_a_call(runner, "user.module", "x")
         wait_until(lambda: records_with(caplog, "x"), 30, "'x' was not logged here")
     (record,) = records_with(caplog, message)
     assert record.name == "user.module" and record.levelno == logging.WARNING
@@ -804,13 +808,13 @@ def test_two_runners_on_one_cluster_forward_each_record_once(dask_external_clust
     with first.start():
         with second.start():
             message = f"nested {uuid.uuid4().hex}"
-            second.wait(second.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": message}))
+            warn_in_a_call(second, "n", message)
             wait_until(lambda: records_with(caplog, message), 30, f"{message!r} was not logged here")
         # The inner runner is gone; the outer one still forwards.
         later = f"later {uuid.uuid4().hex}"
-        first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": later}))
+        warn_in_a_call(first, "n", later)
         wait_until(lambda: records_with(caplog, later), 30, f"{later!r} was not logged here")
-        first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": "y"}))
+        warn_in_a_call(first, "n", "y")
         wait_until(lambda: records_with(caplog, "y"), 30, "'y' was not logged here")
     assert len(records_with(caplog, message)) == 1
     assert len(records_with(caplog, later)) == 1

@@ -58,7 +58,10 @@ def interrupt_and_check(
 ) -> None:
     """Start the script, send SIGINT once a call runs, check a prompt exit with no child left."""
     script = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.interrupt_script", runner_class, json.dumps(kwargs), mode, str(marker)],
+        [
+            sys.executable, "-m", "tests.support.interrupt_script",
+            runner_class, json.dumps(kwargs), mode, str(marker),
+        ],
         cwd=str(ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

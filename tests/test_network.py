@@ -30,7 +30,7 @@ DEFAULT_RUNNERS = [
 @pytest.mark.parametrize("runner_class, kwargs", DEFAULT_RUNNERS)
 def test_what_a_runner_starts_by_default_listens_on_loopback_only(runner_class, kwargs, request):
     if runner_class == "RayTaskRunner":
-        # Otherwise it joins the session's shared Ray instance (tests/support/kinds_ray.py) and starts nothing.
+        # Otherwise it joins the session's shared Ray instance (support/kinds_ray.py): nothing new.
         request.getfixturevalue("ray_session").release()
     runner = getattr(taskrunners.sync, runner_class)(**kwargs)
     before = set(listening_addresses())

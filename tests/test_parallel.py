@@ -379,7 +379,7 @@ def test_a_result_this_process_cannot_unpickle_crashes_naming_the_module(tmp_pat
 def test_a_result_that_cannot_be_pickled_crashes_the_call(driver):
     with driver.start():
         state = driver.wait(
-            driver.submit(parallel_payloads.return_unpicklable, task_run=TaskRun(name="unpicklable"))
+            driver.submit(payloads.return_unpicklable, task_run=TaskRun(name="unpicklable"))
         )
         later = driver.run(payloads.return_value, {"value": "fine"})
         generations = len(core_of(driver.runner)._pool._generations)
@@ -427,14 +427,14 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
     last_marker, last_gate = str(tmp_path / "last"), str(tmp_path / "last-gate")
     with pool() as submit:
         first = submit(
-            parallel_payloads.run_once_gate_opens, marker=first_marker, gate=first_gate, value="first"
+            payloads.run_once_gate_opens, marker=first_marker, gate=first_gate, value="first"
         )
         middle = [
             submit(parallel_payloads.record_and_return, log=log, tag=f"m{i}", value=i)
             for i in range(8)
         ]
         last = submit(
-            parallel_payloads.run_once_gate_opens, marker=last_marker, gate=last_gate, value="last"
+            payloads.run_once_gate_opens, marker=last_marker, gate=last_gate, value="last"
         )
         wait_for_path(first_marker)
         assert first.running() and not first.cancel() and not first.cancelled()
@@ -500,7 +500,7 @@ def test_an_executor_shutdown_cancelling_calls_marks_them_cancelled(tmp_path):
     log, marker, gate = str(tmp_path / "starts"), str(tmp_path / "first"), str(tmp_path / "gate")
     runner = ParallelTaskRunner(max_workers=1)
     executor = RunnerExecutor(runner)
-    first = executor.submit(parallel_payloads.run_once_gate_opens, marker, gate, "first")
+    first = executor.submit(payloads.run_once_gate_opens, marker, gate, "first")
     queued = [
         executor.submit(parallel_payloads.record_and_return, log, f"q{i}", i) for i in range(20)
     ]

@@ -6,7 +6,6 @@ blocking twin, and the async facade on asyncio and on trio.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import pickle
@@ -34,11 +33,6 @@ SEQUENTIAL_KINDS = parametrize_kinds(
 CONCURRENT_KINDS = parametrize_kinds(
     k for k in all_kinds() if k.concurrency_type is not TaskConcurrencyType.SEQUENTIAL
 )
-
-
-@dataclasses.dataclass
-class Box:
-    item: object
 
 
 def settings(runner):
@@ -227,7 +221,7 @@ def test_upstream_futures_anywhere_in_the_arguments_arrive_as_states(driver):
             "tuple": (up[1],),
             "set": {up[2]},
             "dict": {"key": up[3]},
-            "dataclass": Box(item=up[4]),
+            "dataclass": payloads.Box(item=up[4]),
         }
         state = driver.run(payloads.receive_states, {"states": nested})
     received = state.result()
@@ -235,7 +229,7 @@ def test_upstream_futures_anywhere_in_the_arguments_arrive_as_states(driver):
     assert received["tuple"][0].result() == 1
     assert next(iter(received["set"])).result() == 2
     assert received["dict"]["key"].result() == 3
-    assert isinstance(received["dataclass"], Box) and received["dataclass"].item.result() == 4
+    assert type(received["dataclass"]) is payloads.Box and received["dataclass"].item.result() == 4
     for found in (received["list"][0], received["dataclass"].item):
         assert found.type is StateType.COMPLETED
 

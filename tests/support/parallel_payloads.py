@@ -54,10 +54,6 @@ def die_once_marker_exists(log, tag, marker, how):
     return Completed(data="survived")
 
 
-def return_unpicklable():
-    return Completed(data=threading.Lock())
-
-
 def pid_and_environment(*names):
     return Completed(data=(os.getpid(), {name: os.environ.get(name) for name in names}))
 
@@ -102,13 +98,6 @@ def value_once_file_exists(path, value):
 def exit_at_start():
     """An initializer that kills the worker before it takes any call."""
     os._exit(5)
-
-
-def run_once_gate_opens(marker, gate, value):
-    """Leave ``marker`` holding this worker's pid, then return ``value`` once ``gate`` exists."""
-    pathlib.Path(marker).write_text(str(os.getpid()))
-    wait_for_path(gate)
-    return Completed(data=value)
 
 
 class RefusedError(Exception):
