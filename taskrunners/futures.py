@@ -160,9 +160,7 @@ class PrefectFuture(Generic[M]):
         """
         if self.asynchronous:
             return self.task_runner.wait(self, timeout)
-        from taskrunners._core.seam import wait_blocking
-
-        return wait_blocking(self, timeout)
+        return _seam().wait_blocking(self, timeout)
 
     @overload
     def result(
@@ -183,9 +181,7 @@ class PrefectFuture(Generic[M]):
         """
         if self.asynchronous:
             return self._result_async(timeout, raise_on_failure)
-        from taskrunners._core.seam import wait_blocking
-
-        return _state_data(self, wait_blocking(self, timeout), timeout, raise_on_failure)
+        return _state_data(self, _seam().wait_blocking(self, timeout), timeout, raise_on_failure)
 
     async def _result_async(self, timeout: Optional[float], raise_on_failure: bool) -> Any:
         state = await self.task_runner.wait(self, timeout)
@@ -217,6 +213,19 @@ class PrefectFuture(Generic[M]):
     def __setstate__(self, state: tuple) -> None:
         self.task_run, self.task_runner, self.asynchronous = state
         self._call = None
+
+
+def _seam() -> Any:
+    # The core imports this module, so the seam is imported on first use, once.
+    global _seam_module
+    if _seam_module is None:
+        from taskrunners._core import seam
+
+        _seam_module = seam
+    return _seam_module
+
+
+_seam_module: Any = None
 
 
 def _state_data(

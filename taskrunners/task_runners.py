@@ -292,9 +292,9 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
             seam.ensure_usable(core, "submit work")
             # The task group sees these calls to their end: no tracking needed.
-            call = await self._start_coroutine_call(run_fn, dict(run_kwargs))
+            call = await self._start_coroutine_call(run_fn, _as_dict(run_kwargs))
         else:
-            call = seam.submit_call(core, task_run, run_fn, dict(run_kwargs))
+            call = seam.submit_call(core, task_run, run_fn, _as_dict(run_kwargs))
         return seam.bind(PrefectFuture(task_run, self, asynchronous=asynchronous), call)
 
     async def _start_coroutine_call(
@@ -374,6 +374,10 @@ async def _await_call(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[s
             raise
         return
     call.set_result(checked_state(run_fn, value))
+
+
+def _as_dict(run_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    return run_kwargs if type(run_kwargs) is dict else dict(run_kwargs)
 
 
 def _unwrapped_interrupt(exc: BaseException) -> BaseException:

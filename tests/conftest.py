@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
-import pathlib
-
 import cloudpickle
 import pytest
-from anyio.from_thread import start_blocking_portal
 
-from tests import payloads
-from tests.driver import Driver
+from tests.support.driver import driving
+from tests.support.kinds import KIND_MODULES, kind_params
+from tests.support.pickling import register_payloads
 
-# Test payloads travel by value, so worker processes need not import the tests.
-cloudpickle.register_pickle_by_value(payloads)
+register_payloads(cloudpickle)
 
-_KIND_MODULES = sorted(
-    f"tests.{path.stem}" for path in pathlib.Path(__file__).parent.glob("kinds_*.py")
-)
-# Each kinds module may define the fixtures its kinds need.
-pytest_plugins = _KIND_MODULES
+# Each kinds module may define the fixtures its kinds need (a cluster address, ...).
+pytest_plugins = KIND_MODULES
 
-ALL_KINDS = [kind for name in _KIND_MODULES for kind in importlib.import_module(name).KINDS]
 MODES = ["sync", "asyncio", "trio"]
-
-
-def kind_params(kinds=None):
-    return [pytest.param(kind, id=kind.id, marks=kind.marks) for kind in (kinds or ALL_KINDS)]
 
 
 @pytest.fixture(params=kind_params())
@@ -44,12 +32,8 @@ def mode(request):
 @pytest.fixture
 def driver(kind, mode, request):
     """An unstarted runner of ``kind``, driven in ``mode``."""
-    runner = kind.make(request, blocking=mode == "sync")
-    if mode == "sync":
-        yield Driver(runner, None, mode)
-        return
-    with start_blocking_portal(backend=mode) as portal:
-        yield Driver(runner, portal, mode)
+    with driving(kind.make(request, blocking=mode == "sync"), mode) as driver:
+        yield driver
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -19,8 +16,8 @@ from benchmarks.engines import FAMILIES, EngineSettings, RunnerUnavailable, Sync
 from benchmarks.measure import Cell, Config, Session, SessionRecord, run_sessions
 from benchmarks.workloads import WORKLOADS
 from taskrunners.states import Completed, Failed
+from tests.support.processes import run_python
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,14 +25,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def quick_run(tmp_path_factory):
     """One ``python -m benchmarks --quick`` on a small selection, in a subprocess."""
     output = tmp_path_factory.mktemp("bench")
-    process = subprocess.run(
-        [
-            sys.executable, "-m", "benchmarks", "--quick", "--no-peers",
-            "--workloads", "noop,async-sleep", "--runners", "sequential,concurrent",
-            "--output", str(output),
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    process = run_python(
+        "-m", "benchmarks", "--quick", "--no-peers",
+        "--workloads", "noop,async-sleep", "--runners", "sequential,concurrent",
+        "--output", output,
         env={**os.environ, "COLUMNS": "200"},
+        timeout=90,
     )
     return process, output
 

@@ -16,7 +16,7 @@ import taskrunners
 import taskrunners.sync
 from taskrunners import TaskRun
 from taskrunners.states import Completed
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -162,12 +162,9 @@ def test_the_twin_runs_coroutines_from_a_thread_that_runs_an_event_loop():
     assert anyio.run(notebook_cell) == 3
 
 
-class Marker:
-    """Weakly referenced, to see whether a runner still holds a finished call's State."""
-
-
-def make_marker():
-    return Completed(data=Marker())
+def return_box():
+    """A fresh Box, weakly referenced to see whether the runner still holds the call's State."""
+    return Completed(data=payloads.Box())
 
 
 def rss() -> int:
@@ -178,15 +175,15 @@ def rss() -> int:
 @pytest.mark.parametrize("blocking", [True, False])
 def test_finished_calls_are_not_kept_once_their_futures_are_gone(blocking):
     runner = (taskrunners.sync if blocking else taskrunners).ConcurrentTaskRunner()
-    markers = []
+    boxes = []
     memory = {}
 
     def loop_sync():
         with runner.start():
             for i in range(100_000):
-                state = runner.wait(runner.submit(TaskRun(), make_marker, {}))
+                state = runner.wait(runner.submit(TaskRun(), return_box, {}))
                 if i % 1000 == 0:
-                    markers.append(weakref.ref(state.data))
+                    boxes.append(weakref.ref(state.data))
                 if i == 20_000:
                     memory["warm"] = rss()
             memory["end"] = rss()
@@ -195,10 +192,10 @@ def test_finished_calls_are_not_kept_once_their_futures_are_gone(blocking):
     async def loop_async():
         async with runner.start():
             for i in range(100_000):
-                future = await runner.submit(TaskRun(), make_marker, {})
+                future = await runner.submit(TaskRun(), return_box, {})
                 state = await runner.wait(future)
                 if i % 1000 == 0:
-                    markers.append(weakref.ref(state.data))
+                    boxes.append(weakref.ref(state.data))
                 if i == 20_000:
                     memory["warm"] = rss()
             del future, state
@@ -207,6 +204,6 @@ def test_finished_calls_are_not_kept_once_their_futures_are_gone(blocking):
 
     loop_sync() if blocking else anyio.run(loop_async)
     gc.collect()
-    assert [ref for ref in markers if ref() is not None] == []
+    assert [ref for ref in boxes if ref() is not None] == []
     # Keeping 80,000 finished calls would cost tens of MB; a flat loop costs ~nothing.
     assert memory["end"] - memory["warm"] < 16 * 2**20

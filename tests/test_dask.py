@@ -1,6 +1,6 @@
 """DaskTaskRunner specifics: configuration, keys, hand-off, failures, pickling, clusters.
 
-The standard suite (tests/test_standard.py) runs on the kinds of tests/kinds_dask.py;
+The standard suite (tests/test_standard.py) runs on the kinds of tests/support/kinds_dask.py;
 these tests cover what only the Dask runner does.
 """
 
@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import os
 import pickle
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,36 +18,39 @@ import uuid
 import cloudpickle
 import psutil
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 import taskrunners
 import taskrunners.sync
 from taskrunners import TaskConcurrencyType, TaskRun
 from taskrunners.states import StateType
-from tests import dask_payloads, payloads
-from tests.conftest import kind_params
-from tests.driver import Driver
-from tests.kinds_dask import (
+from tests.support import dask_payloads, payloads
+from tests.support.driver import driving
+from tests.support.kinds import parametrize_kinds
+from tests.support.kinds_dask import (
     EXTERNAL_ALLOWED_FAILURES,
     KINDS,
     PROCESSES_CLUSTER,
-    ROOT,
     THREADS_CLUSTER,
-    family,
     read_address,
     start_scheduler,
+)
+from tests.support.network import free_port, is_loopback, listening_addresses
+from tests.support.processes import (
+    assert_all_ended,
+    family,
+    python_environment,
+    run_python,
     stop_processes,
 )
-from tests.test_network import listening_addresses
+from tests.support.waiting import wait_for_path, wait_until
 
 distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402  (after the skip: dask comes with distributed)
 
-cloudpickle.register_pickle_by_value(dask_payloads)
-
 pytestmark = [pytest.mark.dask, pytest.mark.timeout(180)]
 
 THREADS, PROCESSES, EXTERNAL = KINDS
+CANCELLED = "Execution was cancelled by the runtime environment."
 SyncDask = taskrunners.sync.DaskTaskRunner
 
 
@@ -61,21 +60,6 @@ def threads_runner(**cluster_kwargs):
 
 def key_of(task_run):
     return f"{task_run.name}-{task_run.id.hex}"
-
-
-def wait_for(predicate, timeout=60.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- configuration (no cluster) -----------------------------------------------------
@@ -161,14 +145,9 @@ def test_concurrency_type_follows_processes(cluster_kwargs, expected):
     assert SyncDask(address="tcp://127.0.0.1:8786").concurrency_type is TaskConcurrencyType.CONCURRENT
 
 
-def run_python(code):
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120
-    )
-
-
 def test_import_taskrunners_imports_neither_dask_nor_distributed():
     result = run_python(
+        "-c",
         "import sys, taskrunners, taskrunners.sync\n"
         "taskrunners.DaskTaskRunner(cluster_kwargs={'n_workers': 1})\n"
         "taskrunners.sync.DaskTaskRunner(address='tcp://127.0.0.1:8786')\n"
@@ -180,6 +159,7 @@ def test_import_taskrunners_imports_neither_dask_nor_distributed():
 
 def test_missing_distributed_gives_the_documented_error_on_start():
     result = run_python(
+        "-c",
         "import sys\n"
         "sys.modules['distributed'] = None  # as if not installed\n"
         "import taskrunners.sync\n"
@@ -247,7 +227,7 @@ def test_cluster_class_is_none_until_start_then_local_cluster_with_loopback_defa
     assert runner.cluster_class is None
     with runner.start():
         assert runner.cluster_class is distributed.LocalCluster
-        assert isinstance(runner._cluster, distributed.LocalCluster)
+        assert type(runner._cluster) is distributed.LocalCluster
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 1})).result() == 1
     # The user's kwargs stay exactly as given; the loopback defaults were not stored.
     assert runner.cluster_kwargs == THREADS_CLUSTER and given == THREADS_CLUSTER
@@ -333,7 +313,7 @@ def test_a_threads_cluster_listens_on_loopback_only():
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 3})).result() == 3
         opened = [entry for entry in listening_addresses() if entry not in before]
     assert opened, "the dashboard at least should listen"
-    exposed = [entry for entry in opened if not ipaddress.ip_address(entry[1]).is_loopback]
+    exposed = [entry for entry in opened if not is_loopback(entry[1])]
     assert not exposed
 
 
@@ -375,7 +355,7 @@ def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_war
 # -- keys, hand-off, annotations -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS]), indirect=True)
+@parametrize_kinds([THREADS])
 def test_the_key_read_on_the_worker_is_name_and_run_id(driver):
     task_run = TaskRun(name="load-data")
     with driver.start():
@@ -397,7 +377,7 @@ def dependencies(client, key):
     )
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS, PROCESSES]), indirect=True)
+@parametrize_kinds([THREADS, PROCESSES])
 def test_upstream_futures_reach_dask_as_dask_futures_and_their_states_arrive_intact(kind, request):
     runner = kind.make(request, blocking=True)
     up_run, down_run = TaskRun(name="up"), TaskRun(name="down")
@@ -410,7 +390,7 @@ def test_upstream_futures_reach_dask_as_dask_futures_and_their_states_arrive_int
     for state in (first, second):
         assert state.type is StateType.FAILED
         assert state.message == "it failed"
-        assert isinstance(state.data, ValueError) and state.data.args == ("upstream broke",)
+        assert type(state.data) is ValueError and state.data.args == ("upstream broke",)
 
 
 def test_upstream_futures_of_another_runner_arrive_as_states_and_keep_annotations():
@@ -440,11 +420,9 @@ def annotations_of(client, key):
 def resources_driver(mode):
     """A threads cluster whose workers have 4 "slots", driven in each mode."""
     cluster_kwargs = {**THREADS_CLUSTER, "resources": {"slots": 4}}
-    if mode == "sync":
-        yield Driver(SyncDask(cluster_kwargs=cluster_kwargs), None, mode)
-        return
-    with start_blocking_portal(backend=mode) as portal:
-        yield Driver(taskrunners.DaskTaskRunner(cluster_kwargs=cluster_kwargs), portal, mode)
+    module = taskrunners.sync if mode == "sync" else taskrunners
+    with driving(module.DaskTaskRunner(cluster_kwargs=cluster_kwargs), mode) as driver:
+        yield driver
 
 
 def test_dask_annotate_around_a_submission_applies_to_that_call(resources_driver):
@@ -501,10 +479,15 @@ def test_an_unpicklable_argument_crashes_the_call_at_once():
         assert future._call.done()
         state = runner.wait(future)
     assert state.is_crashed()
-    assert "could not be pickled" in state.message
+    assert state.message == (
+        "The call's function or arguments could not be pickled: "
+        "TypeError(\"cannot pickle '_thread.lock' object\")."
+    )
+    error = state.result(raise_on_failure=False)
+    assert type(error) is TypeError and str(error) == "cannot pickle '_thread.lock' object"
 
 
-@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([PROCESSES, EXTERNAL])
 def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, request):
     try:
         pickle.dumps(threading.Lock())
@@ -512,7 +495,7 @@ def test_an_unpicklable_result_crashes_with_the_pickling_error_itself(kind, requ
         expected = exc
     runner = kind.make(request, blocking=True)
     with runner.start():
-        locked = runner.submit(TaskRun(name="locked"), dask_payloads.unpicklable_result, {})
+        locked = runner.submit(TaskRun(name="locked"), payloads.return_unpicklable, {})
         downstream = runner.submit(TaskRun(), payloads.receive_states, {"states": locked})
         state = runner.wait(locked)
         received = runner.wait(downstream).result()
@@ -538,12 +521,12 @@ def occupy_every_worker(runner, directory, release):
             long_runs.append(
                 runner.submit(
                     TaskRun(name=f"long-{index}"),
-                    dask_payloads.wait_for_release,
-                    {"started": str(directory / f"started-{index}"), "release": str(release), "value": index},
+                    payloads.run_once_gate_opens,
+                    {"marker": str(directory / f"started-{index}"), "gate": str(release), "value": index},
                 )
             )
     started = [directory / f"started-{index}" for index in range(len(workers))]
-    assert wait_for(lambda: all(path.exists() for path in started), timeout=120)
+    wait_until(lambda: all(path.exists() for path in started), 120, "the long calls did not all start")
     return long_runs
 
 
@@ -571,7 +554,7 @@ def assert_cancelled(runner, future):
     call = future._call
     assert call.cancelled() and call.done() and not call.running()
     state = runner.wait(future)
-    assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
+    assert state.is_crashed() and state.message == CANCELLED
     assert type(state.result(raise_on_failure=False)) is concurrent.futures.CancelledError
 
 
@@ -612,17 +595,17 @@ def test_running_goes_from_false_to_true_to_false(tmp_path):
     with threads_runner().start() as runner:
         with taskrunners.sync.ConcurrentTaskRunner().start() as other:
             gate = other.submit(
-                TaskRun(), dask_payloads.wait_for_release, {"started": str(tmp_path / "gate"), "release": str(release)}
+                TaskRun(), payloads.run_once_gate_opens, {"marker": str(tmp_path / "gate"), "gate": str(release)}
             )
             # Waits for a call of another runner: not handed to Dask yet.
             future = runner.submit(
                 TaskRun(),
-                dask_payloads.wait_for_release,
-                {"started": str(tmp_path / "started"), "release": str(tmp_path / "finish"), "value": gate},
+                payloads.run_once_gate_opens,
+                {"marker": str(tmp_path / "started"), "gate": str(tmp_path / "finish"), "value": gate},
             )
             assert not future._call.running()
             release.touch()
-            assert wait_for(lambda: (tmp_path / "started").exists())
+            wait_for_path(tmp_path / "started")
             assert future._call.running()
             (tmp_path / "finish").touch()
             assert runner.wait(future).is_completed()
@@ -632,7 +615,7 @@ def test_running_goes_from_false_to_true_to_false(tmp_path):
 @pytest.mark.timeout(240)
 def test_the_same_task_run_submitted_again_shares_its_running_task_and_is_not_cancelled(busy_processes_runner):
     runner, long_runs, release = busy_processes_runner
-    again = runner.submit(long_runs[1].task_run, dask_payloads.wait_for_release, {"started": "-", "release": "-"})
+    again = runner.submit(long_runs[1].task_run, payloads.run_once_gate_opens, {"marker": "-", "gate": "-"})
     assert again._call.running()
     assert again._call.cancel() is False
     release.touch()
@@ -648,7 +631,7 @@ def test_cancel_unstarted_cancels_what_no_worker_started_in_one_round_trip(busy_
     queued = [submit_recorded(runner, ran, f"queued-{index}") for index in range(4)]
     with taskrunners.sync.ConcurrentTaskRunner().start() as other:
         foreign = other.submit(
-            TaskRun(), dask_payloads.wait_for_release, {"started": str(tmp_path / "foreign"), "release": str(release)}
+            TaskRun(), payloads.run_once_gate_opens, {"marker": str(tmp_path / "foreign"), "gate": str(release)}
         )
         after_foreign = runner.submit(
             TaskRun(name="after-foreign"), payloads.add_upstream, {"upstream": foreign, "y": 1}
@@ -683,13 +666,13 @@ def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
     with runner.start(), taskrunners.sync.ConcurrentTaskRunner().start() as other:
         occupy_every_worker(runner, tmp_path, release)
         queued = runner.submit(TaskRun(), payloads.return_value, {"value": "queued"})
-        foreign = other.submit(TaskRun(), dask_payloads.wait_for_release, {"started": os.devnull, "release": str(release)})
+        foreign = other.submit(TaskRun(), payloads.run_once_gate_opens, {"marker": os.devnull, "gate": str(release)})
         after_foreign = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": foreign, "y": 1})
         answers = []
         runner._client.loop.add_callback(
             lambda: answers.append((queued._call.cancel(), queued._call.running(), after_foreign._call.cancel()))
         )
-        assert wait_for(lambda: answers, timeout=60)
+        wait_until(lambda: answers, 60, "the client's event loop did not run the callback")
         # There the workers cannot be asked: only a call not handed to Dask is cancelled.
         assert answers == [(False, False, True)]
         release.touch()
@@ -708,7 +691,7 @@ def few_allowed_failures():
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([PROCESSES, EXTERNAL])
 def test_a_killed_worker_crashes_only_its_call(kind, request, tmp_path, few_allowed_failures):
     runner = kind.make(request, blocking=True)
     with runner.start():
@@ -723,7 +706,7 @@ def test_a_killed_worker_crashes_only_its_call(kind, request, tmp_path, few_allo
         assert "worker running this call died" in state.message
         assert type(state.result(raise_on_failure=False)).__name__ == "KilledWorker"
         received = runner.wait(downstream).result()
-        assert received.is_crashed() and "died" in received.message
+        assert received.is_crashed() and received.message == state.message
         # The runner keeps working.
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": "ok"})).result() == "ok"
         runner._client.wait_for_workers(2, timeout=120)
@@ -738,15 +721,18 @@ def test_leaving_with_an_exception_cancels_and_stops_an_own_process_cluster_prom
             workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
             assert len(workers) == 2
             futures = [runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 60}) for _ in range(4)]
-            wait_for(lambda: sum(len(v) for v in client.processing().values()) >= 2, timeout=60)
+            wait_until(
+                lambda: sum(len(v) for v in client.processing().values()) >= 2,
+                60,
+                "the workers did not take two calls",
+                interval=0.1,
+            )
             raise KeyError("stop")
     assert client.status == "closed"
     assert cluster.status == distributed.core.Status.closed
-    _, alive = psutil.wait_procs(workers, timeout=30)
-    assert not alive
+    assert_all_ended(workers, 30, "worker processes left after the block")
     states = [runner.wait(future, timeout=0) for future in futures]
-    assert all(state.is_crashed() for state in states)
-    assert all("cancelled" in state.message for state in states)
+    assert [(state.type, state.message) for state in states] == [(StateType.CRASHED, CANCELLED)] * 4
     assert runner._client is None and not runner._started
 
 
@@ -759,14 +745,30 @@ def test_leaving_with_an_exception_cancels_calls_on_a_cluster_it_did_not_create(
             running = [runner.submit(TaskRun(), dask_payloads.async_sleep_registered, {"seconds": 60}) for _ in range(2)]
             queued = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 60})
             client = runner._client
-            wait_for(lambda: sum(client.run(dask_payloads.running_coroutines).values()) == 2, timeout=60)
+            wait_until(
+                lambda: sum(client.run(dask_payloads.running_coroutines).values()) == 2,
+                60,
+                "the two coroutine calls did not start",
+                interval=0.1,
+            )
             raise KeyError("stop")
-    assert all(runner.wait(future, timeout=0).is_crashed() for future in [*running, queued])
+    states = [runner.wait(future, timeout=0) for future in [*running, queued]]
+    assert [(state.type, state.message) for state in states] == [(StateType.CRASHED, CANCELLED)] * 3
     # The cluster is still up, its worker threads are free again.
     with distributed.Client(address, set_as_default=False, timeout=30) as observer:
-        assert wait_for(lambda: sum(observer.run(dask_payloads.running_coroutines).values()) == 0)
+        wait_until(
+            lambda: sum(observer.run(dask_payloads.running_coroutines).values()) == 0,
+            60,
+            "coroutine calls still run on the workers",
+            interval=0.1,
+        )
         assert len(observer.scheduler_info(n_workers=-1)["workers"]) == 2
-        assert wait_for(lambda: not any(observer.processing().values()), timeout=60)
+        wait_until(
+            lambda: not any(observer.processing().values()),
+            60,
+            "the scheduler still has calls processing",
+            interval=0.1,
+        )
 
 
 # -- logging --------------------------------------------------------------------------------
@@ -776,19 +778,23 @@ def records_with(caplog, message):
     return [record for record in caplog.records if record.getMessage() == message]
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS, PROCESSES, EXTERNAL]), indirect=True)
+def warn_in_a_call(runner, logger_name, message):
+    """A call on ``runner`` logs ``message`` at WARNING; its State (the worker's pid)."""
+    run_kwargs = {"logger_name": logger_name, "level": logging.WARNING, "message": message}
+    return runner.wait(runner.submit(TaskRun(), dask_payloads.log_at, run_kwargs))
+
+
+@parametrize_kinds([THREADS, PROCESSES, EXTERNAL])
 def test_records_logged_in_a_call_reach_this_process_once(kind, request, caplog):
     caplog.set_level(logging.WARNING)
     message = f"from a worker {uuid.uuid4().hex}"
     runner = kind.make(request, blocking=True)
     with runner.start():
-        state = runner.wait(
-            runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": message})
-        )
-        assert wait_for(lambda: records_with(caplog, message), timeout=30)
+        state = warn_in_a_call(runner, "user.module", message)
+        wait_until(lambda: records_with(caplog, message), 30, f"{message!r} was not logged here")
         # Anything forwarded twice would have arrived by the time a second call has.
-        runner.wait(runner.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "user.module", "message": "x"}))
-        wait_for(lambda: records_with(caplog, "x"), timeout=30)
+        warn_in_a_call(runner, "user.module", "x")
+        wait_until(lambda: records_with(caplog, "x"), 30, "'x' was not logged here")
     (record,) = records_with(caplog, message)
     assert record.name == "user.module" and record.levelno == logging.WARNING
     if kind is not THREADS:
@@ -802,14 +808,14 @@ def test_two_runners_on_one_cluster_forward_each_record_once(dask_external_clust
     with first.start():
         with second.start():
             message = f"nested {uuid.uuid4().hex}"
-            second.wait(second.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": message}))
-            assert wait_for(lambda: records_with(caplog, message), timeout=30)
+            warn_in_a_call(second, "n", message)
+            wait_until(lambda: records_with(caplog, message), 30, f"{message!r} was not logged here")
         # The inner runner is gone; the outer one still forwards.
         later = f"later {uuid.uuid4().hex}"
-        first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": later}))
-        assert wait_for(lambda: records_with(caplog, later), timeout=30)
-        first.wait(first.submit(TaskRun(), dask_payloads.log_warning, {"logger_name": "n", "message": "y"}))
-        wait_for(lambda: records_with(caplog, "y"), timeout=30)
+        warn_in_a_call(first, "n", later)
+        wait_until(lambda: records_with(caplog, later), 30, f"{later!r} was not logged here")
+        warn_in_a_call(first, "n", "y")
+        wait_until(lambda: records_with(caplog, "y"), 30, "'y' was not logged here")
     assert len(records_with(caplog, message)) == 1
     assert len(records_with(caplog, later)) == 1
 
@@ -824,7 +830,7 @@ def quiet_logger():
     logger.setLevel(logging.NOTSET)
 
 
-@pytest.mark.parametrize("kind", kind_params([PROCESSES, EXTERNAL]), indirect=True)
+@parametrize_kinds([PROCESSES, EXTERNAL])
 def test_worker_records_keep_name_and_level_and_this_process_levels_decide(kind, request, caplog, quiet_logger):
     caplog.set_level(logging.INFO)
     tag = uuid.uuid4().hex
@@ -888,10 +894,7 @@ def test_a_script_with_basic_config_prints_each_worker_record_once(cluster, tmp_
     script = tmp_path / "script.py"
     script.write_text(LOGGING_SCRIPT)
     target = "processes" if cluster == "processes" else request.getfixturevalue("dask_external_cluster").address
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, str(script), target], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=180
-    )
+    result = run_python(script, target, cwd=tmp_path, env=python_environment(), timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['first', 'second']"
     lines = result.stderr.splitlines()
@@ -904,7 +907,7 @@ def test_a_script_with_basic_config_prints_each_worker_record_once(cluster, tmp_
 # -- pickling ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", kind_params([THREADS, EXTERNAL]), indirect=True)
+@parametrize_kinds([THREADS, EXTERNAL])
 def test_a_runner_unpickled_on_a_worker_reconnects_and_submits(kind, request):
     runner = kind.make(request, blocking=True)
     with runner.start():
@@ -988,7 +991,7 @@ def test_the_external_cluster_listens_on_loopback_only(dask_external_cluster):
     pids = [process.pid for process in dask_external_cluster.processes()]
     found = listening_addresses(pids)
     assert found
-    assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in found), found
+    assert all(is_loopback(ip) for _, ip, _ in found), found
 
 
 # -- the blocking twin in odd places ------------------------------------------------------------

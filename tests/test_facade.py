@@ -12,7 +12,8 @@ import taskrunners
 import taskrunners.sync
 from taskrunners import BaseTaskRunner, PrefectFuture, TaskConcurrencyType, TaskRun
 from taskrunners.states import Completed
-from tests import payloads
+from tests.support import payloads
+from tests.support.processes import run_python
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,12 +131,8 @@ async def test_result_raises_timeout_error_on_timeout(anyio_backend):
 
 
 def test_importing_taskrunners_imports_no_cluster_engine():
-    import subprocess
-    import sys
-
     code = "import taskrunners, sys; print(sorted({'dask','distributed','ray'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert run_python("-c", code, check=True).stdout.strip() == "[]"
 
 
 def test_completed_helper_is_reexported():

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskrunners.states import State
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,6 +1,6 @@
 """Ctrl-C on a script waiting on a runner: it stops at once and leaves no child behind.
 
-Each case runs ``tests/interrupt_script.py`` in a subprocess and sends it a real
+Each case runs ``tests/support/interrupt_script.py`` in a subprocess and sends it a real
 SIGINT once its calls are running: to the script alone, on every runner and in every
 mode (blocking twin, facade on asyncio and trio, sync and async flow), and to the
 script's whole process group, as a terminal's Ctrl-C does (workers included), twenty
@@ -23,11 +23,11 @@ from typing import Any, Dict, Iterator, List
 import psutil
 import pytest
 
-from tests.processes import alive, stop_processes
+from tests.support import ROOT
+from tests.support.processes import alive, assert_all_ended, stop_processes
+from tests.support.waiting import holds_within
 
 pytestmark = pytest.mark.timeout(900)
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 RUNNERS = [
     pytest.param("SequentialTaskRunner", {}, id="sequential"),
@@ -58,7 +58,10 @@ def interrupt_and_check(
 ) -> None:
     """Start the script, send SIGINT once a call runs, check a prompt exit with no child left."""
     script = subprocess.Popen(
-        [sys.executable, "-m", "tests.interrupt_script", runner_class, json.dumps(kwargs), mode, str(marker)],
+        [
+            sys.executable, "-m", "tests.support.interrupt_script",
+            runner_class, json.dumps(kwargs), mode, str(marker),
+        ],
         cwd=str(ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -69,12 +72,10 @@ def interrupt_and_check(
     children: List[psutil.Process] = []
     try:
         first = pathlib.Path(f"{marker}-0")
-        deadline = time.monotonic() + START_SECONDS
-        while not first.exists():
-            if script.poll() is not None or time.monotonic() > deadline:
-                out, err = script.communicate(timeout=30) if script.poll() is not None else ("", "")
-                pytest.fail(f"{runner_class}/{mode}: no call started (exit {script.returncode}):\n{err}")
-            time.sleep(0.02)
+        holds_within(lambda: first.exists() or script.poll() is not None, START_SECONDS, interval=0.02)
+        if not first.exists():
+            out, err = script.communicate(timeout=30) if script.poll() is not None else ("", "")
+            pytest.fail(f"{runner_class}/{mode}: no call started (exit {script.returncode}):\n{err}")
         if whole_group:
             time.sleep(random.uniform(0, 0.3))  # land anywhere in the calls' lives
         children = psutil.Process(script.pid).children(recursive=True)
@@ -89,12 +90,7 @@ def interrupt_and_check(
         assert script.returncode != 0, out
         assert "NOT INTERRUPTED" not in out
         assert "KeyboardInterrupt" in err, err
-        deadline = time.monotonic() + EXIT_SECONDS
-        left = [child for child in children if alive(child)]
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [child for child in left if alive(child)]
-        assert not left, f"{runner_class}/{mode} left {[child.pid for child in left]} behind"
+        assert_all_ended(children, EXIT_SECONDS, f"{runner_class}/{mode} left these behind")
     finally:
         if script.poll() is None:
             stop_processes([psutil.Process(script.pid)])

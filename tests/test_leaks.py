@@ -5,12 +5,12 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import time
 
 import psutil
 import pytest
 
-from tests import payloads
+from tests.support import payloads
+from tests.support.waiting import holds_within
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -32,17 +32,19 @@ def snapshot():
 
 def settled(baseline, patience=15.0):
     """The current snapshot, once it is back within the baseline (or patience runs out)."""
-    deadline = time.monotonic() + patience
-    while True:
-        now = snapshot()
-        back = (
+    taken = []
+
+    def back_to_baseline():
+        taken.append(snapshot())
+        now = taken[-1]
+        return (
             now["threads"] <= baseline["threads"]
             and set(now["children"]) <= set(baseline["children"])
             and now["fds"] <= baseline["fds"]
         )
-        if back or time.monotonic() > deadline:
-            return now
-        time.sleep(0.2)
+
+    holds_within(back_to_baseline, patience, interval=0.2)
+    return taken[-1]
 
 
 @pytest.mark.parametrize("mode", ["sync", "asyncio"], indirect=True)

@@ -16,7 +16,7 @@ import pytest
 import taskrunners
 import taskrunners.sync
 from taskrunners import TaskRun
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(900)]
 

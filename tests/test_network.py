@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
-import psutil
 import pytest
 
 import taskrunners.sync
 from taskrunners import TaskRun
-from tests import payloads
+from tests.support import payloads
+from tests.support.network import is_loopback, listening_addresses
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,36 +27,10 @@ DEFAULT_RUNNERS = [
 ]
 
 
-def listening_addresses(pids=None):
-    """(pid, ip, port) of every listening socket of this process and its descendants
-    (or of the processes ``pids``)."""
-    if pids is None:
-        me = psutil.Process()
-        processes = [me, *me.children(recursive=True)]
-    else:
-        processes = [psutil.Process(pid) for pid in pids]
-    found = []
-    for process in processes:
-        try:
-            connections = process.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for connection in connections:
-            if connection.status == psutil.CONN_LISTEN:
-                found.append((process.pid, connection.laddr.ip, connection.laddr.port))
-    return found
-
-
-def is_loopback(ip):
-    address = ipaddress.ip_address(ip)
-    # A dual-stack socket bound to 127.0.0.1 is listed as ::ffff:127.0.0.1.
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
-
-
 @pytest.mark.parametrize("runner_class, kwargs", DEFAULT_RUNNERS)
 def test_what_a_runner_starts_by_default_listens_on_loopback_only(runner_class, kwargs, request):
     if runner_class == "RayTaskRunner":
-        # Otherwise it joins the session's shared Ray instance (tests/kinds_ray.py) and starts nothing.
+        # Otherwise it joins the session's shared Ray instance (support/kinds_ray.py): nothing new.
         request.getfixturevalue("ray_session").release()
     runner = getattr(taskrunners.sync, runner_class)(**kwargs)
     before = set(listening_addresses())

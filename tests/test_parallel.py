@@ -11,54 +11,39 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import threading
 import weakref
-from concurrent.futures.process import BrokenProcessPool
 
 import cloudpickle
 import loky
 import psutil
 import pytest
+from loky.process_executor import TerminatedWorkerError
 
 from taskrunners import TaskRun
 from taskrunners._core import loky_engine
 from taskrunners._core.seam import core_of
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
-from tests import parallel_payloads, payloads
-from tests.conftest import ALL_KINDS, kind_params
-from tests.parallel_payloads import poll
-from tests.processes import alive, stop_processes
-
-cloudpickle.register_pickle_by_value(parallel_payloads)
+from tests.support import parallel_payloads, payloads
+from tests.support.kinds import all_kinds, parametrize_kinds
+from tests.support.processes import assert_all_ended, run_python
+from tests.support.waiting import wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "parallel_script.py")
+SCRIPT = os.path.join(os.path.dirname(__file__), "support", "parallel_script.py")
 
 # The standard suite's driver fixture, on the parallel kind only: twin, asyncio, trio.
-PARALLEL_KIND = pytest.mark.parametrize(
-    "kind", kind_params([kind for kind in ALL_KINDS if kind.id == "parallel"]), indirect=True
-)
+PARALLEL_KIND = parametrize_kinds(kind for kind in all_kinds() if kind.id == "parallel")
 
 
 def run(runner, run_fn, run_kwargs=None, name=None):
     return runner.wait(runner.submit(TaskRun(name=name), run_fn, run_kwargs or {}))
-
-
-def assert_no_process_alive(pids, timeout=10.0):
-    """Wait up to ``timeout`` for these processes to end; stop and name any that do not."""
-    processes = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            processes.append(psutil.Process(pid))
-    psutil.wait_procs(processes, timeout=timeout)
-    left = [process for process in processes if alive(process)]
-    stop_processes(left)
-    assert not left, f"processes still alive: {left}"
 
 
 # -- construction ----------------------------------------------------------------------
@@ -126,6 +111,7 @@ def test_calls_run_in_worker_processes_that_stop_with_the_block():
         states = [run(runner, payloads.sleep_then_return, {"seconds": 0.2}) for _ in range(4)]
         pids = {run(runner, payloads.return_pid).result() for _ in range(8)}
         assert all(state.is_completed() for state in states)
+    # Which of the two workers took the calls is loky's choice: one or both.
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
     # No worker outlives the block: start() has joined them.
     assert not [pid for pid in pids if psutil.pid_exists(pid)]
@@ -144,9 +130,7 @@ def test_lambdas_and_closures_travel_by_value():
 
 @pytest.mark.timeout(60)
 def test_functions_defined_in_main_work_without_a_main_guard():
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "main"], capture_output=True, text=True, timeout=50, check=False
-    )
+    result = run_python(SCRIPT, "main", timeout=50)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
         "square": 49,
@@ -232,10 +216,15 @@ def test_workers_that_keep_dying_before_a_call_starts_crash_it_after_three_pools
 
 
 @pytest.mark.parametrize(
-    "how, cause",
-    [("exit", "exited with code 3"), ("sigkill", "SIGKILL"), ("segfault", "SIGSEGV")],
+    "how, death",
+    [
+        ("exit", "exited with code 3"),
+        ("sigkill", "was killed by SIGKILL (exit code -9)"),
+        ("segfault", "was killed by SIGSEGV (exit code -11)"),
+    ],
+    ids=["exit-exited with code 3", "sigkill-SIGKILL", "segfault-SIGSEGV"],
 )
-def test_a_worker_dying_mid_call(tmp_path, how, cause):
+def test_a_worker_dying_mid_call(tmp_path, how, death):
     log, marker = str(tmp_path / "starts"), str(tmp_path / "sleeper-running")
     with ParallelTaskRunner(max_workers=2).start() as runner:
         sleeper = runner.submit(
@@ -262,14 +251,23 @@ def test_a_worker_dying_mid_call(tmp_path, how, cause):
         sleeper_pid = int(pathlib.Path(marker).read_text())
 
     assert dying_state.is_crashed()
-    assert "'dying'" in dying_state.message and "died unexpectedly" in dying_state.message
-    assert cause in dying_state.message
-    assert isinstance(dying_state.result(raise_on_failure=False), BrokenProcessPool)
+    died = re.fullmatch(  # the dying worker's pid: the one part the test cannot know
+        rf"The worker process \(pid (\d+)\) running task run 'dying' died unexpectedly: it "
+        rf"{re.escape(death)}\. A segfault, the out-of-memory killer or os\._exit\(\) in the call "
+        r"can cause this\.",
+        dying_state.message,
+    )
+    assert died, dying_state.message
+    dying_pid = died[1]
+    error = dying_state.result(raise_on_failure=False)
+    assert type(error) is TerminatedWorkerError and str(error) == dying_state.message
 
     assert sleeper_state.is_crashed()
-    assert f"was running in worker process (pid {sleeper_pid})" in sleeper_state.message
-    assert "another worker of the pool" in sleeper_state.message and cause in sleeper_state.message
-    assert "not run again" in sleeper_state.message
+    assert sleeper_state.message == (
+        f"Task run 'sleeper' was running in worker process (pid {sleeper_pid}) when another "
+        f"worker of the pool died unexpectedly (worker process (pid {dying_pid}) {death}); the "
+        "pool was stopped with the call unfinished, and the call was not run again."
+    )
 
     assert queued_values == list(range(6))
     assert after.result() == "after"
@@ -293,7 +291,13 @@ def test_a_worker_dying_is_logged_and_the_next_pool_is_fresh(tmp_path, caplog):
             after = run(runner, payloads.return_pid).result()
     assert state.is_crashed() and "exited with code 3" in state.message
     assert before != after
-    assert any("fresh pool" in record.getMessage() for record in caplog.records)
+    (warning,) = [record for record in caplog.records if record.name == "task_runner.parallel"]
+    assert warning.levelno == logging.WARNING
+    assert re.fullmatch(
+        r"The process pool broke \(worker process \(pid \d+\) exited with code 3\); continuing "
+        r"on a fresh pool of 2 workers\.",
+        warning.getMessage(),
+    ), warning.getMessage()
 
 
 # -- values that cannot be pickled ----------------------------------------------------------
@@ -305,10 +309,13 @@ def test_an_argument_that_cannot_be_pickled_crashes_the_call_at_once(driver):
         future = driver.submit(payloads.return_value, {"value": threading.Lock()}, TaskRun(name="locked"))
         state = driver.wait(future, timeout=0)
         assert state is not None and state.is_crashed()
-        assert "'locked' was not started" in state.message
-        assert "the arguments (run_kwargs) could not be pickled" in state.message
-        assert "_thread.lock" in state.message
-        assert isinstance(state.result(raise_on_failure=False), TypeError)
+        assert state.message == (
+            "Task run 'locked' was not started: the arguments (run_kwargs) could not be pickled "
+            "to send to a worker process: TypeError: cannot pickle '_thread.lock' object. Pass "
+            "only values that cloudpickle can serialize, or create the value inside run_fn."
+        )
+        error = state.result(raise_on_failure=False)
+        assert type(error) is TypeError and str(error) == "cannot pickle '_thread.lock' object"
         # The pool is fine.
         assert driver.run(payloads.return_value, {"value": 3}).result() == 3
 
@@ -321,8 +328,13 @@ def test_a_run_fn_that_cannot_be_pickled_is_named():
             return Completed(data=1)
 
     with ParallelTaskRunner(max_workers=2).start() as runner:
-        state = runner.wait(runner.submit(TaskRun(), holds_a_lock, {}), timeout=0)
-    assert state.is_crashed() and "run_fn could not be pickled" in state.message
+        state = runner.wait(runner.submit(TaskRun(name="holding"), holds_a_lock, {}), timeout=0)
+    assert state.is_crashed()
+    assert state.message == (
+        "Task run 'holding' was not started: run_fn could not be pickled to send to a worker "
+        "process: TypeError: cannot pickle '_thread.lock' object. Pass only values that "
+        "cloudpickle can serialize, or create the value inside run_fn."
+    )
 
 
 def test_a_call_the_workers_cannot_unpickle_crashes_naming_the_module(tmp_path, monkeypatch):
@@ -368,7 +380,7 @@ def test_a_result_this_process_cannot_unpickle_crashes_naming_the_module(tmp_pat
 def test_a_result_that_cannot_be_pickled_crashes_the_call(driver):
     with driver.start():
         state = driver.wait(
-            driver.submit(parallel_payloads.return_unpicklable, task_run=TaskRun(name="unpicklable"))
+            driver.submit(payloads.return_unpicklable, task_run=TaskRun(name="unpicklable"))
         )
         later = driver.run(payloads.return_value, {"value": "fine"})
         generations = len(core_of(driver.runner)._pool._generations)
@@ -416,20 +428,20 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
     last_marker, last_gate = str(tmp_path / "last"), str(tmp_path / "last-gate")
     with pool() as submit:
         first = submit(
-            parallel_payloads.run_once_gate_opens, marker=first_marker, gate=first_gate, value="first"
+            payloads.run_once_gate_opens, marker=first_marker, gate=first_gate, value="first"
         )
         middle = [
             submit(parallel_payloads.record_and_return, log=log, tag=f"m{i}", value=i)
             for i in range(8)
         ]
         last = submit(
-            parallel_payloads.run_once_gate_opens, marker=last_marker, gate=last_gate, value="last"
+            payloads.run_once_gate_opens, marker=last_marker, gate=last_gate, value="last"
         )
-        parallel_payloads.wait_for(first_marker)
+        wait_for_path(first_marker)
         assert first.running() and not first.cancel() and not first.cancelled()
         # The pool moves the next call to its workers' queue before a worker is free:
         # from then on it is running, and cannot be cancelled, though it has not started.
-        poll(middle[0].running)
+        wait_until(middle[0].running, what="the next call was not handed to the worker")
         assert not middle[0].cancel() and not middle[0].cancelled()
         # Calls still waiting behind it can be cancelled, and then never run.
         assert not last.running()
@@ -440,7 +452,7 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
         pathlib.Path(first_gate).touch()
         assert first.result(timeout=60).result() == "first"
         assert not first.running() and not first.cancel()
-        parallel_payloads.wait_for(last_marker)
+        wait_for_path(last_marker)
         assert last.running() and not last.cancel()
         pathlib.Path(last_gate).touch()
         assert last.result(timeout=60).result() == "last"
@@ -451,7 +463,7 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
     if pool is parallel_task_runner:  # a cancelled call's State
         state = middle[-1].result(0)
         assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
-        assert isinstance(state.result(raise_on_failure=False), concurrent.futures.CancelledError)
+        assert type(state.result(raise_on_failure=False)) is concurrent.futures.CancelledError
 
 
 def test_loky_never_holds_more_calls_than_its_call_queue():
@@ -489,15 +501,18 @@ def test_an_executor_shutdown_cancelling_calls_marks_them_cancelled(tmp_path):
     log, marker, gate = str(tmp_path / "starts"), str(tmp_path / "first"), str(tmp_path / "gate")
     runner = ParallelTaskRunner(max_workers=1)
     executor = RunnerExecutor(runner)
-    first = executor.submit(parallel_payloads.run_once_gate_opens, marker, gate, "first")
+    first = executor.submit(payloads.run_once_gate_opens, marker, gate, "first")
     queued = [
         executor.submit(parallel_payloads.record_and_return, log, f"q{i}", i) for i in range(20)
     ]
-    parallel_payloads.wait_for(marker)
+    wait_for_path(marker)
     executor.shutdown(wait=False, cancel_futures=True)
     pathlib.Path(gate).touch()
     assert first.result(timeout=60).result() == "first"
-    poll(lambda: all(future.done() for future in queued) and not runner._started)
+    wait_until(
+        lambda: all(future.done() for future in queued) and not runner._started,
+        what="the executor did not settle its calls and stop the runner",
+    )
     # Only the calls already handed to the worker were not cancelled; they ran.
     ran = [i for i, future in enumerate(queued) if not future.cancelled()]
     assert len(ran) < 10
@@ -529,7 +544,7 @@ def test_a_finished_call_is_not_kept_alive_by_the_runner():
             return [ref() for ref in refs] == [None, None, None]
 
         # The runner is started and idle: nothing of it may hold the call any more.
-        poll(all_gone, patience=10)
+        wait_until(all_gone, 10, "the runner still holds the call's function, argument or result")
 
 
 # -- logging -------------------------------------------------------------------------------
@@ -569,7 +584,7 @@ def test_an_unpickled_started_runner_refuses_submit_and_wait(driver):
     with driver.start():
         future = driver.submit(payloads.return_value, {"value": 1})
         copy = cloudpickle.loads(cloudpickle.dumps(driver.runner))
-        copied = type(driver)(copy, driver.portal, driver.mode)
+        copied = driver.for_runner(copy)
         with pytest.raises(RuntimeError, match="after serialization"):
             copied.submit(payloads.return_value, {"value": 2})
         with pytest.raises(RuntimeError, match="after serialization"):
@@ -599,16 +614,19 @@ def test_leaving_with_an_exception_cancels_queued_calls_and_kills_the_workers(tm
             for i in range(4)
         ]
         for marker in markers:
-            parallel_payloads.wait_for(marker)
+            wait_for_path(marker)
         raise error
     assert info.value is error
     worker_pids = [int(pathlib.Path(marker).read_text()) for marker in markers]
-    assert_no_process_alive(worker_pids)
+    assert_all_ended(worker_pids)
 
-    for future in running:
+    for future, pid in zip(running, worker_pids):
         state = runner.wait(future, timeout=0)
         assert state.is_crashed() and not future._call.cancelled()
-        assert "start() block was left with" in state.message and type(error).__name__ in state.message
+        assert state.message == (
+            f"Task run {future.task_run.name!r} was stopped in worker process (pid {pid}): the "
+            f"runner's start() block was left with {error!r}, which terminates the worker processes."
+        )
     for future in queued:
         state = runner.wait(future, timeout=0)
         assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
@@ -626,13 +644,7 @@ def test_leaving_with_an_exception_prints_nothing(tmp_path):
     Cancelling loky's futures made its manager thread print an InvalidStateError
     traceback when the workers were then killed; a race, so ten rounds.
     """
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "abort", "10", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
+    result = run_python(SCRIPT, "abort", "10", tmp_path, timeout=110)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {
@@ -665,7 +677,7 @@ def test_ctrl_c_on_a_waiting_script_exits_promptly_and_leaves_no_child(tmp_path)
         assert process.returncode != 0
         assert "KeyboardInterrupt" in process.stderr.read()
         assert "not interrupted" not in process.stdout.read()
-        assert_no_process_alive([child.pid for child in children])
+        assert_all_ended(children)
     finally:
         for leftover in [process, *children]:
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
@@ -689,7 +701,7 @@ def test_workers_do_not_outlive_a_parent_killed_outright(tmp_path):
         workers = [psutil.Process(pid) for pid in worker_pids]
         process.kill()  # SIGKILL: the runner gets no chance to stop its workers
         process.wait(timeout=10)
-        assert_no_process_alive(worker_pids)
+        assert_all_ended(workers)
     finally:
         for leftover in [process, *workers]:
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):

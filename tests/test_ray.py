@@ -1,7 +1,7 @@
 """RayTaskRunner specifics: starting versus joining Ray, per-call options, dead workers.
 
 The standard suite covers the contract on the shared Ray instance of the session
-(tests/kinds_ray.py). Tests here are grouped by the Ray connection they need, in
+(tests/support/kinds_ray.py). Tests here are grouped by the Ray connection they need, in
 this order, so Ray starts as few times as possible: none, a runner's own local
 instance (the shared one released), the shared one, and a head started with
 ``ray start --head`` for the session.
@@ -9,21 +9,16 @@ instance (the shared one released), the shared one, and a head started with
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
 import queue
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import cloudpickle
-import psutil
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 import taskrunners
 import taskrunners.sync
@@ -32,43 +27,25 @@ from taskrunners._core import ray_engine
 from taskrunners._core.ray import DEFAULT_REMOTE_OPTIONS, ray_options
 from taskrunners._core.ray_options import call_options
 from taskrunners.states import Completed
-from tests import payloads, ray_payloads
-from tests.conftest import kind_params
-from tests.driver import Driver
-from tests.kinds_ray import (
-    HEAD_ENV,
-    KINDS,
-    LOCAL_INIT_KWARGS,
-    ray_processes,
-    register_payloads,
-)
+from tests.support import payloads, ray_payloads
+from tests.support.driver import driving
+from tests.support.kinds import parametrize_kinds
+from tests.support.kinds_ray import HEAD_ENV, KINDS, LOCAL_INIT_KWARGS, ray_processes
+from tests.support.pickling import register_payloads
+from tests.support.processes import assert_all_ended, run_python
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
-REPO = Path(__file__).resolve().parent.parent
-RAY_KIND = pytest.mark.parametrize("kind", kind_params(KINDS), indirect=True)
+RAY_KIND = parametrize_kinds(KINDS)
 MISSING_RAY = "Using the `RayTaskRunner` requires `ray` to be installed."
+CANCELLED = "Execution was cancelled by the runtime environment."
 
 
 @pytest.fixture(autouse=True)
 def _payloads_by_value():
     """Ray workers get the test run_fns by value, whichever test starts Ray first."""
-    pytest.importorskip("ray")
-    register_payloads()
-
-
-def make_driver(runner_class_name, mode, **kwargs):
-    module = taskrunners.sync if mode == "sync" else taskrunners
-    runner = getattr(module, runner_class_name)(**kwargs)
-    if mode == "sync":
-        return contextlib.nullcontext(Driver(runner, None, mode))
-    return _portal_driver(runner, mode)
-
-
-@contextlib.contextmanager
-def _portal_driver(runner, mode):
-    with start_blocking_portal(backend=mode) as portal:
-        yield Driver(runner, portal, mode)
+    ray = pytest.importorskip("ray")
+    register_payloads(ray.cloudpickle)
 
 
 def lines(path):
@@ -76,21 +53,13 @@ def lines(path):
 
 
 def run_script(*args, env=None, timeout=170):
-    process = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert process.returncode == 0, f"{args} failed:\n{process.stdout[-4000:]}\n{process.stderr[-4000:]}"
-    return process.stdout
+    """Run this interpreter with ``args``; its output, once it exited with 0."""
+    return run_python(*args, env=env, timeout=timeout, check=True).stdout
 
 
 def join_script(*args, env=None, timeout=170):
-    """Run tests/ray_join.py; its JSON report."""
-    output = run_script("-m", "tests.ray_join", *args, env=env, timeout=timeout)
+    """Run tests/support/ray_join.py; its JSON report."""
+    output = run_script("-m", "tests.support.ray_join", *args, env=env, timeout=timeout)
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -227,7 +196,8 @@ def test_a_runner_with_no_address_starts_a_local_instance_and_shuts_it_down(
 
     ray_session.release()
     caplog.set_level("INFO", logger="task_runner.ray")
-    with make_driver("RayTaskRunner", mode, init_kwargs=dict(LOCAL_INIT_KWARGS)) as driver:
+    module = taskrunners.sync if mode == "sync" else taskrunners
+    with driving(module.RayTaskRunner(init_kwargs=dict(LOCAL_INIT_KWARGS)), mode) as driver:
         with driver.start():
             assert ray.is_initialized()
             assert ray.get_runtime_context().namespace == "prefect"
@@ -235,8 +205,7 @@ def test_a_runner_with_no_address_starts_a_local_instance_and_shuts_it_down(
             assert any(p.name() == "raylet" for p in started), started
             assert driver.run(payloads.add, {"x": 1, "y": 2}).result() == 3
         assert not ray.is_initialized()
-    _, alive = psutil.wait_procs(started, timeout=30)
-    assert not alive, f"Ray processes left after the block: {alive}"
+    assert_all_ended(started, 30, "Ray processes left after the block")
     messages = [record.getMessage() for record in caplog.records]
     assert "Creating a local Ray instance" in messages
     assert "Using Ray cluster with 1 nodes." in messages
@@ -259,9 +228,8 @@ def test_leaving_with_an_exception_stops_the_local_instance_without_waiting(ray_
     assert not ray.is_initialized()
     for future in futures:
         state = runner.wait(future, timeout=0)
-        assert state.is_crashed() and "cancelled" in state.message
-    _, alive = psutil.wait_procs(started, timeout=30)
-    assert not alive, f"Ray processes left after the block: {alive}"
+        assert state.is_crashed() and state.message == CANCELLED
+    assert_all_ended(started, 30, "Ray processes left after the block")
 
 
 @pytest.mark.timeout(300)
@@ -305,7 +273,7 @@ def test_an_unpickled_started_runner_refuses_to_submit_and_wait(driver):
         driver.wait(future)
         copy = cloudpickle.loads(cloudpickle.dumps(driver.runner))
         future_copy = cloudpickle.loads(cloudpickle.dumps(future))
-        copy_driver = Driver(copy, driver.portal, driver.mode)
+        copy_driver = driver.for_runner(copy)
         with pytest.raises(RuntimeError, match="cannot be used to submit work after serialization"):
             copy_driver.submit(payloads.return_value, {"value": 2})
         future_copy.task_runner = copy
@@ -331,7 +299,8 @@ def test_leaving_a_joined_ray_with_an_exception_stops_coroutine_and_queued_calls
             raise KeyError("stop")
     assert ray.is_initialized()
     for future in [*running, queued]:
-        assert runner.wait(future, timeout=0).is_crashed()
+        state = runner.wait(future, timeout=0)
+        assert state.is_crashed() and state.message == CANCELLED
     # The CPUs are free again: new calls run.
     with runner.start():
         assert runner.wait(runner.submit(TaskRun(), payloads.add, {"x": 1, "y": 1})).result() == 2
@@ -490,9 +459,13 @@ def test_a_killed_worker_gives_a_crashed_state_and_the_runner_keeps_working(driv
         assert driver.run(payloads.return_value, {"value": "after"}).result() == "after"
     for how, state in states.items():
         assert state.is_crashed(), state
-        assert "worker process running call" in state.message and "died mid-call" in state.message
-        assert "WorkerCrashedError" in state.message
-        assert type(state.result(raise_on_failure=False)).__name__ == "WorkerCrashedError"
+        error = state.result(raise_on_failure=False)
+        assert type(error).__name__ == "WorkerCrashedError"
+        assert state.message == (
+            f"The Ray worker process running call {dying[how].task_run.name!r} died mid-call "
+            f"(killed, or it exited); the call was not retried (max_retries=0). Ray: "
+            f"WorkerCrashedError: {error}"
+        )
         # Never run a second time: max_retries=0.
         assert len(lines(markers[how])) == 1, how
 
@@ -564,7 +537,9 @@ def test_a_call_asking_for_more_than_any_node_has_is_crashed_at_once(ray_session
         assert state.is_crashed(), state
         assert "can never be scheduled" in state.message and wanted in state.message
         assert "largest node has" in state.message and "'CPU': 2.0" in state.message
-        assert isinstance(state.result(raise_on_failure=False), ValueError)
+        error = state.result(raise_on_failure=False)
+        assert type(error) is ValueError
+        assert state.message == f"The call can never be scheduled: {error}"
     # A runner whose defaults no node meets: every call says so.
     with taskrunners.sync.RayTaskRunner(remote_options={"num_cpus": 3}).start() as runner:
         state = runner.wait(runner.submit(TaskRun(), payloads.return_value, {}))

@@ -12,7 +12,7 @@ import taskrunners
 import taskrunners.sync
 from taskrunners import TaskRun
 from taskrunners.states import Completed
-from tests import payloads
+from tests.support import payloads
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -44,9 +44,10 @@ def test_final_states():
 def test_result_raises_exceptions_and_returns_base_exceptions_with_a_warning():
     with pytest.raises(ValueError, match="x"):
         Failed(data=ValueError("x")).result()
-    assert isinstance(Crashed(data=ValueError("x")).result(raise_on_failure=False), ValueError)
+    error, interrupt = ValueError("x"), KeyboardInterrupt()
+    assert Crashed(data=error).result(raise_on_failure=False) is error
     with pytest.warns(RuntimeWarning, match="KeyboardInterrupt"):
-        assert isinstance(Crashed(data=KeyboardInterrupt()).result(), KeyboardInterrupt)
+        assert Crashed(data=interrupt).result() is interrupt
     assert Completed(data=ValueError("data, not failure")).result().args == ("data, not failure",)
 
 
@@ -148,7 +149,7 @@ def test_visit_collection_walks_every_container_and_reuses_unchanged_ones():
     expr = {"a": [1, (2, {3})], "p": Pair(4, Point(5, 6)), 7: frozenset({8})}
     doubled = visit_collection(expr, lambda v: v * 2 if isinstance(v, int) and not isinstance(v, bool) else v)
     assert doubled == {"a": [2, (4, {6})], "p": Pair(8, Point(10, 12)), 14: frozenset({16})}
-    assert isinstance(doubled["p"].right, Point)
+    assert type(doubled["p"].right) is Point
     unchanged = visit_collection(expr, lambda v: v)
     assert unchanged is expr
     assert sorted(iter_leaves(expr, lambda v: isinstance(v, int))) == [1, 2, 3, 4, 5, 6, 7, 8]

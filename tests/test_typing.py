@@ -9,29 +9,23 @@ reads the package as an installed one, as after the README's editable install.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
-import sys
 from typing import Dict, List, Tuple
 
 import pytest
 
-from tests.test_readme import README, python_blocks
+from tests.support import ROOT
+from tests.support.processes import python_environment, run_python
+from tests.support.readme import README, python_blocks
 
 pytest.importorskip("mypy")
 pytestmark = pytest.mark.timeout(600)
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "typing"
 OK_FILES = sorted(SAMPLE.glob("ok_*.py"))
 MISTAKES = SAMPLE / "mistakes.py"
-
-# The README's runner examples call `.result()` on what `runner.wait(future)` returns,
-# which the blocking twins and the facade still type `Optional[State]` even with no
-# timeout. They check once `wait()` is typed `State` when no timeout is given; this
-# mark (strict) then fails, to be removed.
 
 ERROR = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+): error: .*\[(?P<code>[a-z-]+)\]$", re.M)
 MARK = re.compile(r"#\s*E:\s*(?P<code>[a-z-]+)\s*$")
@@ -43,20 +37,13 @@ Errors = Dict[Tuple[str, int], List[str]]
 
 def run_mypy(cache_dir: pathlib.Path, *paths: pathlib.Path) -> Tuple[subprocess.CompletedProcess, Errors]:
     """mypy's result on ``paths``, and its errors by (file name, line): their codes."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "mypy",
-            "--config-file", "setup.cfg",
-            "--cache-dir", str(cache_dir),
-            "--no-pretty", "--no-color-output", "--show-error-codes",
-            *(str(path.relative_to(ROOT)) for path in paths),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        "-m", "mypy",
+        "--config-file", "setup.cfg",
+        "--cache-dir", str(cache_dir),
+        "--no-pretty", "--no-color-output", "--show-error-codes",
+        *(str(path.relative_to(ROOT)) for path in paths),
+        env=python_environment(),
         timeout=540,
     )
     errors: Errors = {}

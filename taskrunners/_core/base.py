@@ -261,7 +261,8 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         """
         check_submission(run_fn, run_kwargs)
         future: PrefectFuture[Sync] = PrefectFuture(task_run, self, asynchronous=False)
-        future._call = self._submit_call(task_run, run_fn, dict(run_kwargs))
+        kwargs = run_kwargs if type(run_kwargs) is dict else dict(run_kwargs)
+        future._call = self._submit_call(task_run, run_fn, kwargs)
         return future
 
     def _submit_call(

@@ -8,14 +8,13 @@ under a facade runner.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, state_of_done
 from taskrunners._core.calls import CallHandle
 from taskrunners.states import State
 
-if TYPE_CHECKING:
-    from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners.futures import PrefectFuture, TaskRun
 
 __all__ = [
     "core_of",
@@ -59,7 +58,7 @@ def close_block(core: BlockingTaskRunner, exc: Optional[BaseException]) -> None:
 
 
 def submit_call(
-    core: BlockingTaskRunner, task_run: "TaskRun", run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    core: BlockingTaskRunner, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
 ) -> CallHandle:
     """Submit one call to a started core; its handle."""
     return core._submit_call(task_run, run_fn, run_kwargs)
@@ -67,7 +66,7 @@ def submit_call(
 
 def submit_calls(
     core: BlockingTaskRunner,
-    task_runs: List["TaskRun"],
+    task_runs: List[TaskRun],
     run_fn: Callable[..., Any],
     run_kwargs_list: List[Dict[str, Any]],
 ) -> List[CallHandle]:
@@ -75,21 +74,19 @@ def submit_calls(
     return core._submit_calls(task_runs, run_fn, run_kwargs_list)
 
 
-def bind(future: "PrefectFuture", call: CallHandle) -> "PrefectFuture":
+def bind(future: PrefectFuture, call: CallHandle) -> PrefectFuture:
     """Give ``future`` the handle of the call it stands for."""
     future._call = call
     return future
 
 
-def call_of(future: "PrefectFuture[Any]", core: Optional[BlockingTaskRunner] = None) -> CallHandle:
+def call_of(future: PrefectFuture[Any], core: Optional[BlockingTaskRunner] = None) -> CallHandle:
     """The handle of the call ``future`` stands for, as ``core`` (or its own runner) sees it.
 
     :raises TypeError: if ``future`` is not a PrefectFuture
     :raises RuntimeError: if the runner cannot reach the call (unpickled, or a future
         that no runner made)
     """
-    from taskrunners.futures import PrefectFuture
-
     if not isinstance(future, PrefectFuture):
         raise TypeError(
             f"Expected a PrefectFuture (what submitting a task returns), got "
@@ -106,7 +103,7 @@ def call_of(future: "PrefectFuture[Any]", core: Optional[BlockingTaskRunner] = N
 state_of = state_of_done
 
 
-def wait_blocking(future: "PrefectFuture", timeout: Optional[float]) -> Optional[State]:
+def wait_blocking(future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
     """Block until the call is done and return its State, or None after ``timeout``."""
     return core_of(future.task_runner)._wait_blocking(future, timeout)
 

@@ -1,6 +1,6 @@
 """run_fns for tests/test_ray.py that only make sense inside a Ray worker.
 
-Registered for pickling by value (Ray's cloudpickle and ours), like tests/payloads.py.
+Registered for pickling by value (Ray's cloudpickle and ours), like payloads.py.
 """
 
 from __future__ import annotations

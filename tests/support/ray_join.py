@@ -3,7 +3,7 @@
 Used by tests/test_ray.py where the test process cannot do it itself: it holds its
 own Ray connection, and a process holds one at a time.
 
-    python -m tests.ray_join [--address ADDRESS] [--mode sync|asyncio|trio] [--init-kwargs JSON]
+    python -m tests.support.ray_join [--address ADDRESS] [--mode sync|asyncio|trio] [--init-kwargs JSON]
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 import anyio
 
 from taskrunners import TaskRun
-from tests import payloads
+from tests.support import payloads
+from tests.support.pickling import register_payloads
 
 
 def run_calls(runner, mode: str) -> list:
@@ -61,7 +62,7 @@ def main() -> None:
     import taskrunners
     import taskrunners.sync
 
-    ray.cloudpickle.register_pickle_by_value(payloads)
+    register_payloads(ray.cloudpickle)
     module = taskrunners.sync if args.mode == "sync" else taskrunners
     init_kwargs = json.loads(args.init_kwargs) if args.init_kwargs else None
     runner = module.RayTaskRunner(address=args.address, init_kwargs=init_kwargs)

@@ -14,11 +14,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -26,23 +24,17 @@ import psutil
 import pytest
 
 from taskrunners import TaskConcurrencyType
-from tests import payloads, ray_payloads
-from tests.kinds import RunnerKind
-from tests.processes import stop_processes
+from tests.support.kinds import RunnerKind
+from tests.support.network import free_port
+from tests.support.pickling import register_payloads
+from tests.support.processes import assert_all_ended, family, stop_processes
+from tests.support.waiting import holds_within
 
 HEAD_ENV = "TASKRUNNERS_TEST_RAY_HEAD"
 # A custom resource, for the tests of per-call options.
 TEST_RESOURCES = {"test-slot": 2}
 LOCAL_INIT_KWARGS = {"num_cpus": 2, "include_dashboard": False, "resources": TEST_RESOURCES}
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "ray.util.client.server", "dashboard.py")
-
-
-def register_payloads() -> None:
-    """Send the test run_fns by value through Ray's own cloudpickle, as conftest does for ours."""
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(payloads)
-    ray.cloudpickle.register_pickle_by_value(ray_payloads)
 
 
 def ray_processes(root: Optional[psutil.Process] = None) -> List[psutil.Process]:
@@ -75,7 +67,9 @@ class RaySession:
         if self._stack is not None and not ray.is_initialized():
             self.release()  # someone shut Ray down under us
         if self._stack is None:
-            register_payloads()
+            import ray.cloudpickle
+
+            register_payloads(ray.cloudpickle)
             if self.head:
                 runner = RayTaskRunner(address=self.head)
             else:
@@ -99,12 +93,6 @@ def ray_session() -> Iterator[RaySession]:
     session = RaySession(os.environ.get(HEAD_ENV) or None)
     yield session
     session.release()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ensure_auth_token() -> None:
@@ -136,8 +124,8 @@ class RayHead:
     def __init__(self) -> None:
         ensure_auth_token()
         self.temp_dir = tempfile.mkdtemp(prefix="trh")  # short: Ray's socket paths are limited
-        self.port = _free_port()
-        self.client_port = _free_port()
+        self.port = free_port()
+        self.client_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.client_address = f"ray://127.0.0.1:{self.client_port}"
         self.log_path = Path(self.temp_dir) / "head.log"
@@ -160,8 +148,8 @@ class RayHead:
             "--disable-usage-stats",
             f"--temp-dir={self.temp_dir}",
             f"--ray-client-server-port={self.client_port}",
-            f"--dashboard-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
         ]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -170,35 +158,30 @@ class RayHead:
         self._wait_until_started(timeout=120)
 
     def _wait_until_started(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = self.log()  # read before stop() removes the temp dir
-                self.stop()
-                raise RuntimeError(f"ray start exited early:\n{log}")
-            if "Ray runtime started" in self.log():
-                return
-            time.sleep(0.2)
+        started = holds_within(
+            lambda: not self.alive() or "Ray runtime started" in self.log(), timeout, interval=0.2
+        )
+        if started and self.alive():
+            return
+        log = self.log()  # read before stop() removes the temp dir
         self.stop()
-        raise RuntimeError(f"ray start did not start within {timeout} s:\n{self.log()}")
+        if started:
+            raise RuntimeError(f"ray start exited early:\n{log}")
+        raise RuntimeError(f"ray start did not start within {timeout} s:\n{log}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def processes(self) -> List[psutil.Process]:
-        """The head's process and all its descendants."""
-        try:
-            root = psutil.Process(self.process.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        """The head's descendants, then its own process."""
+        return family(self.process)
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def stop(self) -> List[psutil.Process]:
         """Stop the head; returns its processes, for a check that none is left."""
-        descendants = self.processes()[1:]
+        descendants = self.processes()[:-1]
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -220,9 +203,7 @@ def ray_head() -> Iterator[RayHead]:
     try:
         yield head
     finally:
-        stopped = head.stop()
-        leftovers = [p for p in stopped if p.is_running()]
-        assert not leftovers, f"Ray head processes left running: {leftovers}"
+        assert_all_ended(head.stop(), what="Ray head processes left running")
 
 
 def _kind_kwargs(request: pytest.FixtureRequest) -> dict:

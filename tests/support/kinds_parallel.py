@@ -1,7 +1,7 @@
 """The parallel runner: loky worker processes."""
 
 from taskrunners import TaskConcurrencyType
-from tests.kinds import RunnerKind
+from tests.support.kinds import RunnerKind
 
 KINDS = [
     RunnerKind(

@@ -1,6 +1,6 @@
 """A script that leaves calls pending in a RunnerExecutor at interpreter exit.
 
-Usage: python -m tests.executor_exit_script <RunnerClassName> '<kwargs as JSON>' <variant> <dir>
+Usage: python -m tests.support.executor_exit_script <RunnerClassName> '<kwargs as JSON>' <variant> <dir>
 
 It submits three calls that each sleep half a second and then write a file in
 ``<dir>``, and ends without waiting for them: with no ``shutdown()`` at all

@@ -1,6 +1,6 @@
 """A script waiting on a runner, for the Ctrl-C tests (tests/test_interrupts.py).
 
-Usage: python -m tests.interrupt_script <RunnerClassName> '<kwargs as JSON>' <mode> <marker>
+Usage: python -m tests.support.interrupt_script <RunnerClassName> '<kwargs as JSON>' <mode> <marker>
 
 ``mode`` is how the runner is driven: ``twin`` (a plain script on the blocking twin),
 ``asyncio`` or ``trio`` (the async facade under ``asyncio.run`` / ``anyio.run``),

@@ -7,21 +7,19 @@ processes) that this module starts once per session on 127.0.0.1 and stops by PI
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 import psutil
 import pytest
 
 from taskrunners import TaskConcurrencyType
-from tests.kinds import RunnerKind
-from tests.processes import stop_processes
+from tests.support.kinds import RunnerKind
+from tests.support.processes import family, python_environment, stop_processes
+from tests.support.waiting import holds_within
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DASK = pytest.mark.dask
 
 THREADS_CLUSTER = {"processes": False, "n_workers": 2, "threads_per_worker": 1}
@@ -61,23 +59,6 @@ def dask_command(*args: str) -> List[str]:
     return [sys.executable, "-m", "dask", *args]
 
 
-def child_environment(**extra: str) -> Dict[str, str]:
-    """The environment for Dask processes the tests start: this repository importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def family(popen: subprocess.Popen) -> List[psutil.Process]:
-    """A started process and its descendants, children first (so the parent cannot respawn them)."""
-    try:
-        parent = psutil.Process(popen.pid)
-        return [*parent.children(recursive=True), parent]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def start_scheduler(
     directory: pathlib.Path, port: int = 0, env: Optional[Dict[str, str]] = None
 ) -> subprocess.Popen:
@@ -94,21 +75,26 @@ def start_scheduler(
         ),
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env or child_environment(),
+        env=env or python_environment(),
         cwd=str(directory),
     )
 
 
 def read_address(scheduler_file: pathlib.Path, process: subprocess.Popen, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"dask scheduler exited with {process.returncode}")
+    """The address the scheduler ``process`` writes to ``scheduler_file``, once it has."""
+
+    def address() -> Optional[str]:
         try:
             return json.loads(scheduler_file.read_text())["address"]
         except (OSError, ValueError, KeyError):
-            time.sleep(0.1)
-    raise RuntimeError(f"dask scheduler wrote no address to {scheduler_file} in {timeout} s")
+            return None
+
+    written = holds_within(lambda: process.poll() is not None or address(), timeout, interval=0.1)
+    if process.poll() is not None:
+        raise RuntimeError(f"dask scheduler exited with {process.returncode}")
+    if not written:
+        raise RuntimeError(f"dask scheduler wrote no address to {scheduler_file} in {timeout} s")
+    return address()
 
 
 class ExternalCluster:
@@ -129,7 +115,7 @@ def dask_external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
     import distributed
 
     directory = tmp_path_factory.mktemp("dask-external")
-    env = child_environment(
+    env = python_environment(
         DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(EXTERNAL_ALLOWED_FAILURES)
     )
     scheduler = start_scheduler(directory, env=env)

@@ -11,6 +11,7 @@ import threading
 import time
 
 from taskrunners.states import Completed
+from tests.support.waiting import wait_for_path
 
 
 def note_start(log, tag):
@@ -22,20 +23,6 @@ def note_start(log, tag):
 def started_calls(log):
     path = pathlib.Path(log)
     return sorted(path.read_text().split()) if path.exists() else []
-
-
-def poll(condition, patience=60.0, what="condition not met"):
-    """Return once ``condition()`` is true; TimeoutError after ``patience`` seconds."""
-    deadline = time.monotonic() + patience
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {patience} s")
-        time.sleep(0.01)
-
-
-def wait_for(path, patience=60.0):
-    """Return once the file ``path`` exists (a marker left by a call or by the test)."""
-    poll(lambda: os.path.exists(path), patience, f"{path} did not appear")
 
 
 def record_and_return(log, tag, value=None):
@@ -54,7 +41,7 @@ def record_and_sleep(log, tag, marker, seconds):
 def die_once_marker_exists(log, tag, marker, how):
     """Wait until the other worker is busy (``marker``), then kill this worker."""
     note_start(log, tag)
-    wait_for(marker)
+    wait_for_path(marker)
     if how == "exit":
         os._exit(3)
     elif how == "sigkill":
@@ -65,10 +52,6 @@ def die_once_marker_exists(log, tag, marker, how):
         ctypes.string_at(0)
     time.sleep(60)
     return Completed(data="survived")
-
-
-def return_unpicklable():
-    return Completed(data=threading.Lock())
 
 
 def pid_and_environment(*names):
@@ -108,20 +91,13 @@ def log_some_records(logger_name):
 
 
 def value_once_file_exists(path, value):
-    wait_for(path)
+    wait_for_path(path)
     return Completed(data=value)
 
 
 def exit_at_start():
     """An initializer that kills the worker before it takes any call."""
     os._exit(5)
-
-
-def run_once_gate_opens(marker, gate, value):
-    """Leave ``marker`` holding this worker's pid, then return ``value`` once ``gate`` exists."""
-    pathlib.Path(marker).write_text(str(os.getpid()))
-    wait_for(gate)
-    return Completed(data=value)
 
 
 class RefusedError(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import threading
@@ -10,6 +11,7 @@ import time
 import anyio
 
 from taskrunners.states import Completed, Failed
+from tests.support.waiting import holds_within, wait_for_path
 
 
 def return_value(value=None):
@@ -35,12 +37,7 @@ def fail_with(value="boom"):
 
 
 def raise_exception(kind="ValueError", message="boom"):
-    exceptions = {
-        "ValueError": ValueError,
-        "KeyboardInterrupt": KeyboardInterrupt,
-        "SystemExit": SystemExit,
-    }
-    raise exceptions[kind](message)
+    raise RAISABLE[kind](message)
 
 
 async def async_raise_exception(kind="ValueError", message="boom"):
@@ -58,7 +55,7 @@ async def async_sleep_then_return(seconds, value=None):
 
 
 def receive_states(states):
-    """Return the types of the States found in ``states`` (a nested collection)."""
+    """Completed with ``states`` as received: upstream futures in it arrive as States."""
     return Completed(data=states)
 
 
@@ -68,21 +65,7 @@ def meet(own_marker, other_marker, patience):
     Completed(True) when the two calls overlapped in time.
     """
     pathlib.Path(own_marker).touch()
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        if os.path.exists(other_marker):
-            return Completed(data=True)
-        time.sleep(0.01)
-    return Completed(data=False)
-
-
-async def async_meet(own_marker, other_marker, patience):
-    pathlib.Path(own_marker).touch()
-    with anyio.move_on_after(patience):
-        while not os.path.exists(other_marker):
-            await anyio.sleep(0.01)
-        return Completed(data=True)
-    return Completed(data=False)
+    return Completed(data=holds_within(lambda: os.path.exists(other_marker), patience))
 
 
 def return_pid():
@@ -135,8 +118,6 @@ RAISABLE = {
 
 def misbehave(how, name="ValueError", message="fuzz"):
     """Fail in one of the ways a run_fn can: see tests/test_faults.py."""
-    import threading
-
     if how == "raise":
         raise RAISABLE[name](message)
     if how == "raise-unpicklable-args":
@@ -163,19 +144,21 @@ def mark_then_nap(marker, seconds):
     return marker
 
 
+def run_once_gate_opens(marker, gate, value=None):
+    """Leave ``marker`` holding this process's pid, then return ``value`` once the file
+    ``gate`` exists (the test's go-ahead)."""
+    pathlib.Path(marker).write_text(str(os.getpid()))
+    wait_for_path(gate, patience=150)
+    return Completed(data=value)
+
+
 def return_unpicklable():
     return Completed(data=threading.Lock())
 
 
+@dataclasses.dataclass
 class Box:
-    """A weak-referenceable value, for the tests that a runner lets go of what it ran."""
+    """A value around ``item``: a dataclass for the collection visitor, and weakly
+    referenceable, for the tests that a runner lets go of what it ran."""
 
-    def __init__(self, item=None):
-        self.item = item
-
-
-class BoxMaker:
-    """A callable object returning a fresh Box around its argument."""
-
-    def __call__(self, item):
-        return Box(item)
+    item: object = None

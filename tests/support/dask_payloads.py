@@ -10,6 +10,7 @@ import time
 import uuid
 
 from taskrunners.states import Completed
+from tests.support.payloads import return_value
 
 
 def current_key():
@@ -51,18 +52,9 @@ def submit_through(runner, value):
     """Runs on a worker: ``runner`` was unpickled there; submit a call through it and wait."""
     from taskrunners import TaskRun
 
-    future = runner.submit(TaskRun(name="inner"), echo, {"value": value})
+    future = runner.submit(TaskRun(name="inner"), return_value, {"value": value})
     state = runner.wait(future, timeout=60)
     return Completed(data=(state.result(), runner._client is not None))
-
-
-def echo(value):
-    return Completed(data=value)
-
-
-def log_warning(logger_name, message):
-    logging.getLogger(logger_name).warning(message)
-    return Completed(data=os.getpid())
 
 
 async def async_sleep_registered(seconds):
@@ -80,17 +72,6 @@ def running_coroutines():
     return sum(1 for running in dask_worker._running.values() if running is not None)
 
 
-def wait_for_release(started, release, value=None):
-    """Touch ``started``, then wait until the file ``release`` exists (the test's go-ahead)."""
-    pathlib.Path(started).touch()
-    deadline = time.monotonic() + 150
-    while not os.path.exists(release):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{release} did not appear")
-        time.sleep(0.02)
-    return Completed(data=value)
-
-
 def record_run(directory, name):
     """Leave a file ``name`` in ``directory``: the proof that this call ran."""
     pathlib.Path(directory, name).touch()
@@ -100,9 +81,3 @@ def record_run(directory, name):
 def log_at(logger_name, level, message):
     logging.getLogger(logger_name).log(level, message)
     return Completed(data=os.getpid())
-
-
-def unpicklable_result():
-    import threading
-
-    return Completed(data=threading.Lock())

@@ -1,7 +1,7 @@
 """The in-process runners."""
 
 from taskrunners import TaskConcurrencyType
-from tests.kinds import RunnerKind
+from tests.support.kinds import RunnerKind
 
 KINDS = [
     RunnerKind("sequential", "SequentialTaskRunner", TaskConcurrencyType.SEQUENTIAL, in_process=True),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from anyio.from_thread import BlockingPortal
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from taskrunners import PrefectFuture, TaskRun
 from taskrunners.states import State
@@ -53,3 +53,18 @@ class Driver:
     def run(self, run_fn: Callable[..., Any], run_kwargs: Optional[Dict[str, Any]] = None) -> State:
         """Submit one call and wait for its State."""
         return self.wait(self.submit(run_fn, run_kwargs))
+
+    def for_runner(self, runner: Any) -> Driver:
+        """Another runner (e.g. an unpickled copy), driven in the same mode and portal."""
+        return Driver(runner, self.portal, self.mode)
+
+
+@contextlib.contextmanager
+def driving(runner: Any, mode: str) -> Iterator[Driver]:
+    """Drive ``runner`` (a blocking twin for "sync", else a facade runner) in ``mode``:
+    directly, or through a portal running asyncio or trio."""
+    if mode == "sync":
+        yield Driver(runner, None, mode)
+        return
+    with start_blocking_portal(backend=mode) as portal:
+        yield Driver(runner, portal, mode)
