@@ -396,7 +396,13 @@ def _run_session(session: Session, progress: Progress, origin: float) -> None:
         session.give_up("skipped", missing)
         return
     if session.is_prefect:
-        _run_prefect_session(session, progress, origin)
+        try:
+            _run_prefect_session(session, progress, origin)
+        finally:
+            leftover = family.cleanup()
+            if leftover:
+                record = session.contenders[0].record
+                record.note = "; ".join(filter(None, [record.note, leftover]))
         return
     if not _open_shared(session, progress):
         return
@@ -430,11 +436,13 @@ def _open_shared(session: Session, progress: Progress) -> bool:
     started = clock()
     try:
         shared.open()
-    except Exception as exc:
+    except BaseException as exc:
         record.startup_seconds = clock() - started
-        session.give_up("failed", f"the shared cluster did not start: {_describe(exc)}")
         _close_quietly(shared)
         session.family.cleanup()
+        if not isinstance(exc, Exception):
+            raise
+        session.give_up("failed", f"the shared cluster did not start: {_describe(exc)}")
         return False
     record.startup_seconds = clock() - started
     progress("", 1)

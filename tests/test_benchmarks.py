@@ -430,3 +430,34 @@ def test_a_family_without_a_bulk_peer_is_skipped_not_failed():
                   in_process=True, batching=True, bulk="nothing")
     with pytest.raises(RunnerUnavailable, match="no bulk peer"):
         fake.engine("bulk", EngineSettings(workers=2), None)
+
+
+class SelfDriving(SyncEngine):
+    """Runs the session's body inside something of its own, as Prefect's flow does."""
+
+    name = "self-driving"
+
+    def __init__(self):
+        self.inside = False
+        self.batches_inside = 0
+
+    def drive(self, body, record, give_up):
+        self.inside = True
+        try:
+            body()
+        finally:
+            self.inside = False
+
+    def run_batch(self, fn, kwargs, calls, timeout):
+        self.batches_inside += self.inside
+        return [fn(**kwargs) for _ in range(calls)]
+
+
+def test_a_prefect_session_runs_its_batches_inside_the_peer():
+    engine = SelfDriving()
+    session = _session(("prefect", lambda: engine))
+    assert session.is_prefect
+    run_sessions([session], lambda text, units: None)
+    (contender,) = session.contenders
+    assert contender.cells["noop"].status == "ok" and contender.record.status == "ok"
+    assert engine.batches_inside == 1 + 1 + 2  # first call, warm-up, two timed rounds
