@@ -48,10 +48,6 @@ def bulk_engine(family: Family, settings: EngineSettings, shared: Optional[Share
     return RayPoolMap(settings.workers)
 
 
-def _timeout_error(calls: int, timeout: float) -> BatchTimeout:
-    return BatchTimeout(f"{calls} calls did not finish within {timeout:g} seconds.")
-
-
 class JoblibMap(SyncEngine):
     """``joblib.Parallel(n_jobs=workers)(delayed(fn)(**kwargs) ...)``, batch_size="auto".
 
@@ -70,7 +66,7 @@ class JoblibMap(SyncEngine):
         try:
             return Parallel(n_jobs=self.workers, timeout=timeout)(call(i) for i in range(calls))
         except (concurrent.futures.TimeoutError, multiprocessing.TimeoutError):
-            raise _timeout_error(calls, timeout) from None
+            raise BatchTimeout.after(calls, timeout) from None
 
     def close(self):
         # joblib keeps its workers for later calls (for 300 s); none may outlive the session.
@@ -114,7 +110,7 @@ class DaskBagMap(SyncEngine):
             return future.result(timeout=timeout)
         except (DaskTimeoutError, TimeoutError):
             future.cancel()
-            raise _timeout_error(calls, timeout) from None
+            raise BatchTimeout.after(calls, timeout) from None
 
     def close(self):
         client, self._client = self._client, None
@@ -144,7 +140,7 @@ class RayPoolMap(SyncEngine):
         try:
             return result.get(timeout=timeout)
         except (multiprocessing.TimeoutError, TimeoutError):
-            raise _timeout_error(calls, timeout) from None
+            raise BatchTimeout.after(calls, timeout) from None
 
     def close(self):
         pool, self._pool = self._pool, None

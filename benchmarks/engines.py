@@ -36,9 +36,10 @@ __all__ = [
 class BatchTimeout(RuntimeError):
     """A batch did not finish within the harness's time limit."""
 
-
-def _timeout_error(calls: int, timeout: float) -> BatchTimeout:
-    return BatchTimeout(f"{calls} calls did not finish within {timeout:g} seconds.")
+    @classmethod
+    def after(cls, calls: int, timeout: float) -> "BatchTimeout":
+        """The error for ``calls`` calls still running after ``timeout`` seconds."""
+        return cls(f"{calls} calls did not finish within {timeout:g} seconds.")
 
 
 def check_states(results: List[Any]) -> Optional[str]:
@@ -159,6 +160,7 @@ class OnEventLoop(SyncEngine):
         self.accepts_plain = engine.accepts_plain
         self.accepts_async = engine.accepts_async
         self._portal_block: Any = None
+        self._portal: Any = None
         self._lifespan: Any = None
         self._batch: Optional[concurrent.futures.Future] = None
 
@@ -298,7 +300,7 @@ def _results(futures: List[concurrent.futures.Future], calls: int, timeout: floa
     try:
         return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
     except concurrent.futures.TimeoutError:
-        raise _timeout_error(calls, timeout) from None
+        raise BatchTimeout.after(calls, timeout) from None
 
 
 class LokyPool(SyncEngine):
@@ -398,7 +400,7 @@ class RayRemote(SyncEngine):
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise _timeout_error(calls, timeout) from None
+            raise BatchTimeout.after(calls, timeout) from None
 
     def close(self):
         import ray
@@ -436,7 +438,7 @@ class Twin(SyncEngine):
         for future in futures:
             state = runner.wait(future, max(0.0, deadline - time.monotonic()))
             if state is None:
-                raise _timeout_error(calls, timeout)
+                raise BatchTimeout.after(calls, timeout)
             states.append(state)
         return states
 
@@ -468,7 +470,7 @@ class Facade(AsyncEngine):
         for future in futures:
             state = await runner.wait(future, max(0.0, deadline - time.monotonic()))
             if state is None:
-                raise _timeout_error(calls, timeout)
+                raise BatchTimeout.after(calls, timeout)
             states.append(state)
         return states
 

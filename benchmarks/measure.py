@@ -56,7 +56,6 @@ class Config:
 
     :param batch_seconds: a batch whose calls would take longer than this, by the
         nominal duration of a call and the engine's concurrency, gets fewer calls
-    :param sweep_batch_seconds: the same, for the points of the sweep
     :param batch_timeout: a batch still running after this many seconds fails
     :param spin_iterations: iterations of ``spin`` that take ``workloads.CPU_SECONDS``
     """
@@ -72,7 +71,6 @@ class Config:
     spin_seconds: float
     engine_settings: EngineSettings
     peers: bool = False
-    sweep_batch_seconds: float = 0.5
 
     def repeats_for(self, workload: Workload) -> int:
         """Timed rounds of ``workload``: ``repeats``, at most LONG_REPEATS beyond the classics."""
@@ -80,15 +78,11 @@ class Config:
             return self.repeats
         return min(self.repeats, LONG_REPEATS)
 
-    def target_seconds(self, workload: Workload) -> float:
-        """About how long one batch of ``workload`` should take."""
-        return self.sweep_batch_seconds if workload.kind == "sweep" else self.batch_seconds
-
     def calls(self, workload: Workload, family: Family, mode: str = "raw") -> int:
         """How many calls a batch of ``workload`` makes on ``family``'s engine of ``mode``.
 
-        The workload's default, unless a batch would then take longer than its target;
-        then the largest round number of calls that fits, and at least two calls per
+        The workload's default, unless a batch would then take longer than
+        ``batch_seconds``; then the largest round number of calls that fits, and at least two calls per
         worker. Engines that send one task per call (raw, twin, facade) always get the
         same count, and so do the batching ones (auto, bulk), which may get more;
         Prefect's runners, much slower per call, may get fewer. The tiny workload
@@ -98,12 +92,11 @@ class Config:
         if workload.fixed_calls:
             return default
         per_call = self._seconds_per_call(workload, family, mode)
-        target = self.target_seconds(workload)
-        if default * per_call <= target:
+        if default * per_call <= self.batch_seconds:
             return default
         at_once = family.concurrent_calls(workload, self.engine_settings.workers)
         floor = 2 * int(at_once) if math.isfinite(at_once) else 2
-        return min(default, max(floor, _round_down(target / per_call)))
+        return min(default, max(floor, _round_down(self.batch_seconds / per_call)))
 
     def warmup(self, workload: Workload, family: Family, mode: str, calls: int) -> int:
         """Calls in the untimed warm-up batch: the whole batch when it is cheap.
@@ -111,10 +104,10 @@ class Config:
         A warm-up batch the size of the timed ones leaves pools grown to the size the
         timed batches need (threads, Ray workers), as in a long-running program, and
         lets a batching engine settle its batch size. Else as many calls as fit in a
-        quarter of the target time, and at least ``warmup_calls``.
+        quarter of ``batch_seconds``, and at least ``warmup_calls``.
         """
         per_call = self._seconds_per_call(workload, family, mode)
-        quarter = self.target_seconds(workload) / 4
+        quarter = self.batch_seconds / 4
         if calls * per_call <= quarter:
             return calls
         return min(calls, max(self.warmup_calls, _round_down(quarter / per_call)))
@@ -136,7 +129,6 @@ class Config:
             "long_repeats": min(self.repeats, LONG_REPEATS),
             "quick": self.quick,
             "batch_seconds": self.batch_seconds,
-            "sweep_batch_seconds": self.sweep_batch_seconds,
             "batch_timeout": self.batch_timeout,
             "warmup_calls": self.warmup_calls,
             "cpu_spin_iterations": self.spin_iterations,

@@ -180,9 +180,7 @@ class PrefectPeer(SyncEngine):
             try:
                 results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except TimeoutError:
-                raise BatchTimeout(
-                    f"{calls} calls did not finish within {timeout:g} seconds."
-                ) from None
+                raise BatchTimeout.after(calls, timeout) from None
         return results
 
     def check(self, results):

@@ -454,7 +454,7 @@ def render_tables(results: Results, console: Any) -> None:
     if rows:
         caption = [_ratio_note(results),
                    "bs = batch_size; calls: a / b = calls a batch on raw and bs=1 / on auto "
-                   "and the peer (each batch sized to take about a second or less)",
+                   "and the peer (each batch sized to take about half a second, tiny aside)",
                    "Sequential and Concurrent run calls in-process: nothing to batch"]
         note = _batch_size_note(results)
         if note:

@@ -390,8 +390,7 @@ def _rendered(results):
 
 
 def test_slow_batches_get_fewer_calls_and_the_same_count_per_kind_of_engine():
-    config = _config(quick=False, batch_seconds=1.0, sweep_batch_seconds=0.5,
-                     workloads=tuple(WORKLOADS))
+    config = _config(quick=False, batch_seconds=1.0, workloads=tuple(WORKLOADS))
     sleep, noop, tiny = WORKLOADS["sleep"], WORKLOADS["noop"], WORKLOADS["tiny"]
     sequential, concurrent = FAMILIES["sequential"], FAMILIES["concurrent"]
     parallel, dask = FAMILIES["parallel"], FAMILIES["dask"]
