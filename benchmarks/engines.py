@@ -215,7 +215,7 @@ class OnEventLoop(SyncEngine):
         if exc is None:
             block.__exit__(None, None, None)
         else:
-            # Re-raised by the portal's block: it cancels what still runs on the loop.
+            # Left with the exception, the portal cancels what still runs on its loop.
             try:
                 block.__exit__(type(exc), exc, exc.__traceback__)
             except BaseException:

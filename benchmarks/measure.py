@@ -82,11 +82,11 @@ class Config:
         """How many calls a batch of ``workload`` makes on ``family``'s engine of ``mode``.
 
         The workload's default, unless a batch would then take longer than
-        ``batch_seconds``; then the largest round number of calls that fits, and at least two calls per
-        worker. Engines that send one task per call (raw, twin, facade) always get the
-        same count, and so do the batching ones (auto, bulk), which may get more;
-        Prefect's runners, much slower per call, may get fewer. The tiny workload
-        makes the same number of calls everywhere.
+        ``batch_seconds``; then the largest round number of calls that fits, and at
+        least two calls per worker. Engines that send one task per call (raw, twin,
+        facade) always get the same count, and so do the batching ones (auto, bulk),
+        which may get more; Prefect's runners, much slower per call, may get fewer.
+        The tiny workload makes the same number of calls everywhere.
         """
         default = workload.quick_calls if self.quick else workload.calls
         if workload.fixed_calls:
