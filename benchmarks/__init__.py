@@ -1,14 +1,24 @@
 """The taskrunners benchmark harness: ``python -m benchmarks``.
 
 Measures calls per second of every runner (Sequential, Concurrent, Parallel, Dask,
-Ray) through the blocking twin and the async facade, beside the raw engine each is
-built on (a plain loop, ``ThreadPoolExecutor`` or an anyio task group, loky, Dask's
-``Client.submit``, Ray's ``remote()``), on four workloads (noop, cpu, sleep,
-async-sleep). Prints a table, writes ``results.json`` and ``results.png``::
+Ray) on three kinds of workload:
+
+- the classics (noop, cpu, sleep, async-sleep): the blocking twin and the async
+  facade, with ``batch_size=1``, against the raw engine each is built on (a plain
+  loop, ``ThreadPoolExecutor`` or an anyio task group, loky, Dask's
+  ``Client.submit``, Ray's ``remote()``);
+- ``tiny``, 10,000 no-op calls, and a sweep of calls of 0 to 100 ms of CPU work:
+  ``batch_size=1`` and ``batch_size="auto"`` against the raw engine and against the
+  engine's own bulk map (``joblib.Parallel``, ``dask.bag``, Ray's ``Pool.map``).
+
+All engines of one runner are open at once and take turns, one batch each per round,
+so load from other processes hits them alike. Prints the tables, writes
+``results.json``, ``results.png`` (runner overhead) and ``crossover.png`` (which
+runner for which call size)::
 
     python -m benchmarks                       # the full comparison
-    python -m benchmarks --quick               # under a minute: proves it works
-    python -m benchmarks --runners parallel,dask --workloads noop,cpu --repeats 9
+    python -m benchmarks --quick               # about a minute: proves it works
+    python -m benchmarks --runners parallel,dask --workloads tiny,sweep --repeats 3
 """
 
 from __future__ import annotations

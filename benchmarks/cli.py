@@ -9,31 +9,38 @@ import pathlib
 import sys
 import time
 from datetime import datetime, timezone
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from benchmarks.engines import FAMILIES, EngineSettings, quiet_engines
-from benchmarks.workloads import WORKLOADS
+from benchmarks.engines import FAMILIES, EngineSettings, has_batch_size, quiet_engines
+from benchmarks.measure import LONG_REPEATS
+from benchmarks.workloads import WORKLOAD_GROUPS, WORKLOADS
 
 __all__ = ["main", "parse_args"]
 
 DEFAULT_OUTPUT = pathlib.Path("benchmark-results")
 
-#: Full runs: a batch aims at about this many seconds of work, and fails after the timeout.
-FULL_BATCH_SECONDS, FULL_BATCH_TIMEOUT = 1.0, 120.0
-QUICK_BATCH_SECONDS, QUICK_BATCH_TIMEOUT = 0.2, 60.0
+#: Full runs: a batch aims at about this many seconds of work (the tiny workload's
+#: batches make their fixed number of calls however long it takes), and fails after
+#: the timeout.
+FULL_BATCH_SECONDS, FULL_BATCH_TIMEOUT = 0.5, 120.0
+QUICK_BATCH_SECONDS, QUICK_BATCH_TIMEOUT = 0.1, 60.0
 QUICK_REPEATS = 1
 
 
-def _names(kind: str, known: Sequence[str]):
+def _names(kind: str, known: Sequence[str], groups: Optional[Dict[str, Sequence[str]]] = None):
+    groups = groups or {}
+
     def parse(text: str) -> List[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in known]
+        unknown = [name for name in names if name not in known and name not in groups]
         if unknown or not names:
+            choices = ", ".join([*known, *groups])
             raise argparse.ArgumentTypeError(
                 f"unknown {kind} {', '.join(map(repr, unknown)) or repr(text)}; "
-                f"choose from {', '.join(known)} (comma-separated)"
+                f"choose from {choices} (comma-separated)"
             )
-        return names
+        chosen = {n for name in names for n in groups.get(name, (name,))}
+        return [name for name in known if name in chosen]
 
     return parse
 
@@ -58,14 +65,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             "the raw engine under it, and write a table, a JSON file and a chart."
         ),
         epilog=(
-            f"workloads: {', '.join(f'{w.name} ({w.description})' for w in WORKLOADS.values())}. "
-            "Prefect 3's matching runners are added as extra columns when prefect is "
-            "importable (tox -e bench-peers)."
+            f"workloads: {', '.join(f'{w.name} ({w.description})' for w in WORKLOADS.values())}; "
+            f"'classic' stands for {','.join(WORKLOAD_GROUPS['classic'])} and 'sweep' for "
+            "every sweep point. Each runner's engines are open together and take turns, one "
+            "batch each per round. Prefect 3's matching runners are added as extra columns "
+            "when prefect is importable (tox -e bench-peers)."
         ),
     )
     parser.add_argument(
-        "--workloads", type=_names("workload", list(WORKLOADS)), default=list(WORKLOADS),
-        metavar="NAMES", help=f"comma-separated, of {','.join(WORKLOADS)} (default: all)",
+        "--workloads", type=_names("workload", list(WORKLOADS), WORKLOAD_GROUPS),
+        default=list(WORKLOADS), metavar="NAMES",
+        help=f"comma-separated, of {','.join([*WORKLOAD_GROUPS, *WORKLOADS])} (default: all)",
     )
     parser.add_argument(
         "--runners", type=_names("runner", list(FAMILIES)), default=list(FAMILIES),
@@ -73,17 +83,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeats", type=_positive, default=None, metavar="N",
-        help=f"timed batches per cell; each cell is their median (default: 5, "
-        f"or {QUICK_REPEATS} with --quick)",
+        help=f"timed rounds per workload; each cell is the median of its batches (default: 5, "
+        f"or {QUICK_REPEATS} with --quick; tiny and the sweep points use at most "
+        f"{LONG_REPEATS})",
     )
     parser.add_argument(
         "--quick", action="store_true",
-        help="small batches, one repeat, and one Dask cluster and one Ray instance shared "
-        "by the raw engine and both runner modes: proves the harness works in under a minute",
+        help="small batches and one round: proves the harness works in about a minute",
     )
     parser.add_argument(
         "--output", type=pathlib.Path, default=DEFAULT_OUTPUT, metavar="DIR",
-        help=f"where results.json and results.png go (default: ./{DEFAULT_OUTPUT}/)",
+        help=f"where results.json, results.png and crossover.png go (default: ./{DEFAULT_OUTPUT}/)",
     )
     parser.add_argument(
         "--no-peers", action="store_true",
@@ -95,7 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--from-json", type=pathlib.Path, default=None, metavar="FILE",
-        help="measure nothing: print the tables of a results.json and redraw its chart "
+        help="measure nothing: print the tables of a results.json and redraw its charts "
         "into --output",
     )
     args = parser.parse_args(argv)
@@ -122,6 +132,20 @@ def _time_spin(iterations: int) -> float:
     return best
 
 
+def _batch_size_parameter(families: Sequence[str]) -> Dict[str, Dict[str, bool]]:
+    """Which batching runners take ``batch_size`` yet, as blocking twin and as facade."""
+    import taskrunners
+    import taskrunners.sync
+
+    return {
+        key: {
+            "taskrunners.sync": has_batch_size(getattr(taskrunners.sync, FAMILIES[key].runner_class)),
+            "taskrunners": has_batch_size(getattr(taskrunners, FAMILIES[key].runner_class)),
+        }
+        for key in families if FAMILIES[key].batching
+    }
+
+
 def prefect_importable() -> bool:
     return importlib.util.find_spec("prefect") is not None
 
@@ -137,16 +161,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = report.load_json(args.from_json)
         _print_tables(results, console, args.markdown)
         args.output.mkdir(parents=True, exist_ok=True)
-        report.write_chart(results, args.output / "results.png")
-        console.print(f"wrote {args.output / 'results.png'}")
+        written = report.write_charts(results, args.output)
+        console.print(f"wrote {' and '.join(map(str, written)) or 'no chart'}")
         return 0
 
     environment = quiet_engines()
     command = " ".join(["python -m benchmarks", *argv])
     results, interrupted = measure(args, console, environment, command)
     _print_tables(results, console, args.markdown)
-    json_path, chart_path = report.chart_and_json(results, args.output)
-    console.print(f"wrote {json_path} and {chart_path}")
+    written = report.chart_and_json(results, args.output)
+    console.print(f"wrote {', '.join(map(str, written))}")
     if interrupted:
         return 130
     if results.failures:
@@ -176,16 +200,16 @@ def measure(args: argparse.Namespace, console, environment, command: str):
 
     from benchmarks import report
     from benchmarks.measure import Config, plan_sessions, run_sessions
-    from benchmarks.workloads import calibrate_spin
+    from benchmarks.workloads import CPU_SECONDS, calibrate_spin, cpu
 
     started = time.perf_counter()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = _load_average()
     workers = loky.cpu_count()
     spin_iterations, spin_seconds = (0, 0.0)
-    if "cpu" in args.workloads:
-        with console.status("calibrating the cpu workload (20 ms of pure-Python work)"):
-            spin_iterations, spin_seconds = calibrate_spin(WORKLOADS["cpu"].seconds_per_call)
+    if any(WORKLOADS[name].run_fn is cpu for name in args.workloads):
+        with console.status("calibrating the cpu work (20 ms of pure-Python arithmetic)"):
+            spin_iterations, spin_seconds = calibrate_spin(CPU_SECONDS)
     peers = not args.no_peers and prefect_importable()
     config = Config(
         workloads=tuple(args.workloads),
@@ -199,7 +223,6 @@ def measure(args: argparse.Namespace, console, environment, command: str):
         spin_seconds=spin_seconds,
         engine_settings=EngineSettings(workers=workers),
         peers=peers,
-        share_clusters=args.quick,
     )
     sessions = plan_sessions(config)
     interrupted = False
@@ -216,7 +239,7 @@ def measure(args: argparse.Namespace, console, environment, command: str):
                 bar.advance(task, units)
 
         try:
-            run_sessions(sessions, progress)
+            run_sessions(sessions, progress, origin=started)
         except KeyboardInterrupt:
             interrupted = True
         bar.update(task, description="interrupted" if interrupted else "done")
@@ -229,14 +252,15 @@ def measure(args: argparse.Namespace, console, environment, command: str):
     machine["load_average_before"] = load_before
     machine["load_average_after"] = _load_average()
     run_config = config.as_dict()
+    run_config["batch_size_parameter"] = _batch_size_parameter(config.families)
     if spin_iterations:
         # The same 20 ms of work timed again: a drift shows the machine's speed changed.
         run_config["cpu_spin_seconds_after"] = _time_spin(spin_iterations)
     results = report.Results(
         config=run_config,
         machine=machine,
-        cells=[cell for s in sessions for cell in s.cells.values()],
-        sessions=[s.record for s in sessions],
+        cells=[cell for s in sessions for cell in s.cells],
+        sessions=[record for s in sessions for record in s.records],
         created=created,
         elapsed_seconds=time.perf_counter() - started,
         command=command,

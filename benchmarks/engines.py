@@ -1,8 +1,10 @@
 """The engines a batch of calls runs on: the raw libraries, and the runners over them.
 
 Each engine opens once per session, runs batches (``run_batch``: submit every call,
-then wait for every result), and closes. Synchronous engines are driven from plain
-code; asynchronous ones from inside ``anyio.run``.
+then wait for every result), and closes. Every engine of one runner is open at the
+same time, so their batches can take turns: the harness drives them all from plain
+code in the main thread, and an asynchronous engine (an async facade, an anyio task
+group) through :class:`OnEventLoop`, which keeps its event loop in a thread of its own.
 """
 
 from __future__ import annotations
@@ -14,24 +16,30 @@ import logging
 import math
 import os
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, AsyncContextManager, AsyncIterator, Callable, Dict, List, Optional, Union
 
 import anyio
+import anyio.from_thread
 
 from benchmarks.workloads import Workload, run_coroutine
 from taskrunners import TaskRun
 from taskrunners.states import State
 
-__all__ = ["BatchTimeout", "Family", "FAMILIES", "EngineSettings", "SharedCluster"]
+__all__ = [
+    "BatchTimeout", "Family", "FAMILIES", "EngineSettings", "SharedCluster", "SyncEngine",
+    "AsyncEngine", "OnEventLoop", "RunnerUnavailable", "has_batch_size",
+]
 
 
 class BatchTimeout(RuntimeError):
     """A batch did not finish within the harness's time limit."""
 
-
-def _timeout_error(calls: int, timeout: float) -> BatchTimeout:
-    return BatchTimeout(f"{calls} calls did not finish within {timeout:g} seconds.")
+    @classmethod
+    def after(cls, calls: int, timeout: float) -> "BatchTimeout":
+        """The error for ``calls`` calls still running after ``timeout`` seconds."""
+        return cls(f"{calls} calls did not finish within {timeout:g} seconds.")
 
 
 def check_states(results: List[Any]) -> Optional[str]:
@@ -112,15 +120,15 @@ class SyncEngine:
 
 
 class AsyncEngine:
-    """An engine driven from inside ``anyio.run``."""
+    """An engine that runs on an event loop; :class:`OnEventLoop` drives it."""
 
-    is_async = True
     accepts_plain = True
     accepts_async = True
     name = ""
 
-    async def open(self) -> None:
-        pass
+    def lifespan(self) -> AsyncContextManager[Any]:
+        """Entered to open the engine, left to close it (with the exception, to abort)."""
+        return _nothing()
 
     async def run_batch(
         self, fn: Callable[..., Any], kwargs: Dict[str, Any], calls: int, timeout: float
@@ -130,11 +138,88 @@ class AsyncEngine:
     def check(self, results: List[Any]) -> Optional[str]:
         return check_states(results)
 
-    async def close(self) -> None:
-        pass
 
-    async def abort(self, exc: BaseException) -> None:
-        await self.close()
+@asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
+
+
+class OnEventLoop(SyncEngine):
+    """An :class:`AsyncEngine` driven from plain code, on an event loop in its own thread.
+
+    The loop (an anyio blocking portal) lives as long as the engine is open, and the
+    engine's lifespan is entered and left in one task on it, as an async runner's
+    ``start()`` block requires. A batch costs one hand-over to that thread and back.
+    In-process runners watch for Ctrl-C only in the main thread, so a Sequential facade
+    here runs without that watch (a counter per call).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self.accepts_plain = engine.accepts_plain
+        self.accepts_async = engine.accepts_async
+        self._portal_block: Any = None
+        self._portal: Any = None
+        self._lifespan: Any = None
+        self._batch: Optional[concurrent.futures.Future] = None
+
+    def open(self):
+        portal_block = anyio.from_thread.start_blocking_portal(name=f"benchmark {self.name}")
+        portal = portal_block.__enter__()
+        self._portal_block = portal_block
+        lifespan = portal.wrap_async_context_manager(self.engine.lifespan())
+        try:
+            lifespan.__enter__()
+        except BaseException:
+            self._stop_portal(None)
+            raise
+        self._lifespan = lifespan
+        self._portal = portal
+
+    def run_batch(self, fn, kwargs, calls, timeout):
+        self._batch = self._portal.start_task_soon(self.engine.run_batch, fn, kwargs, calls, timeout)
+        try:
+            return self._batch.result()
+        finally:
+            self._batch = None
+
+    def check(self, results):
+        return self.engine.check(results)
+
+    def close(self):
+        lifespan, self._lifespan = self._lifespan, None
+        try:
+            if lifespan is not None:
+                lifespan.__exit__(None, None, None)
+        finally:
+            self._stop_portal(None)
+
+    def abort(self, exc):
+        # A batch interrupted in the main thread (Ctrl-C) is still running on the loop.
+        if self._batch is not None:
+            self._batch.cancel()
+        lifespan, self._lifespan = self._lifespan, None
+        try:
+            if lifespan is not None:
+                lifespan.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            pass
+        finally:
+            self._stop_portal(exc)
+
+    def _stop_portal(self, exc: Optional[BaseException]) -> None:
+        block, self._portal_block = self._portal_block, None
+        if block is None:
+            return
+        if exc is None:
+            block.__exit__(None, None, None)
+        else:
+            # Left with the exception, the portal cancels what still runs on its loop.
+            try:
+                block.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                pass
 
 
 # -- raw engines ------------------------------------------------------------------------
@@ -215,7 +300,7 @@ def _results(futures: List[concurrent.futures.Future], calls: int, timeout: floa
     try:
         return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
     except concurrent.futures.TimeoutError:
-        raise _timeout_error(calls, timeout) from None
+        raise BatchTimeout.after(calls, timeout) from None
 
 
 class LokyPool(SyncEngine):
@@ -315,7 +400,7 @@ class RayRemote(SyncEngine):
         try:
             return ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise _timeout_error(calls, timeout) from None
+            raise BatchTimeout.after(calls, timeout) from None
 
     def close(self):
         import ray
@@ -353,7 +438,7 @@ class Twin(SyncEngine):
         for future in futures:
             state = runner.wait(future, max(0.0, deadline - time.monotonic()))
             if state is None:
-                raise _timeout_error(calls, timeout)
+                raise BatchTimeout.after(calls, timeout)
             states.append(state)
         return states
 
@@ -373,12 +458,9 @@ class Facade(AsyncEngine):
     def __init__(self, runner: Any) -> None:
         self.runner = runner
         self.name = f"taskrunners.{type(runner).__name__}"
-        self._block: Any = None
 
-    async def open(self):
-        block = self.runner.start()
-        await block.__aenter__()
-        self._block = block
+    def lifespan(self):
+        return self.runner.start()
 
     async def run_batch(self, fn, kwargs, calls, timeout):
         runner = self.runner
@@ -388,31 +470,44 @@ class Facade(AsyncEngine):
         for future in futures:
             state = await runner.wait(future, max(0.0, deadline - time.monotonic()))
             if state is None:
-                raise _timeout_error(calls, timeout)
+                raise BatchTimeout.after(calls, timeout)
             states.append(state)
         return states
 
-    async def close(self):
-        block, self._block = self._block, None
-        await block.__aexit__(None, None, None)
 
-    async def abort(self, exc):
-        block, self._block = self._block, None
-        if block is not None:
-            await block.__aexit__(type(exc), exc, exc.__traceback__)
-
-
-# -- families: a runner with its raw engine ---------------------------------------------------
+# -- families: a runner with the engines it is measured against ---------------------------------
 
 
 class RunnerUnavailable(Exception):
-    """A runner (or its raw engine) cannot run here; the message says why."""
+    """An engine cannot run here; the message says why.
+
+    :param status: how its cells are marked: "skipped" (a missing module, a runner not
+        written yet) or "not run" (a setting the runner does not have yet)
+    """
+
+    def __init__(self, message: str, status: str = "skipped") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def has_batch_size(runner_class: type) -> bool:
+    """Whether the runner class takes a ``batch_size`` argument."""
+    try:
+        return "batch_size" in inspect.signature(runner_class).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+#: A batch size: 1 (one engine task per call) or "auto" (the runner decides).
+BatchSize = Union[int, str]
 
 
 class SharedCluster:
-    """One Dask cluster or Ray instance that every session of a runner joins (``--quick``).
+    """The Dask cluster or Ray instance that every engine of one runner joins.
 
-    Saves starting a cluster per mode; the runners' start-up then measures joining.
+    Its engines take turns on it, so a batch of one never competes with a cluster of
+    another, and they are compared on the very same workers. The runners' start-up
+    then measures joining; the cluster's own start-up is recorded apart.
     ``address`` is set while it is open: the scheduler address, or "ray".
     """
 
@@ -421,6 +516,12 @@ class SharedCluster:
         self.settings = settings
         self.address: Optional[str] = None
         self._cluster: Any = None
+
+    @property
+    def name(self) -> str:
+        if self.family_key == "dask":
+            return "distributed.LocalCluster"
+        return "ray.init(address='local')"
 
     def open(self) -> None:
         if self.family_key == "dask":
@@ -447,12 +548,12 @@ class SharedCluster:
 
     def note(self) -> str:
         what = "Dask cluster" if self.family_key == "dask" else "Ray instance"
-        return f"--quick: joined one {what} shared by all modes"
+        return f"joined the {what} shared by this runner's engines"
 
 
 @dataclass(frozen=True)
 class Family:
-    """One runner, the raw engine it is measured against, and how to size its batches.
+    """One runner, the engines it is measured against, and how to size its batches.
 
     :param raw_plain: the raw engine (for every workload, unless ``raw_async`` is given)
     :param raw_async: the raw engine for coroutine workloads, when it is another one
@@ -462,6 +563,9 @@ class Family:
     :param requires: a module the runner needs, and the extra that installs it
     :param seconds_per_dispatch: a rough cost of one call on the engine, for sizing batches
     :param bounded: whether at most ``workers`` calls run at once (else: one per call)
+    :param batching: whether the runner is to batch calls (``batch_size``): its
+        ``batch_size="auto"`` and its engine's bulk map are measured too
+    :param bulk: the engine's own bulk map, and a rough cost of one call on it
     :param peer: Prefect's matching runner, and a rough cost of one call on it
     """
 
@@ -476,6 +580,9 @@ class Family:
     seconds_per_dispatch: float = 0.0
     bounded: bool = True
     in_process: bool = False
+    batching: bool = False
+    bulk: Optional[str] = None
+    bulk_seconds_per_dispatch: float = 0.0
     peer: Optional[str] = None
     peer_seconds_per_dispatch: float = 0.0
 
@@ -488,6 +595,14 @@ class Family:
             return f"{module} is not installed (pip install 'taskrunners[{extra}]')"
         return None
 
+    def has_mode(self, mode: str) -> bool:
+        """Whether this runner is measured in ``mode`` at all."""
+        if mode in ("auto", "bulk"):
+            return self.batching
+        if mode == "prefect":
+            return self.peer is not None
+        return True
+
     def concurrent_calls(self, workload: Workload, workers: int) -> float:
         """How many calls of ``workload`` can make progress at once."""
         if self.in_process:
@@ -496,32 +611,63 @@ class Family:
             return 1.0
         return float(workers)
 
+    def engine(
+        self, mode: str, settings: EngineSettings, shared: Optional[SharedCluster],
+        is_async: bool = False,
+    ) -> SyncEngine:
+        """The engine of ``mode``, constructed; :class:`RunnerUnavailable` says why not.
+
+        The runner modes pin ``batch_size`` where the runner has it: 1 for "twin" and
+        "facade" (what the raw engine is compared with), "auto" for "auto".
+        """
+        if mode == "raw":
+            return self.raw_engine(settings, is_async, shared)
+        if mode == "twin":
+            return self.twin(settings, shared, batch_size=1)
+        if mode == "facade":
+            return OnEventLoop(self.facade(settings, shared, batch_size=1))
+        if mode == "auto":
+            return self.twin(settings, shared, batch_size="auto")
+        if mode == "bulk":
+            from benchmarks.bulk import bulk_engine
+
+            return bulk_engine(self, settings, shared)
+        raise ValueError(f"mode={mode!r} has no engine here; Prefect's runners are in peers.py")
+
     def raw_engine(
         self, settings: EngineSettings, is_async: bool, shared: Optional[SharedCluster] = None
-    ) -> Any:
+    ) -> SyncEngine:
         if shared is not None:
             if self.key == "dask":
                 return DaskClient(settings.dask_cluster_kwargs(), address=shared.address)
             return RayRemote(settings.ray_init_kwargs(), joined=True)
         make = self.raw_async if is_async and self.raw_async else self.raw_plain
-        return make(settings)
+        engine = make(settings)
+        return OnEventLoop(engine) if isinstance(engine, AsyncEngine) else engine
 
-    def twin(self, settings: EngineSettings, shared: Optional[SharedCluster] = None) -> Twin:
+    def twin(
+        self, settings: EngineSettings, shared: Optional[SharedCluster] = None,
+        batch_size: Optional[BatchSize] = None,
+    ) -> Twin:
         """The blocking twin, constructed; :class:`RunnerUnavailable` says why not."""
         import taskrunners.sync
 
         cls = getattr(taskrunners.sync, self.runner_class)
-        return Twin(self._construct(cls, settings, shared))
+        return Twin(self._construct(cls, settings, shared, batch_size))
 
-    def facade(self, settings: EngineSettings, shared: Optional[SharedCluster] = None) -> Facade:
+    def facade(
+        self, settings: EngineSettings, shared: Optional[SharedCluster] = None,
+        batch_size: Optional[BatchSize] = None,
+    ) -> Facade:
         """The async facade, constructed; :class:`RunnerUnavailable` says why not."""
         import taskrunners
 
         cls = getattr(taskrunners, self.runner_class)
-        return Facade(self._construct(cls, settings, shared))
+        return Facade(self._construct(cls, settings, shared, batch_size))
 
     def _construct(
-        self, cls: type, settings: EngineSettings, shared: Optional[SharedCluster] = None
+        self, cls: type, settings: EngineSettings, shared: Optional[SharedCluster] = None,
+        batch_size: Optional[BatchSize] = None,
     ) -> Any:
         missing = self.missing_requirement()
         if missing:
@@ -532,6 +678,13 @@ class Family:
             kwargs = {"address": shared.address}
         else:
             kwargs = {}  # Ray is initialised in this process: the runner joins it
+        if batch_size is not None and self.batching:
+            if has_batch_size(cls):
+                kwargs["batch_size"] = batch_size
+            elif batch_size != 1:
+                raise RunnerUnavailable("runner has no batch_size yet", status="not run")
+            # Without the argument, today's runner sends one engine task per call: the
+            # very behaviour batch_size=1 asks for.
         try:
             return cls(**kwargs)
         except NotImplementedError:
@@ -568,6 +721,7 @@ FAMILIES: Dict[str, Family] = {
             raw_plain=lambda s: LokyPool(s.workers),
             runner_kwargs=lambda s: {"max_workers": s.workers},
             seconds_per_dispatch=0.0005,
+            batching=True, bulk="joblib.Parallel", bulk_seconds_per_dispatch=0.00005,
             peer="ProcessPoolTaskRunner", peer_seconds_per_dispatch=1.0,
         ),
         Family(
@@ -575,6 +729,7 @@ FAMILIES: Dict[str, Family] = {
             raw_plain=lambda s: DaskClient(s.dask_cluster_kwargs()),
             runner_kwargs=lambda s: {"cluster_kwargs": s.dask_cluster_kwargs()},
             requires=("distributed", "dask"), seconds_per_dispatch=0.003, shares_cluster=True,
+            batching=True, bulk="dask.bag", bulk_seconds_per_dispatch=0.0007,
             peer="prefect_dask.DaskTaskRunner", peer_seconds_per_dispatch=0.2,
         ),
         Family(
@@ -582,6 +737,7 @@ FAMILIES: Dict[str, Family] = {
             raw_plain=lambda s: RayRemote(s.ray_init_kwargs()),
             runner_kwargs=lambda s: {"init_kwargs": s.ray_init_kwargs()},
             requires=("ray", "ray"), seconds_per_dispatch=0.001, shares_cluster=True,
+            batching=True, bulk="ray Pool.map", bulk_seconds_per_dispatch=0.00005,
             peer="prefect_ray.RayTaskRunner", peer_seconds_per_dispatch=0.2,
         ),
     )

@@ -25,14 +25,14 @@ _home: Optional[str] = None
 #: What :func:`prefect_offline` set, for the results file.
 applied: Dict[str, str] = {}
 
-#: The session each running benchmark flow drives, by the key the flow is called with.
+#: The body each running benchmark flow runs, by the key the flow is called with.
 _ACTIVE: Dict[str, tuple] = {}
 
 
 def _run_session_in_flow(key: str) -> None:
-    session, engine, drive_sync, progress, marks = _ACTIVE[key]
+    body, marks = _ACTIVE[key]
     marks["body"] = time.perf_counter()
-    drive_sync(session, engine, progress)
+    body()
     marks["end"] = time.perf_counter()
 
 
@@ -108,8 +108,6 @@ def _make_runner(family: Family, settings: EngineSettings) -> Any:
 class PrefectPeer(SyncEngine):
     """Prefect tasks submitted inside one flow whose task runner is the peer."""
 
-    drives_itself = True
-
     def __init__(self, family: Family, settings: EngineSettings) -> None:
         self.family = family
         self.runner = _make_runner(family, settings)
@@ -117,14 +115,19 @@ class PrefectPeer(SyncEngine):
         self.name = f"{kind.__module__.split('.')[0]}.{kind.__name__}"
         self._tasks: Dict[Callable[..., Any], Any] = {}
 
-    def drive(self, session: Any, drive_sync: Callable[..., None], progress: Any) -> None:
-        """Run the session inside a flow; the flow's own start and end count as start-up
-        and shut-down."""
+    def drive(
+        self, body: Callable[[], None], record: Any, give_up: Callable[[str, str], None]
+    ) -> None:
+        """Run ``body`` (the session's opening, batches and closing) inside a flow.
+
+        The flow's own start and end count as start-up and shut-down in ``record``;
+        ``give_up(status, note)`` marks the session when the flow never starts.
+        """
         from prefect import flow
 
         marks: Dict[str, float] = {}
-        key = f"{self.family.key}-{id(session)}"
-        _ACTIVE[key] = (session, self, drive_sync, progress, marks)
+        key = f"{self.family.key}-{id(body)}"
+        _ACTIVE[key] = (body, marks)
         # A module-level body, found by name: Prefect ships the flow (and so its
         # function) to process, Dask and Ray workers, and a closure over the session
         # (locks, the progress bar) cannot be pickled.
@@ -138,13 +141,12 @@ class PrefectPeer(SyncEngine):
             benchmark_flow(key)
         except Exception as exc:
             if "body" not in marks:
-                session.give_up("failed", f"the Prefect flow did not start: {exc}")
+                give_up("failed", f"the Prefect flow did not start: {exc}")
                 return
             raise
         finally:
             _ACTIVE.pop(key, None)
         finished = time.perf_counter()
-        record = session.record
         if "body" in marks:
             lead = marks["body"] - started
             for name in ("startup_seconds", "first_result_seconds"):
@@ -178,9 +180,7 @@ class PrefectPeer(SyncEngine):
             try:
                 results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
             except TimeoutError:
-                raise BatchTimeout(
-                    f"{calls} calls did not finish within {timeout:g} seconds."
-                ) from None
+                raise BatchTimeout.after(calls, timeout) from None
         return results
 
     def check(self, results):

@@ -1,4 +1,4 @@
-"""The results: the terminal tables, the JSON file and the chart."""
+"""The results: the terminal tables, the JSON file and the charts."""
 
 from __future__ import annotations
 
@@ -6,29 +6,42 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from benchmarks.engines import FAMILIES
 from benchmarks.measure import MODES, Cell, SessionRecord
-from benchmarks.workloads import WORKLOADS
+from benchmarks.workloads import MODES_OF_KIND, WORKLOADS
 
 __all__ = [
     "Results", "machine_info", "render_tables", "markdown_tables", "write_json", "write_chart",
-    "load_json", "chart_and_json", "default_console",
+    "write_crossover_chart", "write_charts", "load_json", "chart_and_json", "default_console",
+    "RATIO_METHOD",
 ]
 
-FORMAT = "taskrunners-benchmarks/1"
+FORMAT = "taskrunners-benchmarks/2"
+#: Older files that --from-json still reads (one engine per session, ratios of medians).
+_READABLE = ("taskrunners-benchmarks/1", FORMAT)
+
+RATIO_METHOD = (
+    "time per call of one cell divided by another's: the median over rounds of the "
+    "ratio within each round, for cells of one session (their engines took turns, "
+    "one batch each per round); else the ratio of the two medians"
+)
 
 _PACKAGES = (
-    "taskrunners", "anyio", "sniffio", "cloudpickle", "loky", "dask", "distributed", "ray",
-    "rich", "matplotlib", "prefect", "prefect-dask", "prefect-ray",
+    "taskrunners", "anyio", "sniffio", "cloudpickle", "loky", "joblib", "dask", "distributed",
+    "ray", "rich", "matplotlib", "prefect", "prefect-dask", "prefect-ray",
 )
 
 _MODE_TITLES = {"raw": "raw engine", "twin": "blocking twin", "facade": "async facade",
-                "prefect": "Prefect 3"}
+                "auto": 'twin, batch_size="auto"', "bulk": "bulk peer", "prefect": "Prefect 3",
+                "cluster": "shared cluster"}
+_CLASSIC_MODES = MODES_OF_KIND["classic"]
+_SMALL_CALL_MODES = MODES_OF_KIND["sweep"]
 
 
 @dataclass
@@ -51,18 +64,32 @@ class Results:
                 return cell
         return None
 
-    def overhead(self, cell: Cell, against: str) -> Optional[float]:
-        """Time per call of ``cell`` divided by that of the same workload in ``against`` mode.
+    def time_ratio(self, cell: Optional[Cell], reference: Optional[Cell]) -> Optional[float]:
+        """Time per call of ``cell`` divided by that of ``reference`` (see RATIO_METHOD).
 
-        Above 1: slower than the reference; for ``against="raw"``, the runner's overhead.
+        Above 1: ``cell`` is slower. Cells of one session are compared round by round:
+        their batches ran back to back, under the same load.
         """
-        reference = self.cell(cell.workload, cell.family, against)
-        if reference is None or reference is cell:
+        if cell is None or reference is None or cell is reference:
             return None
         mine, theirs = cell.calls_per_second, reference.calls_per_second
         if not mine or not theirs:
             return None
+        if cell.session >= 0 and cell.session == reference.session:
+            paired = [
+                (a / cell.calls) / (b / reference.calls)
+                for a, b in zip(cell.seconds, reference.seconds) if a > 0 and b > 0
+            ]
+            if paired:
+                return statistics.median(paired)
         return theirs / mine
+
+    def overhead(self, cell: Cell, against: str) -> Optional[float]:
+        """:meth:`time_ratio` of ``cell`` against the same workload in ``against`` mode.
+
+        For ``against="raw"``: the runner's overhead over its raw engine.
+        """
+        return self.time_ratio(cell, self.cell(cell.workload, cell.family, against))
 
     @property
     def failures(self) -> List[Cell]:
@@ -72,10 +99,15 @@ class Results:
         cells = []
         for cell in self.cells:
             data = cell.as_dict()
+            data["ratios"] = {
+                f"vs_{mode}": value for mode in MODES if mode != cell.mode
+                for value in [self.overhead(cell, mode)] if value is not None
+            }
             if cell.mode in ("twin", "facade"):
                 data["overhead_vs_raw"] = self.overhead(cell, "raw")
                 data["overhead_vs_prefect"] = self.overhead(cell, "prefect")
             cells.append(data)
+        spin_iterations = self.config.get("cpu_spin_iterations") or 0
         return {
             "format": FORMAT,
             "created": self.created,
@@ -85,12 +117,18 @@ class Results:
             "machine": self.machine,
             "config": self.config,
             "environment": self.environment,
+            "ratio_method": RATIO_METHOD,
+            "modes": {mode: _MODE_TITLES[mode] for mode in MODES},
             "workloads": {
                 name: {
                     "description": w.description,
+                    "kind": w.kind,
+                    "modes": list(w.modes),
                     "default_calls": w.calls,
                     "quick_calls": w.quick_calls,
                     "seconds_per_call": w.seconds_per_call,
+                    "run_fn": w.run_fn.__name__,
+                    "kwargs": w.kwargs(spin_iterations),
                     "coroutine": w.is_async,
                 }
                 for name, w in WORKLOADS.items()
@@ -104,8 +142,11 @@ class Results:
 def load_json(path: pathlib.Path) -> Results:
     """Read results written by :func:`write_json` (to redraw tables and chart)."""
     data = json.loads(pathlib.Path(path).read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} results file (format={data.get('format')!r}).")
+    if data.get("format") not in _READABLE:
+        raise ValueError(
+            f"{path} is not a results file of this harness (format={data.get('format')!r}; "
+            f"readable: {', '.join(_READABLE)})."
+        )
     cell_fields = set(Cell.__dataclass_fields__)
     record_fields = set(SessionRecord.__dataclass_fields__)
     return Results(
@@ -247,31 +288,45 @@ def _families(results: Results) -> List[str]:
     return [key for key in FAMILIES if key in chosen]
 
 
-def _workloads(results: Results) -> List[str]:
-    return list(results.config.get("workloads") or WORKLOADS)
+def _workloads(results: Results, kinds: tuple = ("classic", "tiny", "sweep")) -> List[str]:
+    """The workloads of the run, of the given kinds (unknown names count as classic)."""
+    names = list(results.config.get("workloads") or WORKLOADS)
+    return [n for n in names if (WORKLOADS[n].kind if n in WORKLOADS else "classic") in kinds]
 
 
 def _has_peers(results: Results) -> bool:
     return any(cell.mode == "prefect" for cell in results.cells)
 
 
+#: Said once under the table instead of on every row.
+_NO_BATCH_SIZE = "runner has no batch_size yet"
+
+
+def _notes(by_mode: Dict[str, Optional[Cell]], said: tuple = ()) -> List[str]:
+    """The notes of cells that did not run, each once, naming the modes it applies to;
+    except the notes in ``said``."""
+    present = [mode for mode, cell in by_mode.items() if cell is not None]
+    noted: Dict[str, List[str]] = {}
+    for mode in present:
+        cell = by_mode[mode]
+        if cell.status != "ok" and cell.note and cell.note not in said:
+            noted.setdefault(cell.note, []).append(mode)
+    return [
+        text if modes == present else f"{', '.join(modes)}: {text}"
+        for text, modes in noted.items()
+    ]
+
+
 def table_rows(results: Results) -> List[Dict[str, Any]]:
-    """One row per workload and runner: rates, overheads and notes, for any renderer."""
+    """The runner-overhead table (classic workloads), one row per workload and runner."""
     rows = []
-    for workload in _workloads(results):
+    for workload in _workloads(results, ("classic",)):
         for family in _families(results):
-            by_mode = {mode: results.cell(workload, family, mode) for mode in MODES}
+            by_mode = {mode: results.cell(workload, family, mode) for mode in _CLASSIC_MODES}
+            if not any(by_mode.values()):
+                continue
             raw = by_mode["raw"]
-            present = [mode for mode in MODES if by_mode[mode] is not None]
-            noted: Dict[str, List[str]] = {}
-            for mode in present:
-                cell = by_mode[mode]
-                if cell.status != "ok" and cell.note:
-                    noted.setdefault(cell.note, []).append(mode)
-            notes = [
-                text if modes == present else f"{', '.join(modes)}: {text}"
-                for text, modes in noted.items()
-            ]
+            notes = _notes(by_mode)
             peer = by_mode["prefect"]
             if peer is not None and raw is not None and peer.calls != raw.calls:
                 notes.append(f"Prefect: {peer.calls} calls a batch")
@@ -282,7 +337,7 @@ def table_rows(results: Results) -> List[Dict[str, Any]]:
                 "raw_engine": raw.engine if raw else "",
                 "notes": notes,
             }
-            for mode in MODES:
+            for mode in _CLASSIC_MODES:
                 cell = by_mode[mode]
                 row[f"{mode}_rate"] = cell.calls_per_second if cell else None
                 row[f"{mode}_calls"] = cell.calls if cell else None
@@ -294,53 +349,147 @@ def table_rows(results: Results) -> List[Dict[str, Any]]:
     return rows
 
 
+def small_call_rows(results: Results) -> List[Dict[str, Any]]:
+    """The many-small-calls table (tiny and the sweep), one row per workload and runner."""
+    rows = []
+    for workload in _workloads(results, ("tiny", "sweep")):
+        for family in _families(results):
+            by_mode = {mode: results.cell(workload, family, mode) for mode in _SMALL_CALL_MODES}
+            if not any(by_mode.values()):
+                continue
+            raw, twin, auto, bulk = (by_mode[m] for m in _SMALL_CALL_MODES)
+            one = twin or raw
+            batched = auto or bulk
+            calls = f"{one.calls:,}" if one else "—"
+            if batched is not None and (one is None or batched.calls != one.calls):
+                calls = f"{calls} / {batched.calls:,}"
+            rows.append({
+                "workload": workload,
+                "runner": FAMILIES[family].title,
+                "calls": calls,
+                "raw_rate": raw.calls_per_second if raw else None,
+                "twin_rate": twin.calls_per_second if twin else None,
+                "twin_vs_raw": results.time_ratio(twin, raw),
+                "auto_rate": auto.calls_per_second if auto else None,
+                "auto_vs_twin": results.time_ratio(auto, twin),
+                "bulk_engine": bulk.engine if bulk else "",
+                "bulk_rate": bulk.calls_per_second if bulk else None,
+                "bulk_vs_twin": results.time_ratio(bulk, twin),
+                "auto_vs_bulk": results.time_ratio(auto, bulk),
+                "notes": _notes(by_mode, said=(_NO_BATCH_SIZE,)),
+            })
+    return rows
+
+
+def _repeats_text(results: Results, key: str = "repeats") -> str:
+    repeats = results.config.get(key) or results.config.get("repeats")
+    quick = " (--quick)" if results.config.get("quick") else ""
+    return f"median of {repeats} run{'s' if repeats != 1 else ''}{quick}"
+
+
+def _ratio_note(results: Results) -> str:
+    if results.config.get("interleaved"):
+        return ("ratios: median over rounds of the per-round ratio of time per call; "
+                "a runner's engines took turns, one batch each per round")
+    return "ratios: ratio of the medians (engines measured one after another)"
+
+
+def _batch_size_note(results: Results) -> Optional[str]:
+    support = results.config.get("batch_size_parameter") or {}
+    lacking = [FAMILIES[key].title for key, where in support.items()
+               if key in FAMILIES and not where.get("taskrunners.sync")]
+    if not lacking:
+        return None
+    return (f"{', '.join(lacking)}: no batch_size parameter yet, so bs=1 is today's runner "
+            f"(one engine task per call) and auto is not run ({_NO_BATCH_SIZE!r})")
+
+
 def render_tables(results: Results, console: Any) -> None:
     """Print the results tables on a rich console."""
     from rich.table import Table
 
-    repeats = results.config.get("repeats")
-    peers = _has_peers(results)
-    title = (
-        f"Calls per second, median of {repeats} run{'s' if repeats != 1 else ''}"
-        f"{' (--quick)' if results.config.get('quick') else ''}; "
-        "× = runner's time per call ÷ its raw engine's (1.00× = no overhead)"
-    )
-    table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
-    table.add_column("workload")
-    table.add_column("runner")
-    table.add_column("calls", justify="right")
-    table.add_column("raw engine")
-    table.add_column("raw /s", justify="right")
-    table.add_column("twin /s", justify="right")
-    table.add_column("twin ×", justify="right")
-    table.add_column("facade /s", justify="right")
-    table.add_column("facade ×", justify="right")
-    if peers:
-        table.add_column("Prefect /s", justify="right")
-        table.add_column("twin vs Prefect", justify="right")
-    table.add_column("note", overflow="fold")
-    previous = None
-    for row in table_rows(results):
-        if previous is not None and row["workload"] != previous:
-            table.add_section()
-        values = [
-            row["workload"] if row["workload"] != previous else "",
-            row["runner"],
-            str(row["calls"] or "—"),
-            row["raw_engine"],
-            _rate(row["raw_rate"]),
-            _rate(row["twin_rate"]),
-            f"[{_ratio_style(row['twin_vs_raw'])}]{_ratio(row['twin_vs_raw'])}[/]",
-            _rate(row["facade_rate"]),
-            f"[{_ratio_style(row['facade_vs_raw'])}]{_ratio(row['facade_vs_raw'])}[/]",
-        ]
+    rows = table_rows(results)
+    if rows:
+        peers = _has_peers(results)
+        table = Table(
+            title=f"Runner overhead: calls per second, {_repeats_text(results)}; "
+            "× = runner's time per call ÷ its raw engine's (1.00× = no overhead); "
+            "runners with batch_size=1",
+            caption=_ratio_note(results), caption_justify="left",
+            title_justify="left", show_lines=False, header_style="bold",
+        )
+        for name, justify in (("workload", "left"), ("runner", "left"), ("calls", "right"),
+                              ("raw engine", "left"), ("raw /s", "right"),
+                              ("twin /s", "right"), ("twin ×", "right"),
+                              ("facade /s", "right"), ("facade ×", "right")):
+            table.add_column(name, justify=justify)
         if peers:
-            values.append(_rate(row["prefect_rate"]))
-            values.append(_speedup(row["twin_vs_prefect"]))
-        values.append("; ".join(row["notes"]))
-        table.add_row(*values)
-        previous = row["workload"]
-    console.print(table)
+            table.add_column("Prefect /s", justify="right")
+            table.add_column("twin vs Prefect", justify="right")
+        table.add_column("note", overflow="fold")
+        previous = None
+        for row in rows:
+            if previous is not None and row["workload"] != previous:
+                table.add_section()
+            values = [
+                row["workload"] if row["workload"] != previous else "",
+                row["runner"],
+                str(row["calls"] or "—"),
+                row["raw_engine"],
+                _rate(row["raw_rate"]),
+                _rate(row["twin_rate"]),
+                f"[{_ratio_style(row['twin_vs_raw'])}]{_ratio(row['twin_vs_raw'])}[/]",
+                _rate(row["facade_rate"]),
+                f"[{_ratio_style(row['facade_vs_raw'])}]{_ratio(row['facade_vs_raw'])}[/]",
+            ]
+            if peers:
+                values.append(_rate(row["prefect_rate"]))
+                values.append(_speedup(row["twin_vs_prefect"]))
+            values.append("; ".join(row["notes"]))
+            table.add_row(*values)
+            previous = row["workload"]
+        console.print(table)
+
+    rows = small_call_rows(results)
+    if rows:
+        caption = [_ratio_note(results),
+                   "bs = batch_size; calls: a / b = calls a batch on raw and bs=1 / on auto "
+                   "and the peer (each batch sized to take about half a second, tiny aside)",
+                   "Sequential and Concurrent run calls in-process: nothing to batch"]
+        note = _batch_size_note(results)
+        if note:
+            caption.append(note)
+        table = Table(
+            title=f"Many small calls: calls per second, {_repeats_text(results, 'long_repeats')}; "
+            "batch_size=1 against the raw engine, batch_size=\"auto\" against batch_size=1 "
+            "and against the engine's own bulk map with its default batching",
+            caption="\n".join(caption), caption_justify="left",
+            title_justify="left", header_style="bold",
+        )
+        for name in _SMALL_CALL_HEADER[:-1]:
+            table.add_column(name, justify="left" if name in _LEFT else "right")
+        table.add_column("note", overflow="fold")
+        previous = None
+        for row in rows:
+            if previous is not None and row["workload"] != previous:
+                table.add_section()
+            table.add_row(
+                row["workload"] if row["workload"] != previous else "",
+                row["runner"],
+                row["calls"],
+                _rate(row["raw_rate"]),
+                _rate(row["twin_rate"]),
+                f"[{_ratio_style(row['twin_vs_raw'])}]{_ratio(row['twin_vs_raw'])}[/]",
+                _rate(row["auto_rate"]),
+                _speedup(row["auto_vs_twin"]),
+                row["bulk_engine"],
+                _rate(row["bulk_rate"]),
+                _speedup(row["bulk_vs_twin"]),
+                _speedup(row["auto_vs_bulk"]),
+                "; ".join(row["notes"]),
+            )
+            previous = row["workload"]
+        console.print(table)
 
     startup = Table(
         title="Start-up and shut-down of each engine, in seconds (not part of the rates above)",
@@ -367,32 +516,71 @@ def render_tables(results: Results, console: Any) -> None:
     )
 
 
+_SMALL_CALL_HEADER = ("workload", "runner", "calls", "raw /s", "bs=1 /s", "bs=1 ×", "auto /s",
+                      "auto vs bs=1", "bulk peer", "peer /s", "peer vs bs=1", "auto vs peer",
+                      "note")
+#: Columns of words, aligned left; numbers go right.
+_LEFT = ("workload", "runner", "raw engine", "bulk peer", "note")
+
+
+def _markdown_table(header: List[str], rows: List[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if h in _LEFT else "---:" for h in header) + "|"]
+    for values in rows:
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in values) + " |")
+    return lines
+
+
 def markdown_tables(results: Results) -> str:
     """The results tables in Markdown (for the README)."""
-    peers = _has_peers(results)
-    header = ["workload", "runner", "calls", "raw engine", "raw /s", "twin /s", "twin ×",
-              "facade /s", "facade ×"]
-    if peers:
-        header += ["Prefect /s", "twin vs Prefect"]
-    header.append("note")
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if h.endswith(("/s", "×", "calls")) else "---"
-                            for h in header) + "|"]
-    previous = None
-    for row in table_rows(results):
-        values = [
-            f"**{row['workload']}**" if row["workload"] != previous else "",
-            row["runner"], str(row["calls"] or "—"), row["raw_engine"],
-            _rate(row["raw_rate"]), _rate(row["twin_rate"]), _ratio(row["twin_vs_raw"]),
-            _rate(row["facade_rate"]), _ratio(row["facade_vs_raw"]),
-        ]
+    lines: List[str] = []
+    rows = table_rows(results)
+    if rows:
+        peers = _has_peers(results)
+        header = ["workload", "runner", "calls", "raw engine", "raw /s", "twin /s", "twin ×",
+                  "facade /s", "facade ×"]
         if peers:
-            values += [_rate(row["prefect_rate"]), _speedup(row["twin_vs_prefect"])]
-        values.append("; ".join(row["notes"]))
-        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in values) + " |")
-        previous = row["workload"]
+            header += ["Prefect /s", "twin vs Prefect"]
+        header.append("note")
+        body = []
+        previous = None
+        for row in rows:
+            values = [
+                f"**{row['workload']}**" if row["workload"] != previous else "",
+                row["runner"], str(row["calls"] or "—"), row["raw_engine"],
+                _rate(row["raw_rate"]), _rate(row["twin_rate"]), _ratio(row["twin_vs_raw"]),
+                _rate(row["facade_rate"]), _ratio(row["facade_vs_raw"]),
+            ]
+            if peers:
+                values += [_rate(row["prefect_rate"]), _speedup(row["twin_vs_prefect"])]
+            values.append("; ".join(row["notes"]))
+            body.append(values)
+            previous = row["workload"]
+        lines += [f"Runner overhead, {_repeats_text(results)}; runners with batch_size=1; "
+                  f"{_ratio_note(results)}.", ""]
+        lines += _markdown_table(header, body) + [""]
+    rows = small_call_rows(results)
+    if rows:
+        header = list(_SMALL_CALL_HEADER)
+        body = []
+        previous = None
+        for row in rows:
+            body.append([
+                f"**{row['workload']}**" if row["workload"] != previous else "",
+                row["runner"], row["calls"], _rate(row["raw_rate"]), _rate(row["twin_rate"]),
+                _ratio(row["twin_vs_raw"]), _rate(row["auto_rate"]), _speedup(row["auto_vs_twin"]),
+                row["bulk_engine"], _rate(row["bulk_rate"]), _speedup(row["bulk_vs_twin"]),
+                _speedup(row["auto_vs_bulk"]), "; ".join(row["notes"]),
+            ])
+            previous = row["workload"]
+        lines += [f"Many small calls, {_repeats_text(results, 'long_repeats')}; "
+                  f"{_ratio_note(results)}; bs = batch_size; calls: a / b = on raw and bs=1 / "
+                  "on auto and the peer.", ""]
+        note = _batch_size_note(results)
+        if note:
+            lines[-1:-1] = [note + ".", ""]
+        lines += _markdown_table(header, body) + [""]
     lines += [
-        "",
         "| runner | mode | engine | start-up s | first result s | shut-down s |",
         "|---|---|---|---:|---:|---:|",
     ]
@@ -422,16 +610,19 @@ def write_json(results: Results, path: pathlib.Path) -> None:
 _MODE_COLOURS = {"raw": "#7f7f7f", "twin": "#1f77b4", "facade": "#ff7f0e", "prefect": "#2ca02c"}
 
 
-def write_chart(results: Results, path: pathlib.Path) -> None:
-    """Draw calls per second (top) and overhead against the raw engine (bottom), per workload."""
+def write_chart(results: Results, path: pathlib.Path) -> bool:
+    """Draw calls per second (top) and overhead against the raw engine (bottom), per
+    classic workload; False (and nothing drawn) when the run had none."""
+    workloads = _workloads(results, ("classic",))
+    if not workloads:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = _workloads(results)
     families = _families(results)
-    modes = [m for m in MODES if any(c.mode == m for c in results.cells)]
+    modes = [m for m in _CLASSIC_MODES if any(c.mode == m for c in results.cells)]
     columns = max(1, len(workloads))
     figure, axes = plt.subplots(
         2, columns, figsize=(4.6 * columns + 0.6, 8.6), squeeze=False,
@@ -441,7 +632,7 @@ def write_chart(results: Results, path: pathlib.Path) -> None:
     # One scale for every overhead panel, symmetric around 1 on a log axis.
     overheads = [
         value for cell in results.cells if cell.mode in ("twin", "facade")
-        for value in [results.overhead(cell, "raw")] if value
+        and cell.workload in workloads for value in [results.overhead(cell, "raw")] if value
     ]
     limit = max([2.0] + [max(v, 1 / v) * 1.25 for v in overheads])
     for column, workload in enumerate(workloads):
@@ -504,6 +695,144 @@ def write_chart(results: Results, path: pathlib.Path) -> None:
     figure.tight_layout(rect=(0, 0, 1, 0.91))
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return True
+
+
+_FAMILY_COLOURS = {"sequential": "#7f7f7f", "concurrent": "#9467bd", "parallel": "#1f77b4",
+                   "dask": "#ff7f0e", "ray": "#2ca02c"}
+#: How each mode is drawn on the crossover chart: line style, marker.
+_CROSSOVER_STYLES = {"twin": ("-", "o"), "auto": ("--", "s"), "bulk": (":", "^")}
+#: Where a no-op call sits on the log axis of call lengths, in ms: a decade left of the rest.
+_NOOP_DECADES = 1
+
+
+def write_crossover_chart(results: Results, path: pathlib.Path) -> bool:
+    """Draw calls per second against the length of a call (the sweep, log-log), one line
+    per runner and batch size and per bulk peer, beside the tiny workload's total times;
+    False (and nothing drawn) when the run had neither."""
+    sweep = [w for w in _workloads(results, ("sweep",)) if w in WORKLOADS]
+    tiny = [w for w in _workloads(results, ("tiny",)) if w in WORKLOADS]
+    if not sweep and not tiny:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = _families(results)
+    panels = [kind for kind, chosen in (("sweep", sweep), ("tiny", tiny)) if chosen]
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(7.6 * len(panels) + 0.6, 6.4), squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2][: len(panels)]},
+    )
+    for axis, kind in zip(axes[0], panels):
+        if kind == "sweep":
+            _draw_sweep(axis, results, sweep, families)
+        else:
+            _draw_tiny(axis, results, tiny[0], families)
+    figure.suptitle(
+        f"taskrunners: which runner for which call size — "
+        f"{_repeats_text(results, 'long_repeats')} · {results.created[:10]}\n"
+        f"{machine_line(results.machine)}",
+        fontsize=10,
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def _line_label(results: Results, family: str, mode: str) -> str:
+    title = FAMILIES[family].title
+    if mode == "bulk":
+        cell = next((c for c in results.cells if c.family == family and c.mode == "bulk"
+                     and c.engine), None)
+        return cell.engine if cell else f"{title}'s bulk peer"
+    if not FAMILIES[family].batching:
+        return title
+    return f"{title}, batch_size={'auto' if mode == 'auto' else 1}"
+
+
+def _draw_sweep(axis: Any, results: Results, sweep: List[str], families: List[str]) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    lengths = {w: WORKLOADS[w].seconds_per_call * 1000 for w in sweep}
+    positive = [ms for ms in lengths.values() if ms > 0]
+    noop_x = (min(positive) if positive else 1.0) / 10**_NOOP_DECADES
+    xs_of = {w: ms if ms > 0 else noop_x for w, ms in lengths.items()}
+    for family in families:
+        for mode, (style, marker) in _CROSSOVER_STYLES.items():
+            points = [
+                (xs_of[w], cell.calls_per_second) for w in sweep
+                for cell in [results.cell(w, family, mode)]
+                if cell is not None and cell.calls_per_second
+            ]
+            if not points:
+                continue
+            axis.plot(*zip(*points), linestyle=style, marker=marker, markersize=5,
+                      color=_FAMILY_COLOURS.get(family, "black"), linewidth=1.6,
+                      alpha=0.75 if mode == "bulk" else 1.0,
+                      label=_line_label(results, family, mode))
+    workers = results.config.get("engines", {}).get("workers") or results.machine.get("usable_cpus")
+    if workers and positive:
+        # The ceiling: every worker busy with calls and nothing else.
+        ideal = sorted(positive)
+        axis.plot(ideal, [workers * 1000 / ms for ms in ideal], color="black", linewidth=0.8,
+                  linestyle=(0, (1, 3)), label=f"ceiling: {workers} workers always busy")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    ticks = sorted(set(xs_of.values()))
+    axis.xaxis.set_major_locator(FixedLocator(ticks))
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.xaxis.set_major_formatter(
+        FuncFormatter(lambda v, _: "no-op" if abs(v - noop_x) < noop_x / 100 else f"{v:g}")
+    )
+    if positive and noop_x in xs_of.values():
+        # The no-op point is no length at all: mark the break in the axis.
+        axis.axvline((noop_x * min(positive)) ** 0.5, color="#bbbbbb", linewidth=0.8,
+                     linestyle="--")
+    _plain_log_ticks(axis)
+    axis.grid(which="major", alpha=0.3)
+    axis.set_xlabel("length of one call: ms of pure-Python work (log)")
+    axis.set_ylabel("calls per second (log)")
+    axis.set_title("Calls per second against call length: higher is better; solid: "
+                   "batch_size=1, dashed: auto, dotted: bulk peer", fontsize=9)
+    axis.legend(fontsize=7, ncol=2, loc="lower left", frameon=False)
+
+
+def _draw_tiny(axis: Any, results: Results, workload: str, families: List[str]) -> None:
+    labels, values, colours, hatches, notes = [], [], [], [], []
+    for family in families:
+        for mode in _SMALL_CALL_MODES:
+            cell = results.cell(workload, family, mode)
+            if cell is None:
+                continue
+            label = "raw: " + (cell.engine or "raw engine") if mode == "raw" \
+                else _line_label(results, family, mode)
+            labels.append(label)
+            values.append(cell.median_seconds)
+            colours.append(_FAMILY_COLOURS.get(family, "black"))
+            hatches.append({"raw": "..", "bulk": "//"}.get(mode, ""))
+            notes.append(cell.status if cell.status != "ok" else "")
+    ys = list(range(len(labels)))[::-1]
+    known = [v for v in values if v]
+    floor = min(known) / 3 if known else 0.001
+    bars = axis.barh(ys, [v or 0 for v in values], color=colours, alpha=0.85, left=0)
+    for bar, hatch in zip(bars, hatches):
+        bar.set_hatch(hatch)
+    axis.set_xscale("log")
+    axis.set_xlim(left=floor, right=(max(known) * 4) if known else 1.0)
+    for y, value, note in zip(ys, values, notes):
+        text = f"{value:.3g} s" if value else (note or "—")
+        axis.annotate(text, (value or floor, y), xytext=(3, 0), textcoords="offset points",
+                      va="center", fontsize=7, color="black" if value else "#a00000")
+    axis.set_yticks(ys)
+    axis.set_yticklabels(labels, fontsize=7)
+    calls = next((c.calls for c in results.cells if c.workload == workload and c.calls), None)
+    axis.set_xlabel("seconds (log): lower is better")
+    axis.set_title(f"{calls:,} no-op calls: median time of one batch" if calls
+                   else workload, fontsize=9)
+    axis.grid(axis="x", alpha=0.3)
 
 
 def _plain_log_ticks(axis: Any) -> None:
@@ -534,9 +863,19 @@ def default_console(file: Any = None) -> Any:
     return Console(file=stream, width=width)
 
 
-def chart_and_json(results: Results, output: pathlib.Path) -> Tuple[pathlib.Path, pathlib.Path]:
+def chart_and_json(results: Results, output: pathlib.Path) -> List[pathlib.Path]:
+    """Write ``results.json`` and the charts the run has data for; the paths written."""
     output.mkdir(parents=True, exist_ok=True)
-    json_path, chart_path = output / "results.json", output / "results.png"
+    json_path = output / "results.json"
     write_json(results, json_path)
-    write_chart(results, chart_path)
-    return json_path, chart_path
+    return [json_path, *write_charts(results, output)]
+
+
+def write_charts(results: Results, output: pathlib.Path) -> List[pathlib.Path]:
+    """``results.png`` (runner overhead) and ``crossover.png`` (many small calls), when
+    the run has data for them; the paths written."""
+    written = []
+    for name, draw in (("results.png", write_chart), ("crossover.png", write_crossover_chart)):
+        if draw(results, output / name):
+            written.append(output / name)
+    return written
