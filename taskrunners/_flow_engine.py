@@ -30,7 +30,7 @@ from typing_extensions import ParamSpec
 
 from taskrunners._collections import visit_collection
 from taskrunners._core import seam
-from taskrunners._core.base import BlockingTaskRunner, is_future
+from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, is_future
 from taskrunners._core.remote import Upstream
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Pending, State
@@ -178,6 +178,8 @@ def mark_inputs(
     :return: the arguments, and the futures by run id (None if there were neither
         futures nor States to resolve)
     """
+    if all(type(value) in FLAT_TYPES for value in itertools.chain(args, kwargs.values())):
+        return args, kwargs, None  # the common case of task.map: nothing to walk
     upstream: Dict[uuid.UUID, PrefectFuture[Any]] = {}
     found_state = False
 

@@ -40,6 +40,7 @@ __all__ = [
     "BlockingTaskRunner",
     "FLAT_TYPES",
     "is_future",
+    "may_hold_futures",
     "check_submission",
     "check_max_workers",
     "state_of_done",
@@ -58,6 +59,18 @@ class TaskConcurrencyType(enum.Enum):
 
 #: Argument types that can hold no future: the common case skips the collection walk.
 FLAT_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+
+
+# What the walk for futures looks into (see taskrunners._collections), or finds.
+_WALKED = (PrefectFuture, dict, list, tuple, set, frozenset)
+
+
+def may_hold_futures(value: Any) -> bool:
+    """Whether ``value`` is a future, or a collection the walk looks into (a cheap test)."""
+    kind = type(value)
+    if kind in FLAT_TYPES:
+        return False
+    return isinstance(value, _WALKED) or hasattr(kind, "__dataclass_fields__")
 
 
 def is_future(value: Any) -> bool:
@@ -330,7 +343,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         call.add_done_callback(pending.discard)
 
     def _upstream_calls(self, run_kwargs: Dict[str, Any]) -> List[Any]:
-        if not run_kwargs or all(type(value) in FLAT_TYPES for value in run_kwargs.values()):
+        if not run_kwargs or not any(map(may_hold_futures, run_kwargs.values())):
             return []
         return [self._call_of(future) for future in iter_leaves(run_kwargs, is_future)]
 
