@@ -218,6 +218,36 @@ def test_a_raising_call_fails_alone_inside_its_batch(tmp_path, handed_over):
     assert parallel_payloads.started_calls(log) == sorted(f"c{i}" for i in range(10))
 
 
+MISBEHAVIOURS = [
+    {"how": "raise", "name": name}
+    for name in ("ValueError", "KeyboardInterrupt", "SystemExit", "CustomBaseException", "UnpicklableException")
+] + [
+    {"how": how}
+    for how in ("raise-unpicklable-args", "return-unpicklable", "return-non-state", "fail-with-unpicklable")
+]
+
+
+def test_each_call_of_a_batch_ends_as_it_would_alone(tmp_path, handed_over):
+    names = [f"c{i}" for i in range(len(MISBEHAVIOURS))]
+    with ParallelTaskRunner(max_workers=1, batch_size=1).start() as runner:
+        alone = [
+            runner.wait(runner.submit(TaskRun(name=name), payloads.misbehave, kwargs))
+            for name, kwargs in zip(names, MISBEHAVIOURS)
+        ]
+    handed_over.clear()
+    with busy_pool(tmp_path) as (runner, open_gate):
+        futures = [
+            runner.submit(TaskRun(name=name), payloads.misbehave, kwargs)
+            for name, kwargs in zip(names, MISBEHAVIOURS)
+        ]
+        runner.wait(futures[0], timeout=0)  # sends them together
+        open_gate()
+        together = [runner.wait(future) for future in futures]
+    assert batch_of(handed_over, "c0") == names
+    assert all(state.is_crashed() or state.is_failed() for state in together)
+    assert together == alone
+
+
 def test_an_unpicklable_call_is_crashed_alone_and_its_batch_goes_on(tmp_path, handed_over):
     with busy_pool(tmp_path) as (runner, open_gate):
         futures = [
@@ -345,19 +375,23 @@ def test_a_finished_batch_keeps_none_of_its_calls_alive():
         assert [ref() for ref in refs] == [None] * 200
 
 
-def test_states_are_completed_whatever_the_batch_size_in_the_standard_suite_kinds():
-    """The standard suite runs twice on this runner (kinds_parallel): "auto" and 1."""
+def test_the_standard_suite_runs_on_this_runner_with_auto_and_with_one():
     from tests.support.kinds import all_kinds
 
-    sizes = {kind.id: kind.kwargs(None).get("batch_size", "auto") for kind in all_kinds() if kind.class_name == "ParallelTaskRunner"}
+    sizes = {
+        kind.id: kind.kwargs(None).get("batch_size", "auto")
+        for kind in all_kinds()
+        if kind.class_name == "ParallelTaskRunner"
+    }
     assert sizes == {"parallel": "auto", "parallel-batch1": 1}
 
 
 def test_completed_states_come_back_in_a_batch_as_they_were():
+    # One run_fn for all calls, so that they are one task and may share batches.
+    def completed(i):
+        return Completed(data=i, message=f"m{i}")
+
     with ParallelTaskRunner(max_workers=1).start() as runner:
-        futures = [
-            runner.submit(TaskRun(), lambda i=i: Completed(data=i, message=f"m{i}"), {})
-            for i in range(50)
-        ]
+        futures = [runner.submit(TaskRun(), completed, {"i": i}) for i in range(50)]
         states = [runner.wait(future) for future in futures]
     assert states == [Completed(data=i, message=f"m{i}") for i in range(50)]

@@ -30,10 +30,12 @@ How a call travels::
                        a fresh pool)
 
 Modules: this one holds the public class; :mod:`~taskrunners._core.parallel_pool`
-the pool, its generations and the hazards it handles;
-:mod:`~taskrunners._core.parallel_crashes` the Crashed states and their messages;
-:mod:`~taskrunners._core.parallel_worker` what runs in the workers;
-:mod:`~taskrunners._core.loky_engine` what is read of loky beyond its public API.
+the pool and the hazards it handles; :mod:`~taskrunners._core.parallel_batches` the
+call handles and how a batch is pickled; :mod:`~taskrunners._core.parallel_generation`
+one loky executor and its slot table; :mod:`~taskrunners._core.parallel_crashes` the
+Crashed states and their messages; :mod:`~taskrunners._core.parallel_worker` what
+runs in the workers; :mod:`~taskrunners._core.loky_engine` what is read of loky
+beyond its public API.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ class ParallelTaskRunner(BlockingTaskRunner):
     call somebody waits for is sent at once with the calls gathered before it. With
     ``"auto"``, the first call of a task goes alone; calls of a millisecond or less go
     by the hundreds, calls of about a tenth of a second or more one per loky task.
-    The calls of one batch are pickled together when it is sent, so a change to an
+    The calls of one batch are pickled together when it is sent: what they share (the
+    run_fn, an argument given to each) is pickled once, and the calls of the batch get
+    one copy of it in the worker, as in ``joblib``'s batches; and a change to an
     argument after ``submit`` may still reach a call that was gathered.
 
     As in ``concurrent.futures.ProcessPoolExecutor``, a call can be cancelled while it

@@ -2,7 +2,8 @@
 
 The path of a call is drawn in :mod:`~taskrunners._core.parallel`; the worker side
 is :mod:`~taskrunners._core.parallel_worker`, the messages of the Crashed states are
-in :mod:`~taskrunners._core.parallel_crashes`.
+in :mod:`~taskrunners._core.parallel_crashes`, one loky executor and its slot table
+(a generation of this pool) in :mod:`~taskrunners._core.parallel_generation`.
 
 Hazards this module exists to handle, each with its own State and message:
 
@@ -49,7 +50,6 @@ import collections
 import concurrent.futures
 import functools
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -74,18 +74,12 @@ from taskrunners._core.parallel_crashes import (
     initializer_failed,
     initializer_failure,
     never_started_state,
-    pool_cause,
     pool_failure,
     stopped_state,
 )
-from taskrunners._core.parallel_worker import (
-    INITIALIZER_ERROR_FILE,
-    initialize_worker,
-    run_batch_call,
-)
+from taskrunners._core.parallel_generation import Generation
 from taskrunners._core.records import emit
 from taskrunners._core.remote import decode_batch
-from taskrunners._core.slots import SlotTable
 from taskrunners.futures import TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -96,61 +90,6 @@ __all__ = ["ProcessPool"]
 _MAX_HANDOVERS = 3
 # What became of a batch given a place in loky.
 _SENT, _REQUEUED, _SETTLED = "sent", "requeued", "settled"
-
-
-class _Generation:
-    """One loky executor and the slot table its workers mark calls in."""
-
-    def __init__(
-        self,
-        number: int,
-        directory: str,
-        max_workers: int,
-        slots: int,
-        initializer: Optional[Callable[..., Any]],
-        initargs: Tuple[Any, ...],
-        env: Optional[Dict[str, str]],
-    ) -> None:
-        self.number = number
-        self.slots = SlotTable(os.path.join(directory, f"slots-{number}"), slots)
-        self.executor = loky.ProcessPoolExecutor(
-            max_workers=max_workers,
-            initializer=initialize_worker,
-            initargs=(
-                os.getpid(),
-                os.path.join(directory, INITIALIZER_ERROR_FILE),
-                initializer,
-                initargs,
-            ),
-            env=env,
-        )
-        # What broke the pool, and the exit codes of the workers that died on their
-        # own (by pid), once known.
-        self.broken: Optional[BaseException] = None
-        self.dead: Optional[Dict[int, Optional[int]]] = None
-
-    def take_slots(self, count: int) -> List[int]:
-        # The table holds a slot for each call of as many batches as loky may hold,
-        # each as large as a batch may be: it cannot run out.
-        slots: List[int] = []
-        for _ in range(count):
-            slot = self.slots.take()
-            if slot is None:
-                self.give_back(slots)
-                raise RuntimeError(
-                    f"The slot table of the process pool has no room for a batch of {count} "
-                    "calls; this is a bug in taskrunners."
-                )
-            slots.append(slot)
-        return slots
-
-    def give_back(self, slots: List[int]) -> None:
-        for slot in slots:
-            self.slots.give_back(slot)
-
-    def cause(self) -> str:
-        """Which workers died and how, for messages."""
-        return pool_cause(self.dead, self.broken)
 
 
 class ProcessPool:
@@ -201,15 +140,15 @@ class ProcessPool:
         self._sending = threading.local()
         self._stopping = False
         self._abort_reason: Optional[BaseException] = None
-        self._generations: List[_Generation] = []
+        self._generations: List[Generation] = []
         self._generation = self._new_generation()
         self._feeder = threading.Thread(
             target=self._feed, name="ParallelTaskRunner-feeder", daemon=True
         )
         self._feeder.start()
 
-    def _new_generation(self) -> _Generation:
-        generation = _Generation(
+    def _new_generation(self) -> Generation:
+        generation = Generation(
             len(self._generations),
             self._directory,
             self._max_workers,
@@ -323,7 +262,7 @@ class ProcessPool:
         self._place(batch)
         return True
 
-    def _place(self, batch: Batch, manager_of: Optional[_Generation] = None) -> None:
+    def _place(self, batch: Batch, manager_of: Optional[Generation] = None) -> None:
         """Hand over a batch that has a place in loky; the place is freed if it is not used."""
         try:
             outcome = self._hand_over(batch, manager_of)
@@ -345,7 +284,7 @@ class ProcessPool:
         if self._ready:
             self._cond.notify()
 
-    def _hand_over(self, batch: Batch, manager_of: Optional[_Generation]) -> str:
+    def _hand_over(self, batch: Batch, manager_of: Optional[Generation]) -> str:
         """Submit ``batch`` to the current executor, or settle its calls if it cannot run.
 
         On the manager thread of ``manager_of``, it goes to that executor or, if that
@@ -353,7 +292,7 @@ class ProcessPool:
         feeder replaces pools.
         """
         for _ in range(_MAX_HANDOVERS):
-            current: Optional[_Generation] = self._generation
+            current: Optional[Generation] = self._generation
             if manager_of is not None and (current is not manager_of or manager_of.broken):
                 with self._cond:
                     if not self._stopping:
@@ -370,22 +309,12 @@ class ProcessPool:
                 batch.cancel()
                 return _SETTLED
             generation = current
-            slots = generation.take_slots(len(batch.entries))
             try:
-                submitted = generation.executor.submit(
-                    run_batch_call,
-                    batch.payload,
-                    batch.names,
-                    generation.slots.path,
-                    slots,
-                    self._log_level,
-                )
+                submitted, slots = generation.submit(batch, self._log_level)
             except loky.BrokenProcessPool as exc:
-                generation.give_back(slots)
-                generation.broken = generation.broken or exc
+                generation.broke(exc)
                 continue  # on a fresh pool
             except Exception as exc:  # e.g. no worker process could be started
-                generation.give_back(slots)
                 if loky_engine.is_shutdown_error(exc):
                     batch.cancel()
                 else:
@@ -399,7 +328,7 @@ class ProcessPool:
         batch.settle(functools.partial(every_pool_broke_state, cause=cause))
         return _SETTLED
 
-    def _replace(self, broken: _Generation) -> Optional[_Generation]:
+    def _replace(self, broken: Generation) -> Optional[Generation]:
         with self._cond:
             if self._stopping:
                 return None
@@ -417,7 +346,7 @@ class ProcessPool:
     def _on_done(
         self,
         batch: Batch,
-        generation: _Generation,
+        generation: Generation,
         slots: List[int],
         submitted: concurrent.futures.Future,
     ) -> None:
@@ -433,7 +362,7 @@ class ProcessPool:
             generation.give_back(slots)
             self._next_in_place_of(generation)
 
-    def _next_in_place_of(self, generation: _Generation) -> None:
+    def _next_in_place_of(self, generation: Generation) -> None:
         """A batch of ``generation`` left loky: hand the next ready one over in its place.
 
         On loky's manager thread, while its pool is the current one and healthy, the
@@ -464,7 +393,7 @@ class ProcessPool:
     def _settle(
         self,
         batch: Batch,
-        generation: _Generation,
+        generation: Generation,
         slots: List[int],
         submitted: concurrent.futures.Future,
     ) -> None:
@@ -480,7 +409,7 @@ class ProcessPool:
             return
         if loky_engine.is_shutdown_error(error) or self._abort_reason is not None:
             for entry, slot in zip(batch.entries, slots):
-                started, finished = generation.slots.marks(slot)
+                started, finished = generation.marks(slot)
                 if started:
                     state = stopped_state(
                         entry.call.task_run.name, started, finished, self._abort_reason
@@ -512,17 +441,14 @@ class ProcessPool:
         )
 
     def _after_break(
-        self, batch: Batch, generation: _Generation, slots: List[int], error: BaseException
+        self, batch: Batch, generation: Generation, slots: List[int], error: BaseException
     ) -> None:
-        with self._cond:
-            generation.broken = generation.broken or error
-            if generation.dead is None:
-                generation.dead = loky_engine.stopped_workers(generation.executor)
+        generation.broke_under(error)
         dead, cause = generation.dead or {}, generation.cause()
         again = []
         for entry, slot in zip(batch.entries, slots):
             call = entry.call
-            started, finished = generation.slots.marks(slot)
+            started, finished = generation.marks(slot)
             if started:
                 call.set_result(broken_pool_state(call.task_run.name, started, finished, dead, cause))
                 continue
@@ -567,11 +493,10 @@ class ProcessPool:
             generations = list(self._generations)
         try:
             for generation in generations:
-                # Joins loky's manager thread, which joins (or first kills) the workers.
-                generation.executor.shutdown(wait=True, kill_workers=reason is not None)
+                generation.shutdown(kill_workers=reason is not None)
         finally:
             for generation in generations:
-                generation.slots.close()
+                generation.close()
             shutil.rmtree(self._directory, ignore_errors=True)
             loky_engine.untrack_folder(self._directory)
             self._cancel_gathered()  # calls gathered again while the workers stopped
