@@ -466,10 +466,11 @@ def test_running_and_cancel_behave_as_in_a_process_pool(tmp_path, pool):
         assert type(state.result(raise_on_failure=False)) is concurrent.futures.CancelledError
 
 
-def test_loky_never_holds_more_calls_than_its_call_queue():
-    """Whichever thread hands a call over: the feeder, or loky's manager thread in place
-    of a call it settled. More would leave calls that cannot be cancelled though they
-    have not started."""
+def test_loky_never_holds_more_batches_than_its_call_queue():
+    """Whichever thread hands a batch over: the feeder, or loky's manager thread in place
+    of a batch it settled; also while callers wait for gathered calls, which sends them
+    at once. More would leave calls that cannot be cancelled though they have not
+    started."""
     with ParallelTaskRunner(max_workers=1).start() as runner:
         executor = runner._pool._generation.executor
         lock = threading.Lock()

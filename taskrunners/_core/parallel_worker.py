@@ -2,64 +2,65 @@
 
 - :func:`initialize_worker`, loky's initializer: a worker leaves with its parent, and
   an ``initializer`` given to the runner runs, its traceback kept for the parent.
-- :func:`run_call` runs one call: it marks the call started in the pool's slot table,
-  runs it to a State with the log records it emits, pickles both for the trip back,
-  and marks the call finished.
-- The slot table's layout (:data:`SLOT`), which the parent reads after a pool broke to
-  tell calls that started from calls that never did.
+- :func:`run_batch_call` runs one batch, one loky task: it unpickles the batch's
+  calls, runs them in order, marking each started and finished in the pool's slot
+  table (:mod:`~taskrunners._core.slots`), and pickles their States, the seconds
+  each took and the log records they emitted for the trip back.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from taskrunners._core.records import captured_records
-from taskrunners._core.remote import encode_outcome, load_call, run_in_worker
+from taskrunners._core.remote import encode_batch, load_call, run_batch
+from taskrunners._core.slots import mark_finished, mark_started
+from taskrunners.states import State
 
-__all__ = ["SLOT", "INITIALIZER_ERROR_FILE", "initialize_worker", "run_call"]
+__all__ = ["INITIALIZER_ERROR_FILE", "initialize_worker", "run_batch_call"]
 
-#: One slot per call handed to a pool: (pid of the worker that started the call, pid
-#: of the worker that finished it), 0 meaning "not yet".
-SLOT = struct.Struct("=ii")
-_PID = struct.Struct("=i")
 #: Where, in the runner's folder, a failing ``initializer`` leaves its traceback.
 INITIALIZER_ERROR_FILE = "initializer-error"
 # How often (seconds) a worker checks that the process that started it is alive.
 _PARENT_CHECK_INTERVAL = 0.5
 _WHERE = "the worker process"
 
-_tables: Dict[str, mmap.mmap] = {}
 
+def run_batch_call(
+    payload: bytes, names: Sequence[str], table_path: str, slots: Sequence[int], log_level: int
+) -> Optional[bytes]:
+    """Run a pickled batch, ``([run_fn, ...], [run_kwargs, ...])``, call by call.
 
-def _slot_table(path: str) -> mmap.mmap:
-    table = _tables.get(path)
-    if table is None:
-        with open(path, "r+b") as file:
-            table = mmap.mmap(file.fileno(), 0)
-        _tables[path] = table
-    return table
-
-
-def run_call(payload: bytes, name: str, table_path: str, slot: int, log_level: int) -> bytes:
-    """Run one pickled call; its State and log records, pickled (see ``remote``)."""
-    pid = os.getpid()
-    table = _slot_table(table_path)
-    offset = slot * SLOT.size
-    _PID.pack_into(table, offset, pid)
+    Returns what :func:`~taskrunners._core.remote.encode_batch` makes of the calls'
+    States, or None when a batch of several calls cannot be unpickled here: nothing
+    ran, and the parent sends its calls again one by one to find the one at fault.
+    """
+    outcomes: List[Tuple[State, float]]
     with captured_records(log_level) as emitted:
-        run_fn, loaded = load_call(payload, name, _WHERE)  # loaded: run_kwargs, or a State
-        del payload
-        state = loaded if run_fn is None else run_in_worker(run_fn, loaded)[0]
-        del run_fn, loaded  # the worker keeps no argument alive until its next call
-    outcome = encode_outcome(name, state, emitted, _WHERE)
-    _PID.pack_into(table, offset + _PID.size, pid)
-    return outcome
+        run_fns, loaded = load_call(payload, names[0], _WHERE)  # loaded: kwargs, or a State
+        if run_fns is None:
+            if len(names) > 1:
+                return None
+            outcomes = [(loaded, 0.0)]  # 0.0: it did not run (not a duration)
+        else:
+            del payload
+
+            def starting(index: int) -> bool:
+                mark_started(table_path, slots[index])
+                return True
+
+            def finished(index: int) -> None:
+                mark_finished(table_path, slots[index])
+
+            ran = run_batch(list(zip(run_fns, loaded)), None, starting, finished)
+            del run_fns, loaded  # the worker keeps no argument alive until its next batch
+            outcomes = [(state, seconds) for state, seconds, _ in ran]
+            del ran
+    return encode_batch(names, outcomes, emitted, _WHERE)
 
 
 def initialize_worker(

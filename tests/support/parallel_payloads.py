@@ -30,6 +30,17 @@ def record_and_return(log, tag, value=None):
     return Completed(data=value)
 
 
+def record_then(log, tag, then="return"):
+    """Note the start, then return ``tag``, raise (``then="raise"``) or kill this worker
+    (``then="exit"``, exit code 3): one task whose calls behave differently in a batch."""
+    note_start(log, tag)
+    if then == "exit":
+        os._exit(3)
+    if then == "raise":
+        raise ValueError(f"{tag} refused")
+    return Completed(data=tag)
+
+
 def record_and_sleep(log, tag, marker, seconds):
     """Note the start, leave ``marker`` holding this worker's pid, then sleep."""
     note_start(log, tag)
