@@ -1,64 +1,104 @@
-"""The blocking RayTaskRunner: each call is a Ray task, tracked through its ``ObjectRef``.
+"""The blocking RayTaskRunner: calls go to Ray alone or in batches, each one Ray task.
 
 How a call travels: ``submit`` makes a :class:`_RayCall`; once its upstream calls are
-done, the call enters the :class:`_Gate`, which hands it to Ray (``_hand_over``) when
-there is room; Ray runs it in a worker (:mod:`~taskrunners._core.ray_worker`) and its
-``ObjectRef`` completes the call, with the call's State or a Crashed state naming
-what Ray reported. How the runner starts, connects to or joins Ray is
+done, the call is ready and goes to the runner's
+:class:`~taskrunners._core.batching.Dispatcher`, which sends it at once while fewer
+than two Ray tasks per CPU of the cluster are out, and otherwise gathers it with the
+other calls of its task and per-call options, to go as one batch when a task comes
+back (or at once, when somebody waits for it). ``_hand_over`` gives Ray what the
+dispatcher sends, as a task of the call's task's remote function
+(:mod:`~taskrunners._core.ray_worker`):
+
+- a call alone whose task is its run_fn goes as ``(run_kwargs, *upstream refs)``, as
+  before batching: its ``ObjectRef`` holds its packed State and duration;
+- anything else goes as ``(BatchPayload, *upstream refs)``: its ``ObjectRef`` holds
+  every call's State and duration, pickled together, and each call knows its place.
+
+A call's completion runs on a Ray thread for a call alone, and on a thread of the
+runner's own for a batch (setting a thousand States must not hold up Ray's thread).
+How the runner starts, connects to or joins Ray is
 :mod:`~taskrunners._core.ray_connection`; per-call resources are
-:mod:`~taskrunners._core.ray_options`; private Ray names are
+:mod:`~taskrunners._core.ray_options`; what Ray's failures mean for each call,
+:mod:`~taskrunners._core.ray_outcomes`; private Ray names,
 :mod:`~taskrunners._core.ray_engine`.
 
 Hazards this module handles, each with its own State or error:
 
 - A worker that dies mid-call (``os._exit``, a signal, the OOM killer). Every task is
   submitted with ``max_retries=0`` by default, so the call is Crashed with a message
-  naming the cause instead of silently running a second time.
-- Dependencies. A call is handed to Ray once its upstream calls are done; upstream
-  calls of this runner reach it as ``ObjectRef`` arguments, so their States go from
-  the object store to the worker without a trip through this process. An upstream
-  task that died has no State in the store: its Crashed State is passed by value.
+  naming the cause instead of silently running a second time. In a batch, a slot
+  table that the workers of this machine mark tells the other calls apart: see
+  :mod:`~taskrunners._core.ray_outcomes`.
+- Dependencies. A call is ready once its upstream calls are done; upstream calls of
+  this runner reach it as ``ObjectRef`` arguments, so their States go from the object
+  store to the worker without a trip through this process. An upstream call in a
+  batch is found at its place in its batch's outcomes, which its downstream worker
+  reads whole. An upstream task that died has no State in the store: its Crashed
+  State is passed by value. A finished call's future keeps its batch's outcomes in
+  Ray's store, as a call alone keeps its own.
 - Cancelling. Ray cannot tell this process whether a task it was handed has started,
   so, as ``ProcessPoolExecutor`` does with the calls in its call queue, a call counts
-  as running once it is handed to Ray, and ``cancel()`` then refuses. The runner hands
-  Ray at most two calls per CPU of the cluster at a time; the others wait here, where
-  they can still be cancelled.
+  as running once it is handed to Ray, and ``cancel()`` then refuses. Calls gathered
+  for a batch are not in Ray yet: they can be cancelled.
+- One call of a batch that Ray cannot take. A batch Ray refuses to submit, or whose
+  arguments a worker cannot unpickle, ran no call: its calls go again one by one, so
+  only the calls at fault are Crashed.
 - A resource request no live node can meet would wait forever in Ray; such a call is
   Crashed at submit time with a message naming the request and the cluster's largest
-  node.
+  node. Calls with different per-call options never share a batch.
 - Ray's callback threads. A call's completion runs on a Ray thread, and so do the
   callbacks it triggers, downstream submissions among them; submitting from there
   could block the thread that completes Ray's requests, so those go through a thread
   of the runner's own.
-- Leaving the block with an exception. A local instance the runner started is shut
-  down, which stops everything; on a cluster it connected to, tasks are force-cancelled
-  before it disconnects. On a Ray it joined, a forced cancel is not safe: Ray may hand
-  the worker it is killing the next task of this process, which then dies too. There,
-  calls not started are dropped and running calls get Ray's KeyboardInterrupt, which
-  a coroutine call receives at once (its event loop wakes up regularly for it) and
-  plain code at its next Python instruction; a call blocked in C code (a long
-  ``time.sleep``) runs on, as a thread would.
+- Leaving the block with an exception. Gathered calls are cancelled. A local instance
+  the runner started is shut down, which stops everything; on a cluster it connected
+  to, tasks are force-cancelled before it disconnects. On a Ray it joined, a forced
+  cancel is not safe: Ray may hand the worker it is killing the next task of this
+  process, which then dies too. There, calls not started are dropped and running
+  calls get Ray's KeyboardInterrupt, which a coroutine call receives at once (its
+  event loop wakes up regularly for it) and plain code at its next Python
+  instruction; a call blocked in C code (a long ``time.sleep``) runs on, as a thread
+  would. The calls after it in its batch do not start.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
+import os
 import queue
+import tempfile
 import threading
 import types
-from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Optional, Tuple
+import uuid
+from typing import Any, Callable, Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from taskrunners._core import ray_connection, ray_engine
+from taskrunners._core import ray_connection, ray_engine, ray_outcomes
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, state_of_done
-from taskrunners._core.batching import BatchSize, check_batch_size
+from taskrunners._core.batching import (
+    MAX_CALLS,
+    BatchSize,
+    Dispatcher,
+    Durations,
+    Entry,
+    batch_key_of,
+    check_batch_size,
+)
 from taskrunners._core.calls import Call, CallHandle, when_all_done
 from taskrunners._core.ray_connection import Connection
 from taskrunners._core.ray_options import ResourceCheck, call_options, ray_options
-from taskrunners._core.ray_worker import RemoteFunctions, check_remote_options, unpacked
-from taskrunners._core.remote import with_upstream
+from taskrunners._core.ray_worker import (
+    BatchPayload,
+    RemoteFunction,
+    RemoteFunctions,
+    Unbatched,
+    check_remote_options,
+    unpacked,
+)
+from taskrunners._core.remote import decode_batch, with_upstream
+from taskrunners._core.slots import SlotTable
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -73,62 +113,93 @@ _in_ray_callback = threading.local()
 # -- one call -------------------------------------------------------------------------------
 
 
-class _RayTask(NamedTuple):
-    """What goes to Ray for one call."""
+class Held(NamedTuple):
+    """Where an upstream call's State is held in Ray: its task's ref, and its place there."""
 
-    run_fn: Callable[..., Any]
-    run_kwargs: Dict[str, Any]
-    #: The ObjectRefs of upstream calls, passed after ``run_kwargs``.
-    refs: List[Any]
-    #: The call's own remote options, from :func:`ray_options`.
-    options: Mapping[str, Any]
+    ref: Any
+    #: Its place among the outcomes of a batch; None for a ref holding one packed State.
+    position: Optional[int]
 
 
 class _RayCall(Call):
-    """One call: waits here until the runner hands it to Ray, then follows its ``ObjectRef``."""
+    """One call: gathered or waiting here until it is handed to Ray, then in a Ray task.
 
-    __slots__ = ("runner", "task_run", "ref", "failed")
+    Until it is done, it also holds what goes to Ray (a batch whose worker died sends
+    its unstarted calls again); then it lets go of it.
+    """
 
-    def __init__(self, runner: "RayTaskRunner", task_run: TaskRun) -> None:
+    __slots__ = ("runner", "task_run", "run_fn", "run_kwargs", "held", "options", "ref", "position", "failed")
+
+    def __init__(
+        self,
+        runner: "RayTaskRunner",
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+        options: Mapping[str, Any],
+    ) -> None:
         super().__init__()
         self.runner = runner
         self.task_run = task_run
+        self.run_fn: Optional[Callable[..., Any]] = run_fn
+        self.run_kwargs: Optional[Dict[str, Any]] = run_kwargs
+        #: Where Ray holds the upstream States its ``Upstream(n)`` placeholders stand for.
+        self.held: Sequence[Held] = ()
+        #: The call's own remote options, from :func:`ray_options`.
+        self.options = options
+        #: The ref of the Ray task carrying the call, and the call's place in its batch.
         self.ref: Any = None
+        self.position: Optional[int] = None
         # Whether Ray failed the task (the worker died, cancelled, ...): its ref holds no State.
         self.failed = False
 
-    def follow(self, ref: Any) -> None:
-        self.ref = ref
-        ray_engine.on_ref_done(ref, self._ref_done)
+    def set_result(self, state: State) -> None:
+        self.run_fn = self.run_kwargs = None
+        self.held = ()
+        super().set_result(state)
 
-    def _ref_done(self, result: Any) -> None:
-        # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
-        _in_ray_callback.active = True
-        try:
-            gate = self.runner._gate
-            if gate is not None:
-                gate.release()
-            if isinstance(result, BaseException):  # run_fns give States, so Ray failed
-                self.failed = True
-                result = self.runner._crash_state(self.task_run, result)
-            self.set_result(unpacked(result))
-        finally:
-            _in_ray_callback.active = False
+    def expedite(self) -> None:
+        dispatcher = self.runner._dispatcher
+        if dispatcher is not None and self._state is None:
+            dispatcher.expedite(self)
 
-    def stop(self) -> None:
-        """Cancel the call, or its Ray task if it was handed to Ray (leaving the block)."""
+    def stop(self) -> Any:
+        """End the call as cancelled (leaving the block); the ref to cancel in Ray, if any."""
         if self.cancel() or self.done():
-            return
+            return None
         self.failed = True
-        self.runner._cancel_ref(self.ref)
         self.set_result(exception_to_crashed_state(concurrent.futures.CancelledError()))
+        return self.ref
 
 
-class _Submitter:
-    """A thread of the runner's own that hands calls to Ray for Ray's callback threads.
+#: What the dispatcher holds of a call: the call itself holds the rest.
+_Entry = Entry[None]
+
+
+class _Sent:
+    """One Ray task out, carrying a batch: what its completion needs."""
+
+    __slots__ = ("dispatcher", "entries", "table", "slots")
+
+    def __init__(
+        self,
+        dispatcher: "Dispatcher[None]",
+        entries: List[_Entry],
+        table: Optional[SlotTable],
+        slots: Optional[List[int]],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.entries = entries
+        self.table = table
+        self.slots = slots
+
+
+class _RunnerThread:
+    """A thread of the runner's own: hands calls to Ray for Ray's callback threads, and
+    completes batches.
 
     Made when the runner starts, not on first use: at interpreter exit (a
-    RunnerExecutor finishing its calls) no new ThreadPoolExecutor can be made.
+    RunnerExecutor finishing its calls) no new thread can be made.
     """
 
     def __init__(self, name: str) -> None:
@@ -150,56 +221,15 @@ class _Submitter:
             try:
                 fn()
             except Exception:
-                logging.getLogger("task_runner.ray").exception("Handing a call to Ray failed.")
+                logging.getLogger("task_runner.ray").exception("Handing calls to Ray failed.")
             del fn
-
-
-class _Gate:
-    """Hands calls to Ray while fewer than ``limit`` are in Ray; the others wait in order."""
-
-    def __init__(self, limit: int, send: Callable[[Callable[[], None]], None]) -> None:
-        self.limit = limit
-        self._send = send
-        self._lock = threading.Lock()
-        self._in_ray = 0
-        self._waiting: Deque[Callable[[], bool]] = collections.deque()
-
-    def enter(self, hand_over: Callable[[], bool]) -> None:
-        """Run ``hand_over()`` now if there is room, else when there is.
-
-        ``hand_over`` returns whether it handed a call to Ray (which takes the room).
-        """
-        with self._lock:
-            if self._waiting or self._in_ray >= self.limit:
-                self._waiting.append(hand_over)
-                return
-            self._in_ray += 1
-        if not hand_over():
-            self.release()
-
-    def release(self) -> None:
-        """A call left Ray: hand the next waiting one over."""
-        with self._lock:
-            self._in_ray -= 1
-            if not self._waiting:
-                return
-            self._in_ray += 1
-            hand_over = self._waiting.popleft()
-        self._send(self._next(hand_over))
-
-    def _next(self, hand_over: Callable[[], bool]) -> Callable[[], None]:
-        def run() -> None:
-            if not hand_over():
-                self.release()
-
-        return run
 
 
 # -- the runner ---------------------------------------------------------------------------
 
 
 class RayTaskRunner(BlockingTaskRunner):
-    """Runs each call as a Ray task, on a local Ray instance or an existing cluster.
+    """Runs calls as Ray tasks, on a local Ray instance or an existing cluster.
 
     :param address: a running cluster to join: ``"host:port"`` of its head, or
         ``"ray://host:port"`` (needs ``ray[client]``). None: use ``RAY_ADDRESS`` if set,
@@ -213,12 +243,13 @@ class RayTaskRunner(BlockingTaskRunner):
     :param remote_options: Ray remote options for every call (``num_cpus``,
         ``runtime_env``, ``scheduling_strategy``, ...). ``max_retries`` defaults to 0, so
         a call whose worker dies is Crashed and never silently runs twice; pass
-        ``max_retries=n`` if your calls can safely run again. Per-call resources:
-        :func:`ray_options`.
-    :param batch_size: how many calls one engine task may carry: ``"auto"`` (the
-        default) groups the calls of one task while every worker is busy, as many as
-        take about a tenth of a second, learned from how long its calls take; ``1``
-        sends every call as an engine task of its own; a number fixes the size
+        ``max_retries=n`` if your calls can safely run again (Ray then retries a whole
+        batch). Per-call resources: :func:`ray_options`.
+    :param batch_size: how many calls one Ray task may carry: ``"auto"`` (the default)
+        groups the calls of one task while every worker is busy, as many as take about a
+        tenth of a second, learned from how long its calls take (calls of a tenth of a
+        second or more go alone); ``1`` sends every call as a Ray task of its own; a
+        number fixes the size
     :raises TypeError: for an ``address`` that is not a string, or ``init_kwargs`` or
         ``remote_options`` that are not dicts
     :raises ValueError: for ``address`` given in ``init_kwargs``, or a ``batch_size``
@@ -227,10 +258,12 @@ class RayTaskRunner(BlockingTaskRunner):
     Calls, and the States of upstream futures handed to them, travel with Ray's
     serializer; ``taskrunners`` must be importable on the workers. A call whose
     resource request no live node can meet is Crashed at once rather than waiting.
-    Leaving the ``start()`` block with an exception returns without waiting for calls:
-    a local instance the runner started is shut down; tasks on a cluster it connected
-    to are force-cancelled before it disconnects; on a Ray it joined, calls not started
-    are dropped and running ones get Ray's KeyboardInterrupt (a call blocked in C code
+    A batch's calls run one after the other in one worker, each with its own State;
+    calls with different :func:`ray_options` never share a batch. Leaving the
+    ``start()`` block with an exception returns without waiting for calls: a local
+    instance the runner started is shut down; tasks on a cluster it connected to are
+    force-cancelled before it disconnects; on a Ray it joined, calls not started are
+    dropped and running ones get Ray's KeyboardInterrupt (a call blocked in C code
     runs on, as a thread would). A started runner that is pickled and unpickled cannot
     submit or wait: it raises a RuntimeError mentioning "after serialization".
 
@@ -244,7 +277,9 @@ class RayTaskRunner(BlockingTaskRunner):
     42
     """
 
-    _handles = ("_ray", "_remote_functions", "_resources", "_submitter", "_gate")
+    _handles = (
+        "_ray", "_remote_functions", "_resources", "_thread", "_dispatcher", "_slots", "_slots_lock"
+    )
 
     def __init__(
         self,
@@ -279,10 +314,16 @@ class RayTaskRunner(BlockingTaskRunner):
         self._ray: Any = None
         self._remote_functions: Optional[RemoteFunctions] = None
         self._resources: Optional[ResourceCheck] = None
-        self._submitter: Optional[_Submitter] = None
-        self._gate: Optional[_Gate] = None
+        self._thread: Optional[_RunnerThread] = None
+        self._dispatcher: Optional[Dispatcher[None]] = None
+        self._slots: Optional[SlotTable] = None
         self._closing = False
         super().__init__()
+
+    def _init_bookkeeping(self) -> None:
+        super()._init_bookkeeping()
+        # Slots are taken by whichever thread sends a batch.
+        self._slots_lock = threading.Lock()
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
@@ -307,9 +348,18 @@ class RayTaskRunner(BlockingTaskRunner):
         self._resources = ResourceCheck(
             self.remote_options, capacity, functools.partial(ray_connection.live_nodes, ray)
         )
-        cpus = sum(node.get("CPU", 0) for node in capacity)
-        self._gate = _Gate(max(2, int(2 * cpus)), self._submit_later)
-        self._submitter = _Submitter(f"{self}-submit")
+        # At most two Ray tasks per CPU at a time: enough to keep every worker busy,
+        # and the calls beyond wait here, where they can be cancelled and batched.
+        limit = max(2, int(2 * sum(node.get("CPU", 0) for node in capacity)))
+        dispatcher: Dispatcher[None] = Dispatcher(
+            limit, lambda batch: self._send(dispatcher, batch), Durations(self.batch_size)
+        )
+        self._dispatcher = dispatcher
+        if self.batch_size != 1:
+            # Room for every call of the batches that may be out, twice over (expedited
+            # batches go beyond the limit); a call without a slot is never run again.
+            self._slots = _new_slot_table(limit * MAX_CALLS * 2)
+        self._thread = _RunnerThread(f"{self}-submit")
 
     def _close(self) -> None:
         self._closing = True
@@ -317,19 +367,33 @@ class RayTaskRunner(BlockingTaskRunner):
 
     def _abort(self, exc: BaseException) -> None:
         self._closing = True
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            dispatcher.drop_gathered()  # their calls are stopped below, with the others
+        refs: Dict[Any, None] = {}
         for call in list(self._pending):
             if isinstance(call, _RayCall):
-                call.stop()
+                ref = call.stop()
+                if ref is not None:
+                    refs[ref] = None
+        for ref in refs:  # once per Ray task, not once per call of its batch
+            self._cancel_ref(ref)
         self._release()
 
     def _release(self) -> None:
         connection, self.connection = self.connection, None
-        submitter, self._submitter = self._submitter, None
-        if submitter is not None:
-            submitter.stop()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.stop()
         self._remote_functions = None
         self._resources = None
-        self._gate = None
+        self._dispatcher = None
+        table, self._slots = self._slots, None
+        if table is not None:
+            # Workers that still have it open keep writing to their own mapping.
+            table.close()
+            with contextlib.suppress(OSError):
+                os.unlink(table.path)
         ray_connection.disconnect(self._ray, connection)
 
     # -- submission ----------------------------------------------------------------------
@@ -337,9 +401,27 @@ class RayTaskRunner(BlockingTaskRunner):
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> _RayCall:
-        call = _RayCall(self, task_run)
-        self._enter(call, _RayTask(run_fn, run_kwargs, [], call_options()))
+        call = _RayCall(self, task_run, run_fn, run_kwargs, call_options())
+        dispatcher = self._dispatcher
+        if dispatcher is None or self._closing:
+            call.set_result(_stopped_state(call))
+        else:
+            dispatcher.submit(_entry(call))
         return call
+
+    def _dispatch_many(
+        self,
+        task_runs: List[TaskRun],
+        run_fn: Callable[..., Any],
+        run_kwargs_list: List[Dict[str, Any]],
+    ) -> List[CallHandle]:
+        options = call_options()
+        calls = [
+            _RayCall(self, task_run, run_fn, run_kwargs, options)
+            for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
+        ]
+        self._ready([_entry(call) for call in calls])
+        return list(calls)
 
     def _dispatch_after(
         self,
@@ -348,88 +430,245 @@ class RayTaskRunner(BlockingTaskRunner):
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
     ) -> _RayCall:
-        call = _RayCall(self, task_run)
-        options = call_options()
+        call = _RayCall(self, task_run, run_fn, run_kwargs, call_options())
 
         def upstream_done() -> None:
             if call.done():  # cancelled while waiting
                 return
             try:
-                sent_kwargs, refs = self._with_upstream_refs(run_kwargs)
+                call.run_kwargs, call.held = self._with_upstream_refs(run_kwargs)
             except BaseException as exc:
                 call.set_result(exception_to_crashed_state(exc))
                 return
-            self._enter(call, _RayTask(run_fn, sent_kwargs, refs, options))
+            self._ready([_entry(call)])
 
         when_all_done(upstream, upstream_done)
         return call
 
-    def _with_upstream_refs(self, run_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Any]]:
-        """The arguments to send, and the refs of the upstream calls standing in them.
+    def _with_upstream_refs(self, run_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Held]]:
+        """The arguments to send, and where Ray holds the upstream States standing in them.
 
-        Every upstream call is done. One whose ref holds its State goes as that
-        ``ObjectRef`` (the worker reads it from the object store); any other, e.g. a
-        task that died or a call of another runner, goes as its State.
+        Every upstream call is done. One whose Ray task gave its State goes as that
+        task's ``ObjectRef`` (the worker reads it from the object store); any other,
+        e.g. a task that died or a call of another runner, goes as its State.
         """
-        return with_upstream(run_kwargs, self._call_of, state_of_done, self._ref_holding_state)
+        return with_upstream(run_kwargs, self._call_of, state_of_done, self._held_state)
 
-    def _ref_holding_state(self, call: CallHandle) -> Any:
-        """The ``ObjectRef`` of a call of this runner whose task gave a State, else None."""
+    def _held_state(self, call: CallHandle) -> Optional[Held]:
+        """Where Ray holds the State of a call of this runner whose task gave one, else None."""
         if type(call) is _RayCall and call.runner is self and not call.failed:
-            return call.ref
+            return Held(call.ref, call.position)
         return None
 
-    def _enter(self, call: _RayCall, task: _RayTask) -> None:
-        """Hand the call to Ray through the gate: now, or once there is room."""
-        gate = self._gate
-        if gate is None or self._closing:
-            call.set_result(_stopped_state(call))
-            return
-        hand_over = functools.partial(self._hand_over, call, task)
+    def _ready(self, entries: List[_Entry]) -> None:
+        """These calls may run now: to the dispatcher, which sends or gathers them."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or self._closing:
+            for entry in entries:
+                entry.call.set_result(_stopped_state(entry.call))
+        elif len(entries) == 1:
+            dispatcher.submit(entries[0])
+        else:
+            dispatcher.submit_many(entries)
+
+    def _send(self, dispatcher: "Dispatcher[None]", batch: List[_Entry]) -> None:
+        """The dispatcher's ``send``: hand ``batch`` to Ray as one task."""
         if getattr(_in_ray_callback, "active", False):
             # Submitting from Ray's own callback thread could block the thread that
             # completes Ray's requests: hand the submission to a thread of ours.
-            self._submit_later(functools.partial(gate.enter, hand_over))
+            self._later(functools.partial(self._hand_over, dispatcher, batch))
         else:
-            gate.enter(hand_over)
+            self._hand_over(dispatcher, batch)
 
-    def _submit_later(self, fn: Callable[[], None]) -> None:
-        submitter = self._submitter
-        if submitter is not None and not self._closing:
-            submitter.submit(fn)
+    def _later(self, fn: Callable[[], None]) -> None:
+        thread = self._thread
+        if thread is not None and not self._closing:
+            thread.submit(fn)
 
-    def _hand_over(self, call: _RayCall, task: _RayTask) -> bool:
-        """Submit the call to Ray; False if it was not (cancelled, refused, stopping)."""
-        if not call.set_running():  # cancelled while it waited
-            return False
+    def _hand_over(self, dispatcher: "Dispatcher[None]", batch: List[_Entry]) -> None:
+        """Submit the calls of ``batch`` to Ray as one task (those not cancelled meanwhile)."""
+        live = [entry for entry in batch if entry.call.set_running()]
         functions, resources = self._remote_functions, self._resources
-        if functions is None or resources is None or self._closing:
-            call.set_result(_stopped_state(call))
-            return False
-        refused = resources.refusal(task.options)
+        if not live or functions is None or resources is None or self._closing:
+            for entry in live:
+                entry.call.set_result(_stopped_state(entry.call))
+            dispatcher.task_done()
+            return
+        first = live[0]
+        call: _RayCall = first.call
+        refused = resources.refusal(call.options)
         if refused is not None:
-            call.set_result(refused)
-            return False
+            for entry in live:
+                entry.call.set_result(refused)
+            dispatcher.task_done()
+            return
         try:
-            remote = functions.get(task.run_fn)
-            if task.options:
-                remote = remote.options(**task.options)
-            if task.run_kwargs or task.refs:
-                ref = remote.remote(task.run_kwargs, *task.refs)
+            remote = functions.get(first.key, call.run_fn)  # type: ignore[arg-type]
+        except Exception as exc:  # a run_fn Ray cannot wrap
+            for entry in live:
+                entry.call.set_result(ray_outcomes.unsubmittable_state(entry.call.task_run.name, exc))
+            dispatcher.task_done()
+            return
+        if (
+            len(live) == 1
+            and remote.holds_run_fn
+            and call.run_fn is first.key
+            and all(held.position is None for held in call.held)
+        ):
+            self._submit_alone(dispatcher, first, remote)
+        else:
+            self._submit_batch(dispatcher, live, remote)
+
+    def _submit_alone(
+        self, dispatcher: "Dispatcher[None]", entry: _Entry, remote: RemoteFunction
+    ) -> None:
+        call: _RayCall = entry.call
+        refs = [held.ref for held in call.held]
+        try:
+            function = remote.function.options(**call.options) if call.options else remote.function
+            if call.run_kwargs or refs:
+                ref = function.remote(call.run_kwargs, *refs)
             else:
-                ref = remote.remote()
+                ref = function.remote()
         except Exception as exc:  # a run_fn or arguments Ray cannot serialize, bad options, ...
-            call.set_result(
-                Crashed(
-                    # Ray's serialization errors go on for pages: the first line says it.
-                    message=f"Ray could not submit the call {call.task_run.name!r}: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                    data=exc,
+            call.set_result(ray_outcomes.unsubmittable_state(call.task_run.name, exc))
+            dispatcher.task_done()
+            return
+        call.ref, call.position = ref, None
+        ray_engine.on_ref_done(
+            ref, functools.partial(self._alone_done, call, dispatcher, entry.key)
+        )
+
+    def _alone_done(
+        self, call: _RayCall, dispatcher: "Dispatcher[None]", key: Hashable, result: Any
+    ) -> None:
+        # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
+        _in_ray_callback.active = True
+        try:
+            if isinstance(result, BaseException):  # run_fns give States, so Ray failed
+                dispatcher.task_done()
+                call.failed = True
+                state = ray_outcomes.crash_state(call.task_run.name, result)
+            else:
+                state, seconds = unpacked(result)
+                if self.batch_size == "auto":  # before the next batch is sized
+                    dispatcher.durations.record(key, seconds)
+                dispatcher.task_done()
+            call.set_result(state)
+        finally:
+            _in_ray_callback.active = False
+
+    def _submit_batch(
+        self,
+        dispatcher: "Dispatcher[None]",
+        live: List[_Entry],
+        remote: RemoteFunction,
+    ) -> None:
+        refs: List[Any] = []
+        ref_index: Dict[Any, int] = {}
+        calls: List[Tuple[Any, Any, Optional[List[Tuple[int, Optional[int]]]]]] = []
+        for entry in live:
+            call: _RayCall = entry.call
+            places: Optional[List[Tuple[int, Optional[int]]]] = None
+            if call.held:
+                places = []
+                for held in call.held:  # one argument per ref, for the whole batch
+                    index = ref_index.get(held.ref)
+                    if index is None:
+                        index = ref_index[held.ref] = len(refs)
+                        refs.append(held.ref)
+                    places.append((index, held.position))
+            own = remote.holds_run_fn and call.run_fn is entry.key
+            calls.append((None if own else call.run_fn, call.run_kwargs, places))
+        table, slots = self._take_slots(len(live))
+        payload = BatchPayload(
+            [entry.call.task_run.name for entry in live],
+            calls,
+            table.path if table is not None else None,
+            slots,
+        )
+        options = live[0].call.options
+        try:
+            function = remote.function.options(**options) if options else remote.function
+            ref = function.remote(payload, *refs)
+        except Exception as exc:
+            _give_back(table, slots)
+            if len(live) > 1:  # find the calls Ray refuses: each goes alone
+                self._resend(live, alone=True)
+            else:
+                live[0].call.set_result(
+                    ray_outcomes.unsubmittable_state(live[0].call.task_run.name, exc)
                 )
+            dispatcher.task_done()
+            return
+        for position, entry in enumerate(live):
+            entry.call.ref, entry.call.position = ref, position
+        sent = _Sent(dispatcher, live, table, slots)
+        ray_engine.on_ref_done(ref, functools.partial(self._batch_returned, sent))
+
+    def _batch_returned(self, sent: _Sent, result: Any) -> None:
+        # On a Ray thread: a thousand States are set on a thread of ours instead.
+        self._later(functools.partial(self._batch_done, sent, result))
+
+    def _batch_done(self, sent: _Sent, result: Any) -> None:
+        entries, dispatcher = sent.entries, sent.dispatcher
+        if isinstance(result, BaseException):
+            self._batch_failed(sent, result)
+            return
+        names = [entry.call.task_run.name for entry in entries]
+        outcomes, _ = decode_batch(names, result)
+        dispatcher.durations.record(
+            entries[0].key, sum(seconds for _, seconds in outcomes), len(outcomes)
+        )
+        _give_back(sent.table, sent.slots)
+        dispatcher.task_done()
+        for entry, (state, _) in zip(entries, outcomes):
+            entry.call.set_result(state)
+
+    def _batch_failed(self, sent: _Sent, exc: BaseException) -> None:
+        entries = sent.entries
+        names = [entry.call.task_run.name for entry in entries]
+        table_open = sent.table is not None and sent.table is self._slots
+        states: List[Optional[State]]
+        if ray_outcomes.is_worker_death(exc):
+            # Read the marks before the slots can be taken again.
+            marks = ray_outcomes.as_marks(
+                sent.table if table_open else None, sent.slots, len(entries)
             )
-            return False
-        call.follow(ref)
-        return True
+            states = ray_outcomes.after_worker_death(names, marks, exc)
+        elif len(entries) > 1 and ray_outcomes.is_unpickling_failure(exc):
+            # The worker could not unpickle the batch's arguments, so no call started:
+            # each goes again alone, and only those at fault fail.
+            states = [None] * len(entries)
+        else:
+            states = [ray_outcomes.crash_state(name, exc) for name in names]
+        _give_back(sent.table, sent.slots)
+        sent.dispatcher.task_done()
+        again = []
+        for entry, state in zip(entries, states):
+            if state is None:
+                again.append(entry)
+            else:
+                entry.call.failed = True
+                entry.call.set_result(state)
+        if again:
+            self._resend(again, alone=not ray_outcomes.is_worker_death(exc))
+
+    def _resend(self, entries: List[_Entry], alone: bool) -> None:
+        """Send calls again that never started; ``alone``: each as a Ray task of its own."""
+        if alone:
+            # A group of its own for each: an options key nothing else has.
+            entries = [Entry(entry.call, entry.key, object(), None) for entry in entries]
+        self._ready(entries)
+
+    def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[List[int]]]:
+        """A slot of the table for each of ``count`` calls of a batch (-1: none left)."""
+        table = self._slots
+        if table is None or count < 2:  # a call alone is the one running if its worker dies
+            return None, None
+        with self._slots_lock:
+            taken = [table.take() for _ in range(count)]
+        return table, [-1 if slot is None else slot for slot in taken]
 
     def _cancel_ref(self, ref: Any) -> None:
         ray, connection = self._ray, self.connection
@@ -444,51 +683,42 @@ class RayTaskRunner(BlockingTaskRunner):
         except Exception:  # already finished, or the cluster is gone
             pass
 
-    def _crash_state(self, task_run: TaskRun, exc: BaseException) -> State:
-        """The Crashed state for a call whose Ray task ended in ``exc``, naming the cause."""
-        exceptions = ray_engine.import_ray().exceptions
-        name = task_run.name
-        if isinstance(exc, exceptions.RayTaskError) and exc.cause is not None:
-            # Raised in the worker outside run_fn, e.g. a result that cannot be pickled,
-            # or (for a dependency) an upstream task that died.
-            cause = exc.cause
-            if isinstance(cause, exceptions.RayError):
-                return self._crash_state(task_run, cause)
-            return Crashed(
-                message=f"The Ray task of call {name!r} failed outside run_fn: "
-                f"{type(cause).__name__}: {cause}",
-                data=cause,
-            )
-        if isinstance(exc, exceptions.TaskCancelledError):
-            # The message of every cancelled call, with Ray's error as the data.
-            cancelled = exception_to_crashed_state(concurrent.futures.CancelledError())
-            return Crashed(message=cancelled.message, data=exc)
-        if isinstance(exc, exceptions.OutOfMemoryError):
-            return Crashed(
-                message=f"Ray killed the worker running call {name!r} because the node ran "
-                f"out of memory: {exc}",
-                data=exc,
-            )
-        if isinstance(exc, exceptions.WorkerCrashedError):
-            return Crashed(
-                message=f"The Ray worker process running call {name!r} died mid-call (killed, "
-                "or it exited); the call was not retried (max_retries=0). Ray: "
-                f"{type(exc).__name__}: {exc}",
-                data=exc,
-            )
-        if isinstance(exc, exceptions.RayError):
-            return Crashed(
-                message=f"Ray could not finish call {name!r}: {type(exc).__name__}: {exc}",
-                data=exc,
-            )
-        return exception_to_crashed_state(exc)
-
     def __setstate__(self, data: Dict[str, Any]) -> None:
         super().__setstate__(data)
         self.connection = None
 
 
-def _stopped_state(call: _RayCall) -> State:
+def _entry(call: _RayCall) -> _Entry:
+    """The dispatcher's entry for a call: grouped by its task and its own options."""
+    key = batch_key_of(call.run_fn, call.run_kwargs)  # type: ignore[arg-type]
+    try:
+        hash(key)
+    except TypeError:  # a task that cannot be a key: its calls are never batched
+        key = Unbatched(call.run_fn)  # type: ignore[arg-type]
+    options = call.options
+    group = tuple(sorted((name, repr(value)) for name, value in options.items())) if options else None
+    return Entry(call, key, group, None)
+
+
+def _give_back(table: Optional[SlotTable], slots: Optional[List[int]]) -> None:
+    if table is not None and slots is not None:
+        for slot in slots:
+            if slot >= 0:
+                table.give_back(slot)
+
+
+def _new_slot_table(size: int) -> Optional[SlotTable]:
+    """A slot table in memory-backed ``/dev/shm`` if there is one, else the temp dir."""
+    shm = "/dev/shm"
+    directory = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    path = os.path.join(directory, f"taskrunners-ray-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        return SlotTable(path, size)
+    except OSError:  # no table: a batch's calls are then never run again after a death
+        return None
+
+
+def _stopped_state(call: Any) -> State:
     error = RuntimeError(
         f"The Ray task runner stopped before call {call.task_run.name!r} could be sent to Ray."
     )
