@@ -655,11 +655,19 @@ class RayTaskRunner(BlockingTaskRunner):
             self._resend(again, alone=not ray_outcomes.is_worker_death(exc))
 
     def _resend(self, entries: List[_Entry], alone: bool) -> None:
-        """Send calls again that never started; ``alone``: each as a Ray task of its own."""
+        """Send calls again that never started; ``alone``: each as a Ray task of its own.
+
+        They go at once, whatever is out: they were in Ray already, and somebody may be
+        waiting for them (a wait expedites a call once).
+        """
         if alone:
             # A group of its own for each: an options key nothing else has.
             entries = [Entry(entry.call, entry.key, object(), None) for entry in entries]
         self._ready(entries)
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            for entry in entries:
+                dispatcher.expedite(entry.call)
 
     def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[List[int]]]:
         """A slot of the table for each of ``count`` calls of a batch (-1: none left)."""
