@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from taskrunners import TaskRun
 from taskrunners._core.ray import ray_options
 from tests.support import payloads, ray_payloads
 from tests.support.pickling import register_payloads
+from tests.support.waiting import wait_for_path
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -100,8 +102,10 @@ def test_many_short_calls_share_a_few_ray_tasks_and_a_slow_task_goes_alone(tmp_p
             for n in range(6)
         ]
         assert [runner.wait(future).result() for future in slow] == list(range(6))
-    # The first call of a new task goes alone, to be measured; then they go by the hundred.
-    assert len(set(task_ids)) <= 20, len(set(task_ids))
+    # The first calls of a new task go alone, until one is measured; then they go by
+    # the tens or hundreds: sizes follow the durations measured, which a loaded machine
+    # stretches, so the bound is loose (20 on a quiet machine; 400 without batching).
+    assert len(set(task_ids)) <= 50, len(set(task_ids))
     assert len({future._call.ref for future in short}) == len(set(task_ids))
     # A call of 0.2 s is a Ray task of its own, as without batching.
     assert all(future._call.position is None for future in slow)
@@ -153,6 +157,35 @@ def test_a_worker_killed_mid_batch(tmp_path):
     pids = [lines(marker) for marker in markers]
     assert all(len(ran) == 1 for ran in pids), pids  # every call started exactly once
     assert pids[0] == pids[1] == pids[2] and pids[3][0] != pids[2][0]
+
+
+def test_a_wait_begun_before_its_batch_died_ends_when_the_call_runs_again(tmp_path):
+    """A wait expedites its call once: a call sent again after its worker died, while
+    every place is taken, must go at once rather than wait for a place."""
+    runner = taskrunners.sync.RayTaskRunner(batch_size=10)
+    exit_gate = tmp_path / "exit"
+    with runner.start():
+        with dispatcher_filled(runner, tmp_path):
+            futures = [
+                runner.submit(
+                    TaskRun(),
+                    ray_payloads.act,
+                    {"how": how, "marker": str(tmp_path / f"call{n}"), "value": value},
+                )
+                for n, (how, value) in enumerate([("exit-at-gate", str(exit_gate)), ("return", 1)])
+            ]
+            runner.wait(futures[0], timeout=0)  # sends both as one batch
+            wait_for_path(tmp_path / "call0", patience=150)  # the batch is running
+            # The worker exits only after the wait below has begun (a late start would
+            # find the call gathered, and pass too): no timing is asserted.
+            threading.Timer(1.0, exit_gate.touch).start()
+            # Sleepers hold every place till the block ends: without the call going
+            # at once, this wait would last until they give up (150 s).
+            state = runner.wait(futures[1], timeout=60)
+            assert state is not None, "the call sent again waited for a place"
+            assert state.result() == 1
+            assert runner.wait(futures[0]).is_crashed()
+    assert lines(tmp_path / "call1") and len(lines(tmp_path / "call1")) == 1
 
 
 def test_a_worker_that_cannot_mark_its_calls_runs_none_again(tmp_path):

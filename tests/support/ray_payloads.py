@@ -57,8 +57,14 @@ def ray_task_id():
 
 def act(how: str, marker: str, value=None):
     """Leave a line in ``marker``, then: "return" ``value``, "raise" LookupError, "exit"
-    the worker process, or return "not-a-state". One run_fn, so the calls share a batch."""
+    the worker process, "exit-at-gate": exit once the file ``value`` exists, or return
+    "not-a-state". One run_fn, so the calls share a batch."""
     record(marker)
+    if how == "exit-at-gate":
+        from tests.support.waiting import wait_for_path
+
+        wait_for_path(value, patience=150)
+        os._exit(3)
     if how == "return":
         return Completed(data=value)
     if how == "raise":
