@@ -429,7 +429,7 @@ def test_upstream_futures_reach_ray_as_object_refs(ray_session, monkeypatch):
         # with the upstream's ObjectRef as an argument, read from the object store.
         assert downstream._call.ref is None and not downstream._call.running()
         assert runner.wait(downstream).result() == 42
-    assert sent == [[upstream._call.ref]]
+    assert sent == [[(upstream._call.ref, None)]]  # the ref, and no place in a batch
 
 
 def test_a_dead_upstream_reaches_its_downstream_as_a_crashed_state(ray_session, tmp_path):

@@ -1,10 +1,19 @@
 """What runs inside Ray workers, and the Ray remote functions that carry it there.
 
-How a call travels: the runner wraps each ``run_fn`` once in a remote function
-(:class:`RemoteFunctions`) and calls it with ``(run_kwargs, *upstream refs)``; Ray
-puts each upstream call's packed State in place of its ``ObjectRef``, and
-:func:`run_call` puts those States in place of the ``Upstream(n)`` placeholders in
-``run_kwargs``, runs the call to a State and sends it back packed.
+How a call travels: the runner has one remote function per task (:class:`RemoteFunctions`)
+and calls it in one of two shapes:
+
+- one call alone, ``(run_kwargs, *upstream refs)``: the remote function holds the
+  run_fn (it is the task itself); :func:`run_call` runs it and sends back its State
+  and how long it took, :func:`packed`;
+- a batch, ``(BatchPayload, *upstream refs)``: :func:`run_batch_call` runs its calls
+  in order (:func:`~taskrunners._core.remote.run_batch`), marking each one started
+  and finished in the runner's slot table, and sends back every State and duration
+  pickled together (:func:`~taskrunners._core.remote.encode_batch`).
+
+Ray puts what each upstream ref holds in its place: a packed State, or the outcomes
+of a batch, of which the call's places say which one it needs. Those States then
+take the place of the ``Upstream(n)`` placeholders in ``run_kwargs``.
 """
 
 from __future__ import annotations
@@ -12,29 +21,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import weakref
-from typing import Any, Callable, Dict, Hashable, Iterator, Mapping, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Hashable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    cast,
+)
 
-from taskrunners._core.remote import run_in_worker, substitute
-from taskrunners.states import State
+from taskrunners._core import slots as slot_marks
+from taskrunners._core.remote import decode_batch, encode_batch, run_batch, run_in_worker, substitute
+from taskrunners.states import Crashed, State
 
-__all__ = ["packed", "unpacked", "run_call", "interrupt_tick", "RemoteFunctions"]
+__all__ = [
+    "packed",
+    "unpacked",
+    "run_call",
+    "BatchPayload",
+    "run_batch_call",
+    "interrupt_tick",
+    "RemoteFunction",
+    "RemoteFunctions",
+    "Unbatched",
+    "check_remote_options",
+]
+
+WHERE = "a Ray worker"
 
 
-def packed(state: State) -> Any:
-    """``state`` as what travels through Ray: a plain tuple for a plain State."""
+def packed(state: State, seconds: float) -> Tuple[Any, ...]:
+    """``state`` and the seconds its call took, as what travels through Ray: a plain tuple."""
     # Ray pickles a State several times slower than a tuple, which shows on calls that
-    # do little.
+    # do little. The first item stays the State's type, for anyone reading the ref.
     if type(state) is State:
-        return (state.type.value, state.name, state.message, state.data)
-    return state
+        return (state.type.value, state.name, state.message, state.data, seconds)
+    return (state, seconds)
 
 
-def unpacked(value: Any) -> Any:
-    """The State that :func:`packed` gave ``value`` for."""
-    if type(value) is tuple:
-        return State(value[0], name=value[1], message=value[2], data=value[3])
-    return value
+def unpacked(value: Tuple[Any, ...]) -> Tuple[State, float]:
+    """The State and seconds that :func:`packed` gave ``value`` for."""
+    if len(value) == 2:
+        return value[0], value[1]
+    return State(value[0], name=value[1], message=value[2], data=value[3]), value[4]
 
 
 # How often a coroutine call's event loop wakes up to take Ray's KeyboardInterrupt.
@@ -64,12 +100,124 @@ def interrupt_tick(loop: asyncio.AbstractEventLoop, task: "asyncio.Task[State]")
 
 
 def run_call(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], upstream: tuple) -> Any:
-    """Run one call in a Ray worker; its State, packed. ``upstream``: packed upstream States."""
+    """Run one call in a Ray worker; its State and seconds, packed.
+
+    ``upstream``: what the upstream refs hold, each a packed State.
+    """
     if upstream:
-        states: Dict[Hashable, Any] = {n: unpacked(value) for n, value in enumerate(upstream)}
+        states: Dict[Hashable, Any] = {n: unpacked(value)[0] for n, value in enumerate(upstream)}
         run_kwargs = substitute(run_kwargs, states.__getitem__)
+    begun = time.perf_counter()
     state, _ = run_in_worker(run_fn, run_kwargs, watch=interrupt_tick)
-    return packed(state)
+    return packed(state, time.perf_counter() - begun)
+
+
+#: Where an upstream State is: (index of its ref among the task's arguments, its place
+#: in that ref's batch, or None for a ref holding one packed State).
+Place = Tuple[int, Optional[int]]
+
+
+class BatchPayload:
+    """The calls of one batch, as one Ray task's first argument.
+
+    :param names: each call's task run name, for messages
+    :param calls: each call's ``(run_fn or None for the remote function's own,
+        run_kwargs, places of its Upstream(n) placeholders or None)``
+    :param table: the runner's slot table, or None
+    :param slots: each call's slot in it (-1: none)
+    """
+
+    __slots__ = ("names", "calls", "table", "slots")
+
+    def __init__(
+        self,
+        names: List[str],
+        calls: List[Tuple[Optional[Callable[..., Any]], Dict[str, Any], Optional[List[Place]]]],
+        table: Optional[str],
+        slots: Optional[List[int]],
+    ) -> None:
+        self.names = names
+        self.calls = calls
+        self.table = table
+        self.slots = slots
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (BatchPayload, (self.names, self.calls, self.table, self.slots))
+
+
+def run_batch_call(
+    batch: BatchPayload, own_run_fn: Optional[Callable[[], Callable[..., Any]]], upstream: tuple
+) -> bytes:
+    """Run the calls of a batch in a Ray worker; their States and seconds, pickled together.
+
+    Nothing a call does reaches another: each call's upstream States are put in place
+    just before it runs, and a failure there is that call's Crashed state.
+    """
+    batches: Dict[int, List[Tuple[State, float]]] = {}
+
+    def upstream_state(place: Place) -> State:
+        index, position = place
+        if position is None:
+            return unpacked(upstream[index])[0]
+        outcomes = batches.get(index)
+        if outcomes is None:
+            outcomes = batches[index] = decode_batch([f"upstream {index}"], upstream[index])[0]
+        return outcomes[position][0]
+
+    def prepared(run_fn: Any, run_kwargs: Dict[str, Any], places: Optional[List[Place]]) -> Any:
+        try:
+            if run_fn is None:
+                assert own_run_fn is not None, "a batch without its run_fns"
+                run_fn = own_run_fn()
+            if places:
+                where = places
+                run_kwargs = substitute(run_kwargs, lambda n: upstream_state(where[cast(int, n)]))
+        except Exception as exc:
+            crashed = Crashed(
+                message=f"The call could not be prepared in {WHERE}: {type(exc).__name__}: {exc}",
+                data=exc,
+            )
+            return (lambda: crashed), {}
+        return run_fn, run_kwargs
+
+    table, slots = batch.table, batch.slots
+    cancelled = _cancel_check()
+
+    def starting(index: int) -> bool:
+        # A cancelled batch (ray.cancel without force) gets KeyboardInterrupt in the call
+        # that runs; the calls after it must not start at all.
+        if index and cancelled():
+            return False
+        if table is not None and slots is not None and slots[index] >= 0:
+            slot_marks.mark_started(table, slots[index])
+        return True
+
+    def finished(index: int) -> None:
+        if table is not None and slots is not None and slots[index] >= 0:
+            slot_marks.mark_finished(table, slots[index])
+
+    calls = (prepared(*call) for call in batch.calls)
+    outcomes = run_batch(list(calls), interrupt_tick, starting, finished)
+    return encode_batch(batch.names, [(state, seconds) for state, seconds, _ in outcomes], [], WHERE)
+
+
+def _cancel_check() -> Callable[[], bool]:
+    """Whether ``ray.cancel`` was called on the task running here (False if Ray cannot say)."""
+    try:
+        import ray
+
+        # Fetched once: get_runtime_context() costs a dozen microseconds in a worker.
+        is_canceled = ray.get_runtime_context().is_canceled
+    except Exception:  # a Ray without it: the batch runs on
+        return lambda: False
+
+    def cancelled() -> bool:
+        try:
+            return bool(is_canceled())
+        except Exception:
+            return False
+
+    return cancelled
 
 
 class _RunFnHolder:
@@ -98,18 +246,51 @@ class _RunFnHolder:
         return (_RunFnHolder, (self.get(), False))
 
 
-def _remote_function(ray: Any, run_fn: Callable[..., Any], options: Mapping[str, Any]) -> Any:
-    holder = _RunFnHolder(run_fn)
+class RemoteFunction(NamedTuple):
+    """The Ray remote function of one task."""
+
+    function: Any
+    #: Whether it holds the task's run_fn (the task is its run_fn): then a call alone
+    #: goes as ``(run_kwargs, *refs)``, and a batch's calls need not carry it.
+    holds_run_fn: bool
+
+
+class Unbatched:
+    """The task of a call whose task cannot be a dictionary key: its calls are never batched."""
+
+    __slots__ = ("run_fn",)
+
+    def __init__(self, run_fn: Callable[..., Any]) -> None:
+        self.run_fn = run_fn
+
+
+def _task_name(task: Any) -> str:
+    if type(task) is Unbatched:
+        task = task.run_fn
+    name = getattr(task, "name", None)  # a flow's Task: the name it was given
+    if not isinstance(name, str):
+        name = getattr(task, "__name__", None) or type(task).__name__
+    return name
+
+
+def _remote_function(
+    ray: Any, task: Any, run_fn: Callable[..., Any], options: Mapping[str, Any]
+) -> RemoteFunction:
+    holds = run_fn is task
+    holder = _RunFnHolder(run_fn) if holds else None
+    own_run_fn = holder.get if holder is not None else None
 
     def run_remote(*arguments: Any) -> Any:
-        # (run_kwargs, *upstream States), or nothing at all for a call without arguments.
+        # (BatchPayload, *upstream), (run_kwargs, *upstream), or nothing at all.
+        if arguments and type(arguments[0]) is BatchPayload:
+            return run_batch_call(arguments[0], own_run_fn, arguments[1:])
+        assert holder is not None, "a call alone sent to a remote function without its run_fn"
         run_kwargs = arguments[0] if arguments else {}
         return run_call(holder.get(), run_kwargs, arguments[1:])
 
-    # Ray names tasks after the function: show the run_fn's name in its dashboard.
-    name = getattr(run_fn, "__name__", None) or type(run_fn).__name__
-    run_remote.__name__ = run_remote.__qualname__ = name
-    return ray.remote(**options)(run_remote)
+    # Ray names tasks after the function: show the task's name in its dashboard.
+    run_remote.__name__ = run_remote.__qualname__ = _task_name(task)
+    return RemoteFunction(ray.remote(**options)(run_remote), holds)
 
 
 def check_remote_options(ray: Any, options: Mapping[str, Any]) -> None:
@@ -121,33 +302,34 @@ def check_remote_options(ray: Any, options: Mapping[str, Any]) -> None:
 
 
 class RemoteFunctions:
-    """Ray remote functions by run_fn, each held as long as its run_fn lives.
+    """Ray remote functions by task, each held as long as its task lives.
 
-    Exporting a remote function costs a round trip to the cluster, so each run_fn is
-    wrapped and exported once, not once per call. The run_fns are weak keys: equal
-    ones (the same method of one object, fetched twice) share their remote function,
-    and one that cannot be a weak key (not hashable or not weak-referenceable) is
-    wrapped anew for every call.
+    Exporting a remote function costs a round trip to the cluster, so each task is
+    wrapped and exported once, not once per call. A task is the run_fn, or what the
+    run_fn names (the task behind the flows' wrapper); the tasks are weak keys:
+    equal ones (the same method of one object, fetched twice) share their remote
+    function, and one that cannot be a weak key is wrapped anew for every batch.
     """
 
     def __init__(self, ray: Any, options: Mapping[str, Any]) -> None:
         self._ray = ray
         self._options = options
-        # The lock makes each run_fn exported once when threads submit it together.
+        # The lock makes each task exported once when threads submit it together.
         self._lock = threading.Lock()
-        self._entries: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+        self._entries: "weakref.WeakKeyDictionary[Any, RemoteFunction]" = weakref.WeakKeyDictionary()
 
-    def get(self, run_fn: Callable[..., Any]) -> Any:
-        """The remote function that runs ``run_fn``."""
+    def get(self, task: Any, run_fn: Callable[..., Any]) -> RemoteFunction:
+        """The remote function that runs the calls of ``task``, whose run_fn is ``run_fn``."""
         try:
-            remote = self._entries.get(run_fn)
+            remote = self._entries.get(task)
         except TypeError:
-            return _remote_function(self._ray, run_fn, self._options)
+            return _remote_function(self._ray, task, run_fn, self._options)
         if remote is not None:
             return remote
         with self._lock:
-            remote = self._entries.get(run_fn)
+            remote = self._entries.get(task)
             if remote is None:
-                remote = _remote_function(self._ray, run_fn, self._options)
-                self._entries[run_fn] = remote
+                remote = self._entries[task] = _remote_function(
+                    self._ray, task, run_fn, self._options
+                )
             return remote

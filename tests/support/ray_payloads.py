@@ -46,3 +46,31 @@ class Unhashable:
 
     def __call__(self, value):
         return Completed(data=value)
+
+
+def ray_task_id():
+    """Completed with the id of the Ray task running this call: calls of one batch share it."""
+    import ray
+
+    return Completed(data=ray.get_runtime_context().get_task_id())
+
+
+def act(how: str, marker: str, value=None):
+    """Leave a line in ``marker``, then: "return" ``value``, "raise" LookupError, "exit"
+    the worker process, "exit-at-gate": exit once the file ``value`` exists, or return
+    "not-a-state". One run_fn, so the calls share a batch."""
+    record(marker)
+    if how == "exit-at-gate":
+        from tests.support.waiting import wait_for_path
+
+        wait_for_path(value, patience=150)
+        os._exit(3)
+    if how == "return":
+        return Completed(data=value)
+    if how == "raise":
+        raise LookupError(value)
+    if how == "exit":
+        os._exit(3)
+    if how == "not-a-state":
+        return value
+    raise AssertionError(how)

@@ -1,0 +1,103 @@
+"""A call of the Ray runner: what it holds until it is handed to Ray, and where Ray
+then holds its State (its task's ref, and its place in its batch).
+
+The runner (:mod:`~taskrunners._core.ray`) makes these; the sending side
+(:mod:`~taskrunners._core.ray_sending`) hands them to Ray and completes them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence
+
+from taskrunners._core.batching import Entry, batch_key_of
+from taskrunners._core.calls import Call
+from taskrunners._core.ray_worker import Unbatched
+from taskrunners.futures import TaskRun
+from taskrunners.states import Crashed, State, exception_to_crashed_state
+
+if TYPE_CHECKING:
+    from taskrunners._core.ray import RayTaskRunner
+
+
+class Held(NamedTuple):
+    """Where an upstream call's State is held in Ray: its task's ref, and its place there."""
+
+    ref: Any
+    #: Its place among the outcomes of a batch; None for a ref holding one packed State.
+    position: Optional[int]
+
+
+class RayCall(Call):
+    """One call: gathered or waiting here until it is handed to Ray, then in a Ray task.
+
+    Until it is done, it also holds what goes to Ray (a batch whose worker died sends
+    its unstarted calls again); then it lets go of it.
+    """
+
+    __slots__ = ("runner", "task_run", "run_fn", "run_kwargs", "held", "options", "ref", "position", "failed")
+
+    def __init__(
+        self,
+        runner: "RayTaskRunner",
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+        options: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        self.runner = runner
+        self.task_run = task_run
+        self.run_fn: Optional[Callable[..., Any]] = run_fn
+        self.run_kwargs: Optional[Dict[str, Any]] = run_kwargs
+        #: Where Ray holds the upstream States its ``Upstream(n)`` placeholders stand for.
+        self.held: Sequence[Held] = ()
+        #: The call's own remote options, from :func:`ray_options`.
+        self.options = options
+        #: The ref of the Ray task carrying the call, and the call's place in its batch.
+        self.ref: Any = None
+        self.position: Optional[int] = None
+        # Whether Ray failed the task (the worker died, cancelled, ...): its ref holds no State.
+        self.failed = False
+
+    def set_result(self, state: State) -> None:
+        self.run_fn = self.run_kwargs = None
+        self.held = ()
+        super().set_result(state)
+
+    def expedite(self) -> None:
+        dispatcher = self.runner._dispatcher
+        if dispatcher is not None and self._state is None:
+            dispatcher.expedite(self)
+
+    def stop(self) -> Any:
+        """End the call as cancelled (leaving the block); the ref to cancel in Ray, if any."""
+        if self.cancel() or self.done():
+            return None
+        self.failed = True
+        self.set_result(exception_to_crashed_state(concurrent.futures.CancelledError()))
+        return self.ref
+
+
+#: What the dispatcher holds of a call: the call itself holds the rest.
+RayEntry = Entry[None]
+
+
+def entry_of(call: RayCall) -> RayEntry:
+    """The dispatcher's entry for a call: grouped by its task and its own options."""
+    key = batch_key_of(call.run_fn, call.run_kwargs)  # type: ignore[arg-type]
+    try:
+        hash(key)
+    except TypeError:  # a task that cannot be a key: its calls are never batched
+        key = Unbatched(call.run_fn)  # type: ignore[arg-type]
+    options = call.options
+    group = tuple(sorted((name, repr(value)) for name, value in options.items())) if options else None
+    return Entry(call, key, group, None)
+
+
+
+def stopped_state(call: Any) -> State:
+    error = RuntimeError(
+        f"The Ray task runner stopped before call {call.task_run.name!r} could be sent to Ray."
+    )
+    return Crashed(message=str(error), data=error)

@@ -1,0 +1,355 @@
+"""How the Ray runner hands calls to Ray and completes them: one Ray task per call
+alone or per batch, and what a batch's outcome (or its worker's death) means for
+each of its calls.
+
+:class:`RaySending` is the :class:`~taskrunners._core.batching.Dispatcher`'s side of
+:class:`~taskrunners._core.ray.RayTaskRunner` (a mixin: the runner holds the state;
+the runner's lifecycle and submission are in :mod:`~taskrunners._core.ray`):
+
+- a call alone whose task is its run_fn goes as ``(run_kwargs, *upstream refs)``, as
+  before batching: its ``ObjectRef`` holds its packed State and duration;
+- anything else goes as ``(BatchPayload, *upstream refs)``: its ``ObjectRef`` holds
+  every call's State and duration, pickled together, and each call knows its place.
+  The upstream refs of all its calls are the task's top-level arguments (one per
+  ref), so Ray resolves them; each call names its own by index.
+
+Hazards handled here:
+
+- Worker death inside a batch. Ray only says the task's worker died; the workers of
+  this machine mark each call started/finished in a :class:`SlotTable`, read after
+  the death (:mod:`~taskrunners._core.ray_outcomes`): calls not started go again,
+  those finished whose results were lost are Crashed, and no call starts twice. A
+  worker on another machine cannot open the table and marks nothing: then only the
+  first call is known to have started, and the others are Crashed, not run again.
+- A batch Ray refuses to submit, or whose arguments a worker cannot unpickle, ran no
+  call: its calls go again one by one, so only the calls at fault are Crashed.
+- Ray's callback threads. A call's completion runs on a Ray thread, and so do the
+  callbacks it triggers, downstream submissions among them; submitting from there
+  could block the thread that completes Ray's requests, so those go through a thread
+  of the runner's own, which also completes batches (setting a thousand States must
+  not hold up Ray's thread).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import tempfile
+import threading
+import uuid
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+
+from taskrunners._core import ray_engine, ray_outcomes
+from taskrunners._core.batching import BatchSize, Dispatcher, Entry
+from taskrunners._core.ray_calls import RayCall, RayEntry, stopped_state
+from taskrunners._core.ray_options import ResourceCheck
+from taskrunners._core.ray_worker import BatchPayload, RemoteFunction, RemoteFunctions, unpacked
+from taskrunners._core.remote import decode_batch
+from taskrunners._core.slots import SlotTable
+from taskrunners.states import State
+
+# Set while a Ray thread runs our completion callbacks, which must not submit tasks.
+_in_ray_callback = threading.local()
+
+
+class _Sent:
+    """One Ray task out, carrying a batch: what its completion needs."""
+
+    __slots__ = ("dispatcher", "entries", "table", "slots")
+
+    def __init__(
+        self,
+        dispatcher: "Dispatcher[None]",
+        entries: List[RayEntry],
+        table: Optional[SlotTable],
+        slots: Optional[List[int]],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.entries = entries
+        self.table = table
+        self.slots = slots
+
+
+class RunnerThread:
+    """A thread of the runner's own: hands calls to Ray for Ray's callback threads, and
+    completes batches.
+
+    Made when the runner starts, not on first use: at interpreter exit (a
+    RunnerExecutor finishing its calls) no new thread can be made.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:
+                logging.getLogger("task_runner.ray").exception("Handing calls to Ray failed.")
+            del fn
+
+
+
+class RaySending:
+    """Hands what the runner's dispatcher sends to Ray, and completes it (a mixin of
+    :class:`~taskrunners._core.ray.RayTaskRunner`, which sets these attributes)."""
+
+    batch_size: BatchSize
+    _closing: bool
+    _dispatcher: Optional[Dispatcher[None]]
+    _remote_functions: Optional[RemoteFunctions]
+    _resources: Optional[ResourceCheck]
+    _thread: Optional[RunnerThread]
+    _slots: Optional[SlotTable]
+    _slots_lock: threading.Lock
+
+    def _ready(self, entries: List[RayEntry]) -> None:
+        """These calls may run now: to the dispatcher, which sends or gathers them."""
+        dispatcher = self._dispatcher
+        if dispatcher is None or self._closing:
+            for entry in entries:
+                entry.call.set_result(stopped_state(entry.call))
+        elif len(entries) == 1:
+            dispatcher.submit(entries[0])
+        else:
+            dispatcher.submit_many(entries)
+
+    def _send(self, dispatcher: "Dispatcher[None]", batch: List[RayEntry]) -> None:
+        """The dispatcher's ``send``: hand ``batch`` to Ray as one task."""
+        if getattr(_in_ray_callback, "active", False):
+            # Submitting from Ray's own callback thread could block the thread that
+            # completes Ray's requests: hand the submission to a thread of ours.
+            self._later(functools.partial(self._hand_over, dispatcher, batch))
+        else:
+            self._hand_over(dispatcher, batch)
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        thread = self._thread
+        if thread is not None and not self._closing:
+            thread.submit(fn)
+
+    def _hand_over(self, dispatcher: "Dispatcher[None]", batch: List[RayEntry]) -> None:
+        """Submit the calls of ``batch`` to Ray as one task (those not cancelled meanwhile)."""
+        live = [entry for entry in batch if entry.call.set_running()]
+        functions, resources = self._remote_functions, self._resources
+        if not live or functions is None or resources is None or self._closing:
+            for entry in live:
+                entry.call.set_result(stopped_state(entry.call))
+            dispatcher.task_done()
+            return
+        first = live[0]
+        call: RayCall = first.call
+        refused = resources.refusal(call.options)
+        if refused is not None:
+            for entry in live:
+                entry.call.set_result(refused)
+            dispatcher.task_done()
+            return
+        try:
+            remote = functions.get(first.key, call.run_fn)  # type: ignore[arg-type]
+        except Exception as exc:  # a run_fn Ray cannot wrap
+            for entry in live:
+                entry.call.set_result(ray_outcomes.unsubmittable_state(entry.call.task_run.name, exc))
+            dispatcher.task_done()
+            return
+        if (
+            len(live) == 1
+            and remote.holds_run_fn
+            and call.run_fn is first.key
+            and all(held.position is None for held in call.held)
+        ):
+            self._submit_alone(dispatcher, first, remote)
+        else:
+            self._submit_batch(dispatcher, live, remote)
+
+    def _submit_alone(
+        self, dispatcher: "Dispatcher[None]", entry: RayEntry, remote: RemoteFunction
+    ) -> None:
+        call: RayCall = entry.call
+        refs = [held.ref for held in call.held]
+        try:
+            function = remote.function.options(**call.options) if call.options else remote.function
+            if call.run_kwargs or refs:
+                ref = function.remote(call.run_kwargs, *refs)
+            else:
+                ref = function.remote()
+        except Exception as exc:  # a run_fn or arguments Ray cannot serialize, bad options, ...
+            call.set_result(ray_outcomes.unsubmittable_state(call.task_run.name, exc))
+            dispatcher.task_done()
+            return
+        call.ref, call.position = ref, None
+        ray_engine.on_ref_done(
+            ref, functools.partial(self._alone_done, call, dispatcher, entry.key)
+        )
+
+    def _alone_done(
+        self, call: RayCall, dispatcher: "Dispatcher[None]", key: Hashable, result: Any
+    ) -> None:
+        # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
+        _in_ray_callback.active = True
+        try:
+            if isinstance(result, BaseException):  # run_fns give States, so Ray failed
+                dispatcher.task_done()
+                call.failed = True
+                state = ray_outcomes.crash_state(call.task_run.name, result)
+            else:
+                state, seconds = unpacked(result)
+                if self.batch_size == "auto":  # before the next batch is sized
+                    dispatcher.durations.record(key, seconds)
+                dispatcher.task_done()
+            call.set_result(state)
+        finally:
+            _in_ray_callback.active = False
+
+    def _submit_batch(
+        self,
+        dispatcher: "Dispatcher[None]",
+        live: List[RayEntry],
+        remote: RemoteFunction,
+    ) -> None:
+        refs: List[Any] = []
+        ref_index: Dict[Any, int] = {}
+        calls: List[Tuple[Any, Any, Optional[List[Tuple[int, Optional[int]]]]]] = []
+        for entry in live:
+            call: RayCall = entry.call
+            places: Optional[List[Tuple[int, Optional[int]]]] = None
+            if call.held:
+                places = []
+                for held in call.held:  # one argument per ref, for the whole batch
+                    index = ref_index.get(held.ref)
+                    if index is None:
+                        index = ref_index[held.ref] = len(refs)
+                        refs.append(held.ref)
+                    places.append((index, held.position))
+            own = remote.holds_run_fn and call.run_fn is entry.key
+            calls.append((None if own else call.run_fn, call.run_kwargs, places))
+        table, slots = self._take_slots(len(live))
+        payload = BatchPayload(
+            [entry.call.task_run.name for entry in live],
+            calls,
+            table.path if table is not None else None,
+            slots,
+        )
+        options = live[0].call.options
+        try:
+            function = remote.function.options(**options) if options else remote.function
+            ref = function.remote(payload, *refs)
+        except Exception as exc:
+            _give_back(table, slots)
+            if len(live) > 1:  # find the calls Ray refuses: each goes alone
+                self._resend(live, alone=True)
+            else:
+                live[0].call.set_result(
+                    ray_outcomes.unsubmittable_state(live[0].call.task_run.name, exc)
+                )
+            dispatcher.task_done()
+            return
+        for position, entry in enumerate(live):
+            entry.call.ref, entry.call.position = ref, position
+        sent = _Sent(dispatcher, live, table, slots)
+        ray_engine.on_ref_done(ref, functools.partial(self._batch_returned, sent))
+
+    def _batch_returned(self, sent: _Sent, result: Any) -> None:
+        # On a Ray thread: a thousand States are set on a thread of ours instead.
+        self._later(functools.partial(self._batch_done, sent, result))
+
+    def _batch_done(self, sent: _Sent, result: Any) -> None:
+        entries, dispatcher = sent.entries, sent.dispatcher
+        if isinstance(result, BaseException):
+            self._batch_failed(sent, result)
+            return
+        names = [entry.call.task_run.name for entry in entries]
+        outcomes, _ = decode_batch(names, result)
+        dispatcher.durations.record(
+            entries[0].key, sum(seconds for _, seconds in outcomes), len(outcomes)
+        )
+        _give_back(sent.table, sent.slots)
+        dispatcher.task_done()
+        for entry, (state, _) in zip(entries, outcomes):
+            entry.call.set_result(state)
+
+    def _batch_failed(self, sent: _Sent, exc: BaseException) -> None:
+        entries = sent.entries
+        names = [entry.call.task_run.name for entry in entries]
+        table_open = sent.table is not None and sent.table is self._slots
+        states: List[Optional[State]]
+        if ray_outcomes.is_worker_death(exc):
+            # Read the marks before the slots can be taken again.
+            marks = ray_outcomes.as_marks(
+                sent.table if table_open else None, sent.slots, len(entries)
+            )
+            states = ray_outcomes.after_worker_death(names, marks, exc)
+        elif len(entries) > 1 and ray_outcomes.is_unpickling_failure(exc):
+            # The worker could not unpickle the batch's arguments, so no call started:
+            # each goes again alone, and only those at fault fail.
+            states = [None] * len(entries)
+        else:
+            states = [ray_outcomes.crash_state(name, exc) for name in names]
+        _give_back(sent.table, sent.slots)
+        sent.dispatcher.task_done()
+        again = []
+        for entry, state in zip(entries, states):
+            if state is None:
+                again.append(entry)
+            else:
+                entry.call.failed = True
+                entry.call.set_result(state)
+        if again:
+            self._resend(again, alone=not ray_outcomes.is_worker_death(exc))
+
+    def _resend(self, entries: List[RayEntry], alone: bool) -> None:
+        """Send calls again that never started; ``alone``: each as a Ray task of its own.
+
+        They go at once, whatever is out: they were in Ray already, and somebody may be
+        waiting for them (a wait expedites a call once).
+        """
+        if alone:
+            # A group of its own for each: an options key nothing else has.
+            entries = [Entry(entry.call, entry.key, object(), None) for entry in entries]
+        self._ready(entries)
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            for entry in entries:
+                dispatcher.expedite(entry.call)
+
+    def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[List[int]]]:
+        """A slot of the table for each of ``count`` calls of a batch (-1: none left)."""
+        table = self._slots
+        if table is None or count < 2:  # a call alone is the one running if its worker dies
+            return None, None
+        with self._slots_lock:
+            taken = [table.take() for _ in range(count)]
+        return table, [-1 if slot is None else slot for slot in taken]
+
+
+def _give_back(table: Optional[SlotTable], slots: Optional[List[int]]) -> None:
+    if table is not None and slots is not None:
+        for slot in slots:
+            if slot >= 0:
+                table.give_back(slot)
+
+
+def new_slot_table(size: int) -> Optional[SlotTable]:
+    """A slot table in memory-backed ``/dev/shm`` if there is one, else the temp dir."""
+    shm = "/dev/shm"
+    directory = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    path = os.path.join(directory, f"taskrunners-ray-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        return SlotTable(path, size)
+    except OSError:  # no table: a batch's calls are then never run again after a death
+        return None
+
