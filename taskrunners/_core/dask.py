@@ -10,11 +10,16 @@ How a call travels::
     client loop ── StateFetcher gathers the States of finished calls in batches
            ──▶ DaskCall.set_result; the records go to this process's loggers
 
+With ``batch_size="auto"`` a call whose upstream calls are all done goes through
+the runner's dispatcher instead, alone while a worker is free, in a batch of its
+task's calls while every worker is busy (:mod:`~taskrunners._core.dask_batches`).
+
 This module holds the runner: its settings, its ``start()`` block, submitting and
 settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask_calls` (the call
-handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_worker` (what
-runs on the workers), :mod:`~taskrunners._core.dask_cluster` (the client and cluster
-of a block) and :mod:`~taskrunners._core.dask_engine` (distributed's private names).
+handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_batches`
+(batching), :mod:`~taskrunners._core.dask_worker` (what runs on the workers),
+:mod:`~taskrunners._core.dask_cluster` (the client and cluster of a block) and
+:mod:`~taskrunners._core.dask_engine` (distributed's private names).
 
 A hazard of its own: Dask fails the dependents of a failed task without running
 them, but a call must receive its upstream's State, whatever it is. Such a call is
@@ -25,18 +30,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import uuid
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import cloudpickle
 
 from taskrunners._core import dask_cluster, dask_engine, dask_worker
 from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType, state_of_done
-from taskrunners._core.batching import BatchSize, check_batch_size
-from taskrunners._core.calls import when_all_done
+from taskrunners._core.batching import BatchSize, Durations, check_batch_size
+from taskrunners._core.calls import CallHandle, when_all_done
+from taskrunners._core.dask_batches import DaskBatches, submit_annotated
 from taskrunners._core.dask_calls import (
     CLIENT_CLOSED,
+    DaskBatch,
     DaskCall,
     StateFetcher,
     cancel_unstarted,
@@ -108,18 +115,34 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     How calls run:
 
-    - Each call is a Dask task with the key ``f"{task_run.name}-{task_run.id.hex}"``
-      and ``pure=True``, so a task run submitted twice runs once. Upstream calls of
-      this runner are handed to Dask as Dask futures: their States go from worker
-      to worker without a trip through this process.
+    - A call sent alone is a Dask task with the key
+      ``f"{task_run.name}-{task_run.id.hex}"`` and ``pure=True``, so a task run
+      submitted twice runs once. Upstream calls of this runner still running are
+      handed to Dask as Dask futures: their States go from worker to worker without a
+      trip through this process.
+    - Batches (``batch_size="auto"``, the default): a call whose upstream calls are
+      done (or that has none) is sent at once while fewer Dask tasks than twice the
+      cluster's worker threads are out; otherwise it waits, gathered with the other
+      calls of its task and ``dask.annotate`` values, and they go together as one
+      Dask task keyed ``f"{task_name}-batch-{hex}"`` as soon as one is back. How many
+      go together is learned per task from how long its calls take on the workers:
+      calls of a millisecond go by the hundreds, calls of a tenth of a second or
+      more alone, under their own key. Waiting for a gathered call sends it at once.
+      Each call keeps its own State, cancel and ``running()``; a call that raises or
+      crashes takes no other call of its batch with it. Calls annotated with Dask
+      ``retries``, and calls handed Dask futures of upstream calls still running, are
+      always sent alone. A worker that dies running a batch: Dask runs the whole batch
+      again on another worker, as it does any task it lost, so calls of the batch that
+      had already run may run again. ``batch_size=1`` sends every call alone at once.
     - Function and arguments are serialized with cloudpickle, so lambdas, closures
       and modules registered for pickling by value work without being importable
       on the workers. A coroutine ``run_fn`` runs on an event loop of its own in a
       worker thread. On workers outside this process the State is pickled by the
       worker: one that cannot be pickled gives a Crashed state holding the error.
     - ``dask.annotate(...)`` (resources, priority, retries, workers, ...) around a
-      submission applies to that call. With ``retries``, a ``run_fn`` that raises
-      is retried by Dask; a returned State is never retried.
+      submission applies to that call (and to the batch it joins, which holds only
+      calls with the same annotations). With ``retries``, a ``run_fn`` that raises is
+      retried by Dask; a returned State is never retried.
     - A worker that dies while running a call (killed, out of memory, ``os._exit``):
       Dask reruns the call on another worker, up to the scheduler's
       ``distributed.scheduler.allowed-failures`` setting (3 by default); after that
@@ -153,7 +176,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     42
     """
 
-    _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder")
+    _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder", "_batches", "_durations")
     _usable_after_pickling = True
 
     def __init__(
@@ -209,6 +232,8 @@ class DaskTaskRunner(BlockingTaskRunner):
         # What run_task does with log records and results (see there).
         self._capture: Optional[Tuple[int, bool]] = None
         self._fetcher: Optional[StateFetcher] = None
+        # The dispatcher and batches of a block (None with batch_size=1).
+        self._batches: Optional[DaskBatches] = None
         # Why an unpickled runner has no client (distributed.get_client() failed).
         self._reconnect_error: Optional[str] = None
         super().__init__()
@@ -219,6 +244,8 @@ class DaskTaskRunner(BlockingTaskRunner):
         # a key Dask already holds shares that task, so it must share its token.
         self._tokens: Dict[str, str] = {}
         self._forwarder = dask_cluster.RecordForwarder()
+        # How long each task's calls take: kept from one block to the next.
+        self._durations = Durations(self.batch_size)
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
@@ -249,37 +276,45 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._client, self._cluster = connection.client, connection.cluster
         self._workers_in_process, self._capture = connection.workers_in_process, connection.capture
         self._fetcher = self._new_fetcher(connection.client)
+        self._batches = self._new_batches(connection.client)
+
+    def _new_batches(self, client: Any) -> Optional[DaskBatches]:
+        return None if self.batch_size == 1 else DaskBatches(self, client, self._durations)
 
     def _close(self) -> None:
         self._release(abort=False)
 
     def _abort(self, exc: BaseException) -> None:
         client = self._client
-        handed_over = []
+        if self._batches is not None:  # gathered calls are cancelled below, never sent
+            self._batches.dispatcher.drop_gathered()
+        tokens: List[str] = []
+        dask_futures: Dict[int, Any] = {}  # a batch's future once, by id
         for call in self._pending_calls():
             with call.handover:
                 call.cancelling = True
                 if call.dask_future is not None and not call.done():
-                    handed_over.append((call.token, call.dask_future))
+                    tokens.append(str(call.token))
+                    dask_futures[id(call.dask_future)] = call.dask_future
             # The Dask futures are cancelled below, all at once.
             call.set_cancelled()
-        if handed_over and client is not None and dask_engine.client_is_open(client):
+        if tokens and client is not None and dask_engine.client_is_open(client):
             # Workers of a process cluster the runner created are stopped below;
             # other workers are told, so that a call about to start does not.
             if self._cluster is None or self._workers_in_process:
                 try:
-                    client.run(dask_worker.abort_calls, [token for token, _ in handed_over])
+                    client.run(dask_worker.abort_calls, tokens)
                 except Exception:
                     self.logger.debug("Cancelling calls on the workers failed", exc_info=True)
             try:
-                client.cancel([dask_future for _, dask_future in handed_over])
+                client.cancel(list(dask_futures.values()))
             except Exception:
                 self.logger.debug("Cancelling the Dask futures failed", exc_info=True)
         self._release(abort=True)
 
     def _release(self, abort: bool) -> None:
         client, cluster = self._client, self._cluster
-        self._client = self._cluster = self._fetcher = None
+        self._client = self._cluster = self._fetcher = self._batches = None
         try:
             dask_cluster.close_connection(client, cluster, abort, self.logger)
         finally:
@@ -303,25 +338,59 @@ class DaskTaskRunner(BlockingTaskRunner):
             raise RuntimeError("The task runner must be started before submitting work.")
         call = DaskCall(self, client)
         submission = _Submission(task_run, run_fn, run_kwargs)
+        upstream = self._upstream_calls(run_kwargs)
         # Upstream calls that Dask cannot be handed are waited for here.
         waiting = [
-            upstream
-            for upstream in self._upstream_calls(run_kwargs)
-            if not upstream.done() and dask_future_to_hand_off(upstream, client) is None
+            upstream_call
+            for upstream_call in upstream
+            if not upstream_call.done() and dask_future_to_hand_off(upstream_call, client) is None
         ]
         if waiting:
             self._start_after(waiting, call, submission, by_value=False)
         else:
-            self._start(call, submission, by_value=False)
+            self._launch(call, submission, upstream)
         self._track(call)
         return call
+
+    def _launch(self, call: DaskCall, submission: _Submission, upstream: List[Any]) -> None:
+        """Start ``call``: through the dispatcher if its upstream calls are all done,
+        else alone, handed the Dask futures of those still running."""
+        batches = self._batches
+        if batches is None or not all(upstream_call.done() for upstream_call in upstream):
+            self._start(call, submission, by_value=False)
+        else:
+            batches.submit(call, submission)
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> DaskCall:
         call = DaskCall(self, self._client)
-        self._start(call, _Submission(task_run, run_fn, run_kwargs), by_value=True)
+        submission = _Submission(task_run, run_fn, run_kwargs)
+        if self._batches is None:
+            self._start(call, submission, by_value=True)
+        else:
+            self._batches.submit(call, submission)
         return call
+
+    def _dispatch_many(
+        self,
+        task_runs: List[TaskRun],
+        run_fn: Callable[..., Any],
+        run_kwargs_list: List[Dict[str, Any]],
+    ) -> List[CallHandle]:
+        batches = self._batches
+        if batches is None:
+            return super()._dispatch_many(task_runs, run_fn, run_kwargs_list)
+        annotations = batches.current_annotations()
+        calls = [DaskCall(self, self._client) for _ in task_runs]
+        batches.submit_many(
+            calls,
+            [
+                _Submission(task_run, run_fn, run_kwargs, annotations)
+                for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
+            ],
+        )
+        return list(calls)
 
     def _start_after(
         self,
@@ -338,17 +407,34 @@ class DaskTaskRunner(BlockingTaskRunner):
             submission = submission._replace(annotations=dask.get_annotations())
 
         def upstream_done() -> None:
+            call.waiting_on = None
             if call.done():  # cancelled meanwhile
                 return
             try:
-                self._start(call, submission, by_value, rerun)
+                if by_value:
+                    self._start(call, submission, by_value, rerun)
+                else:
+                    self._launch(call, submission, self._upstream_calls(submission.run_kwargs))
             except BaseException as exc:
                 call.set_result(exception_to_crashed_state(exc))
 
+        call.waiting_on = upstream
         when_all_done(upstream, upstream_done)
 
-    def _start(self, call: DaskCall, submission: _Submission, by_value: bool, rerun: bool = False) -> None:
-        """Submit ``call`` to Dask; its upstream calls are done or handed to Dask."""
+    def _start(
+        self,
+        call: DaskCall,
+        submission: _Submission,
+        by_value: bool,
+        rerun: bool = False,
+        sent: Optional[DaskBatch] = None,
+    ) -> bool:
+        """Submit ``call`` to Dask; its upstream calls are done or handed to Dask.
+
+        :param sent: the dispatcher sends the call, as this batch of one: the worker
+            also tells how long it ran, and the batch is what is watched
+        :return: whether Dask was given the call
+        """
         task_run, run_fn, run_kwargs, annotations = submission
         client = call.client
         # (upstream call, the Dask future handed off), by that future, in the order of
@@ -374,33 +460,29 @@ class DaskTaskRunner(BlockingTaskRunner):
                     data=exc,
                 )
             )
-            return
+            return False
         key = f"{task_run.name}-{task_run.id.hex}"
         if rerun:  # the first key is taken by the Dask task that failed
             key += "-rerun"
-        if annotations:
-            import dask
-
-            context: Any = dask.annotate(**annotations)
-        else:
-            context = nullcontext()
         refused: Optional[Exception] = None
         with call.handover:
             if call.cancelling or call.done():
-                return
+                return False
             token = self._tokens.setdefault(key, uuid.uuid4().hex)
+            submit = functools.partial(
+                client.submit,
+                dask_worker.run_task,
+                payload,
+                key,
+                token,
+                upstream or None,
+                self._capture,
+                *((True,) if sent is not None else ()),
+                key=key,
+                pure=True,
+            )
             try:
-                with context:
-                    dask_future = client.submit(
-                        dask_worker.run_task,
-                        payload,
-                        key,
-                        token,
-                        upstream or None,
-                        self._capture,
-                        key=key,
-                        pure=True,
-                    )
+                dask_future = submit_annotated(annotations, submit, exact=sent is not None)
             except Exception as exc:
                 refused = exc
                 self._tokens.pop(key, None)
@@ -408,20 +490,37 @@ class DaskTaskRunner(BlockingTaskRunner):
                 call.key, call.token, call.dask_future = key, token, dask_future
         if refused is not None:
             call.set_result(Crashed(message=f"Dask refused the call: {refused!r}.", data=refused))
-            return
+            return False
         if handed_off:
             call.rerun = (submission, list(handed_off.values()))
         fetcher = self._fetcher or self._fetcher_for(client)
-        fetcher.watch(call, dask_future)
+        if sent is None:
+            fetcher.watch(call, dask_future)
+        else:
+            sent.dask_future = dask_future
+            fetcher.watch(sent, dask_future)
+        return True
 
     def _new_fetcher(self, client: Any) -> StateFetcher:
-        return StateFetcher(client, self._settle_outcome, self._settle_failure)
+        return StateFetcher(client, self._settle_watched, self._fail_watched, _abandoned)
 
     def _fetcher_for(self, client: Any) -> StateFetcher:
         with self._lifecycle_lock:
             if self._fetcher is None:
                 self._fetcher = self._new_fetcher(client)
             return self._fetcher
+
+    def _settle_watched(self, watched: Union[DaskCall, DaskBatch], value: Any) -> None:
+        if isinstance(watched, DaskBatch):
+            watched.sender.settle(watched, value)
+        else:
+            self._settle_outcome(watched, value)
+
+    def _fail_watched(self, watched: Union[DaskCall, DaskBatch], exc: BaseException) -> None:
+        if isinstance(watched, DaskBatch):
+            watched.sender.fail(watched, exc)
+        else:
+            self._settle_failure(watched, exc)
 
     def _settle_outcome(self, call: DaskCall, value: Any) -> None:
         """Settle a call with what its Dask task returned (on the client's loop)."""
@@ -506,4 +605,9 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._detached = True
         else:
             self._reconnect_error = None
+            self._batches = self._new_batches(self._client)
+
+
+def _abandoned(batch: DaskBatch) -> None:
+    batch.sender.abandoned(batch)
 

@@ -14,6 +14,9 @@ Hazards, each with its own answer:
   counts as running only once a worker was seen running it.
 - Many small calls. One ``gather`` brings back every State that finished meanwhile,
   so a thousand small calls cost a few round trips, not a thousand.
+- Batches. The calls of a :class:`DaskBatch` share one Dask future, which holds
+  their States together: it is never handed to a downstream call, and cancelling
+  one call never cancels it (the workers' registry keeps that call from starting).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import functools
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.calls import Call
-from taskrunners.states import Crashed, exception_to_crashed_state
+from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = [
     "CLIENT_CLOSED",
     "DaskCall",
+    "DaskBatch",
     "dask_future_to_hand_off",
     "forget_token",
     "StateFetcher",
@@ -46,11 +50,15 @@ class DaskCall(Call):
     """One call on the cluster; its State arrives from the client's loop.
 
     ``dask_future``, ``key`` and ``token`` are None until the call is handed to Dask
-    (it may wait for upstream calls of other runners first); all are replaced if the
-    call is rerun. It counts as running once a worker reported that it started.
+    (it may wait for upstream calls, or in the runner's dispatcher for a batch); all
+    are replaced if the call is rerun. It counts as running once a worker reported
+    that it started.
     """
 
-    __slots__ = ("runner", "client", "key", "token", "dask_future", "cancelling", "handover", "rerun")
+    __slots__ = (
+        "runner", "client", "key", "token", "dask_future", "cancelling", "handover",
+        "rerun", "in_batch", "waiting_on",
+    )
 
     def __init__(self, runner: Any, client: Any) -> None:
         super().__init__()
@@ -65,6 +73,21 @@ class DaskCall(Call):
         self.handover = threading.Lock()
         # Set when upstream calls were handed to Dask: what a rerun needs.
         self.rerun: Optional[Tuple[Any, ...]] = None
+        # Whether ``dask_future`` is a batch's, shared with other calls.
+        self.in_batch = False
+        # The upstream calls it waits for before it is handed to Dask.
+        self.waiting_on: Optional[List[Any]] = None
+
+    def expedite(self) -> None:
+        """Somebody waits for the call: send it now if the dispatcher gathers it, and
+        the upstream calls it waits for likewise."""
+        if self._state is not None:
+            return
+        batches = self.runner._batches
+        if batches is not None:
+            batches.dispatcher.expedite(self)
+        for upstream in self.waiting_on or ():
+            upstream.expedite()
 
     @property
     def started(self) -> bool:
@@ -98,13 +121,39 @@ def forget_token(tokens: Dict[str, str], call: DaskCall) -> None:
         tokens.pop(call.key, None)
 
 
+class DaskBatch:
+    """What one Dask task the dispatcher sent carries: a batch of calls, or one call.
+
+    :param calls: its calls, in the order they run
+    :param task: the task they belong to (what their durations are recorded under)
+    :param sender: what sent it, and settles it (the runner's ``DaskBatches``)
+    :param single: whether it is one call sent as it would be alone (its own key,
+        :func:`~taskrunners._core.dask_worker.run_task`), rather than a batch
+    """
+
+    __slots__ = ("calls", "task", "sender", "single", "dask_future", "settled")
+
+    def __init__(self, calls: List[DaskCall], task: Any, sender: Any, single: bool) -> None:
+        self.calls = calls
+        self.task = task
+        self.sender = sender
+        self.single = single
+        self.dask_future: Any = None
+        self.settled = False
+
+    def done(self) -> bool:
+        """Whether its outcome was handled (the fetcher then leaves it alone)."""
+        return self.settled
+
+
 def dask_future_to_hand_off(call: Any, client: Any) -> Any:
     """The Dask future a downstream call can be handed for ``call``, or None.
 
     A call that failed in Dask and is settled goes by value; one not settled yet is
-    handed off anyway, and its downstream call is rerun if Dask fails it.
+    handed off anyway, and its downstream call is rerun if Dask fails it. A call in
+    a batch goes by value: its Dask future holds the whole batch's States.
     """
-    if type(call) is not DaskCall or call.client is not client:
+    if type(call) is not DaskCall or call.client is not client or call.in_batch:
         return None
     dask_future = call.dask_future
     if dask_future is None:
@@ -126,30 +175,38 @@ def _on_loop_of(client: Any) -> bool:
 # -- fetching States ---------------------------------------------------------------------
 
 
+#: What the fetcher watches: a call, or a batch the dispatcher sent.
+Watched = Union[DaskCall, DaskBatch]
+
+
 class StateFetcher:
     """Fetches the States of finished calls in batches, on the client's event loop.
 
-    :param on_outcome: called with a call and what its Dask task returned
-    :param on_failure: called with a call and what its Dask task raised
+    :param on_outcome: called with a call (or batch) and what its Dask task returned
+    :param on_failure: called with a call (or batch) and what its Dask task raised
+    :param on_abandoned: called with a batch whose calls were given a State here
+        because its outcome could not be fetched
     """
 
     def __init__(
         self,
         client: Any,
-        on_outcome: Callable[[DaskCall, Any], None],
-        on_failure: Callable[[DaskCall, BaseException], None],
+        on_outcome: Callable[[Watched, Any], None],
+        on_failure: Callable[[Watched, BaseException], None],
+        on_abandoned: Callable[[DaskBatch], None],
     ) -> None:
         self._client = client
         self._on_outcome = on_outcome
         self._on_failure = on_failure
+        self._on_abandoned = on_abandoned
         self._lock = threading.Lock()
-        self._to_watch: List[Tuple[DaskCall, Any]] = []
+        self._to_watch: List[Tuple[Watched, Any]] = []
         self._watching = False
-        self._ready: List[Tuple[DaskCall, Any]] = []
+        self._ready: List[Tuple[Watched, Any]] = []
         self._fetching = False
 
-    def watch(self, call: DaskCall, dask_future: Any) -> None:
-        """Fetch the State of ``call`` once ``dask_future`` is done."""
+    def watch(self, call: Watched, dask_future: Any) -> None:
+        """Fetch the State of ``call`` (or batch) once ``dask_future`` is done."""
         # Done callbacks are registered from the client's loop, a burst at a time:
         # each registration from another thread would wake the loop up.
         with self._lock:
@@ -165,7 +222,7 @@ class StateFetcher:
         for call, dask_future in batch:
             dask_future.add_done_callback(functools.partial(self._on_done, call))
 
-    def _on_done(self, call: DaskCall, dask_future: Any) -> None:
+    def _on_done(self, call: Watched, dask_future: Any) -> None:
         with self._lock:
             self._ready.append((call, dask_future))
             if self._fetching:
@@ -177,7 +234,7 @@ class StateFetcher:
             with self._lock:
                 batch, self._ready, self._fetching = self._ready, [], False
             for call, _ in batch:
-                call.set_result(Crashed(message=CLIENT_CLOSED))
+                self._abandon(call, Crashed(message=CLIENT_CLOSED))
 
     async def _fetch(self) -> None:
         while True:
@@ -190,14 +247,24 @@ class StateFetcher:
                 await self._settle(batch)
             except BaseException as exc:
                 for call, _ in batch:
-                    call.set_result(exception_to_crashed_state(exc))
+                    self._abandon(call, exception_to_crashed_state(exc))
                 if not isinstance(exc, Exception):
                     with self._lock:
                         self._fetching = False
                     raise
 
-    async def _settle(self, batch: List[Tuple[DaskCall, Any]]) -> None:
-        gatherable = []
+    def _abandon(self, watched: Watched, state: State) -> None:
+        if not isinstance(watched, DaskBatch):
+            watched.set_result(state)
+            return
+        if watched.settled:
+            return
+        for call in watched.calls:
+            call.set_result(state)
+        self._on_abandoned(watched)
+
+    async def _settle(self, batch: List[Tuple[Watched, Any]]) -> None:
+        gatherable: List[Watched] = []
         for call, dask_future in batch:
             if call.done() or call.dask_future is not dask_future:
                 continue  # cancelled, or replaced by a rerun
@@ -285,7 +352,8 @@ def _cancel_on_workers(
                 continue
             call.cancelling = True
         if Call.cancel(call):
-            cancelled.append(dask_future)
+            if not call.in_batch:  # a batch runs on: its worker skips this call
+                cancelled.append(dask_future)
             forget_token(tokens, call)
     if started:
         # The workers that had not started a started call marked it cancelled: a
