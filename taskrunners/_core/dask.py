@@ -28,15 +28,13 @@ run again with its upstream States by value (``_settle_failure``).
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import functools
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from taskrunners._core import dask_cluster, dask_engine, dask_worker
+from taskrunners._core import dask_cluster, dask_worker
 from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType, state_of_done
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
 from taskrunners._core.calls import CallHandle, when_all_done
@@ -46,9 +44,13 @@ from taskrunners._core.dask_calls import (
     DaskBatch,
     DaskCall,
     StateFetcher,
+    Submission,
+    abort_calls,
     cancel_unstarted,
     dask_future_to_hand_off,
+    failure_state,
     forget_token,
+    unpicklable_call_state,
 )
 from taskrunners._core.remote import import_engine, with_upstream
 from taskrunners.futures import TaskRun
@@ -59,16 +61,6 @@ __all__ = ["DaskTaskRunner"]
 
 def _import_distributed() -> Any:
     return import_engine("distributed", "DaskTaskRunner")
-
-
-class _Submission(NamedTuple):
-    """What a call was submitted with: what starting it (again) needs."""
-
-    task_run: TaskRun
-    run_fn: Callable[..., Any]
-    run_kwargs: Dict[str, Any]
-    #: ``dask.annotate`` values to start it with, if not started at once.
-    annotations: Optional[Dict[str, Any]] = None
 
 
 class DaskTaskRunner(BlockingTaskRunner):
@@ -115,25 +107,18 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     How calls run:
 
-    - A call sent alone is a Dask task with the key
-      ``f"{task_run.name}-{task_run.id.hex}"`` and ``pure=True``, so a task run
-      submitted twice runs once. Upstream calls of this runner still running are
-      handed to Dask as Dask futures: their States go from worker to worker without a
-      trip through this process.
-    - Batches (``batch_size="auto"``, the default): a call whose upstream calls are
-      done (or that has none) is sent at once while fewer Dask tasks than twice the
-      cluster's worker threads are out; otherwise it waits, gathered with the other
-      calls of its task and ``dask.annotate`` values, and they go together as one
-      Dask task keyed ``f"{task_name}-batch-{hex}"`` as soon as one is back. How many
-      go together is learned per task from how long its calls take on the workers:
-      calls of a millisecond go by the hundreds, calls of a tenth of a second or
-      more alone, under their own key. Waiting for a gathered call sends it at once.
-      Each call keeps its own State, cancel and ``running()``; a call that raises or
-      crashes takes no other call of its batch with it. Calls annotated with Dask
-      ``retries``, and calls handed Dask futures of upstream calls still running, are
-      always sent alone. A worker that dies running a batch: Dask runs the whole batch
-      again on another worker, as it does any task it lost, so calls of the batch that
-      had already run may run again. ``batch_size=1`` sends every call alone at once.
+    - A call sent alone is a Dask task keyed ``f"{task_run.name}-{task_run.id.hex}"``,
+      ``pure=True``: a task run submitted twice runs once. Upstream calls of this
+      runner still running are handed to Dask as Dask futures: their States go from
+      worker to worker without a trip through this process.
+    - Batches (``batch_size="auto"``): while twice as many Dask tasks as the cluster
+      has worker threads are out, calls whose upstream calls are done gather by task
+      and ``dask.annotate`` values, and go together as one Dask task keyed
+      ``f"{task_name}-batch-{hex}"`` when one comes back; a lone call, or one waited
+      for, goes at once. How many go together is learned per task: calls of a
+      millisecond by the hundreds, of a tenth of a second alone, under their own key.
+      Each call keeps its own State, ``cancel()`` and ``running()``; one that raises
+      or crashes takes no other with it. Calls with Dask ``retries`` go alone.
     - Function and arguments are serialized with cloudpickle, so lambdas, closures
       and modules registered for pickling by value work without being importable
       on the workers. A coroutine ``run_fn`` runs on an event loop of its own in a
@@ -148,6 +133,7 @@ class DaskTaskRunner(BlockingTaskRunner):
       ``distributed.scheduler.allowed-failures`` setting (3 by default); after that
       the call's State is Crashed, naming the cause. Other calls, and calls that
       depend on the crashed one (they receive its Crashed State), go on normally.
+      Dask runs a lost batch again whole: calls of it that had run run again.
     - Records a call logs on a worker process (those reaching the worker's root
       logger from the call's own thread, at or above this process's root logger
       level when the block started) travel back with its State and are handled by
@@ -190,30 +176,9 @@ class DaskTaskRunner(BlockingTaskRunner):
         *,
         batch_size: BatchSize = "auto",
     ) -> None:
-        if address and (cluster_class or cluster_kwargs or adapt_kwargs):
-            raise ValueError(
-                f"`address` ({address!r}) connects to a running Dask cluster, so "
-                "`cluster_class`, `cluster_kwargs` and `adapt_kwargs`, which describe a "
-                "cluster to create, cannot be given with it. Pass one or the other."
-            )
-        resolved: Optional[Callable[..., Any]] = None
-        if isinstance(cluster_class, str):
-            resolved = dask_cluster.import_cluster_class(cluster_class)
-        elif cluster_class is not None and not callable(cluster_class):
-            raise TypeError(
-                "`cluster_class` must be a class, a callable or its dotted name, got "
-                f"{type(cluster_class).__name__}."
-            )
-        else:
-            resolved = cluster_class
-        if (
-            isinstance(connect_timeout, bool)
-            or not isinstance(connect_timeout, (int, float))
-            or not connect_timeout > 0
-        ):
-            raise ValueError(
-                f"`connect_timeout` must be a positive number of seconds, got {connect_timeout!r}."
-            )
+        resolved = dask_cluster.checked_settings(
+            address, cluster_class, cluster_kwargs, adapt_kwargs, connect_timeout
+        )
         client_kwargs = dask_cluster.checked_kwargs("client_kwargs", client_kwargs)
         client_kwargs.setdefault("set_as_default", False)
 
@@ -285,31 +250,12 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._release(abort=False)
 
     def _abort(self, exc: BaseException) -> None:
-        client = self._client
         if self._batches is not None:  # gathered calls are cancelled below, never sent
             self._batches.dispatcher.drop_gathered()
-        tokens: List[str] = []
-        dask_futures: Dict[int, Any] = {}  # a batch's future once, by id
-        for call in self._pending_calls():
-            with call.handover:
-                call.cancelling = True
-                if call.dask_future is not None and not call.done():
-                    tokens.append(str(call.token))
-                    dask_futures[id(call.dask_future)] = call.dask_future
-            # The Dask futures are cancelled below, all at once.
-            call.set_cancelled()
-        if tokens and client is not None and dask_engine.client_is_open(client):
-            # Workers of a process cluster the runner created are stopped below;
-            # other workers are told, so that a call about to start does not.
-            if self._cluster is None or self._workers_in_process:
-                try:
-                    client.run(dask_worker.abort_calls, tokens)
-                except Exception:
-                    self.logger.debug("Cancelling calls on the workers failed", exc_info=True)
-            try:
-                client.cancel(list(dask_futures.values()))
-            except Exception:
-                self.logger.debug("Cancelling the Dask futures failed", exc_info=True)
+        # Workers of a process cluster the runner created are stopped by _release;
+        # other workers are told, so that a call about to start does not.
+        tell_workers = self._cluster is None or self._workers_in_process
+        abort_calls(self._client, self._pending_calls(), tell_workers, self.logger)
         self._release(abort=True)
 
     def _release(self, abort: bool) -> None:
@@ -337,7 +283,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         if client is None:
             raise RuntimeError("The task runner must be started before submitting work.")
         call = DaskCall(self, client)
-        submission = _Submission(task_run, run_fn, run_kwargs)
+        submission = Submission(task_run, run_fn, run_kwargs)
         upstream = self._upstream_calls(run_kwargs)
         # Upstream calls that Dask cannot be handed are waited for here.
         waiting = [
@@ -352,7 +298,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._track(call)
         return call
 
-    def _launch(self, call: DaskCall, submission: _Submission, upstream: List[Any]) -> None:
+    def _launch(self, call: DaskCall, submission: Submission, upstream: List[Any]) -> None:
         """Start ``call``: through the dispatcher if its upstream calls are all done,
         else alone, handed the Dask futures of those still running."""
         batches = self._batches
@@ -365,7 +311,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> DaskCall:
         call = DaskCall(self, self._client)
-        submission = _Submission(task_run, run_fn, run_kwargs)
+        submission = Submission(task_run, run_fn, run_kwargs)
         if self._batches is None:
             self._start(call, submission, by_value=True)
         else:
@@ -383,20 +329,15 @@ class DaskTaskRunner(BlockingTaskRunner):
             return super()._dispatch_many(task_runs, run_fn, run_kwargs_list)
         annotations = batches.current_annotations()
         calls = [DaskCall(self, self._client) for _ in task_runs]
-        batches.submit_many(
-            calls,
-            [
-                _Submission(task_run, run_fn, run_kwargs, annotations)
-                for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
-            ],
-        )
+        pairs = zip(task_runs, run_kwargs_list)
+        batches.submit_many(calls, [Submission(run, run_fn, kw, annotations) for run, kw in pairs])
         return list(calls)
 
     def _start_after(
         self,
         upstream: List[Any],
         call: DaskCall,
-        submission: _Submission,
+        submission: Submission,
         by_value: bool,
         rerun: bool = False,
     ) -> None:
@@ -424,7 +365,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     def _start(
         self,
         call: DaskCall,
-        submission: _Submission,
+        submission: Submission,
         by_value: bool,
         rerun: bool = False,
         sent: Optional[DaskBatch] = None,
@@ -454,12 +395,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         try:
             payload = cloudpickle.dumps((run_fn, kwargs))
         except Exception as exc:
-            call.set_result(
-                Crashed(
-                    message=f"The call's function or arguments could not be pickled: {exc!r}.",
-                    data=exc,
-                )
-            )
+            call.set_result(unpicklable_call_state(exc))
             return False
         key = f"{task_run.name}-{task_run.id.hex}"
         if rerun:  # the first key is taken by the Dask task that failed
@@ -502,25 +438,13 @@ class DaskTaskRunner(BlockingTaskRunner):
         return True
 
     def _new_fetcher(self, client: Any) -> StateFetcher:
-        return StateFetcher(client, self._settle_watched, self._fail_watched, _abandoned)
+        return StateFetcher(client, self._settle_outcome, self._settle_failure)
 
     def _fetcher_for(self, client: Any) -> StateFetcher:
         with self._lifecycle_lock:
             if self._fetcher is None:
                 self._fetcher = self._new_fetcher(client)
             return self._fetcher
-
-    def _settle_watched(self, watched: Union[DaskCall, DaskBatch], value: Any) -> None:
-        if isinstance(watched, DaskBatch):
-            watched.sender.settle(watched, value)
-        else:
-            self._settle_outcome(watched, value)
-
-    def _fail_watched(self, watched: Union[DaskCall, DaskBatch], exc: BaseException) -> None:
-        if isinstance(watched, DaskBatch):
-            watched.sender.fail(watched, exc)
-        else:
-            self._settle_failure(watched, exc)
 
     def _settle_outcome(self, call: DaskCall, value: Any) -> None:
         """Settle a call with what its Dask task returned (on the client's loop)."""
@@ -554,20 +478,7 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._settle_outcome(call, exc.outcome)
             return
         forget_token(self._tokens, call)
-        if isinstance(exc, _import_distributed().KilledWorker):
-            state = Crashed(
-                message="The Dask worker running this call died (killed, out of memory "
-                "or exited) on every attempt Dask made (see the scheduler's "
-                f"`distributed.scheduler.allowed-failures`): {exc}",
-                data=exc,
-            )
-        elif isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
-            state = exception_to_crashed_state(exc)
-        else:
-            state = Crashed(
-                message=f"Dask could not run the call or return its State: {exc!r}", data=exc
-            )
-        call.set_result(state)
+        call.set_result(failure_state(exc, in_batch=False))
 
     # -- cancellation ------------------------------------------------------------------
 
@@ -606,8 +517,4 @@ class DaskTaskRunner(BlockingTaskRunner):
         else:
             self._reconnect_error = None
             self._batches = self._new_batches(self._client)
-
-
-def _abandoned(batch: DaskBatch) -> None:
-    batch.sender.abandoned(batch)
 

@@ -42,9 +42,8 @@ Hazards, each with its answer:
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextvars
+import functools
 import itertools
 import re
 import threading
@@ -56,9 +55,15 @@ import cloudpickle
 from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.base import FLAT_TYPES, state_of_done
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
-from taskrunners._core.dask_calls import DaskBatch, DaskCall
+from taskrunners._core.dask_calls import (
+    DaskBatch,
+    DaskCall,
+    Submission,
+    failure_state,
+    unpicklable_call_state,
+)
 from taskrunners._core.remote import decode_batch
-from taskrunners.states import Crashed, State, exception_to_crashed_state
+from taskrunners.states import Crashed, State
 
 __all__ = ["DaskBatches", "submit_annotated", "task_name"]
 
@@ -122,7 +127,7 @@ class DaskBatches:
         self.runner = runner
         self.client = client
         self.durations = durations
-        self.dispatcher: Dispatcher[Any] = Dispatcher(2, self.send, durations)
+        self.dispatcher: Dispatcher[Submission] = Dispatcher(2, self.send, durations)
         self.refresh_limit()
         self.current_annotations: Callable[[], Dict[str, Any]] = dask.get_annotations
         # One token per call of a batch; unique across runners sharing a worker.
@@ -142,13 +147,13 @@ class DaskBatches:
 
     # -- submitting ------------------------------------------------------------------
 
-    def submit(self, call: DaskCall, submission: Any) -> None:
+    def submit(self, call: DaskCall, submission: Submission) -> None:
         """Hand ``call`` (its upstream calls done) to the dispatcher, or start it alone."""
         entry = self._entry(call, submission)
         if entry is not None:
             self.dispatcher.submit(entry)
 
-    def submit_many(self, calls: List[DaskCall], submissions: List[Any]) -> None:
+    def submit_many(self, calls: List[DaskCall], submissions: List[Submission]) -> None:
         """As :meth:`submit`, for many calls at once (``task.map``)."""
         entries = []
         for call, submission in zip(calls, submissions):
@@ -157,7 +162,7 @@ class DaskBatches:
                 entries.append(entry)
         self.dispatcher.submit_many(entries)
 
-    def _entry(self, call: DaskCall, submission: Any) -> Optional[Entry[Any]]:
+    def _entry(self, call: DaskCall, submission: Submission) -> Optional[Entry[Submission]]:
         """The dispatcher's entry for ``call``; None if it was started some other way."""
         runner = self.runner
         task_run, run_fn, run_kwargs, annotations = submission
@@ -185,7 +190,7 @@ class DaskBatches:
         self._in_flight[key] = call
         call.add_done_callback(self._left_flight)
         if submission.annotations is None:  # (not _replace: several times slower)
-            submission = type(submission)(task_run, run_fn, run_kwargs, annotations)
+            submission = Submission(task_run, run_fn, run_kwargs, annotations)
         return Entry(call, task, options, submission)
 
     def _left_flight(self, call: DaskCall) -> None:
@@ -194,7 +199,7 @@ class DaskBatches:
 
     # -- sending ---------------------------------------------------------------------
 
-    def send(self, entries: List[Entry[Any]]) -> None:
+    def send(self, entries: List[Entry[Submission]]) -> None:
         """The dispatcher's ``send``: one Dask task for ``entries`` (from any thread)."""
         if len(entries) == 1:
             (entry,) = entries
@@ -204,7 +209,7 @@ class DaskBatches:
             return
         self._send_batch(entries)
 
-    def _send_batch(self, entries: List[Entry[Any]]) -> None:
+    def _send_batch(self, entries: List[Entry[Submission]]) -> None:
         runner = self.runner
         live = entries
         while True:
@@ -231,16 +236,17 @@ class DaskBatches:
                 tokens = [f"{prefix}-{next(numbers)}" for _ in batch.calls]
                 names = [call.key or "?" for call in batch.calls]
                 payload = dask_worker.batch_payload(names, tokens, calls)
-                client = self.client
-
-                def submit() -> Any:
-                    # pure=False: a batch is a new Dask task each time. Its key is
-                    # fresh anyway; a task run submitted twice is kept to one run
-                    # before batching (``_in_flight``), not by Dask.
-                    return client.submit(
-                        dask_worker.run_batch_task, payload, runner._capture, key=key, pure=False
-                    )
-
+                # pure=False: a batch is a new Dask task each time. Its key is fresh
+                # anyway; a task run submitted twice is kept to one run before
+                # batching (``_in_flight``), not by Dask.
+                submit = functools.partial(
+                    self.client.submit,
+                    dask_worker.run_batch_task,
+                    payload,
+                    runner._capture,
+                    key=key,
+                    pure=False,
+                )
                 try:
                     dask_future = submit_annotated(annotations, submit, exact=True)
                 except Exception as exc:
@@ -268,19 +274,14 @@ class DaskBatches:
         result: Dict[str, Any] = self.runner._resolve_futures(run_kwargs)
         return result
 
-    def _picklable(self, live: List[Entry[Any]], pairs: List[Any]) -> List[Entry[Any]]:
+    def _picklable(self, live: List[Entry[Submission]], pairs: List[Any]) -> List[Entry[Submission]]:
         """The entries whose call pickles; the others are Crashed with the error."""
         kept = []
         for entry, pair in zip(live, pairs):
             try:
                 cloudpickle.dumps(pair)
             except Exception as exc:
-                entry.call.set_result(
-                    Crashed(
-                        message=f"The call's function or arguments could not be pickled: {exc!r}.",
-                        data=exc,
-                    )
-                )
+                entry.call.set_result(unpicklable_call_state(exc))
             else:
                 kept.append(entry)
         return kept
@@ -330,32 +331,13 @@ class DaskBatches:
             if batch.single:
                 self.runner._settle_failure(batch.calls[0], exc)
                 return
-            state = self._failure_state(batch, exc)
+            state = failure_state(exc, in_batch=True)
             for call in batch.calls:
                 call.dask_future = None
                 call.set_result(state)
         finally:
             batch.calls = []
             self.task_done()
-
-    @staticmethod
-    def _failure_state(batch: DaskBatch, exc: BaseException) -> State:
-        import distributed
-
-        if isinstance(exc, distributed.KilledWorker):
-            return Crashed(
-                message="The Dask worker running this call's batch died (killed, out of "
-                "memory or exited) on every attempt Dask made (see the scheduler's "
-                "`distributed.scheduler.allowed-failures`); Dask runs a lost batch again "
-                f"whole, so its calls may have run more than once: {exc}",
-                data=exc,
-            )
-        if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
-            return exception_to_crashed_state(exc)
-        return Crashed(
-            message=f"Dask could not run the call's batch or return its States: {exc!r}",
-            data=exc,
-        )
 
     def abandoned(self, batch: DaskBatch) -> None:
         """The fetcher gave the batch's calls a State of its own: the Dask task is back."""

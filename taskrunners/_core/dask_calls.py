@@ -27,7 +27,7 @@ import functools
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.calls import Call
@@ -37,10 +37,14 @@ __all__ = [
     "CLIENT_CLOSED",
     "DaskCall",
     "DaskBatch",
+    "Submission",
     "dask_future_to_hand_off",
     "forget_token",
+    "failure_state",
+    "unpicklable_call_state",
     "StateFetcher",
     "cancel_unstarted",
+    "abort_calls",
 ]
 
 CLIENT_CLOSED = "The Dask client closed before the call's State arrived."
@@ -121,6 +125,16 @@ def forget_token(tokens: Dict[str, str], call: DaskCall) -> None:
         tokens.pop(call.key, None)
 
 
+class Submission(NamedTuple):
+    """What a call was submitted with: what starting it (again) needs."""
+
+    task_run: Any
+    run_fn: Callable[..., Any]
+    run_kwargs: Dict[str, Any]
+    #: ``dask.annotate`` values to start it with, if not started at once.
+    annotations: Optional[Dict[str, Any]] = None
+
+
 class DaskBatch:
     """What one Dask task the dispatcher sent carries: a batch of calls, or one call.
 
@@ -163,6 +177,36 @@ def dask_future_to_hand_off(call: Any, client: Any) -> Any:
     return dask_future
 
 
+def unpicklable_call_state(exc: BaseException) -> State:
+    """The State of a call whose function or arguments ``cloudpickle`` refused."""
+    return Crashed(
+        message=f"The call's function or arguments could not be pickled: {exc!r}.", data=exc
+    )
+
+
+def failure_state(exc: BaseException, in_batch: bool) -> State:
+    """The State of a call whose Dask task (its own, or its batch's) raised ``exc``."""
+    import distributed
+
+    if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+        return exception_to_crashed_state(exc)
+    if isinstance(exc, distributed.KilledWorker):
+        what = "this call's batch" if in_batch else "this call"
+        again = (
+            "; Dask runs a lost batch again whole, so its calls may have run more than once"
+            if in_batch
+            else ""
+        )
+        return Crashed(
+            message=f"The Dask worker running {what} died (killed, out of memory or "
+            "exited) on every attempt Dask made (see the scheduler's "
+            f"`distributed.scheduler.allowed-failures`){again}: {exc}",
+            data=exc,
+        )
+    what = "the call's batch or return its States" if in_batch else "the call or return its State"
+    return Crashed(message=f"Dask could not run {what}: {exc!r}", data=exc)
+
+
 def _on_loop_of(client: Any) -> bool:
     """Whether this thread runs ``client``'s event loop (where it must not block)."""
     try:
@@ -182,23 +226,22 @@ Watched = Union[DaskCall, DaskBatch]
 class StateFetcher:
     """Fetches the States of finished calls in batches, on the client's event loop.
 
-    :param on_outcome: called with a call (or batch) and what its Dask task returned
-    :param on_failure: called with a call (or batch) and what its Dask task raised
-    :param on_abandoned: called with a batch whose calls were given a State here
-        because its outcome could not be fetched
+    :param on_outcome: called with a call and what its Dask task returned
+    :param on_failure: called with a call and what its Dask task raised
+
+    A :class:`DaskBatch` is settled by its ``sender`` instead (its ``settle``,
+    ``fail`` and ``abandoned``).
     """
 
     def __init__(
         self,
         client: Any,
-        on_outcome: Callable[[Watched, Any], None],
-        on_failure: Callable[[Watched, BaseException], None],
-        on_abandoned: Callable[[DaskBatch], None],
+        on_outcome: Callable[[DaskCall, Any], None],
+        on_failure: Callable[[DaskCall, BaseException], None],
     ) -> None:
         self._client = client
         self._on_outcome = on_outcome
         self._on_failure = on_failure
-        self._on_abandoned = on_abandoned
         self._lock = threading.Lock()
         self._to_watch: List[Tuple[Watched, Any]] = []
         self._watching = False
@@ -261,7 +304,19 @@ class StateFetcher:
             return
         for call in watched.calls:
             call.set_result(state)
-        self._on_abandoned(watched)
+        watched.sender.abandoned(watched)
+
+    def _outcome(self, watched: Watched, value: Any) -> None:
+        if isinstance(watched, DaskBatch):
+            watched.sender.settle(watched, value)
+        else:
+            self._on_outcome(watched, value)
+
+    def _failure(self, watched: Watched, exc: BaseException) -> None:
+        if isinstance(watched, DaskBatch):
+            watched.sender.fail(watched, exc)
+        else:
+            self._on_failure(watched, exc)
 
     async def _settle(self, batch: List[Tuple[Watched, Any]]) -> None:
         gatherable: List[Watched] = []
@@ -270,9 +325,9 @@ class StateFetcher:
                 continue  # cancelled, or replaced by a rerun
             status = dask_future.status
             if status == "error":
-                self._on_failure(call, await dask_future.exception(asynchronous=True))
+                self._failure(call, await dask_future.exception(asynchronous=True))
             elif status == "cancelled":
-                self._on_failure(call, concurrent.futures.CancelledError())
+                self._failure(call, concurrent.futures.CancelledError())
             else:
                 gatherable.append(call)
         if not gatherable:
@@ -291,10 +346,10 @@ class StateFetcher:
                         f"cluster: {exc!r}.",
                         data=exc,
                     )
-                self._on_outcome(call, value)
+                self._outcome(call, value)
             return
         for call, value in zip(gatherable, values):
-            self._on_outcome(call, value)
+            self._outcome(call, value)
 
 
 # -- cancelling ----------------------------------------------------------------------------
@@ -374,6 +429,36 @@ def _cancel_on_workers(
             client.cancel(cancelled)
         except Exception:
             logger.debug("Cancelling the Dask futures failed", exc_info=True)
+
+
+def abort_calls(client: Any, calls: List[DaskCall], tell_workers: bool, logger: logging.Logger) -> None:
+    """The block is left with an exception: cancel every one of ``calls`` that is not
+    done, whether it started or not, and its Dask task (a batch's once).
+
+    :param tell_workers: whether to have the workers cancel them too (coroutine calls
+        running there are cancelled where they await, the others do not start)
+    """
+    tokens: List[str] = []
+    dask_futures: Dict[int, Any] = {}
+    for call in calls:
+        with call.handover:
+            call.cancelling = True
+            if call.dask_future is not None and not call.done():
+                tokens.append(str(call.token))
+                dask_futures[id(call.dask_future)] = call.dask_future
+        # The Dask futures are cancelled below, all at once.
+        call.set_cancelled()
+    if not tokens or client is None or not dask_engine.client_is_open(client):
+        return
+    if tell_workers:
+        try:
+            client.run(dask_worker.abort_calls, tokens)
+        except Exception:
+            logger.debug("Cancelling calls on the workers failed", exc_info=True)
+    try:
+        client.cancel(list(dask_futures.values()))
+    except Exception:
+        logger.debug("Cancelling the Dask futures failed", exc_info=True)
 
 
 def _started_on_workers(call: DaskCall) -> bool:
