@@ -409,6 +409,23 @@ def test_upstream_futures_of_another_runner_arrive_as_states_and_keep_annotation
         assert annotations.get("priority") == 3
 
 
+def test_mapped_calls_with_running_upstream_calls_are_handed_dask_futures_with_annotations():
+    from taskrunners._core import seam
+    from taskrunners._core.calls import block_until_done
+
+    with threads_runner().start() as runner:
+        up = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 0.5, "value": 40})
+        down_run = TaskRun()
+        with dask.annotate(priority=3):
+            (down,) = seam.submit_calls(runner, [down_run], payloads.add_upstream, [{"upstream": up, "y": 1}])
+        # Handed the upstream's Dask future, not waited for here and sent from the loop.
+        assert down.dask_future is not None and down.key == key_of(down_run)
+        block_until_done([down])
+        assert down.result().result() == 41
+        annotations, _ = annotations_of(runner._client, key_of(down_run))
+        assert annotations.get("priority") == 3
+
+
 def annotations_of(client, key):
     def read(dask_scheduler):
         task = dask_scheduler.tasks[key]

@@ -11,15 +11,13 @@ How a call travels::
            ──▶ DaskCall.set_result; the records go to this process's loggers
 
 With ``batch_size="auto"`` a call whose upstream calls are all done goes through
-the runner's dispatcher instead, alone while a worker is free, in a batch of its
-task's calls while every worker is busy (:mod:`~taskrunners._core.dask_batches`).
+the runner's dispatcher instead: :mod:`~taskrunners._core.dask_batches`.
 
-This module holds the runner: its settings, its ``start()`` block, submitting and
-settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask_calls` (the call
-handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_batches`
-(batching), :mod:`~taskrunners._core.dask_worker` (what runs on the workers),
-:mod:`~taskrunners._core.dask_cluster` (the client and cluster of a block) and
-:mod:`~taskrunners._core.dask_engine` (distributed's private names).
+This module owns the runner: its settings, its ``start()`` block, submitting and
+settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask_calls` (call
+handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_worker` (what
+runs on the workers), :mod:`~taskrunners._core.dask_cluster` (a block's client and
+cluster), :mod:`~taskrunners._core.dask_engine` (distributed's private names).
 
 A hazard of its own: Dask fails the dependents of a failed task without running
 them, but a call must receive its upstream's State, whatever it is. Such a call is
@@ -113,12 +111,10 @@ class DaskTaskRunner(BlockingTaskRunner):
       worker to worker without a trip through this process.
     - Batches (``batch_size="auto"``): while twice as many Dask tasks as the cluster
       has worker threads are out, calls whose upstream calls are done gather by task
-      and ``dask.annotate`` values, and go together as one Dask task keyed
-      ``f"{task_name}-batch-{hex}"`` when one comes back; a lone call, or one waited
-      for, goes at once. How many go together is learned per task: calls of a
-      millisecond by the hundreds, of a tenth of a second alone, under their own key.
-      Each call keeps its own State, ``cancel()`` and ``running()``; one that raises
-      or crashes takes no other with it. Calls with Dask ``retries`` go alone.
+      and ``dask.annotate`` values into one Dask task keyed ``f"{task_name}-batch-{hex}"``;
+      a lone call, or one waited for, goes at once. Each call keeps its own State,
+      ``cancel()`` and ``running()``; one that raises or crashes takes no other with
+      it. Calls with Dask ``retries`` go alone.
     - Function and arguments are serialized with cloudpickle, so lambdas, closures
       and modules registered for pickling by value work without being importable
       on the workers. A coroutine ``run_fn`` runs on an event loop of its own in a
@@ -279,11 +275,32 @@ class DaskTaskRunner(BlockingTaskRunner):
     ) -> DaskCall:
         if not self._started or self._detached or self._reconnect_error is not None:
             self._ensure_usable("submit work")
+        call = self._dispatch(task_run, run_fn, run_kwargs)
+        self._track(call)
+        return call
+
+    def _dispatch_after(
+        self,
+        upstream: List[Any],
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+    ) -> DaskCall:
+        # task.map's calls with upstream futures go as submit's: handed Dask futures.
+        return self._dispatch(task_run, run_fn, run_kwargs)
+
+    def _dispatch(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> DaskCall:
+        """Start a call, its upstream calls done or not (every submission comes here)."""
         client = self._client
         if client is None:
             raise RuntimeError("The task runner must be started before submitting work.")
         call = DaskCall(self, client)
-        submission = Submission(task_run, run_fn, run_kwargs)
+        batches = self._batches
+        # The dispatcher may send it later, from another thread: its annotations now.
+        annotations = None if batches is None else batches.current_annotations()
+        submission = Submission(task_run, run_fn, run_kwargs, annotations)
         upstream = self._upstream_calls(run_kwargs)
         # Upstream calls that Dask cannot be handed are waited for here.
         waiting = [
@@ -295,7 +312,6 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._start_after(waiting, call, submission, by_value=False)
         else:
             self._launch(call, submission, upstream)
-        self._track(call)
         return call
 
     def _launch(self, call: DaskCall, submission: Submission, upstream: List[Any]) -> None:
@@ -306,17 +322,6 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._start(call, submission, by_value=False)
         else:
             batches.submit(call, submission)
-
-    def _dispatch(
-        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> DaskCall:
-        call = DaskCall(self, self._client)
-        submission = Submission(task_run, run_fn, run_kwargs)
-        if self._batches is None:
-            self._start(call, submission, by_value=True)
-        else:
-            self._batches.submit(call, submission)
-        return call
 
     def _dispatch_many(
         self,
@@ -483,12 +488,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     # -- cancellation ------------------------------------------------------------------
 
     def _cancel_unstarted(self, calls: Iterable[Any]) -> None:
-        """Cancel each of ``calls`` that no worker has started, asking the workers once.
-
-        A call that has started runs to its end, as in ``concurrent.futures``. On the
-        Dask client's event loop thread only calls not yet handed to Dask are
-        cancelled: asking the workers from there would block the loop that answers.
-        """
+        """Cancel each of ``calls`` that no worker has started (see ``cancel_unstarted``)."""
         cancel_unstarted(calls, self._tokens, self.logger)
 
     # -- pickling -------------------------------------------------------------------

@@ -74,10 +74,14 @@ def submit_annotated(
     """``submit()`` inside ``dask.annotate(**annotations)``.
 
     :param exact: whether to leave out the annotations of the calling thread's own
-        ``dask.annotate`` blocks (the submission runs in a fresh context)
+        ``dask.annotate`` blocks (the submission then runs in a fresh context, unless
+        those are the same)
     """
     if exact:
-        return contextvars.Context().run(_annotated, annotations, submit)
+        import dask
+
+        if (dask.get_annotations() or None) != (annotations or None):
+            return contextvars.Context().run(_annotated, annotations, submit)
     return _annotated(annotations, submit)
 
 
@@ -295,8 +299,9 @@ class DaskBatches:
         batch.settled = True
         try:
             if batch.single:
-                if type(value) is tuple and value[1] > 0:  # (outcome, seconds)
-                    self.durations.record(batch.task, value[1])
+                seconds = dask_worker.seconds_of(value)
+                if seconds:  # None for a State the fetcher made, 0 if it did not start
+                    self.durations.record(batch.task, seconds)
                 self.runner._settle_outcome(batch.calls[0], value)
             else:
                 self._settle_calls(batch, value)

@@ -358,7 +358,10 @@ class StateFetcher:
 def cancel_unstarted(calls: Iterable[Any], tokens: Dict[str, str], logger: logging.Logger) -> None:
     """Cancel each of ``calls`` that no worker has started, asking the workers once.
 
-    ``tokens`` is the runner's key -> token map, from which cancelled calls go.
+    A call that has started runs to its end, as in ``concurrent.futures``. On the
+    Dask client's event loop thread only calls not yet handed to Dask are cancelled:
+    asking the workers from there would block the loop that answers. ``tokens`` is
+    the runner's key -> token map, from which cancelled calls go.
     """
     to_ask: Dict[Any, List[Tuple[DaskCall, Any, str]]] = {}
     for call in calls:

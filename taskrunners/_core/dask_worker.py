@@ -32,6 +32,7 @@ import asyncio
 import collections
 import concurrent.futures
 import pickle
+import struct
 import threading
 import time
 import uuid
@@ -58,6 +59,8 @@ __all__ = [
     "run_task",
     "run_batch_task",
     "batch_payload",
+    "with_seconds",
+    "seconds_of",
     "decoded",
     "started_calls",
     "cancel_unstarted_calls",
@@ -116,13 +119,13 @@ def run_task(
     :param capture: for workers outside the client's process, the lowest log level
         to send back and whether to hide those records from this process's handlers;
         the value is then the State and the records pickled here (else the State)
-    :param timed: whether the value is ``(outcome, seconds the call ran)`` (0 if it
-        did not start) instead of the outcome alone; :func:`decoded` reads either
+    :param timed: whether the value also tells how many seconds the call ran (0 if
+        it did not start): see :func:`with_seconds`; :func:`decoded` reads either
     """
     if not _mark_started(token):
         state = exception_to_crashed_state(concurrent.futures.CancelledError())
         cancelled = state if capture is None else encode_outcome(key, state, [], WHERE)
-        return (cancelled, 0.0) if timed else cancelled
+        return with_seconds(cancelled, 0.0) if timed else cancelled
     capturing: ContextManager[List[Any]] = captured_records(*capture) if capture else nullcontext([])
     begun = time.perf_counter()
     try:
@@ -137,10 +140,38 @@ def run_task(
         tag = uuid.uuid4().hex if records else None
         outcome = encode_outcome(key, state, records, WHERE, tag, _ADVICE)
     if timed:
-        outcome = (outcome, seconds)
+        outcome = with_seconds(outcome, seconds)
     if isinstance(raised, Exception) and dask_engine.retries_requested(key):
         raise CrashedOnWorker(outcome, state.message) from raised
     return outcome
+
+
+# A timed outcome pickled on the worker: this mark, the seconds, the pickle. A pickle
+# (protocol 2 and up) starts with b"\x80", never with the mark.
+_TIMED_MARK = b"T"
+_SECONDS = struct.Struct("<d")
+
+
+def with_seconds(outcome: Any, seconds: float) -> Any:
+    """``outcome`` and the seconds its call ran, as one value.
+
+    A pickled outcome stays bytes, as Dask sends bytes much faster than a tuple
+    holding them; an outcome left unpickled (a worker in the client's process) is
+    paired in a tuple, which nothing serializes.
+    """
+    if isinstance(outcome, bytes):
+        return b"".join((_TIMED_MARK, _SECONDS.pack(seconds), outcome))
+    return (outcome, seconds)
+
+
+def seconds_of(value: Any) -> Optional[float]:
+    """How many seconds the call ran, from what :func:`run_task` returned; None if it
+    was not timed."""
+    if type(value) is tuple:
+        return float(value[1])
+    if isinstance(value, bytes) and value[:1] == _TIMED_MARK:
+        return float(_SECONDS.unpack_from(value, 1)[0])
+    return None
 
 
 def batch_payload(names: Sequence[str], tokens: Sequence[str], calls: bytes) -> bytes:
@@ -211,9 +242,13 @@ def _run_call(
 
 def decoded(name: str, value: Any) -> Tuple[State, Optional[List[Any]], Optional[str]]:
     """(State, log records, their tag) from what :func:`run_task` returned."""
-    if type(value) is tuple:  # timed: (outcome, seconds)
+    if type(value) is tuple:  # timed, unpickled
         value = value[0]
     if isinstance(value, bytes):
+        if value[:1] == _TIMED_MARK:
+            # Unpickled in place: pickle reads any bytes-like value, no copy of a large State.
+            pickled = memoryview(value)[1 + _SECONDS.size :]
+            return decode_outcome(name, pickled)  # type: ignore[arg-type]
         return decode_outcome(name, value)
     return value, None, None
 
