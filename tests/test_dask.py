@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import os
 import pickle
+import re
 import threading
 import time
 import uuid
@@ -49,7 +50,7 @@ import dask  # noqa: E402  (after the skip: dask comes with distributed)
 
 pytestmark = [pytest.mark.dask, pytest.mark.timeout(180)]
 
-THREADS, PROCESSES, EXTERNAL = KINDS
+THREADS, PROCESSES, EXTERNAL = (next(kind for kind in KINDS if kind.id == name) for name in ("dask-threads", "dask-processes", "dask-external"))
 CANCELLED = "Execution was cancelled by the runtime environment."
 SyncDask = taskrunners.sync.DaskTaskRunner
 
@@ -404,6 +405,23 @@ def test_upstream_futures_of_another_runner_arrive_as_states_and_keep_annotation
         assert runner.wait(down).result() == 41
         foreign_state, own_state = runner.wait(both).result()
         assert (foreign_state.result(), own_state.result()) == (40, 2)
+        annotations, _ = annotations_of(runner._client, key_of(down_run))
+        assert annotations.get("priority") == 3
+
+
+def test_mapped_calls_with_running_upstream_calls_are_handed_dask_futures_with_annotations():
+    from taskrunners._core import seam
+    from taskrunners._core.calls import block_until_done
+
+    with threads_runner().start() as runner:
+        up = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 0.5, "value": 40})
+        down_run = TaskRun()
+        with dask.annotate(priority=3):
+            (down,) = seam.submit_calls(runner, [down_run], payloads.add_upstream, [{"upstream": up, "y": 1}])
+        # Handed the upstream's Dask future, not waited for here and sent from the loop.
+        assert down.dask_future is not None and down.key == key_of(down_run)
+        block_until_done([down])
+        assert down.result().result() == 41
         annotations, _ = annotations_of(runner._client, key_of(down_run))
         assert annotations.get("priority") == 3
 
@@ -1006,3 +1024,246 @@ def test_the_twin_works_from_a_thread_running_an_event_loop():
             return runner.wait(downstream).result()
 
     assert asyncio.run(main()) == 21
+
+
+# -- batches (batch_size="auto") --------------------------------------------------------------------
+
+
+BATCH_KEY = re.compile(r"^(?P<task>.+)-batch-[0-9a-f]{32}$")
+
+
+def measure(runner, run_fn, run_kwargs):
+    """Run one call of ``run_fn`` and wait: its task's calls are measured from now on."""
+    assert runner.wait(runner.submit(TaskRun(), run_fn, run_kwargs)).is_completed()
+
+
+def submit_counted(runner, directory, count, how=None, name="call"):
+    """Submit ``count`` calls of ``dask_payloads.counted``; ``how`` maps an index to
+    what that call does."""
+    how = how or {}
+    return [
+        runner.submit(
+            TaskRun(name=f"{name}-{index}"),
+            dask_payloads.counted,
+            {"directory": str(directory), "name": f"{name}-{index}", "how": how.get(index, "return")},
+        )
+        for index in range(count)
+    ]
+
+
+def assert_each_ran_once(directory, futures):
+    runs = {future.task_run.name: dask_payloads.runs_of(directory, future.task_run.name) for future in futures}
+    assert set(runs.values()) == {1}, {name: count for name, count in runs.items() if count != 1}
+
+
+@parametrize_kinds([THREADS, PROCESSES])
+def test_many_small_calls_share_a_few_batches_and_each_runs_once(kind, request, tmp_path):
+    runner = kind.make(request, blocking=True)
+    assert runner.batch_size == "auto"
+    with runner.start():
+        measure(runner, dask_payloads.counted, {"directory": str(tmp_path), "name": "first"})
+        futures = submit_counted(runner, tmp_path, 600)
+        keys = [runner.wait(future).result() for future in futures]
+        assert runner._batches.dispatcher.gathered == 0 and runner._batches.dispatcher.out == 0
+    assert_each_ran_once(tmp_path, futures)
+    batched = [key for key in keys if BATCH_KEY.match(key)]
+    # Calls sent alone (while a worker was free) keep their own key.
+    alone = [(key, future) for key, future in zip(keys, futures) if not BATCH_KEY.match(key)]
+    assert all(key == key_of(future.task_run) for key, future in alone)
+    assert len(batched) >= 500 and len(set(keys)) <= 60
+    assert {BATCH_KEY.match(key)["task"] for key in batched} == {"counted"}
+
+
+@parametrize_kinds([THREADS])
+def test_a_slow_task_is_not_batched(kind, request):
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        measure(runner, dask_payloads.sleepy_key, {"seconds": 0.15})
+        futures = [runner.submit(TaskRun(), dask_payloads.sleepy_key, {"seconds": 0.15}) for _ in range(8)]
+        keys = [runner.wait(future).result() for future in futures]
+    assert keys == [key_of(future.task_run) for future in futures]
+
+
+def test_batch_size_one_sends_every_call_alone_at_once():
+    runner = SyncDask(cluster_kwargs=dict(THREADS_CLUSTER), batch_size=1)
+    with runner.start():
+        assert runner._batches is None
+        measure(runner, dask_payloads.current_key, {})
+        futures = [runner.submit(TaskRun(), dask_payloads.current_key, {}) for _ in range(40)]
+        assert all(future._call.dask_future is not None for future in futures)
+        keys = [runner.wait(future).result() for future in futures]
+    assert keys == [key_of(future.task_run) for future in futures]
+
+
+@parametrize_kinds([PROCESSES])
+def test_a_call_that_raises_or_crashes_in_a_batch_takes_no_other_call_with_it(kind, request, tmp_path):
+    try:
+        pickle.dumps(threading.Lock())
+    except Exception as exc:
+        unpicklable_error = exc
+    how = {20: "raise", 40: "interrupt", 60: "unpicklable"}
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        measure(runner, dask_payloads.counted, {"directory": str(tmp_path), "name": "first"})
+        futures = submit_counted(runner, tmp_path, 100, how)
+        # An argument that cannot be pickled fails its own call, when its batch is sent.
+        locked = runner.submit(
+            TaskRun(), dask_payloads.counted, {"directory": str(tmp_path), "name": threading.Lock()}
+        )
+        later = submit_counted(runner, tmp_path, 20, name="later")
+        states = [runner.wait(future) for future in futures]
+        locked_state = runner.wait(locked)
+        assert all(runner.wait(future).is_completed() for future in later)
+    assert_each_ran_once(tmp_path, futures + later)
+    raised, interrupted, unpicklable = (states[index] for index in how)
+    assert raised.is_crashed() and raised.message == "Execution was interrupted by an unexpected exception."
+    assert str(raised.result(raise_on_failure=False)) == "call-20 broke"
+    assert interrupted.is_crashed() and interrupted.message == "Execution was aborted by an interrupt signal."
+    assert unpicklable.is_crashed() and "could not be pickled to send it back from the Dask worker" in unpicklable.message
+    assert str(unpicklable.result(raise_on_failure=False)) == str(unpicklable_error)
+    assert locked_state.is_crashed() and locked_state.message.startswith(
+        "The call's function or arguments could not be pickled: TypeError("
+    )
+    for index in how:
+        # Batches take a task's calls in order: a misbehaving call whose neighbours
+        # share a batch was in it, and they completed all the same.
+        before, after = states[index - 1], states[index + 1]
+        assert before.is_completed() and after.is_completed()
+    keys = [state.result() for index, state in enumerate(states) if index not in how]
+    assert sum(1 for index in how if states[index - 1].result() == states[index + 1].result()) >= 2
+    assert len(set(keys)) <= 30
+
+
+def gate_calls(runner, directory, gate, count):
+    """``count`` calls that start on the workers and end once ``gate`` exists."""
+    return [
+        runner.submit(
+            TaskRun(name=f"gate-{index}"),
+            payloads.run_once_gate_opens,
+            {"marker": str(directory / f"gate-{index}"), "gate": str(gate), "value": index},
+        )
+        for index in range(count)
+    ]
+
+
+def test_waiting_for_a_gathered_call_sends_it_at_once_and_each_call_cancels_alone(tmp_path):
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    runner = SyncDask(cluster_kwargs=dict(THREADS_CLUSTER))
+    with runner.start():
+        measure(runner, dask_payloads.counted, {"directory": str(ran), "name": "first"})
+        dispatcher = runner._batches.dispatcher
+        assert dispatcher.limit == 4  # twice the cluster's two worker threads
+        try:
+            # Two run, two wait in Dask: every Dask task the dispatcher may send is out.
+            gates = gate_calls(runner, tmp_path, gate, dispatcher.limit)
+            futures = submit_counted(runner, ran, 30)
+            assert dispatcher.gathered == 30 and all(f._call.dask_future is None for f in futures)
+            # A gathered call is cancelled at once and never runs.
+            assert futures[0]._call.cancel() is True
+            # Waiting sends a gathered call at once (with the calls gathered before it).
+            waited = futures[3]
+            assert runner.wait(waited, timeout=0.01) is None
+            assert waited._call.dask_future is not None and waited._call.in_batch
+            batch = [f for f in futures if f._call.dask_future is waited._call.dask_future]
+            assert len(batch) >= 2 and dispatcher.gathered == 30 - 1 - len(batch)
+            # A call of that batch that no worker started is cancelled alone; the batch runs on.
+            cancelled = next(f for f in batch if f is not waited)
+            assert cancelled._call.cancel() is True and not cancelled._call.running()
+        finally:
+            gate.touch()
+        states = {future.task_run.name: runner.wait(future) for future in futures}
+        assert [runner.wait(future).result() for future in gates] == list(range(len(gates)))
+        # A lone call on a free runner is sent at once, alone.
+        lone = runner.submit(TaskRun(), dask_payloads.current_key, {})
+        assert lone._call.dask_future is not None and not lone._call.in_batch
+        assert runner.wait(lone).result() == key_of(lone.task_run)
+    for future in (futures[0], cancelled):
+        assert_cancelled(runner, future)
+        assert dask_payloads.runs_of(ran, future.task_run.name) == 0
+    others = [f for f in futures if f not in (futures[0], cancelled)]
+    assert all(states[f.task_run.name].is_completed() for f in others)
+    assert_each_ran_once(ran, others)
+
+
+@pytest.mark.timeout(120)
+def test_leaving_with_an_exception_cancels_gathered_calls(tmp_path):
+    gate, ran = tmp_path / "gate", tmp_path / "ran"
+    ran.mkdir()
+    runner = SyncDask(cluster_kwargs=dict(PROCESSES_CLUSTER))
+    try:
+        with pytest.raises(KeyError):
+            with runner.start():
+                measure(runner, dask_payloads.counted, {"directory": str(ran), "name": "first"})
+                gates = gate_calls(runner, tmp_path, gate, runner._batches.dispatcher.limit)
+                futures = submit_counted(runner, ran, 50)
+                assert runner._batches.dispatcher.gathered == 50
+                raise KeyError("stop")
+    finally:
+        gate.touch()
+    states = [runner.wait(future, timeout=0) for future in [*gates[2:], *futures]]
+    assert [(state.type, state.message) for state in states] == [(StateType.CRASHED, CANCELLED)] * len(states)
+    assert sorted(os.listdir(ran)) == ["first"]
+
+
+def test_calls_with_other_annotations_never_share_a_batch_and_a_batch_carries_them(resources_driver):
+    driver = resources_driver
+    runner = driver.runner
+    annotations = [{"priority": 1}, {"priority": 2, "resources": {"slots": 1}}, {}]
+
+    def submit_all():
+        futures = []
+        for index in range(90):
+            with dask.annotate(**annotations[index % 3]):
+                futures.append(runner.submit(TaskRun(), dask_payloads.key_and_annotations, {}))
+        return futures
+
+    async def submit_all_async():
+        futures = []
+        for index in range(90):
+            with dask.annotate(**annotations[index % 3]):
+                futures.append(await runner.submit(TaskRun(), dask_payloads.key_and_annotations, {}))
+        return futures
+
+    with driver.start():
+        driver.wait(driver.submit(dask_payloads.key_and_annotations, {}))
+        futures = submit_all() if driver.blocking else driver.portal.call(submit_all_async)
+        seen = [driver.wait(future).result() for future in futures]
+    batches = {}
+    for index, (key, carried) in enumerate(seen):
+        expected = annotations[index % 3]
+        assert {name: carried.get(name) for name in expected} == expected
+        assert "priority" in carried or not expected
+        batches.setdefault(key, set()).add(index % 3)
+    assert all(len(kinds) == 1 for kinds in batches.values())
+    assert any(BATCH_KEY.match(key) for key in batches)
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_killed_mid_batch_dask_runs_the_batch_again(tmp_path, few_allowed_failures):
+    runner = SyncDask(cluster_kwargs=dict(PROCESSES_CLUSTER))
+    with runner.start():
+        measure(runner, dask_payloads.counted, {"directory": str(tmp_path), "name": "first"})
+        # Killed once: Dask runs the whole batch again on another worker.
+        once = submit_counted(runner, tmp_path, 60, {30: "die-once"}, name="once")
+        states = [runner.wait(future) for future in once]
+        assert all(state.is_completed() for state in states)
+        assert states[30].result() == "survived"
+        runs = [dask_payloads.runs_of(tmp_path, future.task_run.name) for future in once]
+        # Dask's rule for a lost task: the calls of the batch that had run before the
+        # death run again with it (as do calls sent alone whose State the dead worker
+        # still held). The calls after it in its batch had not started: they ran once.
+        assert all(1 <= count <= 2 for count in runs) and runs[30] == 2
+        batch_of_30 = states[29].result()
+        assert all(runs[index] == 1 for index in range(31, 60) if states[index].result() == batch_of_30)
+        runner._client.wait_for_workers(2, timeout=120)
+        # Killed on every attempt: every call of that batch is Crashed, naming the cause.
+        doomed = submit_counted(runner, tmp_path, 60, {30: "die"}, name="doomed")
+        states = [runner.wait(future) for future in doomed]
+        crashed = [state for state in states if not state.is_completed()]
+        assert states[30] in crashed
+        for state in crashed:
+            assert state.is_crashed() and "worker running this call's batch died" in state.message
+            assert type(state.result(raise_on_failure=False)).__name__ == "KilledWorker"
+        # The runner keeps working.
+        assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": "ok"})).result() == "ok"

@@ -10,11 +10,14 @@ How a call travels::
     client loop ── StateFetcher gathers the States of finished calls in batches
            ──▶ DaskCall.set_result; the records go to this process's loggers
 
-This module holds the runner: its settings, its ``start()`` block, submitting and
-settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask_calls` (the call
+With ``batch_size="auto"`` a call whose upstream calls are all done goes through
+the runner's dispatcher instead: :mod:`~taskrunners._core.dask_batches`.
+
+This module owns the runner: its settings, its ``start()`` block, submitting and
+settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask_calls` (call
 handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_worker` (what
-runs on the workers), :mod:`~taskrunners._core.dask_cluster` (the client and cluster
-of a block) and :mod:`~taskrunners._core.dask_engine` (distributed's private names).
+runs on the workers), :mod:`~taskrunners._core.dask_cluster` (a block's client and
+cluster), :mod:`~taskrunners._core.dask_engine` (distributed's private names).
 
 A hazard of its own: Dask fails the dependents of a failed task without running
 them, but a call must receive its upstream's State, whatever it is. Such a call is
@@ -23,25 +26,29 @@ run again with its upstream States by value (``_settle_failure``).
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import functools
 import uuid
-from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from taskrunners._core import dask_cluster, dask_engine, dask_worker
+from taskrunners._core import dask_cluster, dask_worker
 from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType, state_of_done
-from taskrunners._core.batching import BatchSize, check_batch_size
-from taskrunners._core.calls import when_all_done
+from taskrunners._core.batching import BatchSize, Durations, check_batch_size
+from taskrunners._core.calls import CallHandle, when_all_done
+from taskrunners._core.dask_batches import DaskBatches, submit_annotated
 from taskrunners._core.dask_calls import (
     CLIENT_CLOSED,
+    DaskBatch,
     DaskCall,
     StateFetcher,
+    Submission,
+    abort_calls,
     cancel_unstarted,
     dask_future_to_hand_off,
+    failure_state,
     forget_token,
+    unpicklable_call_state,
 )
 from taskrunners._core.remote import import_engine, with_upstream
 from taskrunners.futures import TaskRun
@@ -52,16 +59,6 @@ __all__ = ["DaskTaskRunner"]
 
 def _import_distributed() -> Any:
     return import_engine("distributed", "DaskTaskRunner")
-
-
-class _Submission(NamedTuple):
-    """What a call was submitted with: what starting it (again) needs."""
-
-    task_run: TaskRun
-    run_fn: Callable[..., Any]
-    run_kwargs: Dict[str, Any]
-    #: ``dask.annotate`` values to start it with, if not started at once.
-    annotations: Optional[Dict[str, Any]] = None
 
 
 class DaskTaskRunner(BlockingTaskRunner):
@@ -108,23 +105,31 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     How calls run:
 
-    - Each call is a Dask task with the key ``f"{task_run.name}-{task_run.id.hex}"``
-      and ``pure=True``, so a task run submitted twice runs once. Upstream calls of
-      this runner are handed to Dask as Dask futures: their States go from worker
-      to worker without a trip through this process.
+    - A call sent alone is a Dask task keyed ``f"{task_run.name}-{task_run.id.hex}"``,
+      ``pure=True``: a task run submitted twice runs once. Upstream calls of this
+      runner still running are handed to Dask as Dask futures: their States go from
+      worker to worker without a trip through this process.
+    - Batches (``batch_size="auto"``): while twice as many Dask tasks as the cluster
+      has worker threads are out, calls whose upstream calls are done gather by task
+      and ``dask.annotate`` values into one Dask task keyed ``f"{task_name}-batch-{hex}"``;
+      a lone call, or one waited for, goes at once. Each call keeps its own State,
+      ``cancel()`` and ``running()``; one that raises or crashes takes no other with
+      it. Calls with Dask ``retries`` go alone.
     - Function and arguments are serialized with cloudpickle, so lambdas, closures
       and modules registered for pickling by value work without being importable
       on the workers. A coroutine ``run_fn`` runs on an event loop of its own in a
       worker thread. On workers outside this process the State is pickled by the
       worker: one that cannot be pickled gives a Crashed state holding the error.
     - ``dask.annotate(...)`` (resources, priority, retries, workers, ...) around a
-      submission applies to that call. With ``retries``, a ``run_fn`` that raises
-      is retried by Dask; a returned State is never retried.
+      submission applies to that call (and to the batch it joins, which holds only
+      calls with the same annotations). With ``retries``, a ``run_fn`` that raises is
+      retried by Dask; a returned State is never retried.
     - A worker that dies while running a call (killed, out of memory, ``os._exit``):
       Dask reruns the call on another worker, up to the scheduler's
       ``distributed.scheduler.allowed-failures`` setting (3 by default); after that
       the call's State is Crashed, naming the cause. Other calls, and calls that
       depend on the crashed one (they receive its Crashed State), go on normally.
+      Dask runs a lost batch again whole: calls of it that had run run again.
     - Records a call logs on a worker process (those reaching the worker's root
       logger from the call's own thread, at or above this process's root logger
       level when the block started) travel back with its State and are handled by
@@ -153,7 +158,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     42
     """
 
-    _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder")
+    _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder", "_batches", "_durations")
     _usable_after_pickling = True
 
     def __init__(
@@ -167,30 +172,9 @@ class DaskTaskRunner(BlockingTaskRunner):
         *,
         batch_size: BatchSize = "auto",
     ) -> None:
-        if address and (cluster_class or cluster_kwargs or adapt_kwargs):
-            raise ValueError(
-                f"`address` ({address!r}) connects to a running Dask cluster, so "
-                "`cluster_class`, `cluster_kwargs` and `adapt_kwargs`, which describe a "
-                "cluster to create, cannot be given with it. Pass one or the other."
-            )
-        resolved: Optional[Callable[..., Any]] = None
-        if isinstance(cluster_class, str):
-            resolved = dask_cluster.import_cluster_class(cluster_class)
-        elif cluster_class is not None and not callable(cluster_class):
-            raise TypeError(
-                "`cluster_class` must be a class, a callable or its dotted name, got "
-                f"{type(cluster_class).__name__}."
-            )
-        else:
-            resolved = cluster_class
-        if (
-            isinstance(connect_timeout, bool)
-            or not isinstance(connect_timeout, (int, float))
-            or not connect_timeout > 0
-        ):
-            raise ValueError(
-                f"`connect_timeout` must be a positive number of seconds, got {connect_timeout!r}."
-            )
+        resolved = dask_cluster.checked_settings(
+            address, cluster_class, cluster_kwargs, adapt_kwargs, connect_timeout
+        )
         client_kwargs = dask_cluster.checked_kwargs("client_kwargs", client_kwargs)
         client_kwargs.setdefault("set_as_default", False)
 
@@ -209,6 +193,8 @@ class DaskTaskRunner(BlockingTaskRunner):
         # What run_task does with log records and results (see there).
         self._capture: Optional[Tuple[int, bool]] = None
         self._fetcher: Optional[StateFetcher] = None
+        # The dispatcher and batches of a block (None with batch_size=1).
+        self._batches: Optional[DaskBatches] = None
         # Why an unpickled runner has no client (distributed.get_client() failed).
         self._reconnect_error: Optional[str] = None
         super().__init__()
@@ -219,6 +205,8 @@ class DaskTaskRunner(BlockingTaskRunner):
         # a key Dask already holds shares that task, so it must share its token.
         self._tokens: Dict[str, str] = {}
         self._forwarder = dask_cluster.RecordForwarder()
+        # How long each task's calls take: kept from one block to the next.
+        self._durations = Durations(self.batch_size)
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
@@ -249,37 +237,26 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._client, self._cluster = connection.client, connection.cluster
         self._workers_in_process, self._capture = connection.workers_in_process, connection.capture
         self._fetcher = self._new_fetcher(connection.client)
+        self._batches = self._new_batches(connection.client)
+
+    def _new_batches(self, client: Any) -> Optional[DaskBatches]:
+        return None if self.batch_size == 1 else DaskBatches(self, client, self._durations)
 
     def _close(self) -> None:
         self._release(abort=False)
 
     def _abort(self, exc: BaseException) -> None:
-        client = self._client
-        handed_over = []
-        for call in self._pending_calls():
-            with call.handover:
-                call.cancelling = True
-                if call.dask_future is not None and not call.done():
-                    handed_over.append((call.token, call.dask_future))
-            # The Dask futures are cancelled below, all at once.
-            call.set_cancelled()
-        if handed_over and client is not None and dask_engine.client_is_open(client):
-            # Workers of a process cluster the runner created are stopped below;
-            # other workers are told, so that a call about to start does not.
-            if self._cluster is None or self._workers_in_process:
-                try:
-                    client.run(dask_worker.abort_calls, [token for token, _ in handed_over])
-                except Exception:
-                    self.logger.debug("Cancelling calls on the workers failed", exc_info=True)
-            try:
-                client.cancel([dask_future for _, dask_future in handed_over])
-            except Exception:
-                self.logger.debug("Cancelling the Dask futures failed", exc_info=True)
+        if self._batches is not None:  # gathered calls are cancelled below, never sent
+            self._batches.dispatcher.drop_gathered()
+        # Workers of a process cluster the runner created are stopped by _release;
+        # other workers are told, so that a call about to start does not.
+        tell_workers = self._cluster is None or self._workers_in_process
+        abort_calls(self._client, self._pending_calls(), tell_workers, self.logger)
         self._release(abort=True)
 
     def _release(self, abort: bool) -> None:
         client, cluster = self._client, self._cluster
-        self._client = self._cluster = self._fetcher = None
+        self._client = self._cluster = self._fetcher = self._batches = None
         try:
             dask_cluster.close_connection(client, cluster, abort, self.logger)
         finally:
@@ -298,36 +275,74 @@ class DaskTaskRunner(BlockingTaskRunner):
     ) -> DaskCall:
         if not self._started or self._detached or self._reconnect_error is not None:
             self._ensure_usable("submit work")
-        client = self._client
-        if client is None:
-            raise RuntimeError("The task runner must be started before submitting work.")
-        call = DaskCall(self, client)
-        submission = _Submission(task_run, run_fn, run_kwargs)
-        # Upstream calls that Dask cannot be handed are waited for here.
-        waiting = [
-            upstream
-            for upstream in self._upstream_calls(run_kwargs)
-            if not upstream.done() and dask_future_to_hand_off(upstream, client) is None
-        ]
-        if waiting:
-            self._start_after(waiting, call, submission, by_value=False)
-        else:
-            self._start(call, submission, by_value=False)
+        call = self._dispatch(task_run, run_fn, run_kwargs)
         self._track(call)
         return call
+
+    def _dispatch_after(
+        self,
+        upstream: List[Any],
+        task_run: TaskRun,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+    ) -> DaskCall:
+        # task.map's calls with upstream futures go as submit's: handed Dask futures.
+        return self._dispatch(task_run, run_fn, run_kwargs)
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> DaskCall:
-        call = DaskCall(self, self._client)
-        self._start(call, _Submission(task_run, run_fn, run_kwargs), by_value=True)
+        """Start a call, its upstream calls done or not (every submission comes here)."""
+        client = self._client
+        if client is None:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        call = DaskCall(self, client)
+        batches = self._batches
+        # The dispatcher may send it later, from another thread: its annotations now.
+        annotations = None if batches is None else batches.current_annotations()
+        submission = Submission(task_run, run_fn, run_kwargs, annotations)
+        upstream = self._upstream_calls(run_kwargs)
+        # Upstream calls that Dask cannot be handed are waited for here.
+        waiting = [
+            upstream_call
+            for upstream_call in upstream
+            if not upstream_call.done() and dask_future_to_hand_off(upstream_call, client) is None
+        ]
+        if waiting:
+            self._start_after(waiting, call, submission, by_value=False)
+        else:
+            self._launch(call, submission, upstream)
         return call
+
+    def _launch(self, call: DaskCall, submission: Submission, upstream: List[Any]) -> None:
+        """Start ``call``: through the dispatcher if its upstream calls are all done,
+        else alone, handed the Dask futures of those still running."""
+        batches = self._batches
+        if batches is None or not all(upstream_call.done() for upstream_call in upstream):
+            self._start(call, submission, by_value=False)
+        else:
+            batches.submit(call, submission)
+
+    def _dispatch_many(
+        self,
+        task_runs: List[TaskRun],
+        run_fn: Callable[..., Any],
+        run_kwargs_list: List[Dict[str, Any]],
+    ) -> List[CallHandle]:
+        batches = self._batches
+        if batches is None:
+            return super()._dispatch_many(task_runs, run_fn, run_kwargs_list)
+        annotations = batches.current_annotations()
+        calls = [DaskCall(self, self._client) for _ in task_runs]
+        pairs = zip(task_runs, run_kwargs_list)
+        batches.submit_many(calls, [Submission(run, run_fn, kw, annotations) for run, kw in pairs])
+        return list(calls)
 
     def _start_after(
         self,
         upstream: List[Any],
         call: DaskCall,
-        submission: _Submission,
+        submission: Submission,
         by_value: bool,
         rerun: bool = False,
     ) -> None:
@@ -338,17 +353,34 @@ class DaskTaskRunner(BlockingTaskRunner):
             submission = submission._replace(annotations=dask.get_annotations())
 
         def upstream_done() -> None:
+            call.waiting_on = None
             if call.done():  # cancelled meanwhile
                 return
             try:
-                self._start(call, submission, by_value, rerun)
+                if by_value:
+                    self._start(call, submission, by_value, rerun)
+                else:
+                    self._launch(call, submission, self._upstream_calls(submission.run_kwargs))
             except BaseException as exc:
                 call.set_result(exception_to_crashed_state(exc))
 
+        call.waiting_on = upstream
         when_all_done(upstream, upstream_done)
 
-    def _start(self, call: DaskCall, submission: _Submission, by_value: bool, rerun: bool = False) -> None:
-        """Submit ``call`` to Dask; its upstream calls are done or handed to Dask."""
+    def _start(
+        self,
+        call: DaskCall,
+        submission: Submission,
+        by_value: bool,
+        rerun: bool = False,
+        sent: Optional[DaskBatch] = None,
+    ) -> bool:
+        """Submit ``call`` to Dask; its upstream calls are done or handed to Dask.
+
+        :param sent: the dispatcher sends the call, as this batch of one: the worker
+            also tells how long it ran, and the batch is what is watched
+        :return: whether Dask was given the call
+        """
         task_run, run_fn, run_kwargs, annotations = submission
         client = call.client
         # (upstream call, the Dask future handed off), by that future, in the order of
@@ -368,39 +400,30 @@ class DaskTaskRunner(BlockingTaskRunner):
         try:
             payload = cloudpickle.dumps((run_fn, kwargs))
         except Exception as exc:
-            call.set_result(
-                Crashed(
-                    message=f"The call's function or arguments could not be pickled: {exc!r}.",
-                    data=exc,
-                )
-            )
-            return
+            call.set_result(unpicklable_call_state(exc))
+            return False
         key = f"{task_run.name}-{task_run.id.hex}"
         if rerun:  # the first key is taken by the Dask task that failed
             key += "-rerun"
-        if annotations:
-            import dask
-
-            context: Any = dask.annotate(**annotations)
-        else:
-            context = nullcontext()
         refused: Optional[Exception] = None
         with call.handover:
             if call.cancelling or call.done():
-                return
+                return False
             token = self._tokens.setdefault(key, uuid.uuid4().hex)
+            submit = functools.partial(
+                client.submit,
+                dask_worker.run_task,
+                payload,
+                key,
+                token,
+                upstream or None,
+                self._capture,
+                *((True,) if sent is not None else ()),
+                key=key,
+                pure=True,
+            )
             try:
-                with context:
-                    dask_future = client.submit(
-                        dask_worker.run_task,
-                        payload,
-                        key,
-                        token,
-                        upstream or None,
-                        self._capture,
-                        key=key,
-                        pure=True,
-                    )
+                dask_future = submit_annotated(annotations, submit, exact=sent is not None)
             except Exception as exc:
                 refused = exc
                 self._tokens.pop(key, None)
@@ -408,11 +431,16 @@ class DaskTaskRunner(BlockingTaskRunner):
                 call.key, call.token, call.dask_future = key, token, dask_future
         if refused is not None:
             call.set_result(Crashed(message=f"Dask refused the call: {refused!r}.", data=refused))
-            return
+            return False
         if handed_off:
             call.rerun = (submission, list(handed_off.values()))
         fetcher = self._fetcher or self._fetcher_for(client)
-        fetcher.watch(call, dask_future)
+        if sent is None:
+            fetcher.watch(call, dask_future)
+        else:
+            sent.dask_future = dask_future
+            fetcher.watch(sent, dask_future)
+        return True
 
     def _new_fetcher(self, client: Any) -> StateFetcher:
         return StateFetcher(client, self._settle_outcome, self._settle_failure)
@@ -455,30 +483,12 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._settle_outcome(call, exc.outcome)
             return
         forget_token(self._tokens, call)
-        if isinstance(exc, _import_distributed().KilledWorker):
-            state = Crashed(
-                message="The Dask worker running this call died (killed, out of memory "
-                "or exited) on every attempt Dask made (see the scheduler's "
-                f"`distributed.scheduler.allowed-failures`): {exc}",
-                data=exc,
-            )
-        elif isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
-            state = exception_to_crashed_state(exc)
-        else:
-            state = Crashed(
-                message=f"Dask could not run the call or return its State: {exc!r}", data=exc
-            )
-        call.set_result(state)
+        call.set_result(failure_state(exc, in_batch=False))
 
     # -- cancellation ------------------------------------------------------------------
 
     def _cancel_unstarted(self, calls: Iterable[Any]) -> None:
-        """Cancel each of ``calls`` that no worker has started, asking the workers once.
-
-        A call that has started runs to its end, as in ``concurrent.futures``. On the
-        Dask client's event loop thread only calls not yet handed to Dask are
-        cancelled: asking the workers from there would block the loop that answers.
-        """
+        """Cancel each of ``calls`` that no worker has started (see ``cancel_unstarted``)."""
         cancel_unstarted(calls, self._tokens, self.logger)
 
     # -- pickling -------------------------------------------------------------------
@@ -506,4 +516,5 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._detached = True
         else:
             self._reconnect_error = None
+            self._batches = self._new_batches(self._client)
 

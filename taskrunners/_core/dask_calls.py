@@ -14,6 +14,9 @@ Hazards, each with its own answer:
   counts as running only once a worker was seen running it.
 - Many small calls. One ``gather`` brings back every State that finished meanwhile,
   so a thousand small calls cost a few round trips, not a thousand.
+- Batches. The calls of a :class:`DaskBatch` share one Dask future, which holds
+  their States together: it is never handed to a downstream call, and cancelling
+  one call never cancels it (the workers' registry keeps that call from starting).
 """
 
 from __future__ import annotations
@@ -24,19 +27,24 @@ import functools
 import itertools
 import logging
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.calls import Call
-from taskrunners.states import Crashed, exception_to_crashed_state
+from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = [
     "CLIENT_CLOSED",
     "DaskCall",
+    "DaskBatch",
+    "Submission",
     "dask_future_to_hand_off",
     "forget_token",
+    "failure_state",
+    "unpicklable_call_state",
     "StateFetcher",
     "cancel_unstarted",
+    "abort_calls",
 ]
 
 CLIENT_CLOSED = "The Dask client closed before the call's State arrived."
@@ -46,11 +54,15 @@ class DaskCall(Call):
     """One call on the cluster; its State arrives from the client's loop.
 
     ``dask_future``, ``key`` and ``token`` are None until the call is handed to Dask
-    (it may wait for upstream calls of other runners first); all are replaced if the
-    call is rerun. It counts as running once a worker reported that it started.
+    (it may wait for upstream calls, or in the runner's dispatcher for a batch); all
+    are replaced if the call is rerun. It counts as running once a worker reported
+    that it started.
     """
 
-    __slots__ = ("runner", "client", "key", "token", "dask_future", "cancelling", "handover", "rerun")
+    __slots__ = (
+        "runner", "client", "key", "token", "dask_future", "cancelling", "handover",
+        "rerun", "in_batch", "waiting_on",
+    )
 
     def __init__(self, runner: Any, client: Any) -> None:
         super().__init__()
@@ -65,6 +77,21 @@ class DaskCall(Call):
         self.handover = threading.Lock()
         # Set when upstream calls were handed to Dask: what a rerun needs.
         self.rerun: Optional[Tuple[Any, ...]] = None
+        # Whether ``dask_future`` is a batch's, shared with other calls.
+        self.in_batch = False
+        # The upstream calls it waits for before it is handed to Dask.
+        self.waiting_on: Optional[List[Any]] = None
+
+    def expedite(self) -> None:
+        """Somebody waits for the call: send it now if the dispatcher gathers it, and
+        the upstream calls it waits for likewise."""
+        if self._state is not None:
+            return
+        batches = self.runner._batches
+        if batches is not None:
+            batches.dispatcher.expedite(self)
+        for upstream in self.waiting_on or ():
+            upstream.expedite()
 
     @property
     def started(self) -> bool:
@@ -98,13 +125,49 @@ def forget_token(tokens: Dict[str, str], call: DaskCall) -> None:
         tokens.pop(call.key, None)
 
 
+class Submission(NamedTuple):
+    """What a call was submitted with: what starting it (again) needs."""
+
+    task_run: Any
+    run_fn: Callable[..., Any]
+    run_kwargs: Dict[str, Any]
+    #: ``dask.annotate`` values to start it with, if not started at once.
+    annotations: Optional[Dict[str, Any]] = None
+
+
+class DaskBatch:
+    """What one Dask task the dispatcher sent carries: a batch of calls, or one call.
+
+    :param calls: its calls, in the order they run
+    :param task: the task they belong to (what their durations are recorded under)
+    :param sender: what sent it, and settles it (the runner's ``DaskBatches``)
+    :param single: whether it is one call sent as it would be alone (its own key,
+        :func:`~taskrunners._core.dask_worker.run_task`), rather than a batch
+    """
+
+    __slots__ = ("calls", "task", "sender", "single", "dask_future", "settled")
+
+    def __init__(self, calls: List[DaskCall], task: Any, sender: Any, single: bool) -> None:
+        self.calls = calls
+        self.task = task
+        self.sender = sender
+        self.single = single
+        self.dask_future: Any = None
+        self.settled = False
+
+    def done(self) -> bool:
+        """Whether its outcome was handled (the fetcher then leaves it alone)."""
+        return self.settled
+
+
 def dask_future_to_hand_off(call: Any, client: Any) -> Any:
     """The Dask future a downstream call can be handed for ``call``, or None.
 
     A call that failed in Dask and is settled goes by value; one not settled yet is
-    handed off anyway, and its downstream call is rerun if Dask fails it.
+    handed off anyway, and its downstream call is rerun if Dask fails it. A call in
+    a batch goes by value: its Dask future holds the whole batch's States.
     """
-    if type(call) is not DaskCall or call.client is not client:
+    if type(call) is not DaskCall or call.client is not client or call.in_batch:
         return None
     dask_future = call.dask_future
     if dask_future is None:
@@ -112,6 +175,36 @@ def dask_future_to_hand_off(call: Any, client: Any) -> Any:
     if call.done() and dask_future.status in ("error", "cancelled"):
         return None
     return dask_future
+
+
+def unpicklable_call_state(exc: BaseException) -> State:
+    """The State of a call whose function or arguments ``cloudpickle`` refused."""
+    return Crashed(
+        message=f"The call's function or arguments could not be pickled: {exc!r}.", data=exc
+    )
+
+
+def failure_state(exc: BaseException, in_batch: bool) -> State:
+    """The State of a call whose Dask task (its own, or its batch's) raised ``exc``."""
+    import distributed
+
+    if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+        return exception_to_crashed_state(exc)
+    if isinstance(exc, distributed.KilledWorker):
+        what = "this call's batch" if in_batch else "this call"
+        again = (
+            "; Dask runs a lost batch again whole, so its calls may have run more than once"
+            if in_batch
+            else ""
+        )
+        return Crashed(
+            message=f"The Dask worker running {what} died (killed, out of memory or "
+            "exited) on every attempt Dask made (see the scheduler's "
+            f"`distributed.scheduler.allowed-failures`){again}: {exc}",
+            data=exc,
+        )
+    what = "the call's batch or return its States" if in_batch else "the call or return its State"
+    return Crashed(message=f"Dask could not run {what}: {exc!r}", data=exc)
 
 
 def _on_loop_of(client: Any) -> bool:
@@ -126,11 +219,18 @@ def _on_loop_of(client: Any) -> bool:
 # -- fetching States ---------------------------------------------------------------------
 
 
+#: What the fetcher watches: a call, or a batch the dispatcher sent.
+Watched = Union[DaskCall, DaskBatch]
+
+
 class StateFetcher:
     """Fetches the States of finished calls in batches, on the client's event loop.
 
     :param on_outcome: called with a call and what its Dask task returned
     :param on_failure: called with a call and what its Dask task raised
+
+    A :class:`DaskBatch` is settled by its ``sender`` instead (its ``settle``,
+    ``fail`` and ``abandoned``).
     """
 
     def __init__(
@@ -143,13 +243,13 @@ class StateFetcher:
         self._on_outcome = on_outcome
         self._on_failure = on_failure
         self._lock = threading.Lock()
-        self._to_watch: List[Tuple[DaskCall, Any]] = []
+        self._to_watch: List[Tuple[Watched, Any]] = []
         self._watching = False
-        self._ready: List[Tuple[DaskCall, Any]] = []
+        self._ready: List[Tuple[Watched, Any]] = []
         self._fetching = False
 
-    def watch(self, call: DaskCall, dask_future: Any) -> None:
-        """Fetch the State of ``call`` once ``dask_future`` is done."""
+    def watch(self, call: Watched, dask_future: Any) -> None:
+        """Fetch the State of ``call`` (or batch) once ``dask_future`` is done."""
         # Done callbacks are registered from the client's loop, a burst at a time:
         # each registration from another thread would wake the loop up.
         with self._lock:
@@ -165,7 +265,7 @@ class StateFetcher:
         for call, dask_future in batch:
             dask_future.add_done_callback(functools.partial(self._on_done, call))
 
-    def _on_done(self, call: DaskCall, dask_future: Any) -> None:
+    def _on_done(self, call: Watched, dask_future: Any) -> None:
         with self._lock:
             self._ready.append((call, dask_future))
             if self._fetching:
@@ -177,7 +277,7 @@ class StateFetcher:
             with self._lock:
                 batch, self._ready, self._fetching = self._ready, [], False
             for call, _ in batch:
-                call.set_result(Crashed(message=CLIENT_CLOSED))
+                self._abandon(call, Crashed(message=CLIENT_CLOSED))
 
     async def _fetch(self) -> None:
         while True:
@@ -190,22 +290,44 @@ class StateFetcher:
                 await self._settle(batch)
             except BaseException as exc:
                 for call, _ in batch:
-                    call.set_result(exception_to_crashed_state(exc))
+                    self._abandon(call, exception_to_crashed_state(exc))
                 if not isinstance(exc, Exception):
                     with self._lock:
                         self._fetching = False
                     raise
 
-    async def _settle(self, batch: List[Tuple[DaskCall, Any]]) -> None:
-        gatherable = []
+    def _abandon(self, watched: Watched, state: State) -> None:
+        if not isinstance(watched, DaskBatch):
+            watched.set_result(state)
+            return
+        if watched.settled:
+            return
+        for call in watched.calls:
+            call.set_result(state)
+        watched.sender.abandoned(watched)
+
+    def _outcome(self, watched: Watched, value: Any) -> None:
+        if isinstance(watched, DaskBatch):
+            watched.sender.settle(watched, value)
+        else:
+            self._on_outcome(watched, value)
+
+    def _failure(self, watched: Watched, exc: BaseException) -> None:
+        if isinstance(watched, DaskBatch):
+            watched.sender.fail(watched, exc)
+        else:
+            self._on_failure(watched, exc)
+
+    async def _settle(self, batch: List[Tuple[Watched, Any]]) -> None:
+        gatherable: List[Watched] = []
         for call, dask_future in batch:
             if call.done() or call.dask_future is not dask_future:
                 continue  # cancelled, or replaced by a rerun
             status = dask_future.status
             if status == "error":
-                self._on_failure(call, await dask_future.exception(asynchronous=True))
+                self._failure(call, await dask_future.exception(asynchronous=True))
             elif status == "cancelled":
-                self._on_failure(call, concurrent.futures.CancelledError())
+                self._failure(call, concurrent.futures.CancelledError())
             else:
                 gatherable.append(call)
         if not gatherable:
@@ -224,10 +346,10 @@ class StateFetcher:
                         f"cluster: {exc!r}.",
                         data=exc,
                     )
-                self._on_outcome(call, value)
+                self._outcome(call, value)
             return
         for call, value in zip(gatherable, values):
-            self._on_outcome(call, value)
+            self._outcome(call, value)
 
 
 # -- cancelling ----------------------------------------------------------------------------
@@ -236,7 +358,10 @@ class StateFetcher:
 def cancel_unstarted(calls: Iterable[Any], tokens: Dict[str, str], logger: logging.Logger) -> None:
     """Cancel each of ``calls`` that no worker has started, asking the workers once.
 
-    ``tokens`` is the runner's key -> token map, from which cancelled calls go.
+    A call that has started runs to its end, as in ``concurrent.futures``. On the
+    Dask client's event loop thread only calls not yet handed to Dask are cancelled:
+    asking the workers from there would block the loop that answers. ``tokens`` is
+    the runner's key -> token map, from which cancelled calls go.
     """
     to_ask: Dict[Any, List[Tuple[DaskCall, Any, str]]] = {}
     for call in calls:
@@ -285,7 +410,8 @@ def _cancel_on_workers(
                 continue
             call.cancelling = True
         if Call.cancel(call):
-            cancelled.append(dask_future)
+            if not call.in_batch:  # a batch runs on: its worker skips this call
+                cancelled.append(dask_future)
             forget_token(tokens, call)
     if started:
         # The workers that had not started a started call marked it cancelled: a
@@ -306,6 +432,36 @@ def _cancel_on_workers(
             client.cancel(cancelled)
         except Exception:
             logger.debug("Cancelling the Dask futures failed", exc_info=True)
+
+
+def abort_calls(client: Any, calls: List[DaskCall], tell_workers: bool, logger: logging.Logger) -> None:
+    """The block is left with an exception: cancel every one of ``calls`` that is not
+    done, whether it started or not, and its Dask task (a batch's once).
+
+    :param tell_workers: whether to have the workers cancel them too (coroutine calls
+        running there are cancelled where they await, the others do not start)
+    """
+    tokens: List[str] = []
+    dask_futures: Dict[int, Any] = {}
+    for call in calls:
+        with call.handover:
+            call.cancelling = True
+            if call.dask_future is not None and not call.done():
+                tokens.append(str(call.token))
+                dask_futures[id(call.dask_future)] = call.dask_future
+        # The Dask futures are cancelled below, all at once.
+        call.set_cancelled()
+    if not tokens or client is None or not dask_engine.client_is_open(client):
+        return
+    if tell_workers:
+        try:
+            client.run(dask_worker.abort_calls, tokens)
+        except Exception:
+            logger.debug("Cancelling calls on the workers failed", exc_info=True)
+    try:
+        client.cancel(list(dask_futures.values()))
+    except Exception:
+        logger.debug("Cancelling the Dask futures failed", exc_info=True)
 
 
 def _started_on_workers(call: DaskCall) -> bool:

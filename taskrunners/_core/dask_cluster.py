@@ -36,6 +36,7 @@ from taskrunners._core.calls import TIMEOUT_ERRORS
 from taskrunners._core.records import emit
 
 __all__ = [
+    "checked_settings",
     "checked_kwargs",
     "import_cluster_class",
     "ClusterKwargs",
@@ -57,6 +58,44 @@ _ABSENT: Any = object()
 
 
 # -- settings ----------------------------------------------------------------------------
+
+
+def checked_settings(
+    address: Optional[str],
+    cluster_class: Any,
+    cluster_kwargs: Any,
+    adapt_kwargs: Any,
+    connect_timeout: Any,
+) -> Optional[Callable[..., Any]]:
+    """Refuse settings that contradict each other or have the wrong type; the cluster
+    class (imported, if given by name).
+
+    :raises ValueError: for ``address`` with cluster options, a ``cluster_class``
+        name that cannot be imported, a ``connect_timeout`` that is no positive number
+    :raises TypeError: for a ``cluster_class`` that is neither callable nor a name
+    """
+    if address and (cluster_class or cluster_kwargs or adapt_kwargs):
+        raise ValueError(
+            f"`address` ({address!r}) connects to a running Dask cluster, so "
+            "`cluster_class`, `cluster_kwargs` and `adapt_kwargs`, which describe a "
+            "cluster to create, cannot be given with it. Pass one or the other."
+        )
+    if (
+        isinstance(connect_timeout, bool)
+        or not isinstance(connect_timeout, (int, float))
+        or not connect_timeout > 0
+    ):
+        raise ValueError(
+            f"`connect_timeout` must be a positive number of seconds, got {connect_timeout!r}."
+        )
+    if isinstance(cluster_class, str):
+        return import_cluster_class(cluster_class)
+    if cluster_class is not None and not callable(cluster_class):
+        raise TypeError(
+            "`cluster_class` must be a class, a callable or its dotted name, got "
+            f"{type(cluster_class).__name__}."
+        )
+    return cluster_class
 
 
 def checked_kwargs(name: str, value: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ __all__ = [
     "cluster_processes",
     "stop_workers_now",
     "retries_requested",
+    "total_threads",
     "required",
 ]
 
@@ -161,6 +162,22 @@ def retries_requested(key: str) -> bool:
     return bool(task is not None and (getattr(task, "annotations", None) or {}).get("retries"))
 
 
+def total_threads(client: Any) -> Optional[int]:
+    """How many worker threads the cluster of ``client`` has, as last heard: the
+    ``total_threads`` of ``client._scheduler_identity``, which the client refreshes in
+    the background (``distributed.client.scheduler-info-interval``, 2 s by default).
+
+    Reading it costs no round trip. None if it cannot be read (the caller then keeps
+    what it knew).
+    """
+    identity = getattr(client, "_scheduler_identity", None)
+    try:
+        threads = identity.get("total_threads")  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) else None
+
+
 def _worker_task_state_readable(dask_worker: Any) -> bool:
     """Run on workers (``Client.run``): whether :func:`retries_requested` can read the
     task state."""
@@ -200,4 +217,5 @@ def required(client: Any, cluster: Any) -> Dict[str, bool]:
         and {"executor_wait", "timeout"} <= set(stop_parameters)
         and "timeout" in inspect.signature(distributed.Nanny.close).parameters,
         "retries_requested": worker_task_state(),
+        "total_threads": total_threads(client) is not None,
     }

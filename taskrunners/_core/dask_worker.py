@@ -1,11 +1,20 @@
 """The worker side of the DaskTaskRunner: what runs in Dask's workers.
 
-Dask runs :func:`run_task` once per call. It marks the call started in this worker
-process's registry, puts the States of upstream calls in place of their
+Dask runs :func:`run_task` for a call sent alone. It marks the call started in this
+worker process's registry, puts the States of upstream calls in place of their
 placeholders, runs the call to a State (:func:`~taskrunners._core.remote.run_in_worker`)
 and, on workers outside the client's process, pickles that State here together
 with the log records the call emitted (so a State that cannot be pickled becomes
 the call's own Crashed state, not a Dask serialization failure logged far away).
+A call the runner's dispatcher sent also brings back how long it ran, which sizes
+the batches of its task.
+
+Dask runs :func:`run_batch_task` for a batch: the calls of one task, gathered while
+every worker was busy. Each call keeps its own token in the registry and is marked
+started and finished on its own, so cancelling one that has not started stays exact;
+the batch brings back each call's State and seconds, pickled together
+(:func:`~taskrunners._core.remote.encode_batch`: one State that cannot be pickled
+fails only its call).
 
 The registry is what lets the client cancel a call only if it has not started: a
 Dask client cannot see whether a task has begun on a worker, and Dask cannot stop
@@ -22,18 +31,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import pickle
+import struct
 import threading
+import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Dict, Hashable, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from taskrunners._core import dask_engine
 from taskrunners._core.records import captured_records
 from taskrunners._core.remote import (
     CoroutineWatch,
     decode_outcome,
+    encode_batch,
     encode_outcome,
     load_call,
+    run_batch,
     run_in_worker,
     substitute,
 )
@@ -43,6 +57,10 @@ __all__ = [
     "WHERE",
     "CrashedOnWorker",
     "run_task",
+    "run_batch_task",
+    "batch_payload",
+    "with_seconds",
+    "seconds_of",
     "decoded",
     "started_calls",
     "cancel_unstarted_calls",
@@ -92,32 +110,120 @@ def run_task(
     token: str,
     upstream: Optional[List[Tuple[str, Any]]],
     capture: Optional[Tuple[int, bool]],
+    timed: bool = False,
 ) -> Any:
-    """What Dask runs: one call, to its State.
+    """What Dask runs for a call sent alone: the call, to its State.
 
     :param upstream: (key, outcome) of each upstream call handed to Dask, in the
         order of their placeholders
     :param capture: for workers outside the client's process, the lowest log level
         to send back and whether to hide those records from this process's handlers;
         the value is then the State and the records pickled here (else the State)
+    :param timed: whether the value also tells how many seconds the call ran (0 if
+        it did not start): see :func:`with_seconds`; :func:`decoded` reads either
     """
     if not _mark_started(token):
         state = exception_to_crashed_state(concurrent.futures.CancelledError())
-        return state if capture is None else encode_outcome(key, state, [], WHERE)
+        cancelled = state if capture is None else encode_outcome(key, state, [], WHERE)
+        return with_seconds(cancelled, 0.0) if timed else cancelled
     capturing: ContextManager[List[Any]] = captured_records(*capture) if capture else nullcontext([])
+    begun = time.perf_counter()
     try:
         with capturing as records:
             state, raised = _run_call(payload, key, token, upstream)
     finally:
         _mark_finished(token)
+    seconds = time.perf_counter() - begun
     if capture is None:
         outcome: Any = state
     else:
         tag = uuid.uuid4().hex if records else None
         outcome = encode_outcome(key, state, records, WHERE, tag, _ADVICE)
+    if timed:
+        outcome = with_seconds(outcome, seconds)
     if isinstance(raised, Exception) and dask_engine.retries_requested(key):
         raise CrashedOnWorker(outcome, state.message) from raised
     return outcome
+
+
+# A timed outcome pickled on the worker: this mark, the seconds, the pickle. A pickle
+# (protocol 2 and up) starts with b"\x80", never with the mark.
+_TIMED_MARK = b"T"
+_SECONDS = struct.Struct("<d")
+
+
+def with_seconds(outcome: Any, seconds: float) -> Any:
+    """``outcome`` and the seconds its call ran, as one value.
+
+    A pickled outcome stays bytes, as Dask sends bytes much faster than a tuple
+    holding them; an outcome left unpickled (a worker in the client's process) is
+    paired in a tuple, which nothing serializes.
+    """
+    if isinstance(outcome, bytes):
+        return b"".join((_TIMED_MARK, _SECONDS.pack(seconds), outcome))
+    return (outcome, seconds)
+
+
+def seconds_of(value: Any) -> Optional[float]:
+    """How many seconds the call ran, from what :func:`run_task` returned; None if it
+    was not timed."""
+    if type(value) is tuple:
+        return float(value[1])
+    if isinstance(value, bytes) and value[:1] == _TIMED_MARK:
+        return float(_SECONDS.unpack_from(value, 1)[0])
+    return None
+
+
+def batch_payload(names: Sequence[str], tokens: Sequence[str], calls: bytes) -> bytes:
+    """What :func:`run_batch_task` is given: the calls' names, tokens, and the calls
+    themselves (``cloudpickle.dumps((pairs, None))``, ``pairs`` the ``(run_fn,
+    run_kwargs)`` of each: the shape :func:`~taskrunners._core.remote.load_call`
+    reads), in one value that Dask does not walk."""
+    return pickle.dumps((list(names), list(tokens), calls), pickle.HIGHEST_PROTOCOL)
+
+
+def run_batch_task(payload: bytes, capture: Optional[Tuple[int, bool]]) -> Any:
+    """What Dask runs for a batch: its calls in order, each to its State and seconds.
+
+    A call cancelled before it started here is skipped (its State is the
+    cancellation, its seconds 0); a call that raises or crashes takes no other call
+    of the batch with it. With ``capture`` (see :func:`run_task`) the value is the
+    States, seconds and log records pickled here (else the list of (State, seconds)).
+    """
+    names, tokens, calls_payload = pickle.loads(payload)
+    calls, unloadable = _load_batch(calls_payload, names)
+    if unloadable is not None:
+        outcomes = [(unloadable, 0.0)] * len(names)
+        return outcomes if capture is None else encode_batch(names, outcomes, [], WHERE)
+    running: List[str] = []  # the token of the call running now
+
+    def starting(index: int) -> bool:
+        token = tokens[index]
+        running[:] = [token]
+        return _mark_started(token)
+
+    def finished(index: int) -> None:
+        _mark_finished(tokens[index])
+
+    def watch(loop: asyncio.AbstractEventLoop, task: "asyncio.Task[State]") -> ContextManager[None]:
+        return _registered(running[0])(loop, task)
+
+    capturing: ContextManager[List[Any]] = captured_records(*capture) if capture else nullcontext([])
+    with capturing as records:
+        ran = run_batch(calls, watch, starting, finished)
+    outcomes = [(state, seconds) for state, seconds, _ in ran]
+    if capture is None:
+        return outcomes
+    return encode_batch(names, outcomes, records, WHERE, _ADVICE)
+
+
+def _load_batch(payload: bytes, names: List[str]) -> Tuple[Any, Optional[State]]:
+    """The batch's ``(run_fn, run_kwargs)`` pairs, or the Crashed state of every call."""
+    what = names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more in its batch)"
+    calls, unloadable = load_call(payload, what, WHERE)
+    if calls is None:
+        return None, unloadable
+    return calls, None
 
 
 def _run_call(
@@ -136,7 +242,13 @@ def _run_call(
 
 def decoded(name: str, value: Any) -> Tuple[State, Optional[List[Any]], Optional[str]]:
     """(State, log records, their tag) from what :func:`run_task` returned."""
+    if type(value) is tuple:  # timed, unpickled
+        value = value[0]
     if isinstance(value, bytes):
+        if value[:1] == _TIMED_MARK:
+            # Unpickled in place: pickle reads any bytes-like value, no copy of a large State.
+            pickled = memoryview(value)[1 + _SECONDS.size :]
+            return decode_outcome(name, pickled)  # type: ignore[arg-type]
         return decode_outcome(name, value)
     return value, None, None
 

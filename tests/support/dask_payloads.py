@@ -6,6 +6,7 @@ import logging
 import os
 import pathlib
 import signal
+import threading
 import time
 import uuid
 
@@ -81,3 +82,43 @@ def record_run(directory, name):
 def log_at(logger_name, level, message):
     logging.getLogger(logger_name).log(level, message)
     return Completed(data=os.getpid())
+
+
+def counted(directory, name, how="return"):
+    """Count a run of call ``name`` (one character more in its file in ``directory``),
+    then behave as ``how`` says; by default complete with the Dask key of the task
+    running it (in a batch, the batch's key)."""
+    with open(os.path.join(directory, name), "a") as file:
+        file.write("x")
+    if how == "raise":
+        raise ValueError(f"{name} broke")
+    if how == "interrupt":
+        raise KeyboardInterrupt
+    if how == "unpicklable":
+        return Completed(data=threading.Lock())
+    if how == "die":
+        die()
+    if how == "die-once":
+        return die_once(os.path.join(directory, f"{name}-died"))
+    return current_key()
+
+
+def runs_of(directory, name):
+    """How many times call ``name`` of :func:`counted` ran."""
+    path = pathlib.Path(directory, name)
+    return len(path.read_text()) if path.exists() else 0
+
+
+def sleepy_key(seconds):
+    """Sleep, then complete with the Dask key of the task running this call."""
+    time.sleep(seconds)
+    return current_key()
+
+
+def key_and_annotations():
+    """The Dask key of the task running this call and its annotations, read on the worker."""
+    import distributed
+
+    worker = distributed.get_worker()
+    key = worker.get_current_task()
+    return Completed(data=(key, dict(worker.state.tasks[key].annotations or {})))

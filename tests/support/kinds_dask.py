@@ -2,6 +2,11 @@
 
 The external cluster is a ``dask scheduler`` and a ``dask worker`` (two worker
 processes) that this module starts once per session on 127.0.0.1 and stops by PID.
+
+Every kind batches calls (``batch_size="auto"``, the default) but
+``dask-processes-batch1``, which sends every call alone (``batch_size=1``). That path
+is the same in the twin and the facade, so its kind runs the blocking twin only:
+its other modes are deselected (:func:`pytest_collection_modifyitems`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ KINDS = [
         marks=(DASK,),
     ),
     RunnerKind(
+        "dask-processes-batch1",
+        "DaskTaskRunner",
+        TaskConcurrencyType.PARALLEL,
+        kwargs=lambda request: {"cluster_kwargs": dict(PROCESSES_CLUSTER), "batch_size": 1},
+        pickles_results=True,
+        marks=(DASK,),
+    ),
+    RunnerKind(
         "dask-external",
         "DaskTaskRunner",
         TaskConcurrencyType.CONCURRENT,
@@ -52,6 +65,24 @@ KINDS = [
         marks=(DASK,),
     ),
 ]
+
+
+TWIN_ONLY = {"dask-processes-batch1"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Deselect the facade modes (asyncio, trio) of the kinds in ``TWIN_ONLY``."""
+    kept, deselected = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        kind = params.get("kind")
+        if getattr(kind, "id", None) in TWIN_ONLY and params.get("mode", "sync") != "sync":
+            deselected.append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 def dask_command(*args: str) -> List[str]:
