@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import cloudpickle
 
 from taskrunners._core import dask_cluster, dask_worker
-from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, TaskConcurrencyType, state_of_done
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, may_hold_futures, state_of_done
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
 from taskrunners._core.calls import CallHandle, when_all_done
 from taskrunners._core.dask_batches import DaskBatches, submit_annotated
@@ -394,7 +394,7 @@ class DaskTaskRunner(BlockingTaskRunner):
             return dask_future
 
         kwargs = run_kwargs
-        if run_kwargs and not all(type(value) in FLAT_TYPES for value in run_kwargs.values()):
+        if any(may_hold_futures(value) for value in run_kwargs.values()):
             kwargs, _ = with_upstream(run_kwargs, self._call_of, state_of_done, hand_off)
         upstream = [(dask_future.key, dask_future) for _, dask_future in handed_off.values()]
         try:

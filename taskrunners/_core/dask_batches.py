@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional
 import cloudpickle
 
 from taskrunners._core import dask_engine, dask_worker
-from taskrunners._core.base import FLAT_TYPES, state_of_done
+from taskrunners._core.base import may_hold_futures, state_of_done
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
 from taskrunners._core.dask_calls import (
     DaskBatch,
@@ -273,7 +273,7 @@ class DaskBatches:
         runner._fetcher_for(self.client).watch(batch, dask_future)
 
     def _by_value(self, run_kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        if not run_kwargs or all(type(value) in FLAT_TYPES for value in run_kwargs.values()):
+        if not any(may_hold_futures(value) for value in run_kwargs.values()):
             return run_kwargs
         result: Dict[str, Any] = self.runner._resolve_futures(run_kwargs)
         return result
