@@ -42,6 +42,8 @@ def settings() -> None:
     taskrunners.sync.ParallelTaskRunner(max_worker=2)  # E: call-arg
     taskrunners.ConcurrentTaskRunner(max_workers="2")  # E: arg-type
     taskrunners.RayTaskRunner(init_kwargs=["num_cpus", 2])  # E: arg-type
+    taskrunners.ParallelTaskRunner(batch_size="autoo")  # E: arg-type
+    taskrunners.sync.DaskTaskRunner(batch_size=2.5)  # E: arg-type
 
 
 async def sync_and_async(blocking: PrefectFuture[Sync], awaited: PrefectFuture[Async]) -> None:
