@@ -69,8 +69,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_ids.seed)
 
 
-def _new_run_id() -> uuid.UUID:
-    return uuid.UUID(int=_ids.getrandbits(128), version=4)
+# The variant and version bits of a random (version 4) UUID, as uuid.UUID sets them.
+_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_SET = (0x8000 << 48) | (4 << 76)
+
+
+def _new_run_number() -> int:
+    """A random version-4 UUID as its integer: the UUID is made when first read."""
+    return (_ids.getrandbits(128) & _CLEAR) | _SET
 
 
 class TaskRun:
@@ -84,25 +90,52 @@ class TaskRun:
     ('load', 'UUID')
     """
 
-    __slots__ = ("name", "id")
+    __slots__ = ("name", "_number", "_id")
 
     def __init__(self, name: Optional[str] = None, id: Optional[uuid.UUID] = None) -> None:
-        self.id = id if id is not None else _new_run_id()
+        # Building a uuid.UUID costs more than the rest of a submission: the id is
+        # kept as its integer, and the UUID made (the same one, in any thread) when
+        # somebody reads it.
+        if id is None:
+            self._number, self._id = _new_run_number(), None
+        else:
+            self.id = id
         self.name = name if name is not None else f"task-run-{next(_run_numbers)}"
 
+    @property
+    def id(self) -> uuid.UUID:
+        """The run's unique id."""
+        id = self._id
+        if id is None:
+            id = self._id = uuid.UUID(int=self._number)
+        return id
+
+    @id.setter
+    def id(self, value: uuid.UUID) -> None:
+        if not isinstance(value, uuid.UUID):
+            raise TypeError(
+                f"A task run's id must be a uuid.UUID, got {type(value).__name__} {value!r}; "
+                "leave it out for a fresh random one."
+            )
+        self._number, self._id = value.int, value
+
     def __getstate__(self) -> tuple:
-        return (self.name, self.id)
+        return (self.name, self._number)
 
     def __setstate__(self, state: tuple) -> None:
-        self.name, self.id = state
+        self.name, number = state
+        if isinstance(number, uuid.UUID):  # pickled before the id was kept as a number
+            self.id = number
+        else:
+            self._number, self._id = number, None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TaskRun):
             return NotImplemented
-        return self.id == other.id
+        return self._number == other._number
 
     def __hash__(self) -> int:
-        return hash(self.id)
+        return hash(self._number)  # the id's hash, as UUID hashes its integer
 
     def __repr__(self) -> str:
         return f"TaskRun(name={self.name!r}, id={self.id!r})"
