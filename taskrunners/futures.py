@@ -96,8 +96,9 @@ class TaskRun:
         # Building a uuid.UUID costs more than the rest of a submission: the id is
         # kept as its integer, and the UUID made (the same one, in any thread) when
         # somebody reads it.
+        self._id: Optional[uuid.UUID] = None
         if id is None:
-            self._number, self._id = _new_run_number(), None
+            self._number = _new_run_number()
         else:
             self.id = id
         self.name = name if name is not None else f"task-run-{next(_run_numbers)}"
