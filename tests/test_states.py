@@ -6,6 +6,8 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import threading
+import uuid
 
 import anyio
 import cloudpickle
@@ -134,6 +136,32 @@ def test_task_run_defaults():
     first, second = TaskRun(), TaskRun()
     assert first.id != second.id and first.name != second.name
     assert first.name.startswith("task-run-")
+
+
+def test_a_task_run_id_is_a_random_uuid_made_once_and_the_same_everywhere():
+    runs = [TaskRun() for _ in range(10_000)]
+    ids = {run.id for run in runs}
+    assert len(ids) == len(runs)
+    run = runs[0]
+    assert run.id.version == 4 and run.id.variant == uuid.RFC_4122
+    assert run.id is run.id and hash(run) == hash(run.id)
+    # Read first in another thread, or first after a pickle round trip: the same id.
+    fresh = TaskRun()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(fresh.id))
+    reader.start()
+    reader.join()
+    assert seen == [fresh.id]
+    unread = TaskRun()
+    copy = cloudpickle.loads(cloudpickle.dumps(unread))
+    assert copy.id == unread.id and copy == unread
+    given = uuid.uuid4()
+    assert TaskRun(id=given).id is given and TaskRun(id=given) == TaskRun(name="x", id=given)
+
+
+def test_a_task_run_id_that_is_not_a_uuid_is_refused():
+    with pytest.raises(TypeError, match=r"must be a uuid.UUID, got str 'abc'; leave it out"):
+        TaskRun(id="abc")  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass
