@@ -6,7 +6,7 @@ import cloudpickle
 import pytest
 
 from tests.support.driver import driving
-from tests.support.kinds import KIND_MODULES, kind_params
+from tests.support.kinds import KIND_MODULES, kind_params, on_twin_only_kind_in_facade
 from tests.support.pickling import register_payloads
 
 register_payloads(cloudpickle)
@@ -15,6 +15,14 @@ register_payloads(cloudpickle)
 pytest_plugins = KIND_MODULES
 
 MODES = ["sync", "asyncio", "trio"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the facade modes of the ``twin_only`` kinds."""
+    deselected = [item for item in items if on_twin_only_kind_in_facade(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not on_twin_only_kind_in_facade(item)]
 
 
 @pytest.fixture(params=kind_params())

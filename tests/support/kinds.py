@@ -42,6 +42,9 @@ class RunnerKind:
     # Whether States come back from another process, pickled.
     pickles_results: bool = False
     marks: tuple = ()
+    # Run on the blocking twin only: the facade adds nothing to what this kind tests
+    # (a second batch_size of a runner), so its asyncio and trio modes are left out.
+    twin_only: bool = False
 
     def make(self, request: pytest.FixtureRequest, blocking: bool) -> Any:
         module = taskrunners.sync if blocking else taskrunners
@@ -58,6 +61,15 @@ def kind_params(kinds: Optional[Iterable[RunnerKind]] = None) -> List[Any]:
     """``kinds`` (all by default) as pytest params, with their ids and marks."""
     chosen = all_kinds() if kinds is None else kinds
     return [pytest.param(kind, id=kind.id, marks=kind.marks) for kind in chosen]
+
+
+def on_twin_only_kind_in_facade(item: pytest.Item) -> bool:
+    """Whether ``item`` runs a ``twin_only`` kind in a facade mode (asyncio, trio)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    kind = params.get("kind")
+    if not getattr(kind, "twin_only", False):
+        return False
+    return params.get("mode", "sync") != "sync" or "anyio_backend" in params
 
 
 def parametrize_kinds(kinds: Iterable[RunnerKind]) -> pytest.MarkDecorator:

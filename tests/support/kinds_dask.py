@@ -55,6 +55,7 @@ KINDS = [
         kwargs=lambda request: {"cluster_kwargs": dict(PROCESSES_CLUSTER), "batch_size": 1},
         pickles_results=True,
         marks=(DASK,),
+        twin_only=True,
     ),
     RunnerKind(
         "dask-external",
@@ -67,22 +68,7 @@ KINDS = [
 ]
 
 
-TWIN_ONLY = {"dask-processes-batch1"}
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """Deselect the facade modes (asyncio, trio) of the kinds in ``TWIN_ONLY``."""
-    kept, deselected = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        kind = params.get("kind")
-        if getattr(kind, "id", None) in TWIN_ONLY and params.get("mode", "sync") != "sync":
-            deselected.append(item)
-        else:
-            kept.append(item)
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = kept
 
 
 def dask_command(*args: str) -> List[str]:

@@ -8,14 +8,8 @@ other modes of the second kind are deselected at collection, which keeps its cos
 to a third of the first's.
 """
 
-from typing import List
-
-import pytest
-
 from taskrunners import TaskConcurrencyType
 from tests.support.kinds import RunnerKind
-
-BATCH1_ID = "parallel-batch1"
 
 KINDS = [
     RunnerKind(
@@ -27,27 +21,13 @@ KINDS = [
         pickles_results=True,
     ),
     RunnerKind(
-        BATCH1_ID,
+        "parallel-batch1",
         "ParallelTaskRunner",
         TaskConcurrencyType.PARALLEL,
         kwargs=lambda request: {"max_workers": 2, "batch_size": 1},
         in_process=False,
         pickles_results=True,
+        twin_only=True,
     ),
 ]
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """Run the ``parallel-batch1`` kind on the blocking twin only."""
-    kept, deselected = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        kind = params.get("kind")
-        on_twin = params.get("mode", "sync") == "sync" and "anyio_backend" not in params
-        if getattr(kind, "id", None) == BATCH1_ID and not on_twin:
-            deselected.append(item)
-        else:
-            kept.append(item)
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = kept

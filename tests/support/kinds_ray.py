@@ -217,9 +217,6 @@ def _one_call_per_task_kwargs(request: pytest.FixtureRequest) -> dict:
 
 _HEAD = os.environ.get(HEAD_ENV)
 _ID = "ray-head" if _HEAD else "ray"
-#: The kind that sends every call as a Ray task of its own. The facade only delegates
-#: to the twin, so it runs the twin mode only (see pytest_collection_modifyitems).
-ONE_CALL_PER_TASK_ID = f"{_ID}-batch1"
 
 KINDS = [
     # The default, batch_size="auto". First: tests that take one kind per backend take it.
@@ -232,26 +229,13 @@ KINDS = [
         marks=(pytest.mark.ray,),
     ),
     RunnerKind(
-        ONE_CALL_PER_TASK_ID,
+        f"{_ID}-batch1",  # every call a Ray task of its own
         "RayTaskRunner",
         TaskConcurrencyType.PARALLEL,
         kwargs=_one_call_per_task_kwargs,
         pickles_results=True,
         marks=(pytest.mark.ray,),
+        twin_only=True,
     ),
 ]
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
-    """Run the batch_size=1 kind in the twin mode only: the facades add nothing to it."""
-    kept, dropped = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        kind, mode = params.get("kind"), params.get("mode")
-        if getattr(kind, "id", None) == ONE_CALL_PER_TASK_ID and mode not in (None, "sync"):
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
