@@ -685,10 +685,8 @@ def write_chart(results: Results, path: pathlib.Path) -> bool:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
                   frameon=False, bbox_to_anchor=(0.5, 0.935))
-    repeats = results.config.get("repeats")
     figure.suptitle(
-        f"taskrunners benchmarks — median of {repeats} run{'s' if repeats != 1 else ''}"
-        f"{' (--quick)' if results.config.get('quick') else ''} · {results.created[:10]}\n"
+        f"taskrunners benchmarks — {_repeats_text(results)} · {results.created[:10]}\n"
         f"{machine_line(results.machine)}",
         fontsize=10,
     )
