@@ -147,7 +147,8 @@ class Entry(Generic[T]):
     def __init__(self, call: Any, key: Hashable, options: Hashable, item: T) -> None:
         self.call = call
         self.key = key
-        self.group = (key, options)
+        # Calls without options are grouped by their task alone (no tuple to collect).
+        self.group = key if options is None else (key, options)
         self.item = item
 
 

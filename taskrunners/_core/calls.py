@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import itertools
 import threading
-from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -63,11 +64,22 @@ class CallHandle(Completes, Protocol):
         """Somebody waits for the call: if it waits to fill a batch, send it now."""
 
 
+# Calls share a few locks, each held only for a few assignments and never with
+# another: a lock per call would be one more object per call for the collector.
+_LOCKS = tuple(threading.Lock() for _ in range(64))
+_next_lock = itertools.count().__next__
+# What a call's callbacks are before the first is added (then the callback itself,
+# then a list of them; None once they have run).
+_NO_CALLBACKS: Any = ()
+
+
 class Call:
     """The outcome of one call: its State is set once, from any thread.
 
     A call not yet running can be cancelled: it then ends Crashed with the
     cancellation message, and :meth:`set_running` tells the worker not to run it.
+    Many calls may be pending at once, so a call is kept small: the garbage
+    collector walks every one of them.
     """
 
     __slots__ = ("_state", "_running", "_cancelled", "_callbacks", "_lock", "_finished")
@@ -76,8 +88,8 @@ class Call:
         self._state: Optional[State] = None
         self._running = False
         self._cancelled = False
-        self._callbacks: Optional[List[Callable[[Any], object]]] = []
-        self._lock = threading.Lock()
+        self._callbacks: Any = _NO_CALLBACKS
+        self._lock = _LOCKS[_next_lock() & 63]
         self._finished: Optional[threading.Event] = None
 
     def done(self) -> bool:
@@ -123,8 +135,11 @@ class Call:
             callbacks, self._callbacks = self._callbacks, None
             if self._finished is not None:
                 self._finished.set()
-        for callback in callbacks or ():
-            callback(self)
+        if type(callbacks) is list:
+            for callback in callbacks:
+                callback(self)
+        elif callbacks is not _NO_CALLBACKS:
+            callbacks(self)
 
     def result(self, timeout: Optional[float] = None) -> State:
         state = self._state
@@ -141,8 +156,14 @@ class Call:
 
     def add_done_callback(self, fn: Callable[[Any], object]) -> None:
         with self._lock:
-            if self._callbacks is not None:
-                self._callbacks.append(fn)
+            callbacks = self._callbacks
+            if callbacks is not None:
+                if callbacks is _NO_CALLBACKS:
+                    self._callbacks = fn
+                elif type(callbacks) is list:
+                    callbacks.append(fn)
+                else:
+                    self._callbacks = [callbacks, fn]
                 return
         fn(self)
 

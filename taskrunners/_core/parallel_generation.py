@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import loky
 
@@ -33,8 +33,9 @@ __all__ = ["Generation"]
 class Generation:
     """One loky executor, and the slot table its workers mark calls in.
 
-    :param slots: the size of the slot table: a slot for each call of as many batches
-        as loky may hold, each as large as a batch may be, so it never runs out
+    :param batches: how many batches loky may hold at once, and
+    :param batch_size: the most calls a batch may have: the slot table has a run of
+        slots for each batch loky holds, so it never runs out
     """
 
     def __init__(
@@ -42,13 +43,14 @@ class Generation:
         number: int,
         directory: str,
         max_workers: int,
-        slots: int,
+        batches: int,
+        batch_size: int,
         initializer: Optional[Callable[..., Any]],
         initargs: Tuple[Any, ...],
         env: Optional[Dict[str, str]],
     ) -> None:
         self.number = number
-        self.slots = SlotTable(os.path.join(directory, f"slots-{number}"), slots)
+        self.slots = SlotTable(os.path.join(directory, f"slots-{number}"), batches, batch_size)
         self.executor = loky.ProcessPoolExecutor(
             max_workers=max_workers,
             initializer=initialize_worker,
@@ -68,21 +70,18 @@ class Generation:
 
     def submit(
         self, batch: Batch, log_level: int
-    ) -> Tuple["concurrent.futures.Future[Optional[bytes]]", List[int]]:
+    ) -> Tuple["concurrent.futures.Future[Optional[bytes]]", range]:
         """Hand ``batch`` to loky, a slot per call; its loky future, and the slots.
 
         :raises: what loky's ``submit`` raises (the slots are then given back)
         """
-        slots: List[int] = []
+        slots = self.slots.take(len(batch.entries))
+        if slots is None:
+            raise RuntimeError(
+                f"The slot table of the process pool has no room for a batch of "
+                f"{len(batch.entries)} calls; this is a bug in taskrunners."
+            )
         try:
-            for _ in batch.entries:
-                slot = self.slots.take()
-                if slot is None:
-                    raise RuntimeError(
-                        f"The slot table of the process pool has no room for a batch of "
-                        f"{len(batch.entries)} calls; this is a bug in taskrunners."
-                    )
-                slots.append(slot)
             submitted = self.executor.submit(
                 run_batch_call, batch.payload, batch.names, self.slots.path, slots, log_level
             )
@@ -91,10 +90,9 @@ class Generation:
             raise
         return submitted, slots
 
-    def give_back(self, slots: List[int]) -> None:
+    def give_back(self, slots: range) -> None:
         """No worker writes to these slots any more (their batch came back, or never went)."""
-        for slot in slots:
-            self.slots.give_back(slot)
+        self.slots.give_back(slots)
 
     def marks(self, slot: int) -> Tuple[int, int]:
         """(pid that started the call in ``slot``, pid that finished it), 0 for not yet."""

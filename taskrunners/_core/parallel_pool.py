@@ -152,7 +152,8 @@ class ProcessPool:
             len(self._generations),
             self._directory,
             self._max_workers,
-            self._capacity * self._largest_batch,
+            self._capacity,
+            self._largest_batch,
             self._initializer,
             self._initargs,
             self._env,
@@ -347,7 +348,7 @@ class ProcessPool:
         self,
         batch: Batch,
         generation: Generation,
-        slots: List[int],
+        slots: range,
         submitted: concurrent.futures.Future,
     ) -> None:
         try:
@@ -394,7 +395,7 @@ class ProcessPool:
         self,
         batch: Batch,
         generation: Generation,
-        slots: List[int],
+        slots: range,
         submitted: concurrent.futures.Future,
     ) -> None:
         try:
@@ -441,7 +442,7 @@ class ProcessPool:
         )
 
     def _after_break(
-        self, batch: Batch, generation: Generation, slots: List[int], error: BaseException
+        self, batch: Batch, generation: Generation, slots: range, error: BaseException
     ) -> None:
         generation.broke_under(error)
         dead, cause = generation.dead or {}, generation.cause()

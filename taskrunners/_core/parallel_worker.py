@@ -31,7 +31,7 @@ _WHERE = "the worker process"
 
 
 def run_batch_call(
-    payload: bytes, names: Sequence[str], table_path: str, slots: Sequence[int], log_level: int
+    payload: bytes, names: Sequence[str], table_path: str, slots: range, log_level: int
 ) -> Optional[bytes]:
     """Run a pickled batch, ``([run_fn, ...], [run_kwargs, ...])``, call by call.
 

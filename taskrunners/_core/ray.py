@@ -211,9 +211,10 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         )
         self._dispatcher = dispatcher
         if self.batch_size != 1:
-            # Room for every call of the batches that may be out, twice over (expedited
+            # A run of slots for each batch that may be out, twice over (expedited
             # batches go beyond the limit); a call without a slot is never run again.
-            self._slots = new_slot_table(limit * MAX_CALLS * 2)
+            largest = self.batch_size if isinstance(self.batch_size, int) else MAX_CALLS
+            self._slots = new_slot_table(limit * 2, largest)
         self._thread = RunnerThread(f"{self}-submit")
 
     def _close(self) -> None:

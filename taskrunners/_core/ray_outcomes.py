@@ -149,8 +149,8 @@ def _start_unknown_state(name: str, exc: BaseException) -> State:
     )
 
 
-def as_marks(table: Any, slots: Optional[Sequence[int]], count: int) -> List[Optional[Tuple[int, int]]]:
-    """The marks of ``count`` calls in ``slots`` of ``table`` (None where a call has no slot)."""
+def as_marks(table: Any, slots: Optional[range], count: int) -> List[Optional[Tuple[int, int]]]:
+    """The marks of ``count`` calls in ``slots`` of ``table`` (all None if they have none)."""
     if table is None or slots is None:
         return [None] * count
-    return [table.marks(slot) if slot >= 0 else None for slot in slots]
+    return [table.marks(slot) for slot in slots]

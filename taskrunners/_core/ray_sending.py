@@ -64,7 +64,7 @@ class _Sent:
         dispatcher: "Dispatcher[None]",
         entries: List[RayEntry],
         table: Optional[SlotTable],
-        slots: Optional[List[int]],
+        slots: Optional[range],
     ) -> None:
         self.dispatcher = dispatcher
         self.entries = entries
@@ -326,30 +326,28 @@ class RaySending:
             for entry in entries:
                 dispatcher.expedite(entry.call)
 
-    def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[List[int]]]:
-        """A slot of the table for each of ``count`` calls of a batch (-1: none left)."""
+    def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[range]]:
+        """A slot of the table for each of ``count`` calls of a batch (None: no room)."""
         table = self._slots
         if table is None or count < 2:  # a call alone is the one running if its worker dies
             return None, None
         with self._slots_lock:
-            taken = [table.take() for _ in range(count)]
-        return table, [-1 if slot is None else slot for slot in taken]
+            slots = table.take(count)
+        return (table, slots) if slots is not None else (None, None)
 
 
-def _give_back(table: Optional[SlotTable], slots: Optional[List[int]]) -> None:
+def _give_back(table: Optional[SlotTable], slots: Optional[range]) -> None:
     if table is not None and slots is not None:
-        for slot in slots:
-            if slot >= 0:
-                table.give_back(slot)
+        table.give_back(slots)
 
 
-def new_slot_table(size: int) -> Optional[SlotTable]:
+def new_slot_table(runs: int, run_size: int) -> Optional[SlotTable]:
     """A slot table in memory-backed ``/dev/shm`` if there is one, else the temp dir."""
     shm = "/dev/shm"
     directory = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
     path = os.path.join(directory, f"taskrunners-ray-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
-        return SlotTable(path, size)
+        return SlotTable(path, runs, run_size)
     except OSError:  # no table: a batch's calls are then never run again after a death
         return None
 

@@ -124,7 +124,7 @@ class BatchPayload:
     :param calls: each call's ``(run_fn or None for the remote function's own,
         run_kwargs, places of its Upstream(n) placeholders or None)``
     :param table: the runner's slot table, or None
-    :param slots: each call's slot in it (-1: none)
+    :param slots: the calls' slots in it, one each, or None
     """
 
     __slots__ = ("names", "calls", "table", "slots")
@@ -134,7 +134,7 @@ class BatchPayload:
         names: List[str],
         calls: List[Tuple[Optional[Callable[..., Any]], Dict[str, Any], Optional[List[Place]]]],
         table: Optional[str],
-        slots: Optional[List[int]],
+        slots: Optional[range],
     ) -> None:
         self.names = names
         self.calls = calls
@@ -188,12 +188,12 @@ def run_batch_call(
         # that runs; the calls after it must not start at all.
         if index and cancelled():
             return False
-        if table is not None and slots is not None and slots[index] >= 0:
+        if table is not None and slots is not None:
             slot_marks.mark_started(table, slots[index])
         return True
 
     def finished(index: int) -> None:
-        if table is not None and slots is not None and slots[index] >= 0:
+        if table is not None and slots is not None:
             slot_marks.mark_finished(table, slots[index])
 
     calls = (prepared(*call) for call in batch.calls)

@@ -15,7 +15,6 @@ parent then knows only what its engine tells it.
 from __future__ import annotations
 
 import collections
-import itertools
 import mmap
 import os
 import struct
@@ -30,33 +29,35 @@ _PID = struct.Struct("=i")
 
 
 class SlotTable:
-    """The parent's side: a table file of ``size`` slots at ``path``, and its free slots."""
+    """The parent's side: a table file at ``path`` of ``runs`` runs of ``run_size`` slots.
 
-    def __init__(self, path: str, size: int) -> None:
+    A batch of calls takes one run, a slot for each of its calls, and gives it back
+    whole: one step per batch, not per call.
+    """
+
+    def __init__(self, path: str, runs: int, run_size: int) -> None:
         self.path = path
-        self.size = size
+        self.run_size = run_size
         with open(path, "w+b") as file:
-            file.truncate(size * _SLOT.size)
+            file.truncate(runs * run_size * _SLOT.size)
             self._table = mmap.mmap(file.fileno(), 0)
-        self._fresh = itertools.count()
-        self._freed: Deque[int] = collections.deque()
+        self._free: Deque[int] = collections.deque(range(0, runs * run_size, run_size))
 
-    def take(self) -> Optional[int]:
-        """A free slot, cleared; None if every slot is in use."""
+    def take(self, count: int) -> Optional[range]:
+        """The slots of ``count`` calls, cleared; None if every run is in use, or a run
+        holds fewer slots."""
+        if count > self.run_size:
+            return None
         try:
-            slot = self._freed.pop()
+            first = self._free.pop()
         except IndexError:
-            slot = next(self._fresh)
-            if slot >= self.size:
-                self._fresh = itertools.count(self.size)  # stay exhausted until one is freed
-                return None
-            return slot
-        _SLOT.pack_into(self._table, slot * _SLOT.size, 0, 0)
-        return slot
+            return None
+        self._table[first * _SLOT.size : (first + count) * _SLOT.size] = bytes(count * _SLOT.size)
+        return range(first, first + count)
 
-    def give_back(self, slot: int) -> None:
-        """No worker writes to ``slot`` any more (its call came back, or its pool is gone)."""
-        self._freed.append(slot)
+    def give_back(self, slots: range) -> None:
+        """No worker writes to ``slots`` any more (their calls came back, or their pool is gone)."""
+        self._free.append(slots.start)
 
     def marks(self, slot: int) -> Tuple[int, int]:
         """(pid that started the call in ``slot``, pid that finished it), 0 for not yet."""
