@@ -178,7 +178,7 @@ def mark_inputs(
     :return: the arguments, and the futures by run id (None if there were neither
         futures nor States to resolve)
     """
-    if all(type(value) in FLAT_TYPES for value in itertools.chain(args, kwargs.values())):
+    if FLAT_TYPES.issuperset(map(type, args)) and FLAT_TYPES.issuperset(map(type, kwargs.values())):
         return args, kwargs, None  # the common case of task.map: nothing to walk
     upstream: Dict[uuid.UUID, PrefectFuture[Any]] = {}
     found_state = False

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar, Union, overload
+from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union, overload
 
 from typing_extensions import ParamSpec
 
@@ -286,13 +286,18 @@ def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> List[Tuple[tuple,
             "arguments in unmapped(...)."
         )
 
-    def pick(key: Union[int, str], value: Any, index: int) -> Any:
-        return mapped[key][index] if key in mapped else value.value
+    count = lengths.pop()
 
+    def column(key: Union[int, str], value: Any) -> Iterable[Any]:
+        return mapped[key] if key in mapped else itertools.repeat(value.value, count)
+
+    arg_rows = zip(*(column(key, value) for key, value in enumerate(args))) if args else None
+    names = list(kwargs)
+    kwarg_rows = zip(*(column(key, kwargs[key]) for key in names)) if names else None
     return [
         (
-            tuple(pick(key, value, index) for key, value in enumerate(args)),
-            {key: pick(key, value, index) for key, value in kwargs.items()},
+            next(arg_rows) if arg_rows is not None else (),
+            dict(zip(names, next(kwarg_rows))) if kwarg_rows is not None else {},
         )
-        for index in range(lengths.pop())
+        for _ in range(count)
     ]

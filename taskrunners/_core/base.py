@@ -12,6 +12,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    FrozenSet,
     Iterable,
     Iterator,
     List,
@@ -58,19 +59,27 @@ class TaskConcurrencyType(enum.Enum):
 
 
 #: Argument types that can hold no future: the common case skips the collection walk.
-FLAT_TYPES = frozenset({str, bytes, int, float, bool, complex, type(None)})
+FLAT_TYPES: FrozenSet[type] = frozenset({str, bytes, int, float, bool, complex, type(None)})
 
 
 # What the walk for futures looks into (see taskrunners._collections), or finds.
 _WALKED = (PrefectFuture, dict, list, tuple, set, frozenset)
 
 
+# The answer of may_hold_futures by type, for the types seen (a few hundred at most).
+_may_hold_by_type: Dict[type, bool] = dict.fromkeys(FLAT_TYPES, False)
+_TYPES_KEPT = 512
+
+
 def may_hold_futures(value: Any) -> bool:
     """Whether ``value`` is a future, or a collection the walk looks into (a cheap test)."""
     kind = type(value)
-    if kind in FLAT_TYPES:
-        return False
-    return isinstance(value, _WALKED) or hasattr(kind, "__dataclass_fields__")
+    known = _may_hold_by_type.get(kind)
+    if known is None:
+        known = issubclass(kind, _WALKED) or hasattr(kind, "__dataclass_fields__")
+        if len(_may_hold_by_type) < _TYPES_KEPT:
+            _may_hold_by_type[kind] = known
+    return known
 
 
 def is_future(value: Any) -> bool:
@@ -273,9 +282,12 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         :raises RuntimeError: if the runner is not started
         :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
         """
-        check_submission(run_fn, run_kwargs)
+        if type(run_kwargs) is dict and callable(run_fn):
+            kwargs = run_kwargs
+        else:
+            check_submission(run_fn, run_kwargs)
+            kwargs = dict(run_kwargs)
         future: PrefectFuture[Sync] = PrefectFuture(task_run, self, asynchronous=False)
-        kwargs = run_kwargs if type(run_kwargs) is dict else dict(run_kwargs)
         future._call = self._submit_call(task_run, run_fn, kwargs)
         return future
 

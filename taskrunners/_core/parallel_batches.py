@@ -47,7 +47,7 @@ class ParallelCall(Call):
         run_kwargs: Dict[str, Any],
         dispatcher: Dispatcher[None],
     ) -> None:
-        super().__init__()
+        Call.__init__(self)
         self.task_run = task_run
         self.run_fn: Optional[Callable[..., Any]] = run_fn
         self.run_kwargs: Optional[Dict[str, Any]] = run_kwargs

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from taskrunners._core.records import captured_records
 from taskrunners._core.remote import encode_batch, load_call, run_batch
-from taskrunners._core.slots import mark_finished, mark_started
+from taskrunners._core.slots import Marks
 from taskrunners.states import State
 
 __all__ = ["INITIALIZER_ERROR_FILE", "initialize_worker", "run_batch_call"]
@@ -48,15 +48,8 @@ def run_batch_call(
             outcomes = [(loaded, 0.0)]  # 0.0: it did not run (not a duration)
         else:
             del payload
-
-            def starting(index: int) -> bool:
-                mark_started(table_path, slots[index])
-                return True
-
-            def finished(index: int) -> None:
-                mark_finished(table_path, slots[index])
-
-            ran = run_batch(list(zip(run_fns, loaded)), None, starting, finished)
+            marks = Marks(table_path, slots)
+            ran = run_batch(list(zip(run_fns, loaded)), None, marks.started, marks.finished)
             del run_fns, loaded  # the worker keeps no argument alive until its next batch
             outcomes = [(state, seconds) for state, seconds, _ in ran]
             del ran

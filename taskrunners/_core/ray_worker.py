@@ -180,7 +180,7 @@ def run_batch_call(
             return (lambda: crashed), {}
         return run_fn, run_kwargs
 
-    table, slots = batch.table, batch.slots
+    marks = slot_marks.Marks(batch.table, batch.slots)
     cancelled = _cancel_check()
 
     def starting(index: int) -> bool:
@@ -188,16 +188,10 @@ def run_batch_call(
         # that runs; the calls after it must not start at all.
         if index and cancelled():
             return False
-        if table is not None and slots is not None:
-            slot_marks.mark_started(table, slots[index])
-        return True
-
-    def finished(index: int) -> None:
-        if table is not None and slots is not None:
-            slot_marks.mark_finished(table, slots[index])
+        return marks.started(index)
 
     calls = (prepared(*call) for call in batch.calls)
-    outcomes = run_batch(list(calls), interrupt_tick, starting, finished)
+    outcomes = run_batch(list(calls), interrupt_tick, starting, marks.finished)
     return encode_batch(batch.names, [(state, seconds) for state, seconds, _ in outcomes], [], WHERE)
 
 

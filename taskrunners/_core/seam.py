@@ -105,6 +105,9 @@ state_of = state_of_done
 
 def wait_blocking(future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
     """Block until the call is done and return its State, or None after ``timeout``."""
+    call = future._call
+    if call is not None and call.done():  # a future made here by submit(): its runner's
+        return state_of_done(call)
     return core_of(future.task_runner)._wait_blocking(future, timeout)
 
 

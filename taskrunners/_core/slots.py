@@ -20,7 +20,7 @@ import os
 import struct
 from typing import Deque, Optional, Tuple
 
-__all__ = ["SlotTable", "mark_started", "mark_finished"]
+__all__ = ["SlotTable", "Marks"]
 
 # One slot per call: (pid of the worker that started it, pid of the one that finished
 # it), 0 meaning "not yet".
@@ -91,15 +91,27 @@ def _table(path: str) -> Optional[mmap.mmap]:
     return table
 
 
-def mark_started(path: str, slot: int) -> None:
-    """In the worker: the call in ``slot`` starts now."""
-    table = _table(path)
-    if table is not None:
-        _PID.pack_into(table, slot * _SLOT.size, os.getpid())
+class Marks:
+    """In the worker: marks the calls of one batch started and finished in their slots.
 
+    :param path: the table's path, or None when the batch has no slots
+    :param slots: the batch's slots, one per call in order
+    """
 
-def mark_finished(path: str, slot: int) -> None:
-    """In the worker: the call in ``slot`` has its State."""
-    table = _table(path)
-    if table is not None:
-        _PID.pack_into(table, slot * _SLOT.size + _PID.size, os.getpid())
+    __slots__ = ("_table", "_slots", "_pid")
+
+    def __init__(self, path: Optional[str], slots: Optional[range]) -> None:
+        self._table = _table(path) if path is not None and slots is not None else None
+        self._slots = slots if slots is not None else range(0)
+        self._pid = os.getpid()
+
+    def started(self, index: int) -> bool:
+        """Call ``index`` starts now (True: it may)."""
+        if self._table is not None:
+            _PID.pack_into(self._table, self._slots[index] * _SLOT.size, self._pid)
+        return True
+
+    def finished(self, index: int) -> None:
+        """Call ``index`` has its State."""
+        if self._table is not None:
+            _PID.pack_into(self._table, self._slots[index] * _SLOT.size + _PID.size, self._pid)
