@@ -91,16 +91,32 @@ def test_the_engine_functions_fall_back_when_loky_lacks_their_private_name(monke
         monkeypatch.delattr(process_executor, name)
     monkeypatch.delattr(resource_tracker, "register")
     monkeypatch.delattr(resource_tracker, "unregister")
-    # (stopped_workers is left out: its check starts an executor, which needs the tracker.)
-    names = [name for name in loky_engine.required() if name != "stopped_workers"]
+    # (stopped_workers and no_wakeup are left out: their checks start an executor,
+    # which needs the tracker.)
+    names = [n for n in loky_engine.required() if n not in ("stopped_workers", "no_wakeup")]
     assert [name for name in names if not loky_engine.available(name)] == names
     assert loky_engine.call_queue_size(2) == 5
     error = loky_engine.worker_died_error("a worker died")
     assert type(error) is loky.BrokenProcessPool and str(error) == "a worker died"
     assert not loky_engine.is_shutdown_error(RuntimeError("cannot schedule new futures"))
     assert loky_engine.stopped_workers(object()) == {}
+    with loky_engine.no_wakeup(object()):  # an executor without the wake-up: nothing done
+        pass
     loky_engine.track_folder(str(tmp_path))  # nothing to do, and no error
     loky_engine.untrack_folder(str(tmp_path))
+
+
+def test_no_wakeup_silences_the_managers_wakeup_only_within_and_raises_through():
+    executor = loky.ProcessPoolExecutor(max_workers=1)
+    try:
+        wakeup = executor._executor_manager_thread_wakeup
+        with pytest.raises(ZeroDivisionError):
+            with loky_engine.no_wakeup(executor):
+                assert executor._executor_manager_thread_wakeup is not wakeup
+                1 / 0
+        assert executor._executor_manager_thread_wakeup is wakeup
+    finally:
+        executor.shutdown(wait=True)
 
 
 # -- where and how calls run -------------------------------------------------------------

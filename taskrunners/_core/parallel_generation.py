@@ -11,6 +11,7 @@ died on their own and how.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -69,10 +70,11 @@ class Generation:
         self.dead: Optional[Dict[int, Optional[int]]] = None
 
     def submit(
-        self, batch: Batch, log_level: int
+        self, batch: Batch, log_level: int, on_manager: bool = False
     ) -> Tuple["concurrent.futures.Future[Optional[bytes]]", range]:
         """Hand ``batch`` to loky, a slot per call; its loky future, and the slots.
 
+        :param on_manager: True on this executor's manager thread, inside a callback
         :raises: what loky's ``submit`` raises (the slots are then given back)
         """
         slots = self.slots.take(len(batch.entries))
@@ -82,9 +84,10 @@ class Generation:
                 f"{len(batch.entries)} calls; this is a bug in taskrunners."
             )
         try:
-            submitted = self.executor.submit(
-                run_batch_call, batch.payload, batch.names, self.slots.path, slots, log_level
-            )
+            with loky_engine.no_wakeup(self.executor) if on_manager else contextlib.nullcontext():
+                submitted = self.executor.submit(
+                    run_batch_call, batch.payload, batch.names, self.slots.path, slots, log_level
+                )
         except BaseException:
             self.give_back(slots)
             raise

@@ -311,7 +311,9 @@ class ProcessPool:
                 return _SETTLED
             generation = current
             try:
-                submitted, slots = generation.submit(batch, self._log_level)
+                submitted, slots = generation.submit(
+                    batch, self._log_level, on_manager=manager_of is not None
+                )
             except loky.BrokenProcessPool as exc:
                 generation.broke(exc)
                 continue  # on a fresh pool
