@@ -27,7 +27,19 @@ import collections
 import math
 import threading
 import weakref
-from typing import Any, Callable, Dict, Generic, Hashable, List, Optional, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    Hashable,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
 from typing_extensions import Literal
 
@@ -38,7 +50,9 @@ __all__ = [
     "check_batch_size",
     "batch_key_of",
     "Durations",
+    "Sendable",
     "Entry",
+    "group_of",
     "Dispatcher",
 ]
 
@@ -137,6 +151,33 @@ class Durations:
 
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Sendable(Protocol[T_co]):
+    """What the dispatcher gathers and sends: a call, its task and group, and what the
+    backend sends for it. An :class:`Entry`, or a call handle that is its own entry
+    (one object less per call)."""
+
+    @property
+    def call(self) -> Any: ...
+
+    @property
+    def key(self) -> Hashable: ...
+
+    @property
+    def group(self) -> Hashable: ...
+
+    @property
+    def item(self) -> T_co: ...
+
+
+E = TypeVar("E", bound=Sendable[Any])
+
+
+def group_of(key: Hashable, options: Hashable) -> Hashable:
+    """The group of a call: its task, and its options if any (no tuple without)."""
+    return key if options is None else (key, options)
 
 
 class Entry(Generic[T]):
@@ -147,12 +188,11 @@ class Entry(Generic[T]):
     def __init__(self, call: Any, key: Hashable, options: Hashable, item: T) -> None:
         self.call = call
         self.key = key
-        # Calls without options are grouped by their task alone (no tuple to collect).
-        self.group = key if options is None else (key, options)
+        self.group = group_of(key, options)
         self.item = item
 
 
-class Dispatcher(Generic[T]):
+class Dispatcher(Generic[E]):
     """Keeps at most ``limit`` engine tasks out; gathers the calls that come meanwhile.
 
     :param limit: the most engine tasks out at once (busy workers, plus a queue's worth)
@@ -165,7 +205,7 @@ class Dispatcher(Generic[T]):
     def __init__(
         self,
         limit: int,
-        send: Callable[[List[Entry[T]]], None],
+        send: Callable[[List[E]], None],
         durations: Durations,
     ) -> None:
         self.limit = max(1, limit)
@@ -173,7 +213,7 @@ class Dispatcher(Generic[T]):
         self.durations = durations
         self._lock = threading.Lock()
         self._out = 0
-        self._groups: "collections.OrderedDict[Hashable, collections.OrderedDict[Any, Entry[T]]]" = (
+        self._groups: "collections.OrderedDict[Hashable, collections.OrderedDict[Any, E]]" = (
             collections.OrderedDict()
         )
         self._group_of: Dict[Any, Hashable] = {}
@@ -188,7 +228,7 @@ class Dispatcher(Generic[T]):
         """Calls waiting to be sent."""
         return len(self._group_of)
 
-    def submit(self, entry: Entry[T]) -> None:
+    def submit(self, entry: E) -> None:
         """A call is ready to run: send it now if there is room, else gather it."""
         with self._lock:
             if self._out < self.limit:
@@ -208,9 +248,9 @@ class Dispatcher(Generic[T]):
         if batch:
             self._send(batch)
 
-    def submit_many(self, entries: List[Entry[T]]) -> None:
+    def submit_many(self, entries: Sequence[E]) -> None:
         """Many calls are ready at once (``task.map``): as :meth:`submit`, in one go."""
-        batches: List[List[Entry[T]]] = []
+        batches: List[List[E]] = []
         with self._lock:
             for entry in entries:
                 if self._out < self.limit and not self._group_of:
@@ -226,7 +266,7 @@ class Dispatcher(Generic[T]):
         for batch in batches:
             self._send(batch)
 
-    def _gather(self, entry: Entry[T]) -> None:
+    def _gather(self, entry: E) -> None:
         group = self._groups.get(entry.group)
         if group is None:
             group = self._groups[entry.group] = collections.OrderedDict()
@@ -254,7 +294,7 @@ class Dispatcher(Generic[T]):
             self._out += 1
         self._send(batch)
 
-    def drop_gathered(self) -> List[Entry[T]]:
+    def drop_gathered(self) -> List[E]:
         """Forget every gathered call (the block is left); they are returned, unsent."""
         with self._lock:
             entries = [entry for group in self._groups.values() for entry in group.values()]
@@ -262,7 +302,7 @@ class Dispatcher(Generic[T]):
             self._group_of.clear()
         return entries
 
-    def _next_batch(self) -> Optional[List[Entry[T]]]:
+    def _next_batch(self) -> Optional[List[E]]:
         # Under the lock, with room for one more engine task.
         while self._groups:
             group_key, group = next(iter(self._groups.items()))
@@ -277,9 +317,9 @@ class Dispatcher(Generic[T]):
         return None
 
     def _take(
-        self, group_key: Hashable, group: "collections.OrderedDict[Any, Entry[T]]", count: int
-    ) -> List[Entry[T]]:
-        batch: List[Entry[T]] = []
+        self, group_key: Hashable, group: "collections.OrderedDict[Any, E]", count: int
+    ) -> List[E]:
+        batch: List[E] = []
         while group and len(batch) < count:
             call, entry = group.popitem(last=False)
             del self._group_of[call]

@@ -131,7 +131,7 @@ class DaskBatches:
         self.runner = runner
         self.client = client
         self.durations = durations
-        self.dispatcher: Dispatcher[Submission] = Dispatcher(2, self.send, durations)
+        self.dispatcher: Dispatcher[Entry[Submission]] = Dispatcher(2, self.send, durations)
         self.refresh_limit()
         self.current_annotations: Callable[[], Dict[str, Any]] = dask.get_annotations
         # One token per call of a batch; unique across runners sharing a worker.

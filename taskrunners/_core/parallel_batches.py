@@ -2,7 +2,8 @@
 
 - :class:`ParallelCall`, the handle of one call: its State once done; its ``run_fn``
   and arguments until then (dropped once it is settled, so a finished call keeps
-  nothing alive), and how often a pool took it, for worker deaths.
+  nothing alive), and how often a pool took it, for worker deaths; it is its own
+  entry for the dispatcher (a ``Sendable``).
 - :class:`Batch`, the calls of one loky task: :func:`pack` marks them running and
   pickles them together, once, so that what they share (the run_fn, a flow's task)
   is pickled once; a call that cannot be pickled is Crashed alone and the others go
@@ -18,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from taskrunners._core.batching import Dispatcher, Entry
+from taskrunners._core.batching import Dispatcher, Sendable, batch_key_of
 from taskrunners._core.calls import Call
 from taskrunners._core.parallel_crashes import pickling_failure
 from taskrunners.futures import TaskRun
@@ -38,14 +39,14 @@ class ParallelCall(Call):
     before loky gives it back).
     """
 
-    __slots__ = ("task_run", "run_fn", "run_kwargs", "handovers", "_dispatcher")
+    __slots__ = ("task_run", "run_fn", "run_kwargs", "handovers", "key", "group", "_dispatcher")
 
     def __init__(
         self,
         task_run: TaskRun,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
-        dispatcher: Dispatcher[None],
+        dispatcher: "Dispatcher[Sendable[None]]",
     ) -> None:
         Call.__init__(self)
         self.task_run = task_run
@@ -53,11 +54,22 @@ class ParallelCall(Call):
         self.run_kwargs: Optional[Dict[str, Any]] = run_kwargs
         #: How many pools were handed the call; one that broke may have to retry it.
         self.handovers = 0
-        self._dispatcher: Optional[Dispatcher[None]] = dispatcher
+        # The call is its own entry for the dispatcher (a Sendable): its task and group.
+        self.key = self.group = batch_key_of(run_fn, run_kwargs)
+        self._dispatcher: Optional["Dispatcher[Sendable[None]]"] = dispatcher
+
+    @property
+    def call(self) -> ParallelCall:
+        return self
+
+    @property
+    def item(self) -> None:
+        return None
 
     def set_result(self, state: State) -> None:
-        # A settled call, cancelled ones too, keeps no argument (and no pool) alive.
-        self.run_fn = self.run_kwargs = self._dispatcher = None
+        # A settled call, cancelled ones too, keeps no argument, function (its key: the
+        # run_fn, or the flow's task) or pool alive.
+        self.run_fn = self.run_kwargs = self._dispatcher = self.key = self.group = None
         super().set_result(state)
 
     def expedite(self) -> None:
@@ -71,7 +83,7 @@ class Batch:
 
     __slots__ = ("entries", "names", "payload")
 
-    def __init__(self, entries: List[Entry[None]], payload: bytes) -> None:
+    def __init__(self, entries: List[Sendable[None]], payload: bytes) -> None:
         self.entries = entries
         self.names = [entry.call.task_run.name for entry in entries]
         self.payload = payload
@@ -87,7 +99,7 @@ class Batch:
             entry.call.set_cancelled()
 
 
-def pack(entries: List[Entry[None]]) -> Optional[Batch]:
+def pack(entries: List[Sendable[None]]) -> Optional[Batch]:
     """Mark the calls running and pickle them together; None if none is left to send.
 
     A call cancelled meanwhile is left out. If the batch cannot be pickled, its calls
@@ -120,7 +132,7 @@ def pack(entries: List[Entry[None]]) -> Optional[Batch]:
         return None
 
 
-def _dumps(entries: List[Entry[None]]) -> bytes:
+def _dumps(entries: List[Sendable[None]]) -> bytes:
     # What parallel_worker.run_batch_call unpickles: ([run_fn, ...], [run_kwargs, ...]).
     calls = [entry.call for entry in entries]
     with io.BytesIO() as file:

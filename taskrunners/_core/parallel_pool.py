@@ -64,7 +64,7 @@ from taskrunners._core.batching import (
     Dispatcher,
     Durations,
     Entry,
-    batch_key_of,
+    Sendable,
 )
 from taskrunners._core.parallel_batches import Batch, ParallelCall, pack
 from taskrunners._core.parallel_crashes import (
@@ -131,7 +131,7 @@ class ProcessPool:
         self._in_flight = 0
         self._capacity = loky_engine.call_queue_size(max_workers)
         self._largest_batch = batch_size if isinstance(batch_size, int) else MAX_CALLS
-        self._dispatcher: Dispatcher[None] = Dispatcher(
+        self._dispatcher: Dispatcher[Sendable[None]] = Dispatcher(
             self._capacity, self._send, Durations(batch_size)
         )
         # Batches sent by the dispatcher, pickled, waiting for a place in loky: only
@@ -170,7 +170,7 @@ class ProcessPool:
         if self._stopping:
             call.set_cancelled()
         else:
-            self._dispatcher.submit(Entry(call, batch_key_of(run_fn, run_kwargs), None, None))
+            self._dispatcher.submit(call)
         return call
 
     def submit_many(
@@ -188,17 +188,12 @@ class ProcessPool:
             for call in calls:
                 call.set_cancelled()
         else:
-            dispatcher.submit_many(
-                [
-                    Entry(call, batch_key_of(run_fn, run_kwargs), None, None)
-                    for call, run_kwargs in zip(calls, run_kwargs_list)
-                ]
-            )
+            dispatcher.submit_many(calls)
         return calls
 
     # -- sending a batch (the dispatcher's send: any thread) ---------------------------
 
-    def _send(self, entries: List[Entry[None]]) -> None:
+    def _send(self, entries: List[Sendable[None]]) -> None:
         """Pickle a batch the dispatcher sends, and queue it for a place in loky.
 
         A batch of which nothing goes out is given back to the dispatcher at once,
@@ -206,7 +201,7 @@ class ProcessPool:
         here, so that a run of unpicklable calls never recurses deeply.
         """
         sending = self._sending
-        pending: Optional[Deque[List[Entry[None]]]] = getattr(sending, "pending", None)
+        pending: Optional[Deque[List[Sendable[None]]]] = getattr(sending, "pending", None)
         if pending is not None:
             pending.append(entries)
             return
@@ -220,7 +215,7 @@ class ProcessPool:
                 for entry in left:
                     entry.call.set_cancelled()
 
-    def _send_one(self, entries: List[Entry[None]]) -> None:
+    def _send_one(self, entries: List[Sendable[None]]) -> None:
         try:
             batch = pack(entries)
         except BaseException as exc:

@@ -61,7 +61,7 @@ from taskrunners._core import ray_connection, ray_engine
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, state_of_done
 from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, check_batch_size
 from taskrunners._core.calls import CallHandle, when_all_done
-from taskrunners._core.ray_calls import Held, RayCall, entry_of, stopped_state
+from taskrunners._core.ray_calls import Held, RayCall, RayEntry, entry_of, stopped_state
 from taskrunners._core.ray_connection import Connection
 from taskrunners._core.ray_options import ResourceCheck, call_options, ray_options
 from taskrunners._core.ray_sending import RaySending, RunnerThread, new_slot_table
@@ -167,7 +167,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         self._remote_functions: Optional[RemoteFunctions] = None
         self._resources: Optional[ResourceCheck] = None
         self._thread: Optional[RunnerThread] = None
-        self._dispatcher: Optional[Dispatcher[None]] = None
+        self._dispatcher: Optional[Dispatcher[RayEntry]] = None
         self._slots: Optional[SlotTable] = None
         self._closing = False
         super().__init__()
@@ -206,7 +206,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         # as every completion travels through this process before the next call goes;
         # four cost 1.81x, and no limit at all 1.71x.
         limit = max(2, int(4 * sum(node.get("CPU", 0) for node in capacity)))
-        dispatcher: Dispatcher[None] = Dispatcher(
+        dispatcher: Dispatcher[RayEntry] = Dispatcher(
             limit, lambda batch: self._send(dispatcher, batch), Durations(self.batch_size)
         )
         self._dispatcher = dispatcher

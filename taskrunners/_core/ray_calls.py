@@ -8,9 +8,9 @@ The runner (:mod:`~taskrunners._core.ray`) makes these; the sending side
 from __future__ import annotations
 
 import concurrent.futures
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional, Sequence
 
-from taskrunners._core.batching import Entry, batch_key_of
+from taskrunners._core.batching import Sendable, batch_key_of, group_of
 from taskrunners._core.calls import Call
 from taskrunners._core.ray_worker import Unbatched
 from taskrunners.futures import TaskRun
@@ -35,7 +35,10 @@ class RayCall(Call):
     its unstarted calls again); then it lets go of it.
     """
 
-    __slots__ = ("runner", "task_run", "run_fn", "run_kwargs", "held", "options", "ref", "position", "failed")
+    __slots__ = (
+        "runner", "task_run", "run_fn", "run_kwargs", "held", "options", "ref", "position",
+        "failed", "key", "group",
+    )
 
     def __init__(
         self,
@@ -45,7 +48,7 @@ class RayCall(Call):
         run_kwargs: Dict[str, Any],
         options: Mapping[str, Any],
     ) -> None:
-        super().__init__()
+        Call.__init__(self)
         self.runner = runner
         self.task_run = task_run
         self.run_fn: Optional[Callable[..., Any]] = run_fn
@@ -59,9 +62,21 @@ class RayCall(Call):
         self.position: Optional[int] = None
         # Whether Ray failed the task (the worker died, cancelled, ...): its ref holds no State.
         self.failed = False
+        # The call is its own entry for the dispatcher (see entry_of).
+        self.key: Hashable = None
+        self.group: Hashable = None
+
+    @property
+    def call(self) -> RayCall:
+        return self
+
+    @property
+    def item(self) -> None:
+        return None
 
     def set_result(self, state: State) -> None:
-        self.run_fn = self.run_kwargs = None
+        # A settled call keeps no argument or function (its key) alive.
+        self.run_fn = self.run_kwargs = self.key = self.group = None
         self.held = ()
         super().set_result(state)
 
@@ -79,20 +94,23 @@ class RayCall(Call):
         return self.ref
 
 
-#: What the dispatcher holds of a call: the call itself holds the rest.
-RayEntry = Entry[None]
+#: What the dispatcher holds: a call (its own entry), or an Entry for a call sent again.
+RayEntry = Sendable[None]
 
 
-def entry_of(call: RayCall) -> RayEntry:
-    """The dispatcher's entry for a call: grouped by its task and its own options."""
+def entry_of(call: RayCall) -> RayCall:
+    """The call as the dispatcher's entry: grouped by its task and its own options."""
     key = batch_key_of(call.run_fn, call.run_kwargs)  # type: ignore[arg-type]
     try:
         hash(key)
     except TypeError:  # a task that cannot be a key: its calls are never batched
         key = Unbatched(call.run_fn)  # type: ignore[arg-type]
     options = call.options
-    group = tuple(sorted((name, repr(value)) for name, value in options.items())) if options else None
-    return Entry(call, key, group, None)
+    call.key = key
+    call.group = group_of(
+        key, tuple(sorted((name, repr(value)) for name, value in options.items())) if options else None
+    )
+    return call
 
 
 

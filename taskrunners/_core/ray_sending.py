@@ -61,7 +61,7 @@ class _Sent:
 
     def __init__(
         self,
-        dispatcher: "Dispatcher[None]",
+        dispatcher: "Dispatcher[RayEntry]",
         entries: List[RayEntry],
         table: Optional[SlotTable],
         slots: Optional[range],
@@ -110,7 +110,7 @@ class RaySending:
 
     batch_size: BatchSize
     _closing: bool
-    _dispatcher: Optional[Dispatcher[None]]
+    _dispatcher: Optional[Dispatcher[RayEntry]]
     _remote_functions: Optional[RemoteFunctions]
     _resources: Optional[ResourceCheck]
     _thread: Optional[RunnerThread]
@@ -128,7 +128,7 @@ class RaySending:
         else:
             dispatcher.submit_many(entries)
 
-    def _send(self, dispatcher: "Dispatcher[None]", batch: List[RayEntry]) -> None:
+    def _send(self, dispatcher: "Dispatcher[RayEntry]", batch: List[RayEntry]) -> None:
         """The dispatcher's ``send``: hand ``batch`` to Ray as one task."""
         if getattr(_in_ray_callback, "active", False):
             # Submitting from Ray's own callback thread could block the thread that
@@ -142,7 +142,7 @@ class RaySending:
         if thread is not None and not self._closing:
             thread.submit(fn)
 
-    def _hand_over(self, dispatcher: "Dispatcher[None]", batch: List[RayEntry]) -> None:
+    def _hand_over(self, dispatcher: "Dispatcher[RayEntry]", batch: List[RayEntry]) -> None:
         """Submit the calls of ``batch`` to Ray as one task (those not cancelled meanwhile)."""
         live = [entry for entry in batch if entry.call.set_running()]
         functions, resources = self._remote_functions, self._resources
@@ -177,7 +177,7 @@ class RaySending:
             self._submit_batch(dispatcher, live, remote)
 
     def _submit_alone(
-        self, dispatcher: "Dispatcher[None]", entry: RayEntry, remote: RemoteFunction
+        self, dispatcher: "Dispatcher[RayEntry]", entry: RayEntry, remote: RemoteFunction
     ) -> None:
         call: RayCall = entry.call
         refs = [held.ref for held in call.held]
@@ -197,7 +197,7 @@ class RaySending:
         )
 
     def _alone_done(
-        self, call: RayCall, dispatcher: "Dispatcher[None]", key: Hashable, result: Any
+        self, call: RayCall, dispatcher: "Dispatcher[RayEntry]", key: Hashable, result: Any
     ) -> None:
         # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
         _in_ray_callback.active = True
@@ -217,7 +217,7 @@ class RaySending:
 
     def _submit_batch(
         self,
-        dispatcher: "Dispatcher[None]",
+        dispatcher: "Dispatcher[RayEntry]",
         live: List[RayEntry],
         remote: RemoteFunction,
     ) -> None:
