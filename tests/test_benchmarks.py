@@ -151,6 +151,15 @@ def test_results_of_the_previous_format_still_load(tmp_path):
     assert report.write_charts(results, tmp_path) == [tmp_path / "results.png"]
 
 
+def test_the_readme_shows_every_table_of_the_committed_reference():
+    # The README's benchmark section is `--from-json benchmarks/reference/results.json
+    # --markdown`, pasted whole: a table left out, or numbers from another run, fail.
+    reference = report.load_json(ROOT / "benchmarks" / "reference" / "results.json")
+    tables = report.markdown_tables(reference)
+    assert tables.count("| workload | runner |") == 2
+    assert tables in (ROOT / "README.md").read_text()
+
+
 def test_unknown_names_are_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit) as raised:
         parse_args(["--runners", "sequential,threads"])

@@ -113,7 +113,7 @@ def test_no_wakeup_silences_the_managers_wakeup_only_within_and_raises_through()
         with pytest.raises(ZeroDivisionError):
             with loky_engine.no_wakeup(executor):
                 assert executor._executor_manager_thread_wakeup is not wakeup
-                1 / 0
+                raise ZeroDivisionError
         assert executor._executor_manager_thread_wakeup is wakeup
     finally:
         executor.shutdown(wait=True)

@@ -51,6 +51,7 @@ __all__ = [
     "batch_key_of",
     "Durations",
     "Sendable",
+    "OwnEntry",
     "Entry",
     "group_of",
     "Dispatcher",
@@ -173,6 +174,21 @@ class Sendable(Protocol[T_co]):
 
 
 E = TypeVar("E", bound=Sendable[Any])
+
+
+class OwnEntry:
+    """A mixin for call handles that are their own :class:`Sendable` (they set ``key``
+    and ``group``; nothing else is sent for them)."""
+
+    __slots__ = ()
+
+    @property
+    def call(self) -> Any:
+        return self
+
+    @property
+    def item(self) -> None:
+        return None
 
 
 def group_of(key: Hashable, options: Hashable) -> Hashable:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cloudpickle
 
-from taskrunners._core.batching import Dispatcher, Sendable, batch_key_of
+from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of
 from taskrunners._core.calls import Call
 from taskrunners._core.parallel_crashes import pickling_failure
 from taskrunners.futures import TaskRun
@@ -30,7 +30,7 @@ __all__ = ["ParallelCall", "Batch", "pack"]
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-class ParallelCall(Call):
+class ParallelCall(Call, OwnEntry):
     """One call on its way through the pool; its result is the call's State.
 
     As a ProcessPoolExecutor future: it can be cancelled while it is gathered, and
@@ -57,14 +57,6 @@ class ParallelCall(Call):
         # The call is its own entry for the dispatcher (a Sendable): its task and group.
         self.key = self.group = batch_key_of(run_fn, run_kwargs)
         self._dispatcher: Optional["Dispatcher[Sendable[None]]"] = dispatcher
-
-    @property
-    def call(self) -> ParallelCall:
-        return self
-
-    @property
-    def item(self) -> None:
-        return None
 
     def set_result(self, state: State) -> None:
         # A settled call, cancelled ones too, keeps no argument, function (its key: the

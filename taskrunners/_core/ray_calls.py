@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional, Sequence
 
-from taskrunners._core.batching import Sendable, batch_key_of, group_of
+from taskrunners._core.batching import OwnEntry, Sendable, batch_key_of, group_of
 from taskrunners._core.calls import Call
 from taskrunners._core.ray_worker import Unbatched
 from taskrunners.futures import TaskRun
@@ -28,7 +28,7 @@ class Held(NamedTuple):
     position: Optional[int]
 
 
-class RayCall(Call):
+class RayCall(Call, OwnEntry):
     """One call: gathered or waiting here until it is handed to Ray, then in a Ray task.
 
     Until it is done, it also holds what goes to Ray (a batch whose worker died sends
@@ -65,14 +65,6 @@ class RayCall(Call):
         # The call is its own entry for the dispatcher (see entry_of).
         self.key: Hashable = None
         self.group: Hashable = None
-
-    @property
-    def call(self) -> RayCall:
-        return self
-
-    @property
-    def item(self) -> None:
-        return None
 
     def set_result(self, state: State) -> None:
         # A settled call keeps no argument or function (its key) alive.
