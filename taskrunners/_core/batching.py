@@ -247,20 +247,12 @@ class Dispatcher(Generic[E]):
     def submit(self, entry: E) -> None:
         """A call is ready to run: send it now if there is room, else gather it."""
         with self._lock:
-            if self._out < self.limit:
-                if self._group_of:
-                    self._gather(entry)
-                    batch = self._next_batch()
-                else:
-                    self._out += 1
-                    batch = [entry]
-            else:  # the common case of a burst: gathered (as _gather, inlined)
-                group = self._groups.get(entry.group)
-                if group is None:
-                    group = self._groups[entry.group] = collections.OrderedDict()
-                group[entry.call] = entry
-                self._group_of[entry.call] = entry.group
-                return
+            if self._out < self.limit and not self._group_of:
+                self._out += 1
+                batch: Optional[List[E]] = [entry]
+            else:
+                self._gather(entry)
+                batch = self._next_batch() if self._out < self.limit else None
         if batch:
             self._send(batch)
 

@@ -170,10 +170,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> CallHandle:
-        pool = self._pool
-        if pool is None:
-            pool = self._started_pool()  # raises
-        return pool.submit(task_run, run_fn, run_kwargs)
+        return self._started_pool().submit(task_run, run_fn, run_kwargs)
 
     def _dispatch_many(
         self,
