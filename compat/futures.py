@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional
 
 from taskrunners._core import seam
 from taskrunners._core.running import is_coroutine_function
+from taskrunners._core.snapshots import all_unchanging, snapshot
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
 
@@ -44,6 +45,12 @@ class _FunctionCall:
 
     def __setstate__(self, state: tuple) -> None:
         self.fn, self.args, self.kwargs = state
+
+    def __snapshot__(self) -> "_FunctionCall":
+        # For runners that send calls later: the arguments as they are at submit.
+        if all_unchanging(self.args) and all_unchanging(self.kwargs.values()):
+            return self
+        return type(self)(self.fn, snapshot(self.args), snapshot(self.kwargs))
 
     def __batch_key__(self, run_kwargs: Dict[str, Any]) -> Any:
         # For batching: every submission is a new instance; the function is the task.

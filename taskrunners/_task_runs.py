@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Seque
 import anyio
 import tenacity
 
+from taskrunners._core.snapshots import all_unchanging, snapshot
 from taskrunners._flow_engine import current_flow_run, mark_inputs, resolve_inputs
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
@@ -47,6 +48,17 @@ class TaskInvocation:
 
     def __getstate__(self) -> tuple:
         return (self.task, self.task_run_name, self.args, self.kwargs)
+
+    def __snapshot__(self) -> TaskInvocation:
+        """The arguments as they are now, for a runner that sends the call later; the
+        task is shared by its runs and sent as it is."""
+        # Both are this run's own: only the values in them may be the caller's.
+        if all_unchanging(self.args) and all_unchanging(self.kwargs.values()):
+            return self
+        args, kwargs = snapshot(self.args), snapshot(self.kwargs)
+        if args is self.args and kwargs is self.kwargs:
+            return self
+        return TaskInvocation(self.task, self.task_run_name, args, kwargs)
 
     def __setstate__(self, state: tuple) -> None:
         self.task, self.task_run_name, self.args, self.kwargs = state

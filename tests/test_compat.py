@@ -17,7 +17,7 @@ import taskrunners.sync
 from taskrunners import TaskConcurrencyType
 from taskrunners.compat.futures import RunnerExecutor
 from tests.support.kinds import all_kinds, parametrize_kinds
-from tests.support.payloads import async_double, divide, mark_then_nap, nap
+from tests.support.payloads import async_double, divide, first_item, mark_then_nap, nap
 from tests.support.processes import run_python
 from tests.support.waiting import wait_for_path
 
@@ -46,6 +46,20 @@ def test_submit_gives_values_and_exceptions(executor):
 def test_coroutine_functions_and_map(executor):
     assert executor.submit(async_double, 21).result(timeout=60) == 42
     assert list(executor.map(divide, [1, 2, 3], [1, 2, 4], timeout=60)) == [1.0, 1.0, 0.75]
+
+
+@parametrize_kinds(k for k in all_kinds() if k.class_name != "ConcurrentTaskRunner")
+def test_a_call_sees_its_arguments_as_they_were_at_submit(executor, kind):
+    if kind.concurrency_type is not TaskConcurrencyType.SEQUENTIAL:
+        for _ in range(4):
+            executor.submit(nap, 0.5)
+    values = [0]
+    futures = []
+    for i in range(12):
+        values[0] = i
+        futures.append(executor.submit(first_item, values))
+    values[0] = 99
+    assert [future.result(timeout=60) for future in futures] == list(range(12))
 
 
 def test_context_manager_starts_and_stops_the_runner(kind, request):

@@ -543,6 +543,37 @@ def test_bad_retry_settings_are_refused(settings, message):
         task(**settings)(lambda: None)
 
 
+# Concurrent shares memory with its threads, as every thread pool does.
+SNAPSHOT_RUNNERS = [pytest.param(r, id=r.id, marks=r.shared.marks) for r in RUNNERS if r.id != "concurrent"]
+
+
+@pytest.mark.parametrize("runner", SNAPSHOT_RUNNERS, indirect=True)
+def test_a_task_run_sees_its_arguments_as_they_were_when_called(runner):
+    @task
+    def busy():
+        time.sleep(0.5)
+
+    @task
+    def read(values, table):
+        return values[0], table["n"][0]
+
+    @flow(task_runner=runner.make())
+    def test_flow():
+        if not runner.sequential:
+            for _ in range(4):
+                busy()
+        values, table = [0], {"n": [0]}
+        called = []
+        for i in range(12):
+            values[0] = table["n"][0] = i
+            called.append(read(values, table=table))
+        mapped = read.map([values, values], table=unmapped(table))
+        values[0] = table["n"][0] = 99
+        return [future.result() for future in called + mapped]
+
+    assert test_flow().result() == [(i, i) for i in range(12)] + [(11, 11)] * 2
+
+
 # -- map and unmapped ---------------------------------------------------------------------------
 
 

@@ -234,6 +234,31 @@ def test_upstream_futures_anywhere_in_the_arguments_arrive_as_states(driver):
         assert found.type is StateType.COMPLETED
 
 
+# Concurrent shares memory with its threads, as every thread pool does.
+SNAPSHOT_KINDS = parametrize_kinds(k for k in all_kinds() if k.class_name != "ConcurrentTaskRunner")
+
+
+@SNAPSHOT_KINDS
+def test_a_call_sees_its_arguments_as_they_were_at_submit(driver, kind):
+    """Also when it waits behind busy workers, in a batch or the engine's queue."""
+    with driver.start():
+        if kind.concurrency_type is not TaskConcurrencyType.SEQUENTIAL:
+            for _ in range(4):
+                driver.submit(payloads.sleep_then_return, {"seconds": 0.5})
+        up = driver.submit(payloads.return_value, {"value": "up"})
+        flat, nested, raw, box = [0], {"n": [0]}, bytearray(1), payloads.Box(item=[0])
+        futures = []
+        for i in range(20):
+            flat[0] = nested["n"][0] = raw[0] = box.item[0] = i
+            arguments = {"flat": flat, "nested": nested, "raw": raw, "box": box}
+            futures.append(
+                driver.submit(payloads.read_snapshot, {**arguments, "with_future": [flat, up]})
+            )
+        flat[0] = nested["n"][0] = raw[0] = box.item[0] = 99
+        seen = [driver.wait(future).result() for future in futures]
+    assert seen == [(i, i, i, i, i, "up") for i in range(20)]
+
+
 def test_a_chain_of_dependent_calls_completes(driver):
     with driver.start():
         future = driver.submit(payloads.return_value, {"value": 0})

@@ -32,6 +32,7 @@ from taskrunners._core.calls import (
     block_until_done,
     when_all_done,
 )
+from taskrunners._core.snapshots import snapshot, snapshot_call
 from taskrunners.futures import PrefectFuture, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -181,6 +182,9 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     _handles: tuple = ()
     #: Whether a started runner, once unpickled, can still submit and wait.
     _usable_after_pickling = False
+    #: Whether calls are sent to other processes after ``submit`` returns: their
+    #: arguments are then taken as they are at submit (see ``snapshots``).
+    _snapshots_arguments = False
 
     def __init__(self) -> None:
         self.logger = self._make_logger()
@@ -296,6 +300,8 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     ) -> Any:
         if not self._started or self._detached:
             self._ensure_usable("submit work")
+        if self._snapshots_arguments:
+            run_fn, run_kwargs = snapshot_call(run_fn, run_kwargs)
         upstream = self._upstream_calls(run_kwargs)
         if upstream:
             call = self._dispatch_after(upstream, task_run, run_fn, run_kwargs)
@@ -313,6 +319,13 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         """Submit many calls of one ``run_fn`` at once (``task.map``); their handles."""
         if not self._started or self._detached:
             self._ensure_usable("submit work")
+        if self._snapshots_arguments:
+            # Submitted together: a value the calls share is taken once for all of them.
+            memo: Dict[int, Any] = {}
+            run_kwargs_list = [
+                {name: snapshot(value, memo) for name, value in run_kwargs.items()}
+                for run_kwargs in run_kwargs_list
+            ]
         calls: List[Optional[CallHandle]] = [None] * len(task_runs)
         ready: List[int] = []
         for index, (task_run, run_kwargs) in enumerate(zip(task_runs, run_kwargs_list)):

@@ -51,6 +51,7 @@ from taskrunners._core.dask_calls import (
     unpicklable_call_state,
 )
 from taskrunners._core.remote import import_engine, with_upstream
+from taskrunners._core.snapshots import snapshot_call
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, exception_to_crashed_state
 
@@ -160,6 +161,7 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder", "_batches", "_durations")
     _usable_after_pickling = True
+    _snapshots_arguments = True
 
     def __init__(
         self,
@@ -275,6 +277,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     ) -> DaskCall:
         if not self._started or self._detached or self._reconnect_error is not None:
             self._ensure_usable("submit work")
+        run_fn, run_kwargs = snapshot_call(run_fn, run_kwargs)
         call = self._dispatch(task_run, run_fn, run_kwargs)
         self._track(call)
         return call

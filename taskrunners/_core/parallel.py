@@ -109,6 +109,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
     """
 
     _handles = ("_pool",)
+    _snapshots_arguments = True
 
     def __init__(
         self,

@@ -132,6 +132,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
     _handles = (
         "_ray", "_remote_functions", "_resources", "_thread", "_dispatcher", "_slots", "_slots_lock"
     )
+    _snapshots_arguments = True
 
     def __init__(
         self,

@@ -162,3 +162,14 @@ class Box:
     referenceable, for the tests that a runner lets go of what it ran."""
 
     item: object = None
+
+
+def read_snapshot(flat, nested, raw, box, with_future):
+    """What a call saw of the mutable values it was given (see test_standard)."""
+    return Completed(
+        data=(flat[0], nested["n"][0], raw[0], box.item[0], with_future[0][0], with_future[1].result())
+    )
+
+
+def first_item(values):
+    return values[0]

@@ -1,0 +1,157 @@
+"""A call's arguments as they were at ``submit``, for the runners that send calls later.
+
+The process-based runners (Parallel, Dask, Ray) pickle a call when it leaves for a
+worker, which may be long after ``submit``: while it waits in a batch, or in the
+engine's own queue (Dask serializes on its event loop). A value the caller changes
+meanwhile would reach the call changed. So at ``submit`` every argument that could
+change is taken as it is then:
+
+- values that cannot change (numbers, strings, bytes, None, functions, classes)
+  are kept as they are, at no cost: the common case of many small calls;
+- lists, dicts and sets of such values are copied, tuples of them kept;
+- anything else is pickled at once into a :class:`Frozen` value, which unpickles
+  as the value itself wherever it lands (a worker, or this process);
+- a collection holding futures is rebuilt around them (the runner replaces them
+  when the call is sent);
+- a value that cannot be pickled is kept as it is, and fails as before, with the
+  runner's own pickling error, when the call is sent.
+
+An object may take its own snapshot with a ``__snapshot__()`` method (a flow's task
+invocation snapshots its arguments, not its task).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+import sys
+import types
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
+
+import cloudpickle
+
+from taskrunners._collections import iter_leaves
+from taskrunners._core.remote import Upstream
+from taskrunners.futures import PrefectFuture
+
+__all__ = ["Frozen", "snapshot", "snapshot_call", "all_unchanging"]
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class Frozen:
+    """A value pickled at submit; it unpickles as the value it was."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Tuple[Callable[[bytes], Any], Tuple[bytes]]:
+        return (pickle.loads, (self.data,))
+
+    def __sizeof__(self) -> int:
+        # What it weighs when sent (Dask's warning about large graphs reads this).
+        return object.__sizeof__(self) + sys.getsizeof(self.data)
+
+    def __repr__(self) -> str:
+        return f"Frozen({len(self.data)} bytes)"
+
+
+# Kept as they are: they do not change once made (a future is replaced by the runner).
+_UNCHANGING: FrozenSet[type] = frozenset(
+    {
+        str, bytes, int, float, bool, complex, type(None), range,
+        types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
+        type, Frozen, Upstream, PrefectFuture,
+    }
+)  # fmt: skip
+
+
+def all_unchanging(values: Iterable[Any]) -> bool:
+    """Whether none of ``values`` can change once made (nothing to snapshot)."""
+    return _UNCHANGING.issuperset(map(type, values))
+
+
+def snapshot_call(
+    run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+) -> Tuple[Callable[..., Any], Dict[str, Any]]:
+    """``run_fn`` and ``run_kwargs`` as they are now, for a call that is sent later."""
+    own = getattr(type(run_fn), "__snapshot__", None)
+    if own is not None:
+        run_fn = own(run_fn)
+    for value in run_kwargs.values():
+        if type(value) not in _UNCHANGING:
+            return run_fn, {name: snapshot(value) for name, value in run_kwargs.items()}
+    return run_fn, run_kwargs
+
+
+def snapshot(value: Any, memo: Optional[Dict[int, Any]] = None) -> Any:
+    """``value`` as it is now (see the module's docstring for what that takes).
+
+    :param memo: snapshots already taken, by the id of their value: calls submitted
+        together (``task.map``) share one snapshot of a value they share
+    """
+    kind = type(value)
+    if kind in _UNCHANGING:
+        return value
+    if memo is not None:
+        taken = memo.get(id(value))
+        if taken is not None:
+            return taken[1]
+    taken_now = _take(value, kind, memo)
+    if memo is not None:
+        memo[id(value)] = (value, taken_now)  # the value is kept, so its id stays its own
+    return taken_now
+
+
+def _take(value: Any, kind: type, memo: Optional[Dict[int, Any]]) -> Any:
+    own = getattr(kind, "__snapshot__", None)
+    if own is not None:
+        return own(value)
+    if kind is tuple or kind is frozenset:
+        if all(type(item) in _UNCHANGING for item in value):
+            return value
+    elif kind is list or kind is set:
+        if all(type(item) in _UNCHANGING for item in value):
+            return kind(value)
+    elif kind is dict:
+        if all(type(item) in _UNCHANGING for item in value.values()):
+            return dict(value)
+    if _holds_future(value):
+        return _rebuild(value, memo)
+    try:
+        return Frozen(cloudpickle.dumps(value, _PROTOCOL))
+    except Exception:
+        return value  # sent as it is: the runner reports the pickling error then
+
+
+def _holds_future(value: Any) -> bool:
+    for _ in iter_leaves(value, lambda leaf: isinstance(leaf, PrefectFuture)):
+        return True
+    return False
+
+
+def _rebuild(value: Any, memo: Optional[Dict[int, Any]]) -> Any:
+    """A collection holding futures, rebuilt around them with its other values snapshot."""
+    if isinstance(value, dict):
+        items = [(key, snapshot(item, memo)) for key, item in value.items()]
+        try:
+            return type(value)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [snapshot(item, memo) for item in value]
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*items)
+        try:
+            return type(value)(items)
+        except TypeError:
+            return next(b for b in (list, tuple, set, frozenset) if isinstance(value, b))(items)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        copied = copy.copy(value)
+        for field in dataclasses.fields(value):
+            object.__setattr__(copied, field.name, snapshot(getattr(value, field.name), memo))
+        return copied
+    return value
