@@ -1,4 +1,4 @@
-"""The async facade: the seed's ``start()`` / ``submit()`` / ``wait()`` on asyncio and trio.
+"""The async facade: Prefect 2's ``start()`` / ``submit()`` / ``wait()`` on asyncio and trio.
 
 Each runner here wraps its blocking twin from :mod:`taskrunners.sync` and holds no
 scheduling logic of its own, except that a coroutine ``run_fn`` given to an
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import (
     Any,
@@ -110,7 +111,7 @@ def _start_block(method: Callable[[T], AsyncIterator[T]]) -> Callable[[T], Async
 
 
 class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
-    """The seed's async task runner interface.
+    """Prefect 2's async task runner interface.
 
     Subclasses implement :attr:`concurrency_type`, :meth:`submit` and :meth:`wait`,
     and prepare resources in :meth:`_start`, pushing their cleanup onto the exit stack.
@@ -388,22 +389,38 @@ def _unwrapped_interrupt(exc: BaseException) -> BaseException:
     return exc
 
 
-def _facade_doc(twin: type) -> str:
-    """The facade class's docstring: its twin's, up to the example, which is the twin's."""
-    text = (twin.__doc__ or "").split("\n    >>>")[0].rstrip()
-    return (
-        f"{text}\n\n    The async facade: ``async with runner.start()``, ``await "
-        f"runner.submit(...)``, ``await runner.wait(...)``, on asyncio or trio. The blocking "
-        f"twin, for code with no event loop, is :class:`taskrunners.sync.{twin.__name__}`.\n    "
+def _facade_doc(twin: type, example: str, more: str = "") -> str:
+    """A facade class's docstring: the twin's, with ``example`` in place of the twin's."""
+    summary, _, body = inspect.cleandoc(twin.__doc__ or "").partition("\n\n")
+    paragraphs = body.split("\n\n")
+    # The twin's example follows its summary: ">>>" lines, or "Example::" and its block.
+    del paragraphs[: 2 if paragraphs[0].endswith("::") else 1]
+    facade = (
+        f"The async facade over :class:`taskrunners.sync.{twin.__name__}`, for asyncio\n"
+        "and trio; that blocking twin serves code with no event loop."
     )
+    parts = [summary, inspect.cleandoc(example), facade, *paragraphs]
+    return "\n\n".join(parts + ([inspect.cleandoc(more)] if more else [])) + "\n"
 
 
 class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
-    __doc__ = _facade_doc(sync.SequentialTaskRunner) + """
-    Plain calls run inside ``submit``, one after another; coroutine calls run on the
-    caller's event loop, one after another too, unless the caller starts the
-    submissions concurrently (an anyio task group, ``asyncio.gather``).
-    """
+    __doc__ = _facade_doc(
+        sync.SequentialTaskRunner,
+        """
+        >>> from taskrunners.states import Completed
+        >>> async def main():
+        ...     async with SequentialTaskRunner().start() as runner:
+        ...         future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+        ...         print((await runner.wait(future)).result())
+        >>> anyio.run(main)
+        42
+        """,
+        """
+        Here coroutine calls run on the caller's event loop, not on a loop thread: one
+        after another too, unless the caller starts the submissions concurrently (an
+        anyio task group, ``asyncio.gather``). Plain calls run inside ``submit``.
+        """,
+    )
 
     _coroutines_on_caller_loop = True
     _watches_sigint = True
@@ -420,9 +437,20 @@ class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
 
 
 class ConcurrentTaskRunner(_FacadeRunner[sync.ConcurrentTaskRunner]):
-    __doc__ = _facade_doc(sync.ConcurrentTaskRunner) + """
-    Coroutine calls run concurrently on the caller's event loop; plain calls on threads.
-    """
+    __doc__ = _facade_doc(
+        sync.ConcurrentTaskRunner,
+        """
+        >>> from taskrunners.states import Completed
+        >>> async def main():
+        ...     async with ConcurrentTaskRunner().start() as runner:
+        ...         future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+        ...         print((await runner.wait(future)).result())
+        >>> anyio.run(main)
+        42
+        """,
+        "Here coroutine calls run concurrently on the caller's event loop, not on a loop\n"
+        "thread; plain calls run on threads.",
+    )
 
     _coroutines_on_caller_loop = True
     _watches_sigint = True
@@ -437,7 +465,18 @@ class ConcurrentTaskRunner(_FacadeRunner[sync.ConcurrentTaskRunner]):
 
 
 class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
-    __doc__ = _facade_doc(sync.ParallelTaskRunner)
+    __doc__ = _facade_doc(
+        sync.ParallelTaskRunner,
+        """
+        >>> from taskrunners.states import Completed
+        >>> async def main():
+        ...     async with ParallelTaskRunner(max_workers=2).start() as runner:
+        ...         future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+        ...         print((await runner.wait(future)).result())
+        >>> anyio.run(main)
+        42
+        """,
+    )
 
     def __init__(
         self,
@@ -481,7 +520,16 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
 
 
 class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
-    __doc__ = _facade_doc(sync.DaskTaskRunner)
+    __doc__ = _facade_doc(
+        sync.DaskTaskRunner,
+        """
+        Example, in a coroutine (``Completed`` comes from :mod:`taskrunners.states`)::
+
+            async with DaskTaskRunner(cluster_kwargs={"n_workers": 2}).start() as runner:
+                future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+                (await runner.wait(future)).result()  # 42
+        """,
+    )
 
     def __init__(
         self,
@@ -543,7 +591,16 @@ class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
 
 
 class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
-    __doc__ = _facade_doc(sync.RayTaskRunner)
+    __doc__ = _facade_doc(
+        sync.RayTaskRunner,
+        """
+        Example, in a coroutine (``Completed`` comes from :mod:`taskrunners.states`)::
+
+            async with RayTaskRunner(init_kwargs={"num_cpus": 2}).start() as runner:
+                future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+                (await runner.wait(future)).result()  # 42
+        """,
+    )
 
     def __init__(
         self,

@@ -21,19 +21,23 @@ _UNBOUNDED_THREADS = 2**31 - 1
 class ConcurrentTaskRunner(BlockingTaskRunner):
     """Runs plain calls in a thread pool and coroutine calls on one event loop.
 
-    :param max_workers: the most threads running plain calls at once; None for no
-        fixed bound (a new thread whenever all are busy)
-
-    Each call sees a copy of the submitting thread's context variables, taken at
-    submit time.
-
-    >>> from taskrunners.sync import ConcurrentTaskRunner
-    >>> from taskrunners import TaskRun
     >>> from taskrunners.states import Completed
     >>> with ConcurrentTaskRunner(max_workers=4).start() as runner:
-    ...     futures = [runner.submit(TaskRun(), lambda i=i: Completed(data=i), {}) for i in range(3)]
-    ...     [runner.wait(f).result() for f in futures]
-    [0, 1, 2]
+    ...     future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+    ...     runner.wait(future).result()
+    42
+
+    :param max_workers: the most threads running plain calls at once; None for no
+        fixed bound (a new thread whenever all are busy)
+    :raises ValueError: if ``max_workers`` is not a positive integer or None
+
+    Calls share memory with the code that submits them, as in every thread pool: a
+    call sees a change made to a mutable argument after ``submit``, up to the moment
+    it reads it. (The process-based runners give each call its arguments as they were
+    at ``submit``.) Each call sees a copy of the submitting thread's context
+    variables, taken at submit time. Plain calls hold the GIL while they run Python
+    code, so threads speed up waiting (I/O, sleeps, C code that releases the GIL),
+    not pure-Python computation.
     """
 
     _handles = ("_pool", "_loop_thread")

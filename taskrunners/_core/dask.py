@@ -19,6 +19,15 @@ handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_worker` (wha
 runs on the workers), :mod:`~taskrunners._core.dask_cluster` (a block's client and
 cluster), :mod:`~taskrunners._core.dask_engine` (distributed's private names).
 
+Details of how calls run: a call alone is keyed ``f"{task_run.name}-{task_run.id.hex}"``
+with ``pure=True`` (a task run submitted twice runs once), a batch
+``f"{task_name}-batch-{hex}"``; calls with different ``dask.annotate`` values, or with
+Dask ``retries``, never share a batch; a returned State is never retried. A coroutine
+``run_fn`` runs on an event loop of its own in a worker thread. A call handle's
+``cancel()`` refuses once a worker started the call. Pickled, the runner drops its
+client and cluster; unpickled inside a task on a Dask worker it reconnects with
+``distributed.get_client()``, elsewhere it refuses work with a RuntimeError.
+
 A hazard of its own: Dask fails the dependents of a failed task without running
 them, but a call must receive its upstream's State, whatever it is. Such a call is
 run again with its upstream States by value (``_settle_failure``).
@@ -65,11 +74,11 @@ def _import_distributed() -> Any:
 class DaskTaskRunner(BlockingTaskRunner):
     """Runs calls on a Dask cluster: a temporary one it creates, or one it connects to.
 
-    By default a temporary ``distributed.LocalCluster`` is created when the runner
-    starts and closed when its ``start()`` block ends. Any other cluster class can
-    be named with ``cluster_class``/``cluster_kwargs``; ``address`` connects to a
-    scheduler that is already running instead, and leaving the block then never
-    shuts that cluster down.
+    Example (``Completed`` comes from :mod:`taskrunners.states`)::
+
+        with DaskTaskRunner(cluster_kwargs={"n_workers": 2}).start() as runner:
+            future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+            runner.wait(future).result()  # 42
 
     :param address: the address of a running Dask scheduler, e.g.
         ``"tcp://127.0.0.1:8786"``; None to create a temporary cluster
@@ -92,71 +101,25 @@ class DaskTaskRunner(BlockingTaskRunner):
         ``batch_size``
     :raises TypeError: for kwargs that are not dicts
 
-    A LocalCluster (or subclass) the runner creates listens on 127.0.0.1 only:
-    scheduler, workers, nannies, the dashboard and every HTTP endpoint, whatever
-    ``processes``, ``dashboard_address`` or ``n_workers`` say. A dashboard address
-    naming only a port (``":8787"``, ``8787``) is served on 127.0.0.1 at that port;
-    with the dashboard off (``None``) Dask's HTTP endpoints (health, metrics) still
-    listen, on a free loopback port; a threads cluster's workers serve theirs on
-    loopback too (which turns on their dashboard pages). Naming a ``host``, ``ip``
-    or ``interface`` off loopback, or a dashboard address with such a host, leaves
-    that choice to the user. ``cluster_kwargs`` itself is kept exactly as given. A
-    subclass whose ``__init__`` does not accept the keywords that pin loopback is
-    created without them, with a warning.
+    What it starts and stops: without ``address``, ``start()`` creates the cluster
+    and a client, and the end of the block closes both; a ``LocalCluster`` it creates
+    listens on 127.0.0.1 only, unless ``cluster_kwargs`` name another host or
+    interface. With ``address`` it only opens a client, and closes only that. Leaving
+    the block with an exception cancels the calls not started and stops the workers of
+    a cluster the runner created; a plain call already running on a cluster it did not
+    create runs to its end.
 
-    How calls run:
+    Function and arguments travel with cloudpickle; each call sees its arguments as
+    they were at ``submit``. A call sent alone is the Dask task
+    ``f"{task_run.name}-{task_run.id.hex}"``; while the workers are busy, calls of one
+    task go in batches, one Dask task each, every call keeping its own State.
+    ``dask.annotate(...)`` around a submission (resources, priority, retries, workers)
+    applies to that call. Records a call logs on a worker reach this process's loggers.
 
-    - A call sent alone is a Dask task keyed ``f"{task_run.name}-{task_run.id.hex}"``,
-      ``pure=True``: a task run submitted twice runs once. Upstream calls of this
-      runner still running are handed to Dask as Dask futures: their States go from
-      worker to worker without a trip through this process.
-    - Batches (``batch_size="auto"``): while twice as many Dask tasks as the cluster
-      has worker threads are out, calls whose upstream calls are done gather by task
-      and ``dask.annotate`` values into one Dask task keyed ``f"{task_name}-batch-{hex}"``;
-      a lone call, or one waited for, goes at once. Each call keeps its own State,
-      ``cancel()`` and ``running()``; one that raises or crashes takes no other with
-      it. Calls with Dask ``retries`` go alone.
-    - Function and arguments are serialized with cloudpickle, so lambdas, closures
-      and modules registered for pickling by value work without being importable
-      on the workers. A coroutine ``run_fn`` runs on an event loop of its own in a
-      worker thread. On workers outside this process the State is pickled by the
-      worker: one that cannot be pickled gives a Crashed state holding the error.
-    - ``dask.annotate(...)`` (resources, priority, retries, workers, ...) around a
-      submission applies to that call (and to the batch it joins, which holds only
-      calls with the same annotations). With ``retries``, a ``run_fn`` that raises is
-      retried by Dask; a returned State is never retried.
-    - A worker that dies while running a call (killed, out of memory, ``os._exit``):
-      Dask reruns the call on another worker, up to the scheduler's
-      ``distributed.scheduler.allowed-failures`` setting (3 by default); after that
-      the call's State is Crashed, naming the cause. Other calls, and calls that
-      depend on the crashed one (they receive its Crashed State), go on normally.
-      Dask runs a lost batch again whole: calls of it that had run run again.
-    - Records a call logs on a worker process (those reaching the worker's root
-      logger from the call's own thread, at or above this process's root logger
-      level when the block started) travel back with its State and are handled by
-      this process's loggers, once each, with their name and level; this process's
-      logger levels decide what is emitted. Workers inside this process log here
-      directly.
-    - A call handle's ``cancel()`` cancels a call that no worker has started (it
-      then never runs) and returns False for one that has (it runs to its end), as
-      ``concurrent.futures`` does; ``running()`` tells whether a worker started it.
-    - Leaving the block with an exception cancels the runner's calls that have not
-      finished, stops the workers of a cluster the runner created at once, cancels
-      coroutine calls running on other workers, and closes the client. A plain
-      call already running on a cluster the runner did not create runs to its end:
-      Dask cannot stop a running thread.
-    - Pickled, the runner drops its client and cluster. A started runner unpickled
-      inside a task on a Dask worker reconnects with ``distributed.get_client()``;
-      unpickled anywhere else, it raises RuntimeError on submit and wait.
-
-    >>> from taskrunners.sync import DaskTaskRunner
-    >>> from taskrunners import TaskRun
-    >>> from taskrunners.states import Completed
-    >>> runner = DaskTaskRunner(cluster_kwargs={"processes": False, "n_workers": 1})
-    >>> with runner.start():
-    ...     future = runner.submit(TaskRun(), lambda: Completed(data=42), {})
-    ...     runner.wait(future).result()
-    42
+    A worker that dies while running a call: Dask runs the call again on another
+    worker, up to ``distributed.scheduler.allowed-failures`` (3 by default), then the
+    call is Crashed naming the cause. A lost batch runs again whole, so calls of it
+    may run twice. Calls on the other workers go on.
     """
 
     _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder", "_batches", "_durations")

@@ -54,7 +54,13 @@ __all__ = ["ParallelTaskRunner"]
 
 
 class ParallelTaskRunner(BlockingTaskRunner):
-    """Runs calls in parallel in loky worker processes.
+    """Runs calls in parallel in loky worker processes on this machine.
+
+    >>> from taskrunners.states import Completed
+    >>> with ParallelTaskRunner(max_workers=2).start() as runner:
+    ...     future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+    ...     runner.wait(future).result()
+    42
 
     :param max_workers: the number of worker processes; None for the number of CPUs
         this process may use
@@ -71,41 +77,24 @@ class ParallelTaskRunner(BlockingTaskRunner):
         a positive integer
     :raises TypeError: if ``initializer`` is not callable or ``initargs`` not a tuple
 
-    The worker processes belong to the ``start()`` block: created there and stopped
-    there. ``run_fn`` and its arguments travel with cloudpickle, so lambdas, closures
-    and functions defined in ``__main__`` work; a coroutine ``run_fn`` runs on an event
-    loop in the worker. Log records emitted in a call, at or above the root logger's
-    level when the block started, reach this process's loggers.
+    The ``start()`` block starts the worker processes and stops them when it ends.
+    ``run_fn`` and its arguments travel with cloudpickle, so lambdas, closures and
+    functions defined in ``__main__`` work; each call sees its arguments as they were
+    at ``submit``, copied to its worker. A coroutine ``run_fn`` runs on an event loop
+    in the worker. Log records emitted in a call, at or above the root logger's level
+    when the block started, reach this process's loggers.
 
-    Calls go to the workers in batches, one loky task each, while the workers are
-    busy; each call keeps its own future and State. A lone call goes at once, and a
-    call somebody waits for is sent at once with the calls gathered before it. With
-    ``"auto"``, the first call of a task goes alone; calls of a millisecond or less go
-    by the hundreds, calls of about a tenth of a second or more one per loky task.
-    The calls of one batch are pickled together when it is sent: what they share (the
-    run_fn, an argument given to each) is pickled once, and the calls of the batch get
-    one copy of it in the worker, as in ``joblib``'s batches; and a change to an
-    argument after ``submit`` may still reach a call that was gathered.
-
-    As in ``concurrent.futures.ProcessPoolExecutor``, a call can be cancelled while it
-    waits its turn in this process, and counts as running once its batch is sent to
-    the worker processes, which hold at most ``2 * max_workers + 1`` batches at once,
-    run or queued (the size of loky's call queue).
+    While every worker is busy, the calls of one task are gathered and sent in
+    batches, one loky task each; every call keeps its own future and State. As with
+    ``concurrent.futures.ProcessPoolExecutor``, a call can be cancelled while it waits
+    in this process, and counts as running once its batch is handed to loky.
 
     A worker that dies mid-call gives that call a Crashed state naming the exit code
-    or signal; calls that were running in the other workers are Crashed too (saying
-    so), and so are calls of the broken batches that had finished, whose results were
-    lost with them; no call runs twice; calls not started yet run on a fresh pool. A
-    run_fn, argument or result that cannot be pickled gives that call alone a Crashed
-    state, at once.
-
-    >>> from taskrunners.sync import ParallelTaskRunner
-    >>> from taskrunners import TaskRun
-    >>> from taskrunners.states import Completed
-    >>> with ParallelTaskRunner(max_workers=2).start() as runner:
-    ...     futures = [runner.submit(TaskRun(), lambda i=i: Completed(data=i * i), {}) for i in range(4)]
-    ...     [runner.wait(f).result() for f in futures]
-    [0, 1, 4, 9]
+    or signal. loky then stops the whole pool: calls running in the other workers are
+    Crashed too, saying so, and so are finished calls whose results were lost with
+    the pool; calls not started yet run on a fresh pool. No call runs twice. A
+    ``run_fn``, argument or result that cannot be pickled gives that call alone a
+    Crashed state, at once.
     """
 
     _handles = ("_pool",)

@@ -83,6 +83,12 @@ DEFAULT_REMOTE_OPTIONS: Mapping[str, Any] = types.MappingProxyType({"max_retries
 class RayTaskRunner(RaySending, BlockingTaskRunner):
     """Runs calls as Ray tasks, on a local Ray instance or an existing cluster.
 
+    Example (``Completed`` comes from :mod:`taskrunners.states`)::
+
+        with RayTaskRunner(init_kwargs={"num_cpus": 2}).start() as runner:
+            future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+            runner.wait(future).result()  # 42
+
     :param address: a running cluster to join: ``"host:port"`` of its head, or
         ``"ray://host:port"`` (needs ``ray[client]``). None: use ``RAY_ADDRESS`` if set,
         else start a local Ray instance for the ``start()`` block and shut it down after.
@@ -107,26 +113,26 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
     :raises ValueError: for ``address`` given in ``init_kwargs``, or a ``batch_size``
         that is neither "auto" nor a positive integer
 
-    Calls, and the States of upstream futures handed to them, travel with Ray's
-    serializer; ``taskrunners`` must be importable on the workers. A call whose
-    resource request no live node can meet is Crashed at once rather than waiting.
-    A batch's calls run one after the other in one worker, each with its own State;
-    calls with different :func:`ray_options` never share a batch. Leaving the
-    ``start()`` block with an exception returns without waiting for calls: a local
-    instance the runner started is shut down; tasks on a cluster it connected to are
-    force-cancelled before it disconnects; on a Ray it joined, calls not started are
-    dropped and running ones get Ray's KeyboardInterrupt (a call blocked in C code
-    runs on, as a thread would). A started runner that is pickled and unpickled cannot
-    submit or wait: it raises a RuntimeError mentioning "after serialization".
+    What it starts and stops: with no cluster to join, ``start()`` starts a local Ray
+    instance on 127.0.0.1 and the end of the block shuts it down; a cluster it joins
+    is left running. Leaving the block with an exception does not wait for calls: it
+    shuts down a local instance, or cancels the runner's tasks on a cluster (on a Ray
+    that was already initialised, running calls get Ray's KeyboardInterrupt).
 
-    >>> from taskrunners.sync import RayTaskRunner
-    >>> from taskrunners import TaskRun
-    >>> from taskrunners.states import Completed
-    >>> def double(x):
-    ...     return Completed(data=x * 2)
-    >>> with RayTaskRunner(init_kwargs={"num_cpus": 2}).start() as runner:  # doctest: +SKIP
-    ...     runner.submit(TaskRun(), double, {"x": 21}).result()
-    42
+    Calls travel with Ray's serializer; each call sees its arguments as they were at
+    ``submit``, and ``taskrunners`` must be importable on the workers. While the
+    workers are busy, calls of one task go in batches, one Ray task each, every call
+    keeping its own State; calls with different :func:`ray_options` never share a
+    batch. A call whose resource request no live node can meet is Crashed at once
+    rather than waiting forever.
+
+    A worker that dies mid-call gives that call a Crashed state naming the cause; the
+    calls of its batch that it had finished are Crashed (their results were lost), and
+    those it had not started run again on another worker when it ran on this machine,
+    else they are Crashed too. No call runs twice (unless ``remote_options`` set
+    ``max_retries``). Calls in other workers go on. A started runner that is pickled
+    and unpickled raises a RuntimeError mentioning "after serialization" on submit
+    and wait.
     """
 
     _handles = (

@@ -18,20 +18,18 @@ __all__ = ["SequentialTaskRunner"]
 class SequentialTaskRunner(BlockingTaskRunner):
     """Runs each call to completion inside ``submit``, one at a time.
 
+    >>> from taskrunners.states import Completed
+    >>> with SequentialTaskRunner().start() as runner:
+    ...     future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
+    ...     runner.wait(future).result()
+    42
+
     Calls submitted from several threads run one after another. A coroutine
     ``run_fn`` runs on an event loop in a thread the runner owns, so this works from
     a thread that is itself running a loop. A Ctrl-C while a call runs in the main
     thread ends that call Crashed and then raises KeyboardInterrupt out of ``submit``,
     so the script stops; a ``run_fn`` that raises KeyboardInterrupt itself only gives
     a Crashed state.
-
-    >>> from taskrunners.sync import SequentialTaskRunner
-    >>> from taskrunners import TaskRun
-    >>> from taskrunners.states import Completed
-    >>> with SequentialTaskRunner().start() as runner:
-    ...     future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
-    ...     runner.wait(future).result()
-    42
     """
 
     _handles = ("_call_lock", "_loop_thread", "_watching")

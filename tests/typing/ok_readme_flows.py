@@ -26,10 +26,13 @@ def greetings(names: List[str]):
 
 
 if __name__ == "__main__":  # the process-based runners start workers
-    greetings(["arthur", "trillian", "ford", "marvin"])  # in order
+    state = greetings(["arthur", "trillian", "ford", "marvin"])  # in order
+    print(state)  # Completed()
 
     greetings.task_runner = ParallelTaskRunner(max_workers=2)
-    greetings(["arthur", "trillian", "ford", "marvin"])  # interleaved
+    state = greetings(["arthur", "trillian", "ford", "marvin"])  # interleaved
+    print(state.is_completed())  # True
 
     greetings.task_runner = DaskTaskRunner()
-    greetings(["arthur", "trillian", "ford", "marvin"])  # interleaved
+    state = greetings(["arthur", "trillian", "ford", "marvin"])  # interleaved
+    print(state.is_completed())  # True
