@@ -154,14 +154,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmarks; 0 when every measured cell succeeded, 1 if any failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from benchmarks import report
+    from benchmarks import charts, report
 
     console = report.default_console()
     if args.from_json is not None:
         results = report.load_json(args.from_json)
         _print_tables(results, console, args.markdown)
         args.output.mkdir(parents=True, exist_ok=True)
-        written = report.write_charts(results, args.output)
+        written = charts.write_charts(results, args.output)
         console.print(f"wrote {' and '.join(map(str, written)) or 'no chart'}")
         return 0
 
@@ -169,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = " ".join(["python -m benchmarks", *argv])
     results, interrupted = measure(args, console, environment, command)
     _print_tables(results, console, args.markdown)
-    written = report.chart_and_json(results, args.output)
+    written = charts.chart_and_json(results, args.output)
     console.print(f"wrote {', '.join(map(str, written))}")
     if interrupted:
         return 130

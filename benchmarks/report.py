@@ -1,8 +1,9 @@
-"""The results: the terminal tables, the JSON file and the charts."""
+"""The results: the terminal tables and the JSON file (the charts are in ``charts``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import platform
@@ -17,9 +18,9 @@ from benchmarks.measure import MODES, Cell, SessionRecord
 from benchmarks.workloads import MODES_OF_KIND, WORKLOADS
 
 __all__ = [
-    "Results", "machine_info", "render_tables", "markdown_tables", "write_json", "write_chart",
-    "write_crossover_chart", "write_charts", "load_json", "chart_and_json", "default_console",
-    "RATIO_METHOD",
+    "Results", "machine_info", "machine_line", "render_tables", "markdown_tables", "write_json",
+    "load_json", "default_console", "run_families", "run_workloads", "repeats_text",
+    "RATIO_METHOD", "NOISE_RULE", "MODE_TITLES",
 ]
 
 FORMAT = "taskrunners-benchmarks/2"
@@ -32,16 +33,27 @@ RATIO_METHOD = (
     "one batch each per round); else the ratio of the two medians"
 )
 
+#: A rate or a ratio is marked noisy ("~") when it rests on fewer rounds or calls than
+#: these, or when its rounds disagree: the upper quartile of the per-round values is
+#: over NOISY_SPREAD times the lower (for a ratio of one session, of the per-round ratios).
+MIN_ROUNDS, MIN_CALLS, NOISY_SPREAD = 3, 10, 1.5
+
+NOISE_RULE = (
+    f"~ marks a noisy rate or ratio: from fewer than {MIN_ROUNDS} rounds, from fewer than "
+    f"{MIN_CALLS} calls in all rounds together, or with rounds that disagree (the upper "
+    f"quartile of the per-round values over {NOISY_SPREAD:g} times the lower)"
+)
+
 _PACKAGES = (
     "taskrunners", "anyio", "sniffio", "cloudpickle", "loky", "joblib", "dask", "distributed",
     "ray", "rich", "matplotlib", "prefect", "prefect-dask", "prefect-ray",
 )
 
-_MODE_TITLES = {"raw": "raw engine", "twin": "blocking twin", "facade": "async facade",
+MODE_TITLES = {"raw": "raw engine", "twin": "blocking twin", "facade": "async facade",
                 "auto": 'twin, batch_size="auto"', "bulk": "bulk peer", "prefect": "Prefect 3",
                 "cluster": "shared cluster"}
-_CLASSIC_MODES = MODES_OF_KIND["classic"]
-_SMALL_CALL_MODES = MODES_OF_KIND["sweep"]
+CLASSIC_MODES = MODES_OF_KIND["classic"]
+SMALL_CALL_MODES = MODES_OF_KIND["sweep"]
 
 
 @dataclass
@@ -75,14 +87,21 @@ class Results:
         mine, theirs = cell.calls_per_second, reference.calls_per_second
         if not mine or not theirs:
             return None
-        if cell.session >= 0 and cell.session == reference.session:
-            paired = [
-                (a / cell.calls) / (b / reference.calls)
-                for a, b in zip(cell.seconds, reference.seconds) if a > 0 and b > 0
-            ]
-            if paired:
-                return statistics.median(paired)
+        paired = _round_ratios(cell, reference)
+        if paired:
+            return statistics.median(paired)
         return theirs / mine
+
+    def noise(self, cell: Optional[Cell], reference: Optional[Cell]) -> Optional[str]:
+        """Why the :meth:`time_ratio` of ``cell`` to ``reference`` is noisy (see
+        NOISE_RULE), e.g. "4 calls × 1 round"; None when it is not, or there is none."""
+        if cell is None or reference is None or cell is reference:
+            return None
+        return _noise([cell, reference], _round_ratios(cell, reference))
+
+    def rate_noise(self, cell: Optional[Cell]) -> Optional[str]:
+        """Why the calls per second of ``cell`` are noisy (see NOISE_RULE); None when not."""
+        return None if cell is None else _noise([cell], [])
 
     def overhead(self, cell: Cell, against: str) -> Optional[float]:
         """:meth:`time_ratio` of ``cell`` against the same workload in ``against`` mode.
@@ -103,6 +122,12 @@ class Results:
                 f"vs_{mode}": value for mode in MODES if mode != cell.mode
                 for value in [self.overhead(cell, mode)] if value is not None
             }
+            data["noisy"] = {
+                key: reason for key, reason in [("rate", self.rate_noise(cell))] + [
+                    (f"vs_{mode}", self.noise(cell, self.cell(cell.workload, cell.family, mode)))
+                    for mode in MODES if mode != cell.mode
+                ] if reason
+            }
             if cell.mode in ("twin", "facade"):
                 data["overhead_vs_raw"] = self.overhead(cell, "raw")
                 data["overhead_vs_prefect"] = self.overhead(cell, "prefect")
@@ -118,7 +143,8 @@ class Results:
             "config": self.config,
             "environment": self.environment,
             "ratio_method": RATIO_METHOD,
-            "modes": {mode: _MODE_TITLES[mode] for mode in MODES},
+            "noise_rule": NOISE_RULE,
+            "modes": {mode: MODE_TITLES[mode] for mode in MODES},
             "workloads": {
                 name: {
                     "description": w.description,
@@ -137,6 +163,41 @@ class Results:
             "sessions": [record.as_dict() for record in self.sessions],
             "cells": cells,
         }
+
+
+def _round_ratios(cell: Cell, reference: Cell) -> List[float]:
+    """Time per call of ``cell`` over ``reference``'s, round by round; [] unless the two
+    took turns in one session."""
+    if cell.session < 0 or cell.session != reference.session:
+        return []
+    return [
+        (a / cell.calls) / (b / reference.calls)
+        for a, b in zip(cell.seconds, reference.seconds) if a > 0 and b > 0
+    ]
+
+
+def _noise(cells: List[Cell], paired: List[float]) -> Optional[str]:
+    if any(not c.calls_per_second for c in cells):
+        return None
+    rounds = min(len(c.seconds) for c in cells)
+    calls = min(c.calls for c in cells)
+    reasons = []
+    if rounds < MIN_ROUNDS or calls * rounds < MIN_CALLS:
+        reasons.append(f"{calls:,} calls × {rounds} round{'s' if rounds != 1 else ''}")
+    # Paired rounds cancel the load both cells shared; else each cell's rounds count.
+    rounds_of = [paired] if paired else [[s / c.calls for s in c.seconds] for c in cells]
+    if math.prod(_spread(values) for values in rounds_of) > NOISY_SPREAD:
+        apart = math.prod(max(v) / min(v) if min(v) > 0 else math.inf for v in rounds_of)
+        reasons.append(f"rounds up to {apart:.2g}× apart")
+    return ", ".join(reasons) or None
+
+
+def _spread(values: List[float]) -> float:
+    """Upper quartile over lower quartile: how far apart the middle rounds are."""
+    if len(values) < 2:
+        return 1.0
+    lower, _, upper = statistics.quantiles(values, n=4, method="inclusive")
+    return upper / lower if lower > 0 else math.inf
 
 
 def load_json(path: pathlib.Path) -> Results:
@@ -257,20 +318,21 @@ def _rate(value: Optional[float]) -> str:
     return f"{value:.3g}"
 
 
-def _ratio(value: Optional[float]) -> str:
+def _ratio(value: Optional[float], noisy: Optional[str] = None) -> str:
     if value is None:
         return "—"
-    return f"{value:.2f}×" if value >= 0.1 else f"{value:.2g}×"
+    return ("~" if noisy else "") + (f"{value:.2f}×" if value >= 0.1 else f"{value:.2g}×")
 
 
-def _speedup(overhead: Optional[float]) -> str:
+def _speedup(overhead: Optional[float], noisy: Optional[str] = None) -> str:
     """An overhead against a peer, said as how many times faster (or slower) we are."""
     if overhead is None:
         return "—"
+    mark = "~" if noisy else ""
     if overhead <= 1:
         factor = 1 / overhead
-        return f"{factor:,.0f}× faster" if factor >= 100 else f"{factor:.3g}× faster"
-    return f"{overhead:.3g}× slower"
+        return mark + (f"{factor:,.0f}× faster" if factor >= 100 else f"{factor:.3g}× faster")
+    return f"{mark}{overhead:.3g}× slower"
 
 
 def _ratio_style(value: Optional[float]) -> str:
@@ -283,12 +345,12 @@ def _ratio_style(value: Optional[float]) -> str:
     return "red"
 
 
-def _families(results: Results) -> List[str]:
+def run_families(results: Results) -> List[str]:
     chosen = results.config.get("runners") or list(FAMILIES)
     return [key for key in FAMILIES if key in chosen]
 
 
-def _workloads(results: Results, kinds: tuple = ("classic", "tiny", "sweep")) -> List[str]:
+def run_workloads(results: Results, kinds: tuple = ("classic", "tiny", "sweep")) -> List[str]:
     """The workloads of the run, of the given kinds (unknown names count as classic)."""
     names = list(results.config.get("workloads") or WORKLOADS)
     return [n for n in names if (WORKLOADS[n].kind if n in WORKLOADS else "classic") in kinds]
@@ -317,12 +379,28 @@ def _notes(by_mode: Dict[str, Optional[Cell]], said: tuple = ()) -> List[str]:
     ]
 
 
+#: The ratio columns of the two tables, as their headers name them.
+_RATIO_COLUMNS = {"twin_vs_raw": "twin ×", "facade_vs_raw": "facade ×",
+                  "twin_vs_prefect": "twin vs Prefect"}
+_SMALL_RATIO_COLUMNS = {"twin_vs_raw": "bs=1 ×", "auto_vs_twin": "auto vs bs=1",
+                        "bulk_vs_twin": "peer vs bs=1", "auto_vs_bulk": "auto vs peer"}
+
+
+def _noise_notes(noisy: Dict[str, str], columns: Dict[str, str]) -> List[str]:
+    """One note per reason, naming the columns it marks with ~."""
+    by_reason: Dict[str, List[str]] = {}
+    for key, title in columns.items():
+        if noisy.get(key):
+            by_reason.setdefault(noisy[key], []).append(title)
+    return [f"~ {', '.join(titles)}: {reason}" for reason, titles in by_reason.items()]
+
+
 def table_rows(results: Results) -> List[Dict[str, Any]]:
     """The runner-overhead table (classic workloads), one row per workload and runner."""
     rows = []
-    for workload in _workloads(results, ("classic",)):
-        for family in _families(results):
-            by_mode = {mode: results.cell(workload, family, mode) for mode in _CLASSIC_MODES}
+    for workload in run_workloads(results, ("classic",)):
+        for family in run_families(results):
+            by_mode = {mode: results.cell(workload, family, mode) for mode in CLASSIC_MODES}
             if not any(by_mode.values()):
                 continue
             raw = by_mode["raw"]
@@ -337,14 +415,18 @@ def table_rows(results: Results) -> List[Dict[str, Any]]:
                 "raw_engine": raw.engine if raw else "",
                 "notes": notes,
             }
-            for mode in _CLASSIC_MODES:
+            for mode in CLASSIC_MODES:
                 cell = by_mode[mode]
                 row[f"{mode}_rate"] = cell.calls_per_second if cell else None
                 row[f"{mode}_calls"] = cell.calls if cell else None
+            row["noisy"] = {}
             for mode in ("twin", "facade"):
                 cell = by_mode[mode]
-                row[f"{mode}_vs_raw"] = results.overhead(cell, "raw") if cell else None
-                row[f"{mode}_vs_prefect"] = results.overhead(cell, "prefect") if cell else None
+                for against in ("raw", "prefect"):
+                    key = f"{mode}_vs_{against}"
+                    row[key] = results.overhead(cell, against) if cell else None
+                    row["noisy"][key] = results.noise(cell, by_mode[against])
+            notes += _noise_notes(row["noisy"], _RATIO_COLUMNS)
             rows.append(row)
     return rows
 
@@ -352,17 +434,21 @@ def table_rows(results: Results) -> List[Dict[str, Any]]:
 def small_call_rows(results: Results) -> List[Dict[str, Any]]:
     """The many-small-calls table (tiny and the sweep), one row per workload and runner."""
     rows = []
-    for workload in _workloads(results, ("tiny", "sweep")):
-        for family in _families(results):
-            by_mode = {mode: results.cell(workload, family, mode) for mode in _SMALL_CALL_MODES}
+    for workload in run_workloads(results, ("tiny", "sweep")):
+        for family in run_families(results):
+            by_mode = {mode: results.cell(workload, family, mode) for mode in SMALL_CALL_MODES}
             if not any(by_mode.values()):
                 continue
-            raw, twin, auto, bulk = (by_mode[m] for m in _SMALL_CALL_MODES)
+            raw, twin, auto, bulk = (by_mode[m] for m in SMALL_CALL_MODES)
             one = twin or raw
             batched = auto or bulk
             calls = f"{one.calls:,}" if one else "—"
             if batched is not None and (one is None or batched.calls != one.calls):
                 calls = f"{calls} / {batched.calls:,}"
+            noisy = {"twin_vs_raw": results.noise(twin, raw),
+                     "auto_vs_twin": results.noise(auto, twin),
+                     "bulk_vs_twin": results.noise(bulk, twin),
+                     "auto_vs_bulk": results.noise(auto, bulk)}
             rows.append({
                 "workload": workload,
                 "runner": FAMILIES[family].title,
@@ -376,12 +462,14 @@ def small_call_rows(results: Results) -> List[Dict[str, Any]]:
                 "bulk_rate": bulk.calls_per_second if bulk else None,
                 "bulk_vs_twin": results.time_ratio(bulk, twin),
                 "auto_vs_bulk": results.time_ratio(auto, bulk),
-                "notes": _notes(by_mode, said=(_NO_BATCH_SIZE,)),
+                "noisy": noisy,
+                "notes": _notes(by_mode, said=(_NO_BATCH_SIZE,))
+                + _noise_notes(noisy, _SMALL_RATIO_COLUMNS),
             })
     return rows
 
 
-def _repeats_text(results: Results, key: str = "repeats") -> str:
+def repeats_text(results: Results, key: str = "repeats") -> str:
     repeats = results.config.get(key) or results.config.get("repeats")
     quick = " (--quick)" if results.config.get("quick") else ""
     return f"median of {repeats} run{'s' if repeats != 1 else ''}{quick}"
@@ -412,11 +500,11 @@ def render_tables(results: Results, console: Any) -> None:
     if rows:
         peers = _has_peers(results)
         table = Table(
-            title=f"Runner overhead: calls per second, {_repeats_text(results)}; "
+            title=f"Runner overhead: calls per second, {repeats_text(results)}; "
             "× = runner's time per call ÷ its raw engine's (1.00× = no overhead); "
             "runners with batch_size=1",
-            caption=_ratio_note(results), caption_justify="left",
-            title_justify="left", show_lines=False, header_style="bold",
+            caption="\n".join(filter(None, [_ratio_note(results), _noise_note(rows)])),
+            caption_justify="left", title_justify="left", show_lines=False, header_style="bold",
         )
         for name, justify in (("workload", "left"), ("runner", "left"), ("calls", "right"),
                               ("raw engine", "left"), ("raw /s", "right"),
@@ -438,13 +526,13 @@ def render_tables(results: Results, console: Any) -> None:
                 row["raw_engine"],
                 _rate(row["raw_rate"]),
                 _rate(row["twin_rate"]),
-                f"[{_ratio_style(row['twin_vs_raw'])}]{_ratio(row['twin_vs_raw'])}[/]",
+                _styled_ratio(row, "twin_vs_raw"),
                 _rate(row["facade_rate"]),
-                f"[{_ratio_style(row['facade_vs_raw'])}]{_ratio(row['facade_vs_raw'])}[/]",
+                _styled_ratio(row, "facade_vs_raw"),
             ]
             if peers:
                 values.append(_rate(row["prefect_rate"]))
-                values.append(_speedup(row["twin_vs_prefect"]))
+                values.append(_speedup(row["twin_vs_prefect"], row["noisy"]["twin_vs_prefect"]))
             values.append("; ".join(row["notes"]))
             table.add_row(*values)
             previous = row["workload"]
@@ -459,8 +547,10 @@ def render_tables(results: Results, console: Any) -> None:
         note = _batch_size_note(results)
         if note:
             caption.append(note)
+        if _noise_note(rows):
+            caption.append(_noise_note(rows))
         table = Table(
-            title=f"Many small calls: calls per second, {_repeats_text(results, 'long_repeats')}; "
+            title=f"Many small calls: calls per second, {repeats_text(results, 'long_repeats')}; "
             "batch_size=1 against the raw engine, batch_size=\"auto\" against batch_size=1 "
             "and against the engine's own bulk map with its default batching",
             caption="\n".join(caption), caption_justify="left",
@@ -479,13 +569,13 @@ def render_tables(results: Results, console: Any) -> None:
                 row["calls"],
                 _rate(row["raw_rate"]),
                 _rate(row["twin_rate"]),
-                f"[{_ratio_style(row['twin_vs_raw'])}]{_ratio(row['twin_vs_raw'])}[/]",
+                _styled_ratio(row, "twin_vs_raw"),
                 _rate(row["auto_rate"]),
-                _speedup(row["auto_vs_twin"]),
+                _speedup(row["auto_vs_twin"], row["noisy"]["auto_vs_twin"]),
                 row["bulk_engine"],
                 _rate(row["bulk_rate"]),
-                _speedup(row["bulk_vs_twin"]),
-                _speedup(row["auto_vs_bulk"]),
+                _speedup(row["bulk_vs_twin"], row["noisy"]["bulk_vs_twin"]),
+                _speedup(row["auto_vs_bulk"], row["noisy"]["auto_vs_bulk"]),
                 "; ".join(row["notes"]),
             )
             previous = row["workload"]
@@ -514,6 +604,16 @@ def render_tables(results: Results, console: Any) -> None:
         f"[dim]{machine_line(results.machine)} · {results.created} · "
         f"took {results.elapsed_seconds:.0f} s[/]"
     )
+
+
+def _styled_ratio(row: Dict[str, Any], key: str) -> str:
+    value = row[key]
+    return f"[{_ratio_style(value)}]{_ratio(value, row['noisy'][key])}[/]"
+
+
+def _noise_note(rows: List[Dict[str, Any]]) -> Optional[str]:
+    """NOISE_RULE, when some ratio of ``rows`` is marked."""
+    return NOISE_RULE if any(any(row["noisy"].values()) for row in rows) else None
 
 
 _SMALL_CALL_HEADER = ("workload", "runner", "calls", "raw /s", "bs=1 /s", "bs=1 ×", "auto /s",
@@ -548,16 +648,20 @@ def markdown_tables(results: Results) -> str:
             values = [
                 f"**{row['workload']}**" if row["workload"] != previous else "",
                 row["runner"], str(row["calls"] or "—"), row["raw_engine"],
-                _rate(row["raw_rate"]), _rate(row["twin_rate"]), _ratio(row["twin_vs_raw"]),
-                _rate(row["facade_rate"]), _ratio(row["facade_vs_raw"]),
+                _rate(row["raw_rate"]), _rate(row["twin_rate"]),
+                _ratio(row["twin_vs_raw"], row["noisy"]["twin_vs_raw"]),
+                _rate(row["facade_rate"]), _ratio(row["facade_vs_raw"], row["noisy"]["facade_vs_raw"]),
             ]
             if peers:
-                values += [_rate(row["prefect_rate"]), _speedup(row["twin_vs_prefect"])]
+                values += [_rate(row["prefect_rate"]),
+                           _speedup(row["twin_vs_prefect"], row["noisy"]["twin_vs_prefect"])]
             values.append("; ".join(row["notes"]))
             body.append(values)
             previous = row["workload"]
-        lines += [f"Runner overhead, {_repeats_text(results)}; runners with batch_size=1; "
+        lines += [f"Runner overhead, {repeats_text(results)}; runners with batch_size=1; "
                   f"{_ratio_note(results)}.", ""]
+        if _noise_note(rows):
+            lines += [_noise_note(rows) + ".", ""]
         lines += _markdown_table(header, body) + [""]
     rows = small_call_rows(results)
     if rows:
@@ -565,20 +669,22 @@ def markdown_tables(results: Results) -> str:
         body = []
         previous = None
         for row in rows:
+            noisy = row["noisy"]
             body.append([
                 f"**{row['workload']}**" if row["workload"] != previous else "",
                 row["runner"], row["calls"], _rate(row["raw_rate"]), _rate(row["twin_rate"]),
-                _ratio(row["twin_vs_raw"]), _rate(row["auto_rate"]), _speedup(row["auto_vs_twin"]),
-                row["bulk_engine"], _rate(row["bulk_rate"]), _speedup(row["bulk_vs_twin"]),
-                _speedup(row["auto_vs_bulk"]), "; ".join(row["notes"]),
+                _ratio(row["twin_vs_raw"], noisy["twin_vs_raw"]), _rate(row["auto_rate"]),
+                _speedup(row["auto_vs_twin"], noisy["auto_vs_twin"]), row["bulk_engine"],
+                _rate(row["bulk_rate"]), _speedup(row["bulk_vs_twin"], noisy["bulk_vs_twin"]),
+                _speedup(row["auto_vs_bulk"], noisy["auto_vs_bulk"]), "; ".join(row["notes"]),
             ])
             previous = row["workload"]
-        lines += [f"Many small calls, {_repeats_text(results, 'long_repeats')}; "
+        lines += [f"Many small calls, {repeats_text(results, 'long_repeats')}; "
                   f"{_ratio_note(results)}; bs = batch_size; calls: a / b = on raw and bs=1 / "
                   "on auto and the peer.", ""]
-        note = _batch_size_note(results)
-        if note:
-            lines[-1:-1] = [note + ".", ""]
+        for note in (_batch_size_note(results), _noise_note(rows)):
+            if note:
+                lines += [note + ".", ""]
         lines += _markdown_table(header, body) + [""]
     lines += [
         "| runner | mode | engine | start-up s | first result s | shut-down s |",
@@ -605,253 +711,6 @@ def write_json(results: Results, path: pathlib.Path) -> None:
     path.write_text(json.dumps(results.as_dict(), indent=1, default=str) + "\n")
 
 
-# -- the chart ------------------------------------------------------------------------------------
-
-_MODE_COLOURS = {"raw": "#7f7f7f", "twin": "#1f77b4", "facade": "#ff7f0e", "prefect": "#2ca02c"}
-
-
-def write_chart(results: Results, path: pathlib.Path) -> bool:
-    """Draw calls per second (top) and overhead against the raw engine (bottom), per
-    classic workload; False (and nothing drawn) when the run had none."""
-    workloads = _workloads(results, ("classic",))
-    if not workloads:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    families = _families(results)
-    modes = [m for m in _CLASSIC_MODES if any(c.mode == m for c in results.cells)]
-    columns = max(1, len(workloads))
-    figure, axes = plt.subplots(
-        2, columns, figsize=(4.6 * columns + 0.6, 8.6), squeeze=False,
-        gridspec_kw={"height_ratios": [3, 2]},
-    )
-    width = 0.8 / max(1, len(modes))
-    # One scale for every overhead panel, symmetric around 1 on a log axis.
-    overheads = [
-        value for cell in results.cells if cell.mode in ("twin", "facade")
-        and cell.workload in workloads for value in [results.overhead(cell, "raw")] if value
-    ]
-    limit = max([2.0] + [max(v, 1 / v) * 1.25 for v in overheads])
-    for column, workload in enumerate(workloads):
-        top, bottom = axes[0][column], axes[1][column]
-        xs = list(range(len(families)))
-        for index, mode in enumerate(modes):
-            offset = (index - (len(modes) - 1) / 2) * width
-            rates = []
-            for family in families:
-                cell = results.cell(workload, family, mode)
-                rates.append(cell.calls_per_second if cell and cell.calls_per_second else 0.0)
-            top.bar([x + offset for x in xs], rates, width, label=_MODE_TITLES[mode],
-                    color=_MODE_COLOURS[mode])
-        top.set_yscale("log")
-        _plain_log_ticks(top)
-        top.set_title(f"{workload}: {WORKLOADS[workload].description}"
-                      if workload in WORKLOADS else workload, fontsize=9)
-        top.set_xticks(xs)
-        top.set_xticklabels([FAMILIES[f].title for f in families], fontsize=8)
-        top.grid(axis="y", which="major", alpha=0.3)
-        if column == 0:
-            top.set_ylabel("calls per second (log)")
-        _mark_missing(top, results, workload, families)
-
-        ratio_modes = [("twin", "twin ÷ raw"), ("facade", "facade ÷ raw")]
-        ratio_width = 0.8 / len(ratio_modes)
-        for index, (mode, label) in enumerate(ratio_modes):
-            offset = (index - (len(ratio_modes) - 1) / 2) * ratio_width
-            values = []
-            for family in families:
-                cell = results.cell(workload, family, mode)
-                values.append(results.overhead(cell, "raw") if cell else None)
-            # Bars grow from 1 (no overhead): up when slower than raw, down when faster.
-            bars = bottom.bar([x + offset for x in xs], [(v or 1.0) - 1.0 for v in values],
-                              ratio_width, bottom=1.0, label=label, color=_MODE_COLOURS[mode])
-            for bar, value in zip(bars, values):
-                if value:
-                    bottom.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value),
-                                    ha="center", va="bottom" if value >= 1 else "top",
-                                    fontsize=6.5)
-        bottom.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        bottom.set_yscale("log")
-        bottom.set_ylim(1 / limit, limit)
-        _plain_log_ticks(bottom)
-        bottom.set_xticks(xs)
-        bottom.set_xticklabels([FAMILIES[f].title for f in families], fontsize=8)
-        bottom.grid(axis="y", alpha=0.3)
-        if column == 0:
-            bottom.set_ylabel("overhead: time per call ÷ raw engine's")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
-                  frameon=False, bbox_to_anchor=(0.5, 0.935))
-    figure.suptitle(
-        f"taskrunners benchmarks — {_repeats_text(results)} · {results.created[:10]}\n"
-        f"{machine_line(results.machine)}",
-        fontsize=10,
-    )
-    figure.tight_layout(rect=(0, 0, 1, 0.91))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
-
-
-_FAMILY_COLOURS = {"sequential": "#7f7f7f", "concurrent": "#9467bd", "parallel": "#1f77b4",
-                   "dask": "#ff7f0e", "ray": "#2ca02c"}
-#: How each mode is drawn on the crossover chart: line style, marker.
-_CROSSOVER_STYLES = {"twin": ("-", "o"), "auto": ("--", "s"), "bulk": (":", "^")}
-#: Where a no-op call sits on the log axis of call lengths, in ms: a decade left of the rest.
-_NOOP_DECADES = 1
-
-
-def write_crossover_chart(results: Results, path: pathlib.Path) -> bool:
-    """Draw calls per second against the length of a call (the sweep, log-log), one line
-    per runner and batch size and per bulk peer, beside the tiny workload's total times;
-    False (and nothing drawn) when the run had neither."""
-    sweep = [w for w in _workloads(results, ("sweep",)) if w in WORKLOADS]
-    tiny = [w for w in _workloads(results, ("tiny",)) if w in WORKLOADS]
-    if not sweep and not tiny:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    families = _families(results)
-    panels = [kind for kind, chosen in (("sweep", sweep), ("tiny", tiny)) if chosen]
-    figure, axes = plt.subplots(
-        1, len(panels), figsize=(7.6 * len(panels) + 0.6, 6.4), squeeze=False,
-        gridspec_kw={"width_ratios": [3, 2][: len(panels)]},
-    )
-    for axis, kind in zip(axes[0], panels):
-        if kind == "sweep":
-            _draw_sweep(axis, results, sweep, families)
-        else:
-            _draw_tiny(axis, results, tiny[0], families)
-    figure.suptitle(
-        f"taskrunners: which runner for which call size — "
-        f"{_repeats_text(results, 'long_repeats')} · {results.created[:10]}\n"
-        f"{machine_line(results.machine)}",
-        fontsize=10,
-    )
-    figure.tight_layout(rect=(0, 0, 1, 0.93))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
-
-
-def _line_label(results: Results, family: str, mode: str) -> str:
-    title = FAMILIES[family].title
-    if mode == "bulk":
-        cell = next((c for c in results.cells if c.family == family and c.mode == "bulk"
-                     and c.engine), None)
-        return cell.engine if cell else f"{title}'s bulk peer"
-    if not FAMILIES[family].batching:
-        return title
-    return f"{title}, batch_size={'auto' if mode == 'auto' else 1}"
-
-
-def _draw_sweep(axis: Any, results: Results, sweep: List[str], families: List[str]) -> None:
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    lengths = {w: WORKLOADS[w].seconds_per_call * 1000 for w in sweep}
-    positive = [ms for ms in lengths.values() if ms > 0]
-    noop_x = (min(positive) if positive else 1.0) / 10**_NOOP_DECADES
-    xs_of = {w: ms if ms > 0 else noop_x for w, ms in lengths.items()}
-    for family in families:
-        for mode, (style, marker) in _CROSSOVER_STYLES.items():
-            points = [
-                (xs_of[w], cell.calls_per_second) for w in sweep
-                for cell in [results.cell(w, family, mode)]
-                if cell is not None and cell.calls_per_second
-            ]
-            if not points:
-                continue
-            axis.plot(*zip(*points), linestyle=style, marker=marker, markersize=5,
-                      color=_FAMILY_COLOURS.get(family, "black"), linewidth=1.6,
-                      alpha=0.75 if mode == "bulk" else 1.0,
-                      label=_line_label(results, family, mode))
-    workers = results.config.get("engines", {}).get("workers") or results.machine.get("usable_cpus")
-    if workers and positive:
-        # The ceiling: every worker busy with calls and nothing else.
-        ideal = sorted(positive)
-        axis.plot(ideal, [workers * 1000 / ms for ms in ideal], color="black", linewidth=0.8,
-                  linestyle=(0, (1, 3)), label=f"ceiling: {workers} workers always busy")
-    axis.set_xscale("log")
-    axis.set_yscale("log")
-    ticks = sorted(set(xs_of.values()))
-    axis.xaxis.set_major_locator(FixedLocator(ticks))
-    axis.xaxis.set_minor_locator(NullLocator())
-    axis.xaxis.set_major_formatter(
-        FuncFormatter(lambda v, _: "no-op" if abs(v - noop_x) < noop_x / 100 else f"{v:g}")
-    )
-    if positive and noop_x in xs_of.values():
-        # The no-op point is no length at all: mark the break in the axis.
-        axis.axvline((noop_x * min(positive)) ** 0.5, color="#bbbbbb", linewidth=0.8,
-                     linestyle="--")
-    _plain_log_ticks(axis)
-    axis.grid(which="major", alpha=0.3)
-    axis.set_xlabel("length of one call: ms of pure-Python work (log)")
-    axis.set_ylabel("calls per second (log)")
-    axis.set_title("Calls per second against call length: higher is better; solid: "
-                   "batch_size=1, dashed: auto, dotted: bulk peer", fontsize=9)
-    axis.legend(fontsize=7, ncol=2, loc="lower left", frameon=False)
-
-
-def _draw_tiny(axis: Any, results: Results, workload: str, families: List[str]) -> None:
-    labels, values, colours, hatches, notes = [], [], [], [], []
-    for family in families:
-        for mode in _SMALL_CALL_MODES:
-            cell = results.cell(workload, family, mode)
-            if cell is None:
-                continue
-            label = "raw: " + (cell.engine or "raw engine") if mode == "raw" \
-                else _line_label(results, family, mode)
-            labels.append(label)
-            values.append(cell.median_seconds)
-            colours.append(_FAMILY_COLOURS.get(family, "black"))
-            hatches.append({"raw": "..", "bulk": "//"}.get(mode, ""))
-            notes.append(cell.status if cell.status != "ok" else "")
-    ys = list(range(len(labels)))[::-1]
-    known = [v for v in values if v]
-    floor = min(known) / 3 if known else 0.001
-    bars = axis.barh(ys, [v or 0 for v in values], color=colours, alpha=0.85, left=0)
-    for bar, hatch in zip(bars, hatches):
-        bar.set_hatch(hatch)
-    axis.set_xscale("log")
-    axis.set_xlim(left=floor, right=(max(known) * 4) if known else 1.0)
-    for y, value, note in zip(ys, values, notes):
-        text = f"{value:.3g} s" if value else (note or "—")
-        axis.annotate(text, (value or floor, y), xytext=(3, 0), textcoords="offset points",
-                      va="center", fontsize=7, color="black" if value else "#a00000")
-    axis.set_yticks(ys)
-    axis.set_yticklabels(labels, fontsize=7)
-    calls = next((c.calls for c in results.cells if c.workload == workload and c.calls), None)
-    axis.set_xlabel("seconds (log): lower is better")
-    axis.set_title(f"{calls:,} no-op calls: median time of one batch" if calls
-                   else workload, fontsize=9)
-    axis.grid(axis="x", alpha=0.3)
-
-
-def _plain_log_ticks(axis: Any) -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
-    axis.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _mark_missing(axis: Any, results: Results, workload: str, families: List[str]) -> None:
-    """Write "skipped"/"failed" where a runner has no bars."""
-    for x, family in enumerate(families):
-        cells = [results.cell(workload, family, m) for m in ("twin", "facade")]
-        statuses = {c.status for c in cells if c is not None}
-        if statuses and "ok" not in statuses:
-            label = "failed" if "failed" in statuses else "skipped"
-            axis.annotate(label, (x, 0.02), xycoords=("data", "axes fraction"),
-                          ha="center", fontsize=7, rotation=90, color="#a00000")
-
-
 def default_console(file: Any = None) -> Any:
     from rich.console import Console
 
@@ -859,21 +718,3 @@ def default_console(file: Any = None) -> Any:
     # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables need more.
     width = None if stream.isatty() else 200
     return Console(file=stream, width=width)
-
-
-def chart_and_json(results: Results, output: pathlib.Path) -> List[pathlib.Path]:
-    """Write ``results.json`` and the charts the run has data for; the paths written."""
-    output.mkdir(parents=True, exist_ok=True)
-    json_path = output / "results.json"
-    write_json(results, json_path)
-    return [json_path, *write_charts(results, output)]
-
-
-def write_charts(results: Results, output: pathlib.Path) -> List[pathlib.Path]:
-    """``results.png`` (runner overhead) and ``crossover.png`` (many small calls), when
-    the run has data for them; the paths written."""
-    written = []
-    for name, draw in (("results.png", write_chart), ("crossover.png", write_crossover_chart)):
-        if draw(results, output / name):
-            written.append(output / name)
-    return written

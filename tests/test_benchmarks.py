@@ -12,7 +12,7 @@ import os
 import pytest
 
 import taskrunners.sync
-from benchmarks import report
+from benchmarks import charts, report
 from benchmarks.cli import parse_args
 from benchmarks.engines import (
     FAMILIES,
@@ -148,7 +148,7 @@ def test_results_of_the_previous_format_still_load(tmp_path):
     assert json.loads(old.read_text())["format"] == "taskrunners-benchmarks/1"
     results = report.load_json(old)
     assert report.table_rows(results) and not report.small_call_rows(results)
-    assert report.write_charts(results, tmp_path) == [tmp_path / "results.png"]
+    assert charts.write_charts(results, tmp_path) == [tmp_path / "results.png"]
 
 
 def test_the_readme_shows_every_table_of_the_committed_reference():
@@ -464,3 +464,203 @@ def test_a_prefect_session_runs_its_batches_inside_the_peer():
     (contender,) = session.contenders
     assert contender.cells["noop"].status == "ok" and contender.record.status == "ok"
     assert engine.batches_inside == 1 + 1 + 2  # first call, warm-up, two timed rounds
+
+
+# -- charts that do not mislead ------------------------------------------------------------------
+
+
+def _cell(workload, family, mode, seconds, calls=100, engine="engine"):
+    from benchmarks.measure import Cell
+
+    return Cell(workload, family, mode, engine=engine, calls=calls, status="ok", session=0,
+                seconds=list(seconds))
+
+
+def _fake_results(cells, workloads, runners, repeats=5):
+    return report.Results(
+        config={"workloads": list(workloads), "runners": list(runners), "repeats": repeats,
+                "long_repeats": min(repeats, 3), "interleaved": True, "engines": {"workers": 2}},
+        machine={}, cells=cells, sessions=[], created="2026-01-01T00:00:00+00:00",
+    )
+
+
+def _tick_labels(axis):
+    """The visible tick labels of a matplotlib Axis, major and minor, as drawn."""
+    axis.axes.figure.canvas.draw()
+    low, high = sorted(axis.get_view_interval())
+    return [
+        tick.label1.get_text() for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+        if tick.label1.get_visible() and tick.label1.get_text()
+        and low <= tick.get_loc() <= high
+    ]
+
+
+def _one_runner_sleep():
+    # Three engines within 1% of each other: the case whose axis once read "39 39 39 39".
+    cells = [_cell("sleep", "parallel", mode, [20 / rate] * 5, calls=20)
+             for mode, rate in (("raw", 39.5), ("twin", 39.4), ("facade", 39.3))]
+    return _fake_results(cells, ["sleep"], ["parallel"])
+
+
+def test_chart_ticks_are_distinct_and_axes_start_at_zero_or_say_log():
+    figure = charts.overhead_figure(_one_runner_sleep())
+    try:
+        rates, overheads = figure.axes[0], figure.axes[1]
+        for axes in (rates, overheads):
+            labels = _tick_labels(axes.yaxis)
+            assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+        # Values within a factor of LOG_SPAN: a linear axis from zero.
+        assert rates.get_yscale() == "linear" and rates.get_ylim()[0] == 0
+        assert "from 0" in rates.get_ylabel()
+        # Ratios: a log axis, and its label says where its bars start.
+        assert overheads.get_yscale() == "log" and "log scale" in overheads.get_ylabel()
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def test_rates_spanning_decades_get_a_log_axis_that_says_so():
+    cells = [_cell("noop", "sequential", "raw", [0.001] * 5, calls=2000),
+             _cell("noop", "sequential", "twin", [0.5] * 5, calls=2000)]
+    figure = charts.overhead_figure(_fake_results(cells, ["noop"], ["sequential"]))
+    try:
+        rates = figure.axes[0]
+        assert rates.get_yscale() == "log" and "do not start at 0" in rates.get_ylabel()
+        labels = _tick_labels(rates.yaxis)
+        assert len(set(labels)) == len(labels) >= 2, labels
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def _quick_sweep_point():
+    # One round of 4 calls: the twin seems twice as fast as its own engine.
+    return [_cell("sweep-100ms", "parallel", "raw", [0.4], calls=4, engine="loky"),
+            _cell("sweep-100ms", "parallel", "twin", [0.2], calls=4)]
+
+
+def test_a_ratio_from_one_round_of_few_calls_is_marked_noisy_in_the_tables():
+    results = _fake_results(_quick_sweep_point(), ["sweep-100ms"], ["parallel"], repeats=1)
+    (row,) = report.small_call_rows(results)
+    assert row["noisy"]["twin_vs_raw"] == "4 calls × 1 round"
+    assert "~ bs=1 ×: 4 calls × 1 round" in row["notes"]
+    markdown = report.markdown_tables(results)
+    assert "| ~0.50× |" in markdown and report.NOISE_RULE in markdown
+    assert "~0.50×" in _rendered(results)
+
+
+def test_a_ratio_whose_rounds_disagree_is_noisy_and_a_steady_one_is_not():
+    steady = [_cell("noop", "parallel", "raw", [1.0, 1.1, 1.0, 0.9, 1.0]),
+              _cell("noop", "parallel", "twin", [2.0, 2.2, 2.0, 1.8, 2.1])]
+    results = _fake_results(steady, ["noop"], ["parallel"])
+    assert results.noise(steady[1], steady[0]) is None
+    # Load that fell on both engines alike cancels out round by round.
+    alike = [_cell("noop", "parallel", "raw", [1.0, 3.0, 1.0]),
+             _cell("noop", "parallel", "twin", [2.0, 6.0, 2.0])]
+    assert _fake_results(alike, ["noop"], ["parallel"]).noise(alike[1], alike[0]) is None
+    wild = [_cell("noop", "parallel", "raw", [1.0, 1.0, 1.0]),
+            _cell("noop", "parallel", "twin", [0.5, 1.0, 3.0])]
+    results = _fake_results(wild, ["noop"], ["parallel"])
+    assert results.noise(wild[1], wild[0]) == "rounds up to 6× apart"
+    (row,) = report.table_rows(results)
+    assert row["noisy"]["twin_vs_raw"] and "~ twin ×: rounds up to 6× apart" in row["notes"]
+    data = results.as_dict()
+    twin = next(c for c in data["cells"] if c["mode"] == "twin")
+    assert twin["noisy"]["vs_raw"] == "rounds up to 6× apart" and data["noise_rule"]
+
+
+def test_a_noisy_ratio_is_hatched_and_faded_in_the_chart_with_a_legend_entry():
+    cells = _quick_sweep_point()
+    noop = [_cell("noop", "parallel", "raw", [0.4], calls=4),
+            _cell("noop", "parallel", "twin", [0.2], calls=4)]
+    figure = charts.overhead_figure(_fake_results(noop + cells, ["noop"], ["parallel"], 1))
+    try:
+        bars = [patch for axes in figure.axes for patch in axes.patches]
+        noisy = [bar for bar in bars if bar.get_gid() == "noisy"]
+        assert noisy and all(bar.get_hatch() and bar.get_alpha() < 1 for bar in noisy)
+        (legend,) = figure.legends
+        assert any(text.get_text().startswith("noisy") for text in legend.get_texts())
+        labels = [text.get_text() for axes in figure.axes for text in axes.texts]
+        assert "~0.50" in labels
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+def _crossover_results():
+    cells = []
+    for workload, ms in (("tiny", 0.0), ("sweep-0ms", 0.0), ("sweep-1ms", 1.0),
+                         ("sweep-100ms", 100.0)):
+        seconds = 0.5 if ms else 0.05
+        for family, modes in (("sequential", ("raw", "twin")), ("concurrent", ("raw", "twin")),
+                              ("parallel", ("raw", "twin", "auto", "bulk"))):
+            for mode in modes:
+                # At 100 ms every engine of a kind runs at the same rate: lines meet.
+                rounds = [seconds] * 3 if ms == 100.0 or mode != "auto" else [0.1, 0.05, 0.3]
+                cells.append(_cell(workload, family, mode, rounds, calls=10))
+    return _fake_results(cells, ["tiny", "sweep-0ms", "sweep-1ms", "sweep-100ms"],
+                         ["sequential", "concurrent", "parallel"], repeats=3)
+
+
+def _series(figure):
+    """Every drawn series of a figure: (panel, family, mode, Line2D)."""
+    return [
+        (panel, *line.get_gid().split("/"), line)
+        for panel, axes in enumerate(figure.axes) for line in axes.get_lines()
+        if line.get_gid() and "/" in line.get_gid()
+    ]
+
+
+def test_a_line_style_means_one_mode_in_both_crossover_panels():
+    import matplotlib.pyplot as plt
+
+    figure = charts.crossover_figure(_crossover_results())
+    try:
+        series = _series(figure)
+        assert {panel for panel, *_ in series} == {0, 1}
+        style_of = {}
+        for _, _, mode, line in series:
+            style_of.setdefault(mode, set()).add((line.get_linestyle(), line.get_marker()))
+        assert {"raw", "twin", "auto", "bulk"} <= set(style_of)
+        assert all(len(styles) == 1 for styles in style_of.values()), style_of
+        linestyles = [next(iter(styles))[0] for styles in style_of.values()]
+        assert len(set(linestyles)) == len(linestyles)  # and one mode per line style
+        # One legend names each line style; the panels draw no legend of their own.
+        assert all(axes.get_legend() is None for axes in figure.axes)
+        texts = [t.get_text() for legend in figure.legends for t in legend.get_texts()]
+        for mode in style_of:
+            assert charts.MODE_STYLES[mode][3] in texts
+        assert any(text.startswith("hollow: noisy") for text in texts)
+    finally:
+        plt.close(figure)
+
+
+def test_no_crossover_series_hides_another():
+    import matplotlib.pyplot as plt
+
+    figure = charts.crossover_figure(_crossover_results())
+    try:
+        sweep = [(family, mode, line) for panel, family, mode, line in _series(figure) if panel == 0]
+        looks = [(line.get_color(), line.get_linestyle(), line.get_marker()) for *_, line in sweep]
+        assert len(set(looks)) == len(looks) == 5  # 1 + 1 + 3 series, each its own look
+        for i, (family, mode, line) in enumerate(sweep):
+            for other_family, other_mode, other in sweep[i + 1:]:
+                if family != other_family:
+                    # Runners are nudged apart: never a point at the same place.
+                    assert not set(line.get_xdata()) & set(other.get_xdata())
+                else:
+                    # One runner's markers nest: different shapes, the smaller on top.
+                    assert line.get_marker() != other.get_marker()
+                    assert line.get_markersize() != other.get_markersize()
+                    small, large = sorted((line, other), key=lambda l: l.get_markersize())
+                    assert small.get_zorder() > large.get_zorder()
+        # Noisy points (the auto cells' rounds disagree) are drawn hollow over the series.
+        sweep_axes = figure.axes[0]
+        hollow = [line for line in sweep_axes.get_lines()
+                  if not line.get_gid() and line.get_markerfacecolor() == "white"]
+        assert hollow
+    finally:
+        plt.close(figure)
