@@ -295,7 +295,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         """Start a call, its upstream calls done or not (every submission comes here)."""
         client = self._client
         if client is None:
-            raise RuntimeError("The task runner must be started before submitting work.")
+            raise self._not_started()
         call = DaskCall(self, client)
         batches = self._batches
         # The dispatcher may send it later, from another thread: its annotations now.
