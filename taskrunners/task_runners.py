@@ -24,6 +24,7 @@ import functools
 import inspect
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncContextManager,
     AsyncIterator,
@@ -171,6 +172,29 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
 
     async def _start(self, exit_stack: AsyncExitStack) -> None:
         """Create what calls need; push its cleanup onto ``exit_stack``."""
+
+    if not TYPE_CHECKING:  # so that a type checker still reports `async with runner:`
+
+        def __aenter__(self):
+            raise TypeError(
+                f"{type(self).__name__} is not a context manager itself: use `async with "
+                "runner.start() as r:`, which starts the runner for the block and stops "
+                "it after."
+            )
+
+        def __aexit__(self, *exc_info):
+            """Never reached: :meth:`__aenter__` refuses."""
+
+        def __enter__(self):
+            name = type(self).__name__
+            raise TypeError(
+                f"{name} is an async runner: use `async with runner.start() as r:` in "
+                f"async code, or the blocking twin taskrunners.sync.{name} with `with "
+                "runner.start() as r:`."
+            )
+
+        def __exit__(self, *exc_info):
+            """Never reached: :meth:`__enter__` refuses."""
 
 
 class _FacadeRunner(BaseTaskRunner, Generic[C]):

@@ -132,6 +132,162 @@ def test_bad_arguments_name_themselves(kwargs, exc):
         SyncDask(**kwargs)
 
 
+class FixedCluster:
+    """A cluster class whose keyword arguments are all named."""
+
+    def __init__(self, n_workers=1, scheduler_options=None):
+        pass
+
+
+class AnyCluster:
+    """A cluster class taking any keyword (**kwargs it does not pass to a known class)."""
+
+    def __init__(self, **kwargs):
+        pass
+
+
+class WorkersCluster(distributed.LocalCluster):
+    """A LocalCluster subclass passing its **kwargs on to LocalCluster."""
+
+    def __init__(self, flavour="plain", **kwargs):
+        super().__init__(**kwargs)
+
+
+LOCAL = "distributed.LocalCluster or the workers it creates"
+
+
+@pytest.mark.parametrize("runner_class", [SyncDask, taskrunners.DaskTaskRunner], ids=["twin", "facade"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"cluster_kwargs": {"n_worker": 2}},
+            f"`cluster_kwargs` has a key not taken by {LOCAL} (distributed.Nanny): 'n_worker' (did "
+            "you mean 'n_workers'?). Correct or remove it.",
+        ),
+        (
+            {"cluster_kwargs": {"processes": False, "threads_per_workers": 1, "memory_limt": "1GB"}},
+            f"`cluster_kwargs` has keys not taken by {LOCAL} (distributed.Worker): "
+            "'threads_per_workers' (did you mean 'threads_per_worker'?), 'memory_limt' (did you "
+            "mean 'memory_limit'?). Correct or remove them.",
+        ),
+        (
+            {"cluster_class": "distributed.LocalCluster", "cluster_kwargs": {"dashbord_address": None}},
+            f"`cluster_kwargs` has a key not taken by {LOCAL} (distributed.Nanny): "
+            "'dashbord_address' (did you mean 'dashboard_address'?). Correct or remove it.",
+        ),
+        (
+            {"cluster_class": WorkersCluster, "cluster_kwargs": {"flavor": "x"}},
+            "`cluster_kwargs` has a key not taken by tests.test_dask.WorkersCluster or the workers "
+            "it creates (distributed.Nanny): 'flavor' (did you mean 'flavour'?). Correct or remove it.",
+        ),
+        (
+            {"cluster_class": FixedCluster, "cluster_kwargs": {"n_workers": 1, "flux": 2}},
+            "`cluster_kwargs` has a key not taken by tests.test_dask.FixedCluster: 'flux' (nothing "
+            "close to it). Correct or remove it; the keys taken are n_workers, scheduler_options.",
+        ),
+        (
+            {"client_kwargs": {"set_as_defualt": True}},
+            "`client_kwargs` has a key not taken by distributed.Client: 'set_as_defualt' (did you "
+            "mean 'set_as_default'?). Correct or remove it.",
+        ),
+        (
+            {"address": "tcp://127.0.0.1:8786", "client_kwargs": {"time_out": 3}},
+            "`client_kwargs` has a key not taken by distributed.Client: 'time_out' (did you mean "
+            "'timeout'?). Correct or remove it.",
+        ),
+    ],
+    ids=["local", "threads", "by-name", "subclass", "own-class", "client", "client-address"],
+)
+def test_a_key_the_cluster_or_client_does_not_take_is_refused_at_construction(
+    runner_class, kwargs, message
+):
+    with pytest.raises(TypeError) as caught:
+        runner_class(**kwargs)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        # LocalCluster's own keywords, and those it passes to its Nanny workers and
+        # on to their Worker (and to the server a Worker is).
+        {
+            "cluster_kwargs": {
+                "processes": True, "n_workers": 2, "threads_per_worker": 1, "memory_limit": "1GB",
+                "dashboard_address": None, "host": "127.0.0.1", "lifetime": "1h", "resources": {"GPU": 1},
+                "silence_logs": logging.ERROR, "nthreads": 1, "security": None, "protocol": "tcp://",
+                "worker_class": distributed.Nanny, "scheduler_kwargs": {}, "interface": None,
+                "worker_dashboard_address": None, "env": {}, "local_directory": "/tmp",
+                "death_timeout": 5, "lifetime_stagger": "1s", "preload": [], "heartbeat_interval": "1s",
+                "connection_limit": 8, "worker_port": 0, "name": "x", "ip": None,
+            },
+        },
+        {"cluster_kwargs": {"processes": False, "executor": None, "validate": False, "timeout": 3}},
+        {"cluster_kwargs": {"worker_class": distributed.Worker, "lifetime_restart": False}},
+        {"cluster_kwargs": {"worker_class": "any.thing", "anything": 1}},  # LocalCluster will say
+        {"cluster_class": WorkersCluster, "cluster_kwargs": {"flavour": "x", "n_workers": 1}},
+        {"cluster_class": AnyCluster, "cluster_kwargs": {"whatever": 1}},
+        {"cluster_class": "distributed.SpecCluster", "cluster_kwargs": {"workers": {}, "scheduler": None}},
+        {"client_kwargs": {"name": "y", "timeout": 3, "direct_to_workers": True, "serializers": None}},
+    ],
+    ids=["local", "threads", "worker-class", "worker-class-name", "subclass", "any", "spec", "client"],
+)
+def test_every_key_the_cluster_or_client_takes_passes(kwargs):
+    SyncDask(**kwargs)
+    taskrunners.DaskTaskRunner(**kwargs)
+
+
+WITHOUT_DISTRIBUTED_IMPORTED = """
+import sys, taskrunners.sync
+
+class FixedCluster:
+    def __init__(self, n_workers=1):
+        pass
+
+def attempt(make):
+    try:
+        runner = make()
+    except TypeError as exc:
+        print(exc)
+        return
+    print("constructed", "distributed" in sys.modules)
+    try:
+        with runner.start():
+            pass
+    except TypeError as exc:
+        print(exc)
+    print(runner.is_started, runner._cluster, runner._client)
+
+Dask = taskrunners.sync.DaskTaskRunner
+attempt(lambda: Dask(cluster_class=FixedCluster, cluster_kwargs={"n_worker": 1}))
+attempt(lambda: Dask(cluster_kwargs={"n_worker": 1}, client_kwargs={"nme": "x"}))
+attempt(lambda: Dask(client_kwargs={"nme": "x"}))
+"""
+
+
+def test_without_distributed_imported_the_keys_are_checked_when_the_runner_starts():
+    # Constructing a runner imports no distributed: the keys of a LocalCluster and the
+    # Client are then checked by start(), once it has imported distributed, before it
+    # creates anything. A cluster class of the user's is checked at once all the same,
+    # and so is everything once distributed is imported.
+    result = run_python("-c", WITHOUT_DISTRIBUTED_IMPORTED, timeout=120)
+    assert result.returncode == 0, result.stderr
+    client = (
+        "`client_kwargs` has a key not taken by distributed.Client: 'nme' (did you mean 'name'?). "
+        "Correct or remove it."
+    )
+    assert result.stdout.splitlines() == [
+        "`cluster_kwargs` has a key not taken by __main__.FixedCluster: 'n_worker' (did you mean "
+        "'n_workers'?). Correct or remove it.",
+        "constructed False",
+        f"`cluster_kwargs` has a key not taken by {LOCAL} (distributed.Nanny): 'n_worker' (did "
+        "you mean 'n_workers'?). Correct or remove it.",
+        "False None None",
+        client,
+    ]
+
+
 @pytest.mark.parametrize(
     "cluster_kwargs, expected",
     [

@@ -7,6 +7,7 @@ the engine's own rules. The runners are the standard suite's kinds (tests/suppor
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import os
@@ -43,6 +44,11 @@ from tests.support.processes import run_python
 from tests.support.waiting import async_holds_within, holds_within, wait_for_path
 
 pytestmark = pytest.mark.timeout(180)
+
+BLOCK_ENDED = (
+    "The task runner's start() block has ended: start it again (`with runner.start():`, or "
+    "`async with runner.start():` for an async runner of `taskrunners`) before submitting work."
+)
 
 # Tasks and helpers defined here travel by value, so workers need not import the tests.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -1117,3 +1123,31 @@ def test_the_flow_context_ends_with_the_flow():
 
     assert test_flow().result() == Completed(data=2)
     assert double(2) == 4  # after the flow: a plain call again
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync-flow", "async-flow"])
+def test_a_task_submitted_after_its_flow_ended_says_the_block_has_ended(asynchronous):
+    # A context copied inside the flow (as a thread started there gets) outlives it.
+    @task
+    def double(x):
+        return 2 * x
+
+    contexts = []
+
+    if asynchronous:
+
+        @flow
+        async def test_flow():
+            contexts.append(contextvars.copy_context())
+
+        anyio.run(test_flow)
+    else:
+
+        @flow
+        def test_flow():
+            contexts.append(contextvars.copy_context())
+
+        test_flow()
+    with pytest.raises(RuntimeError) as caught:
+        contexts[0].run(double, 1)
+    assert str(caught.value) == BLOCK_ENDED

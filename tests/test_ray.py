@@ -142,6 +142,61 @@ def test_settings_namespace_default_and_validation():
         taskrunners.sync.RayTaskRunner(init_kwargs="num_cpus=2")
 
 
+@pytest.mark.parametrize(
+    "runner_class", [taskrunners.sync.RayTaskRunner, taskrunners.RayTaskRunner], ids=["twin", "facade"]
+)
+def test_a_key_ray_init_does_not_take_is_refused_at_construction(runner_class):
+    with pytest.raises(TypeError) as caught:
+        runner_class(init_kwargs={"num_cpu": 2})
+    assert str(caught.value) == (
+        "`init_kwargs` has a key not taken by ray.init(): 'num_cpu' (did you mean 'num_cpus'?). "
+        "Correct or remove it."
+    )
+    with pytest.raises(TypeError) as caught:
+        runner_class(init_kwargs={"namespace": "x", "flux": 1, "include_dashbaord": False})
+    assert str(caught.value).startswith(
+        "`init_kwargs` has keys not taken by ray.init(): 'flux' (nothing close to it), "
+        "'include_dashbaord' (did you mean 'include_dashboard'?). Correct or remove them; the keys "
+        "taken are "
+    )
+    assert re.search(r"taken are .*\bnamespace, num_cpus, num_gpus\b.*\.$", str(caught.value))
+    # Its parameters, and the hidden options it takes through **kwargs, pass.
+    runner_class(init_kwargs=dict(LOCAL_INIT_KWARGS))
+    runner_class(
+        init_kwargs={
+            "num_cpus": 1, "resources": {"a": 1}, "runtime_env": {}, "log_to_driver": False,
+            "_temp_dir": "/tmp/ray-x", "_system_config": {}, "object_spilling_directory": "/tmp",
+            "_some_future_hidden_option": 1,
+        }
+    )
+
+
+WITHOUT_RAY_IMPORTED = """
+import sys, taskrunners.sync
+runner = taskrunners.sync.RayTaskRunner(init_kwargs={"num_cpu": 1})
+print("constructed", "ray" in sys.modules)
+try:
+    with runner.start():
+        pass
+except TypeError as exc:
+    print(exc)
+import ray
+print(runner.is_started, runner.connection, ray.is_initialized())
+"""
+
+
+def test_without_ray_imported_init_kwargs_are_checked_when_the_runner_starts():
+    # Constructing a runner imports no ray: start() checks the keys once it has
+    # imported ray, before Ray is started or joined.
+    output = run_script("-c", WITHOUT_RAY_IMPORTED, env=clean_env())
+    assert output.strip().splitlines() == [
+        "constructed False",
+        "`init_kwargs` has a key not taken by ray.init(): 'num_cpu' (did you mean 'num_cpus'?). "
+        "Correct or remove it.",
+        "False None False",
+    ]
+
+
 def test_ray_options_validate_and_nest():
     assert dict(call_options()) == {}
     with ray_options(num_cpus=2, resources={"a": 1}) as outer:

@@ -14,6 +14,7 @@ import threading
 import uuid
 import warnings
 
+import anyio
 import cloudpickle
 import pytest
 
@@ -25,6 +26,11 @@ from tests.support.kinds import all_kinds, parametrize_kinds
 pytestmark = pytest.mark.timeout(180)
 
 CANCELLED = "Execution was cancelled by the runtime environment."
+NOT_STARTED = "The task runner must be started before submitting work."
+BLOCK_ENDED = (
+    "The task runner's start() block has ended: start it again (`with runner.start():`, or "
+    "`async with runner.start():` for an async runner of `taskrunners`) before submitting work."
+)
 
 # The sequential runner finishes every call inside submit; some tests are about the others.
 SEQUENTIAL_KINDS = parametrize_kinds(
@@ -56,14 +62,46 @@ def test_start_yields_the_runner_and_refuses_a_second_start(driver):
             with driver.start():
                 pass
         assert driver.run(payloads.return_value, {"value": 1}).result() == 1
-    # Stopped, and can be started again.
+    # Stopped: submit says the block ended, and that the runner can be started again.
+    with pytest.raises(RuntimeError, match=f"^{re.escape(BLOCK_ENDED)}$"):
+        driver.submit(payloads.return_value)
     with driver.start():
         assert driver.run(payloads.return_value, {"value": 2}).result() == 2
 
 
 def test_submit_before_start_is_refused(driver):
-    with pytest.raises(RuntimeError, match="The task runner must be started before submitting work."):
+    with pytest.raises(RuntimeError, match=f"^{re.escape(NOT_STARTED)}$"):
         driver.submit(payloads.return_value)
+
+
+def test_a_runner_is_started_by_start_not_by_itself(driver, kind):
+    runner, name = driver.runner, kind.class_name
+
+    async def async_with(manager):
+        async with manager:
+            pass
+
+    if driver.blocking:
+        with pytest.raises(TypeError, match=r"use `with runner\.start\(\) as r:`"):
+            with runner:
+                pass
+        blocking = re.escape(
+            f"taskrunners.sync.{name} is a blocking runner: use `with runner.start() as r:` "
+            f"(no `async`), or in async code the async runner taskrunners.{name} with "
+            "`async with runner.start() as r:`."
+        )
+        for manager in (runner, runner.start()):
+            with pytest.raises(TypeError, match=f"^{blocking}$"):
+                anyio.run(async_with, manager)
+    else:
+        with pytest.raises(TypeError, match=r"use `async with runner\.start\(\) as r:`"):
+            driver.portal.call(async_with, runner)
+        twin = rf"in async code, or the blocking twin taskrunners\.sync\.{name} with "
+        for manager in (runner, runner.start()):
+            with pytest.raises(TypeError, match=twin):
+                with manager:
+                    pass
+    assert not runner.is_started
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,10 @@ import logging
 import threading
 from contextlib import contextmanager
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
+    ContextManager,
     Dict,
     FrozenSet,
     Iterable,
@@ -38,6 +40,8 @@ from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
     "TaskConcurrencyType",
+    "NOT_STARTED",
+    "BLOCK_ENDED",
     "RunnerIdentity",
     "BlockingTaskRunner",
     "FLAT_TYPES",
@@ -49,6 +53,14 @@ __all__ = [
 ]
 
 T = TypeVar("T", bound="BlockingTaskRunner")
+
+#: Submitting to a runner that was never started (the seed's words).
+NOT_STARTED = "The task runner must be started before submitting work."
+#: Submitting to a runner whose start() block has ended.
+BLOCK_ENDED = (
+    "The task runner's start() block has ended: start it again (`with runner.start():`, or "
+    "`async with runner.start():` for an async runner of `taskrunners`) before submitting work."
+)
 
 
 class TaskConcurrencyType(enum.Enum):
@@ -169,6 +181,38 @@ class RunnerIdentity:
         return logging.getLogger(f"task_runner.{self.name}")
 
 
+def _async_with_refusal(runner: Any) -> TypeError:
+    name = type(runner).__name__
+    return TypeError(
+        f"taskrunners.sync.{name} is a blocking runner: use `with runner.start() as r:` "
+        f"(no `async`), or in async code the async runner taskrunners.{name} with "
+        "`async with runner.start() as r:`."
+    )
+
+
+class _StartBlock:
+    """What a blocking runner's ``start()`` returns: a context manager that refuses
+    ``async with``."""
+
+    __slots__ = ("_runner", "_manager")
+
+    def __init__(self, runner: Any, manager: ContextManager[Any]) -> None:
+        self._runner = runner
+        self._manager = manager
+
+    def __enter__(self) -> Any:
+        return self._manager.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Optional[bool]:
+        return self._manager.__exit__(*exc_info)
+
+    def __aenter__(self) -> None:
+        raise _async_with_refusal(self._runner)
+
+    def __aexit__(self, *exc_info: Any) -> None:
+        """Never reached: :meth:`__aenter__` refuses."""
+
+
 class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     """Base class of the blocking twins in :mod:`taskrunners.sync`.
 
@@ -185,6 +229,8 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     #: Whether calls are sent to other processes after ``submit`` returns: their
     #: arguments are then taken as they are at submit (see ``snapshots``).
     _snapshots_arguments = False
+    #: Whether a start() block of this runner has ended (submit then says so).
+    _ended = False
 
     def __init__(self) -> None:
         self.logger = self._make_logger()
@@ -206,8 +252,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
 
     # -- lifecycle ---------------------------------------------------------------
 
-    @contextmanager
-    def start(self: T) -> Iterator[T]:
+    def start(self: T) -> ContextManager[T]:
         """Start the runner for the duration of the block.
 
         Leaving the block normally waits for every submitted call. Leaving it with an
@@ -215,7 +260,13 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         without waiting for running threads, and re-raises the exception.
 
         :raises RuntimeError: if the runner is already started
+        :raises TypeError: when used in ``async with`` (use ``with``, or the async
+            runner of the same name from :mod:`taskrunners`)
         """
+        return _StartBlock(self, self._block())
+
+    @contextmanager
+    def _block(self: T) -> Iterator[T]:
         self._begin()
         try:
             yield self
@@ -250,6 +301,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         finally:
             self.logger.debug("Shutting down task runner...")
             self._started = False
+            self._ended = True
 
     def _drain(self) -> None:
         while self._pending:
@@ -450,8 +502,12 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
 
     def _ensure_usable(self, action: str) -> None:
         if not self._started:
-            raise RuntimeError("The task runner must be started before submitting work.")
+            raise self._not_started()
         self._ensure_attached(action)
+
+    def _not_started(self) -> RuntimeError:
+        """The error for work submitted outside a start() block."""
+        return RuntimeError(BLOCK_ENDED if self._ended else NOT_STARTED)
 
     def _ensure_attached(self, action: str) -> None:
         if self._detached:
@@ -459,6 +515,26 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
                 f"The {self.name} task runner cannot be used to {action} after "
                 "serialization."
             )
+
+    # -- misuse ----------------------------------------------------------------------
+
+    if not TYPE_CHECKING:  # so that a type checker still reports `with runner:`
+
+        def __enter__(self):
+            raise TypeError(
+                f"taskrunners.sync.{type(self).__name__} is not a context manager itself: "
+                "use `with runner.start() as r:`, which starts the runner for the block "
+                "and stops it after."
+            )
+
+        def __exit__(self, *exc_info):
+            """Never reached: :meth:`__enter__` refuses."""
+
+        def __aenter__(self):
+            raise _async_with_refusal(self)
+
+        def __aexit__(self, *exc_info):
+            """Never reached: :meth:`__aenter__` refuses."""
 
     # -- pickling --------------------------------------------------------------------
 

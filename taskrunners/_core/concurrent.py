@@ -79,7 +79,7 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
             return self._coroutine_loop().submit(run_fn, run_kwargs)
         pool = self._pool
         if pool is None:
-            raise RuntimeError("The task runner must be started before submitting work.")
+            raise self._not_started()
         context = contextvars.copy_context()
         return pool.submit(context.run, run_to_state, run_fn, run_kwargs)
 

@@ -99,7 +99,13 @@ class DaskTaskRunner(BlockingTaskRunner):
         ``asynchronous`` in ``cluster_kwargs`` or ``client_kwargs``, for a
         ``cluster_class`` name that cannot be imported, a bad ``connect_timeout`` or
         ``batch_size``
-    :raises TypeError: for kwargs that are not dicts
+    :raises TypeError: for kwargs that are not dicts, and for a key of ``cluster_kwargs``
+        or ``client_kwargs`` that the cluster class (a LocalCluster: or the workers it
+        creates) or ``distributed.Client`` does not take, naming the closest valid key.
+        A cluster class given as an object is checked at once; a LocalCluster and the
+        Client are checked at once if ``distributed`` is already imported, else (as the
+        runner does not import it before it starts) by ``start()``, before anything is
+        created. A cluster class that takes ``**kwargs`` takes any key.
 
     What it starts and stops: without ``address``, ``start()`` creates the cluster
     and a client, and the end of the block closes both; a ``LocalCluster`` it creates
@@ -148,6 +154,10 @@ class DaskTaskRunner(BlockingTaskRunner):
         self.cluster_kwargs = dask_cluster.checked_kwargs("cluster_kwargs", cluster_kwargs)
         self.adapt_kwargs = dask_cluster.checked_kwargs("adapt_kwargs", adapt_kwargs)
         self.client_kwargs = client_kwargs
+        # Against distributed's signatures now if it is imported, else at start().
+        dask_cluster.check_keywords(
+            resolved, self.cluster_kwargs, client_kwargs, dask_cluster.imported_distributed()
+        )
         self.connect_timeout = float(connect_timeout)
         self.batch_size = check_batch_size(batch_size)
 
@@ -183,6 +193,9 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     def _open(self) -> None:
         distributed = _import_distributed()
+        dask_cluster.check_keywords(
+            self.cluster_class, self.cluster_kwargs, self.client_kwargs, distributed
+        )
         self._reconnect_error = None
         if self.address:
             connection = dask_cluster.connect(
@@ -261,7 +274,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         """Start a call, its upstream calls done or not (every submission comes here)."""
         client = self._client
         if client is None:
-            raise RuntimeError("The task runner must be started before submitting work.")
+            raise self._not_started()
         call = DaskCall(self, client)
         batches = self._batches
         # The dispatcher may send it later, from another thread: its annotations now.

@@ -2,7 +2,9 @@
 one ``start()`` block.
 
 - Settings: checking the kwargs given to the runner, importing a ``cluster_class``
-  given by name.
+  given by name, refusing a key of ``cluster_kwargs`` or ``client_kwargs`` that the
+  cluster class (and, for a LocalCluster, the workers it passes the rest on to) or
+  ``distributed.Client`` does not take.
 - Network exposure: LocalCluster serves its dashboard and HTTP endpoints on every
   interface by default; :func:`kwargs_on_loopback` pins every listener of a
   LocalCluster the runner creates to 127.0.0.1, unless the user chose a host or
@@ -24,20 +26,35 @@ from __future__ import annotations
 
 import collections
 import importlib
-import inspect
 import ipaddress
 import logging
 import os
+import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
+from typing import (
+    AbstractSet,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+)
 
 from taskrunners._core import dask_engine
 from taskrunners._core.calls import TIMEOUT_ERRORS
+from taskrunners._core.keywords import refuse_unknown, signature_keywords
 from taskrunners._core.records import emit
 
 __all__ = [
     "checked_settings",
     "checked_kwargs",
+    "check_keywords",
+    "imported_distributed",
     "import_cluster_class",
     "ClusterKwargs",
     "kwargs_on_loopback",
@@ -116,6 +133,110 @@ def checked_kwargs(name: str, value: Optional[Mapping[str, Any]]) -> Dict[str, A
             f"bridges to it). Remove `asynchronous` from `{name}`."
         )
     return dict(value)
+
+
+def imported_distributed() -> Any:
+    """``distributed`` if this process has imported it already, else None (it is not
+    imported here: ``import taskrunners`` and constructing a runner must not)."""
+    distributed = sys.modules.get("distributed")
+    return distributed if hasattr(distributed, "LocalCluster") else None
+
+
+def check_keywords(
+    cluster_class: Any,
+    cluster_kwargs: Mapping[str, Any],
+    client_kwargs: Mapping[str, Any],
+    distributed: Any,
+) -> None:
+    """Refuse a key of ``cluster_kwargs`` that ``cluster_class`` (None: LocalCluster)
+    does not take, or of ``client_kwargs`` that ``distributed.Client`` does not take.
+
+    With ``distributed`` None (not imported yet) only what needs no distributed is
+    checked: a cluster class given as an object, which then is no LocalCluster.
+
+    :raises TypeError: naming the argument, each unknown key and the closest valid key
+    """
+    if cluster_kwargs and (cluster_class is not None or distributed is not None):
+        cluster_class = cluster_class or distributed.LocalCluster
+        valid = _cluster_keywords(cluster_class, cluster_kwargs, distributed)
+        if valid is not None:
+            target = _cluster_target(cluster_class, cluster_kwargs, distributed)
+            refuse_unknown("cluster_kwargs", cluster_kwargs, valid, target)
+    if client_kwargs and distributed is not None:
+        # Client passes its **kwargs to a LocalCluster of its own, but only when given
+        # no address or cluster: the runner always gives one.
+        valid, _ = signature_keywords(distributed.Client)
+        refuse_unknown("client_kwargs", client_kwargs, valid, "distributed.Client")
+
+
+def _is_local_cluster(cluster_class: Any, distributed: Any) -> bool:
+    return (
+        distributed is not None
+        and isinstance(cluster_class, type)
+        and issubclass(cluster_class, distributed.LocalCluster)
+    )
+
+
+def _cluster_keywords(
+    cluster_class: Any, kwargs: Mapping[str, Any], distributed: Any
+) -> Optional[AbstractSet[str]]:
+    """The keys ``cluster_class`` takes; None for any key (``**kwargs`` passed on to
+    what cannot be told)."""
+    names, open_ended = signature_keywords(cluster_class)
+    if not open_ended:
+        return names
+    if not _is_local_cluster(cluster_class, distributed):
+        return None
+    # A LocalCluster passes the keys it does not name on to each worker it creates;
+    # a subclass taking **kwargs is taken to pass them on to LocalCluster.
+    local_names, _ = signature_keywords(distributed.LocalCluster)
+    worker_class = _worker_class(kwargs, distributed)
+    if worker_class is None:
+        return None
+    worker_names = _worker_keywords(worker_class, distributed)
+    return None if worker_names is None else names | local_names | worker_names
+
+
+def _worker_class(kwargs: Mapping[str, Any], distributed: Any) -> Optional[type]:
+    """The class of the workers a LocalCluster creates with ``kwargs``, as it decides;
+    None if ``worker_class`` is given as something else than a class."""
+    worker_class = kwargs.get("worker_class")
+    if worker_class is None:
+        processes = kwargs.get("processes")
+        return distributed.Nanny if processes is None or processes else distributed.Worker
+    return worker_class if isinstance(worker_class, type) else None
+
+
+def _worker_keywords(worker_class: type, distributed: Any) -> Optional[AbstractSet[str]]:
+    names, open_ended = signature_keywords(worker_class)
+    if not open_ended:
+        return names
+    if issubclass(worker_class, distributed.Nanny):
+        # A Nanny passes the keys it does not name on to the Worker it starts.
+        passed_on = _worker_keywords(distributed.Worker, distributed)
+    elif issubclass(worker_class, distributed.Worker):
+        passed_on = dask_engine.worker_server_keywords()
+    else:
+        return None
+    return None if passed_on is None else names | passed_on
+
+
+def _cluster_target(cluster_class: Any, kwargs: Mapping[str, Any], distributed: Any) -> str:
+    """How an error names what did not take a key: the cluster class, and for a
+    LocalCluster the workers it creates."""
+    name = _public_name(cluster_class, distributed)
+    if not _is_local_cluster(cluster_class, distributed):
+        return name
+    worker_class = _worker_class(kwargs, distributed)
+    return f"{name} or the workers it creates ({_public_name(worker_class, distributed)})"
+
+
+def _public_name(obj: Any, distributed: Any) -> str:
+    """"distributed.LocalCluster" for what distributed exports, else the full name."""
+    name = getattr(obj, "__name__", None)
+    if distributed is not None and name and getattr(distributed, name, None) is obj:
+        return f"distributed.{name}"
+    return _qualified_name(obj)
 
 
 def import_cluster_class(path: str) -> Any:
@@ -205,14 +326,8 @@ def _names_a_listening_address(kwargs: Mapping[str, Any]) -> bool:
 
 def _accepted_keywords(cluster_class: Any, names: Iterable[str]) -> Set[str]:
     names = set(names)
-    try:
-        parameters = inspect.signature(cluster_class).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: pass them and see
-        return names
-    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
-        return names
-    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {parameter.name for parameter in parameters if parameter.kind in keywords} & names
+    accepted, open_ended = signature_keywords(cluster_class)
+    return names if open_ended else names & accepted
 
 
 def _creates_processes(kwargs: Mapping[str, Any], distributed: Any) -> bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, FrozenSet, Optional
+
+from taskrunners._core.keywords import signature_keywords
 
 __all__ = [
     "dashboard_link",
@@ -27,6 +29,7 @@ __all__ = [
     "stop_workers_now",
     "retries_requested",
     "total_threads",
+    "worker_server_keywords",
     "required",
 ]
 
@@ -178,6 +181,21 @@ def total_threads(client: Any) -> Optional[int]:
     return threads if isinstance(threads, int) and not isinstance(threads, bool) else None
 
 
+def worker_server_keywords() -> Optional[FrozenSet[str]]:
+    """The keyword arguments a ``distributed.Worker`` passes on through its ``**kwargs``:
+    those of the server it is built on, ``distributed.node.ServerNode``.
+
+    None if that class is gone or its signature cannot be read: the caller then lets
+    every key through to a Worker.
+    """
+    try:
+        from distributed.node import ServerNode
+    except ImportError:
+        return None
+    names, open_ended = signature_keywords(ServerNode)
+    return None if open_ended else names
+
+
 def _worker_task_state_readable(dask_worker: Any) -> bool:
     """Run on workers (``Client.run``): whether :func:`retries_requested` can read the
     task state."""
@@ -218,4 +236,5 @@ def required(client: Any, cluster: Any) -> Dict[str, bool]:
         and "timeout" in inspect.signature(distributed.Nanny.close).parameters,
         "retries_requested": worker_task_state(),
         "total_threads": total_threads(client) is not None,
+        "worker_server_keywords": worker_server_keywords() is not None,
     }

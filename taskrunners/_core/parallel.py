@@ -173,5 +173,5 @@ class ParallelTaskRunner(BlockingTaskRunner):
     def _started_pool(self) -> ProcessPool:
         pool = self._pool
         if pool is None:
-            raise RuntimeError("The task runner must be started before submitting work.")
+            raise self._not_started()
         return pool

@@ -109,7 +109,10 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         second or more go alone); ``1`` sends every call as a Ray task of its own; a
         number fixes the size
     :raises TypeError: for an ``address`` that is not a string, or ``init_kwargs`` or
-        ``remote_options`` that are not dicts
+        ``remote_options`` that are not dicts; for a key of ``init_kwargs`` that
+        ``ray.init`` does not take, naming the closest valid key (at once if ``ray`` is
+        already imported, else, as the runner does not import it before it starts, by
+        ``start()`` before Ray is started or joined)
     :raises ValueError: for ``address`` given in ``init_kwargs``, or a ``batch_size``
         that is neither "auto" nor a positive integer
 
@@ -164,6 +167,10 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
             raise TypeError(f"`remote_options` must be a dict, got {remote_options!r}.")
         self.address = address
         self._user_init_kwargs = dict(init_kwargs or {})
+        # Against ray.init now if ray is imported, else at start().
+        ray = ray_connection.imported_ray()
+        if ray is not None:
+            ray_connection.check_init_kwargs(ray, self._user_init_kwargs)
         self.init_kwargs = dict(init_kwargs or {})
         self.init_kwargs.setdefault("namespace", "prefect")
         self.remote_options = {**DEFAULT_REMOTE_OPTIONS, **(remote_options or {})}
@@ -192,6 +199,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
 
     def _open(self) -> None:
         ray = ray_engine.import_ray()
+        ray_connection.check_init_kwargs(ray, self._user_init_kwargs)
         check_remote_options(ray, self.remote_options)
         self.connection, context = ray_connection.connect(
             ray, self.address, self.init_kwargs, self._user_init_kwargs, self.logger

@@ -18,6 +18,9 @@ joining the connection this process already has; and describing the cluster it f
   Ray's single-machine mode (the default on macOS and Windows; elsewhere set by
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ray is imported) loopback stays
   loopback, so a ``ray.init`` on a loopback address runs in that mode.
+- A misspelt key of ``init_kwargs`` is refused before anything starts
+  (:func:`check_init_kwargs`): ``ray.init`` itself says so only once Ray is up, or
+  not at all when connecting through Ray's client.
 """
 
 from __future__ import annotations
@@ -26,13 +29,23 @@ import enum
 import ipaddress
 import logging
 import os
+import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from taskrunners._core import ray_engine
+from taskrunners._core.keywords import refuse_unknown, signature_keywords
 from taskrunners._core.ray_options import NodeResources
 
-__all__ = ["Connection", "connect", "disconnect", "live_nodes", "describe_cluster"]
+__all__ = [
+    "Connection",
+    "imported_ray",
+    "check_init_kwargs",
+    "connect",
+    "disconnect",
+    "live_nodes",
+    "describe_cluster",
+]
 
 LOOPBACK = "127.0.0.1"
 
@@ -49,6 +62,36 @@ class Connection(enum.Enum):
     CONNECTED = "connected"
     #: The connection this process already had: left as it was.
     JOINED = "joined"
+
+
+def imported_ray() -> Any:
+    """``ray`` if this process has imported it already, else None (it is not imported
+    here: ``import taskrunners`` and constructing a runner must not)."""
+    ray = sys.modules.get("ray")
+    return ray if hasattr(ray, "init") else None
+
+
+def check_init_kwargs(ray: Any, init_kwargs: Dict[str, Any]) -> None:
+    """Refuse a key of ``init_kwargs`` that ``ray.init`` does not take.
+
+    It takes its parameters, and through ``**kwargs`` its hidden options: those its
+    code names, and any name starting with "_" (Ray's mark for them).
+
+    :raises TypeError: naming each unknown key and the closest valid key
+    """
+    if not init_kwargs:
+        return
+    names, open_ended = signature_keywords(ray.init)
+    hidden = ray_engine.init_hidden_keywords() if open_ended else frozenset()
+    if hidden is None:
+        return
+    refuse_unknown(
+        "init_kwargs",
+        init_kwargs,
+        names,
+        "ray.init()",
+        also_valid=lambda key: key in hidden or (isinstance(key, str) and key.startswith("_")),
+    )
 
 
 def connect(

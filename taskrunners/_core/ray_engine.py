@@ -13,7 +13,7 @@ import contextlib
 import importlib
 import inspect
 import os
-from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional
 
 from taskrunners._core.remote import import_engine
 
@@ -24,6 +24,7 @@ __all__ = [
     "enable_token_auth_if_available",
     "without_cluster_mode",
     "node_address_kwargs",
+    "init_hidden_keywords",
     "PRIVATE_NAMES",
     "required",
 ]
@@ -68,9 +69,13 @@ def _find_constants() -> Any:
     return constants if hasattr(constants, "ENABLE_RAY_CLUSTER") else None
 
 
+def _find_init_code() -> Any:
+    return getattr(inspect.unwrap(import_ray().init), "__code__", None)
+
+
 def _find_node_address() -> Any:
     # ray.init takes it from **kwargs: its name is a constant of ray.init's code.
-    code = getattr(inspect.unwrap(import_ray().init), "__code__", None)
+    code = _find_init_code()
     return True if code is not None and "_node_ip_address" in code.co_consts else None
 
 
@@ -148,6 +153,20 @@ def node_address_kwargs(host: str) -> Dict[str, Any]:
     return {"_node_ip_address": host} if _find_node_address() is not None else {}
 
 
+def init_hidden_keywords() -> Optional[FrozenSet[str]]:
+    """The names ``ray.init`` may take through its ``**kwargs`` (its hidden options,
+    such as ``_temp_dir``): every name-like string constant of its code, a superset.
+
+    None if its code cannot be read: the caller then lets every key through.
+    """
+    code = _find_init_code()
+    if code is None:
+        return None
+    return frozenset(
+        const for const in code.co_consts if isinstance(const, str) and const.isidentifier()
+    )
+
+
 class PrivateName(NamedTuple):
     """A private Ray name a function of this module relies on."""
 
@@ -169,6 +188,7 @@ PRIVATE_NAMES: Mapping[str, PrivateName] = {
         "ray._private.ray_constants.ENABLE_RAY_CLUSTER", _find_constants
     ),
     "node_address_kwargs": PrivateName("ray.init(_node_ip_address=...)", _find_node_address),
+    "init_hidden_keywords": PrivateName("ray.init.__code__", _find_init_code),
 }
 
 
