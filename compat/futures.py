@@ -18,7 +18,9 @@ import contextlib
 import functools
 import threading
 import weakref
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Coroutine, Dict, Optional, TypeVar, overload
+
+from typing_extensions import ParamSpec
 
 from taskrunners._core import seam
 from taskrunners._core.running import is_coroutine_function
@@ -27,6 +29,9 @@ from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
 
 __all__ = ["RunnerExecutor"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class _FunctionCall:
@@ -174,8 +179,21 @@ class RunnerExecutor(concurrent.futures.Executor):
         self._closing: Optional[threading.Thread] = None
         self._shutdown = False
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args, **kwargs)`` on the runner.
+    # A coroutine function's call is awaited on the runner: its future holds the value.
+    @overload
+    def submit(
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]: ...
+
+    @overload
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]: ...
+
+    def submit(
+        self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on the runner; the future holds its value.
 
         :raises RuntimeError: after :meth:`shutdown`
         """

@@ -61,6 +61,7 @@ __all__ = ["Flow", "Task", "flow", "task", "unmapped", "wait", "as_completed", "
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 #: What calling an async flow returns: a coroutine giving the flow's State.
 StateCoroutine = Coroutine[Any, Any, State[Any]]
@@ -72,7 +73,8 @@ class Flow(Decorated[P], Generic[P, R]):
     """A function whose task calls run on a task runner; made by :func:`flow`.
 
     Type checkers see a flow's parameters (``P``) as its function's, and ``R`` as
-    what calling it returns: a ``State``, or for an async flow a coroutine giving one.
+    what calling it returns: a ``State`` of the function's return type, or for an
+    async flow a coroutine giving one.
 
     :param fn: the function, plain or ``async``
     :param name: the flow's name; defaults to the function's name
@@ -89,16 +91,16 @@ class Flow(Decorated[P], Generic[P, R]):
 
     @overload
     def __init__(
-        self: Flow[P, StateCoroutine],
-        fn: Callable[P, Coroutine[Any, Any, Any]],
+        self: Flow[P, Coroutine[Any, Any, State[T]]],
+        fn: Callable[P, Coroutine[Any, Any, T]],
         name: Optional[str] = None,
         task_runner: Optional[RunnerSpec] = None,
     ) -> None: ...
 
     @overload
     def __init__(
-        self: Flow[P, State[Any]],
-        fn: Callable[P, Any],
+        self: Flow[P, State[T]],
+        fn: Callable[P, T],
         name: Optional[str] = None,
         task_runner: Optional[RunnerSpec] = None,
     ) -> None: ...
@@ -246,18 +248,23 @@ class _FlowDecorator(Protocol):
     """What ``@flow(...)`` with options returns: it makes a sync or an async flow."""
 
     @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, Any]], /) -> Flow[P, StateCoroutine]: ...
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /
+    ) -> Flow[P, Coroutine[Any, Any, State[T]]]: ...
 
     @overload
-    def __call__(self, fn: Callable[P, Any], /) -> Flow[P, State[Any]]: ...
+    def __call__(self, fn: Callable[P, T], /) -> Flow[P, State[T]]: ...
+
+
+# An async function fits both overloads; the first, an async flow, wins.
+@overload
+def flow(  # type: ignore[overload-overlap]
+    fn: Callable[P, Coroutine[Any, Any, T]], /
+) -> Flow[P, Coroutine[Any, Any, State[T]]]: ...
 
 
 @overload
-def flow(fn: Callable[P, Coroutine[Any, Any, Any]], /) -> Flow[P, StateCoroutine]: ...
-
-
-@overload
-def flow(fn: Callable[P, Any], /) -> Flow[P, State[Any]]: ...
+def flow(fn: Callable[P, T], /) -> Flow[P, State[T]]: ...
 
 
 @overload

@@ -3,9 +3,10 @@
 :class:`PrefectFuture` is the handle to one submitted call. :func:`wait` and
 :func:`as_completed` take futures from any runner, as :func:`concurrent.futures.wait`
 and :func:`concurrent.futures.as_completed` sit beside ``Future``. Each has a
-blocking and an awaited form; type checkers tell them apart by the future's mode,
-``PrefectFuture[Sync]`` (the blocking twins', a sync flow's) or
-``PrefectFuture[Async]`` (the facade's, an async flow's).
+blocking and an awaited form. In type hints a future carries the type of its call's
+result and its mode: ``PrefectFuture[int, Sync]`` (the blocking twins', a sync
+flow's) or ``PrefectFuture[int, Async]`` (the facade's, an async flow's); the mode
+may be left out (``PrefectFuture[int]``) when it is not known.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import (
     TYPE_CHECKING,
     Any,
     AsyncIterator,
+    Awaitable,
+    Callable,
     Coroutine,
     Deque,
     Generic,
@@ -38,6 +41,7 @@ from typing import (
 )
 
 from typing_extensions import NamedTuple
+from typing_extensions import TypeVar as DefaultTypeVar
 
 from taskrunners._waiting import in_event_loop, wait_until_done
 from taskrunners.states import State
@@ -45,19 +49,37 @@ from taskrunners.states import State
 if TYPE_CHECKING:
     from taskrunners._core.calls import CallHandle
 
-__all__ = ["TaskRun", "PrefectFuture", "Sync", "Async", "wait", "as_completed", "DoneAndNotDone"]
+__all__ = [
+    "TaskRun",
+    "PrefectFuture",
+    "Sync",
+    "Async",
+    "RunFn",
+    "wait",
+    "as_completed",
+    "DoneAndNotDone",
+]
 
 
 class Sync:
-    """In type hints, marks a blocking future: ``PrefectFuture[Sync]`` (the twins')."""
+    """In type hints, marks a blocking future: ``PrefectFuture[int, Sync]`` (the twins')."""
 
 
 class Async:
-    """In type hints, marks an awaited future: ``PrefectFuture[Async]`` (the facade's)."""
+    """In type hints, marks an awaited future: ``PrefectFuture[int, Async]`` (the facade's)."""
 
 
-#: Whether a future blocks (:class:`Sync`) or is awaited (:class:`Async`).
-M = TypeVar("M", Sync, Async)
+#: What a future's call returns: the data of its final State.
+R = TypeVar("R", covariant=True)
+#: Whether a future blocks (:class:`Sync`) or is awaited (:class:`Async`); Any when
+#: left out, as in ``PrefectFuture[int]``.
+M = DefaultTypeVar("M", bound=Union[Sync, Async], default=Any)
+#: A result type, in functions over futures.
+T = TypeVar("T")
+
+#: What a runner's ``submit`` runs: a function returning a ``State[T]``, or an
+#: ``async`` one; its future is a ``PrefectFuture[T, ...]``.
+RunFn = Callable[..., Union[State[T], Awaitable[State[T]]]]
 
 _run_numbers = itertools.count(1)
 
@@ -142,13 +164,13 @@ class TaskRun:
         return f"TaskRun(name={self.name!r}, id={self.id!r})"
 
 
-class PrefectFuture(Generic[M]):
+class PrefectFuture(Generic[R, M]):
     """The handle to one submitted call.
 
     With ``asynchronous=True`` (the facade's default), :meth:`wait` and
     :meth:`result` return awaitables; with ``False`` (the blocking twins), they block.
-    Type checkers tell the two apart as ``PrefectFuture[Async]`` and
-    ``PrefectFuture[Sync]``.
+    Type checkers see the call's result type and the mode: ``PrefectFuture[int, Sync]``
+    gives an ``int`` from ``result()``, ``PrefectFuture[int, Async]`` an awaitable of one.
 
     :param task_run: the :class:`TaskRun` this future stands for
     :param task_runner: the runner the call was submitted to
@@ -172,20 +194,20 @@ class PrefectFuture(Generic[M]):
 
     # With no timeout, waiting ends only with the call: the State is never None.
     @overload
-    def wait(self: PrefectFuture[Sync], timeout: None = None) -> State[Any]: ...
+    def wait(self: PrefectFuture[R, Sync], timeout: None = None) -> State[R]: ...
 
     @overload
-    def wait(self: PrefectFuture[Sync], timeout: Optional[float]) -> Optional[State[Any]]: ...
-
-    @overload
-    def wait(
-        self: PrefectFuture[Async], timeout: None = None
-    ) -> Coroutine[Any, Any, State[Any]]: ...
+    def wait(self: PrefectFuture[R, Sync], timeout: Optional[float]) -> Optional[State[R]]: ...
 
     @overload
     def wait(
-        self: PrefectFuture[Async], timeout: Optional[float]
-    ) -> Coroutine[Any, Any, Optional[State[Any]]]: ...
+        self: PrefectFuture[R, Async], timeout: None = None
+    ) -> Coroutine[Any, Any, State[R]]: ...
+
+    @overload
+    def wait(
+        self: PrefectFuture[R, Async], timeout: Optional[float]
+    ) -> Coroutine[Any, Any, Optional[State[R]]]: ...
 
     def wait(self, timeout: Optional[float] = None) -> Any:
         """The final State of the call, or None when ``timeout`` seconds pass first.
@@ -198,13 +220,15 @@ class PrefectFuture(Generic[M]):
 
     @overload
     def result(
-        self: PrefectFuture[Sync], timeout: Optional[float] = None, raise_on_failure: bool = True
-    ) -> Any: ...
+        self: PrefectFuture[R, Sync], timeout: Optional[float] = None, raise_on_failure: bool = True
+    ) -> R: ...
 
     @overload
     def result(
-        self: PrefectFuture[Async], timeout: Optional[float] = None, raise_on_failure: bool = True
-    ) -> Coroutine[Any, Any, Any]: ...
+        self: PrefectFuture[R, Async],
+        timeout: Optional[float] = None,
+        raise_on_failure: bool = True,
+    ) -> Coroutine[Any, Any, R]: ...
 
     def result(self, timeout: Optional[float] = None, raise_on_failure: bool = True) -> Any:
         """The data of the call's final State (see :meth:`State.result`).
@@ -278,11 +302,11 @@ def _state_data(
 # -- waiting for several futures, from any runner ---------------------------------------
 
 
-class DoneAndNotDone(NamedTuple, Generic[M]):
+class DoneAndNotDone(NamedTuple, Generic[T, M]):
     """What :func:`wait` returns: the futures done, and those not done, as sets."""
 
-    done: Set[PrefectFuture[M]]
-    not_done: Set[PrefectFuture[M]]
+    done: Set[PrefectFuture[T, M]]
+    not_done: Set[PrefectFuture[T, M]]
 
 
 class _Completions:
@@ -327,7 +351,7 @@ class _Completions:
                 self._signal = concurrent.futures.Future()
             return self._signal
 
-    def done_and_not_done(self) -> DoneAndNotDone[Any]:
+    def done_and_not_done(self) -> DoneAndNotDone[Any, Any]:
         done = {future for future, call in zip(self.futures, self.calls) if call.done()}
         return DoneAndNotDone(done, set(self.futures) - done)
 
@@ -343,18 +367,18 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class _AsCompleted(Generic[M]):
+class _AsCompleted(Generic[T, M]):
     """Futures in the order they finish, by ``for`` (blocking) or ``async for``."""
 
-    def __init__(self, futures: Iterable[PrefectFuture[M]], timeout: Optional[float]) -> None:
+    def __init__(self, futures: Iterable[PrefectFuture[T, M]], timeout: Optional[float]) -> None:
         self._completions = _Completions(futures)
-        self.futures: List[PrefectFuture[M]] = self._completions.futures
+        self.futures: List[PrefectFuture[T, M]] = self._completions.futures
         self._deadline = _deadline(timeout)
 
-    def done_and_not_done(self) -> DoneAndNotDone[M]:
+    def done_and_not_done(self) -> DoneAndNotDone[T, M]:
         return self._completions.done_and_not_done()
 
-    def __iter__(self) -> Iterator[PrefectFuture[M]]:
+    def __iter__(self) -> Iterator[PrefectFuture[T, M]]:
         if in_event_loop() and any(f.asynchronous for f in self.futures):
             # Blocking here could starve the calls that run on this very loop.
             raise RuntimeError(
@@ -363,7 +387,7 @@ class _AsCompleted(Generic[M]):
             )
         return self
 
-    def __next__(self) -> PrefectFuture[M]:
+    def __next__(self) -> PrefectFuture[T, M]:
         while True:
             found = self._completions.pop()
             if found is None:
@@ -373,10 +397,10 @@ class _AsCompleted(Generic[M]):
             if not concurrent.futures.wait([found], _remaining(self._deadline)).done:
                 raise self._completions.timeout_error()
 
-    def __aiter__(self) -> AsyncIterator[PrefectFuture[M]]:
+    def __aiter__(self) -> AsyncIterator[PrefectFuture[T, M]]:
         return self
 
-    async def __anext__(self) -> PrefectFuture[M]:
+    async def __anext__(self) -> PrefectFuture[T, M]:
         while True:
             found = self._completions.pop()
             if found is None:
@@ -388,8 +412,8 @@ class _AsCompleted(Generic[M]):
 
 
 def as_completed(
-    futures: Iterable[PrefectFuture[M]], timeout: Optional[float] = None
-) -> _AsCompleted[M]:
+    futures: Iterable[PrefectFuture[T, M]], timeout: Optional[float] = None
+) -> _AsCompleted[T, M]:
     """Yield the futures as their runs finish, from any runner.
 
     Iterate with ``for`` in synchronous code (it blocks the thread) and with
@@ -414,23 +438,23 @@ def as_completed(
 
 @overload
 def wait(
-    futures: Iterable[PrefectFuture[Sync]], timeout: Optional[float] = None
-) -> DoneAndNotDone[Sync]: ...
+    futures: Iterable[PrefectFuture[T, Sync]], timeout: Optional[float] = None
+) -> DoneAndNotDone[T, Sync]: ...
 
 
 @overload
 def wait(
-    futures: Iterable[PrefectFuture[Async]], timeout: Optional[float] = None
-) -> Coroutine[Any, Any, DoneAndNotDone[Async]]: ...
+    futures: Iterable[PrefectFuture[T, Async]], timeout: Optional[float] = None
+) -> Coroutine[Any, Any, DoneAndNotDone[T, Async]]: ...
 
 
 @overload
 def wait(
-    futures: Iterable[PrefectFuture[Any]], timeout: Optional[float] = None
-) -> Union[DoneAndNotDone[Any], Coroutine[Any, Any, DoneAndNotDone[Any]]]: ...
+    futures: Iterable[PrefectFuture[Any, Any]], timeout: Optional[float] = None
+) -> Union[DoneAndNotDone[Any, Any], Coroutine[Any, Any, DoneAndNotDone[Any, Any]]]: ...
 
 
-def wait(futures: Iterable[PrefectFuture[Any]], timeout: Optional[float] = None) -> Any:
+def wait(futures: Iterable[PrefectFuture[Any, Any]], timeout: Optional[float] = None) -> Any:
     """Wait until every future is done, or ``timeout`` seconds pass.
 
     Works on futures from any runner, like :func:`concurrent.futures.wait`. Like
@@ -462,7 +486,7 @@ def wait(futures: Iterable[PrefectFuture[Any]], timeout: Optional[float] = None)
     return arrivals.done_and_not_done()
 
 
-async def _wait_async(arrivals: _AsCompleted[Any]) -> DoneAndNotDone[Any]:
+async def _wait_async(arrivals: _AsCompleted[Any, Any]) -> DoneAndNotDone[Any, Any]:
     try:
         async for _ in arrivals:
             pass

@@ -56,7 +56,7 @@ from taskrunners._core.calls import Call, CallHandle
 from taskrunners._core.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.running import checked_state, is_coroutine_function
 from taskrunners._waiting import wait_until_done
-from taskrunners.futures import Async, PrefectFuture, Sync, TaskRun
+from taskrunners.futures import Async, PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
 T = TypeVar("T", bound="BaseTaskRunner")
 C = TypeVar("C", bound=BlockingTaskRunner)
 F = TypeVar("F", bound="_FacadeRunner[Any]")
+R = TypeVar("R")
 
 
 class _StartBlock:
@@ -131,19 +132,19 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
     async def submit(
         self,
         task_run: TaskRun,
-        run_fn: Callable[..., Any],
+        run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
-    ) -> PrefectFuture[Any]:
+    ) -> PrefectFuture[R]:
         """Submit ``run_fn(**run_kwargs)`` and return a future for its State."""
 
     @overload
-    async def wait(self, prefect_future: PrefectFuture[Any], timeout: None = None) -> State: ...
+    async def wait(self, prefect_future: PrefectFuture[R], timeout: None = None) -> State[R]: ...
 
     @overload
     async def wait(
-        self, prefect_future: PrefectFuture[Any], timeout: Optional[float]
-    ) -> Optional[State]: ...
+        self, prefect_future: PrefectFuture[R], timeout: Optional[float]
+    ) -> Optional[State[R]]: ...
 
     @abc.abstractmethod
     async def wait(
@@ -272,28 +273,28 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
     async def submit(
         self,
         task_run: TaskRun,
-        run_fn: Callable[..., Any],
+        run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: Literal[True] = True,
-    ) -> PrefectFuture[Async]: ...
+    ) -> PrefectFuture[R, Async]: ...
 
     @overload
     async def submit(
         self,
         task_run: TaskRun,
-        run_fn: Callable[..., Any],
+        run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: Literal[False],
-    ) -> PrefectFuture[Sync]: ...
+    ) -> PrefectFuture[R, Sync]: ...
 
     @overload
     async def submit(
         self,
         task_run: TaskRun,
-        run_fn: Callable[..., Any],
+        run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
-    ) -> PrefectFuture[Any]: ...
+    ) -> PrefectFuture[R]: ...
 
     async def submit(
         self,
@@ -352,12 +353,12 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         await _await_call(call, run_fn, run_kwargs)
 
     @overload
-    async def wait(self, prefect_future: PrefectFuture[Any], timeout: None = None) -> State: ...
+    async def wait(self, prefect_future: PrefectFuture[R], timeout: None = None) -> State[R]: ...
 
     @overload
     async def wait(
-        self, prefect_future: PrefectFuture[Any], timeout: Optional[float]
-    ) -> Optional[State]: ...
+        self, prefect_future: PrefectFuture[R], timeout: Optional[float]
+    ) -> Optional[State[R]]: ...
 
     async def wait(
         self, prefect_future: PrefectFuture[Any], timeout: Optional[float] = None

@@ -17,28 +17,51 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union, overload
+from typing import (
+    Any,
+    Callable,
+    Coroutine,
+    Dict,
+    Generic,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from typing_extensions import ParamSpec
 
 from taskrunners._flow_engine import Decorated, FlowRun, current_flow_run
 from taskrunners._task_runs import arun_task, run_task, submission
-from taskrunners.futures import PrefectFuture
+from taskrunners.futures import Async, PrefectFuture, Sync
 from taskrunners.states import State
 
 __all__ = ["Task", "task", "unmapped"]
 
 P = ParamSpec("P")
-R = TypeVar("R")
+# Covariant, so that an async function's coroutine (CoroutineType, to pyright) fits
+# the overloads' Coroutine.
+R = TypeVar("R", covariant=True)
+T = TypeVar("T")
 
 
 class Task(Decorated[P], Generic[P, R]):
     """A function that a flow runs on its task runner; made by :func:`task`.
 
     Type checkers see a task's parameters (``P``) as its function's, so a wrong
-    argument name or type is reported; ``R`` is what the function returns. What a
-    call returns depends on where it runs (a future inside a flow, the value outside),
-    so it is typed ``Any``.
+    argument name or type is reported; ``R`` is what the function returns. They read
+    a call as made inside a flow: a task of a function returning ``X`` gives a
+    ``PrefectFuture[X, Sync]``; of an ``async`` one, a coroutine giving a
+    ``PrefectFuture[X, Async]`` (what an async flow awaits); a returned ``State[X]``
+    counts as ``X``. At run time, a call outside a flow returns the function's value
+    (``task.fn(...)`` is typed so), and a task called in a flow of the other kind
+    gives a future of that flow's mode. A future passed for an argument reaches the
+    body as its data, but type checkers see a future where the function's type is
+    expected.
 
     :param fn: the function, plain or ``async``
     :param name: the task's name; defaults to the function's name
@@ -70,6 +93,27 @@ class Task(Decorated[P], Generic[P, R]):
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, fn={self.fn!r})"
 
+    # Inside a flow, a call gives a future of the function's value (of a returned
+    # State's data). The first overload that fits wins: an untyped function's (Any)
+    # fits the first, a blocking future of Any.
+    @overload
+    def __call__(
+        self: Task[P, State[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> PrefectFuture[T, Sync]: ...
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self: Task[P, Coroutine[Any, Any, State[T]]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, PrefectFuture[T, Async]]: ...
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, PrefectFuture[T, Async]]: ...
+
+    @overload
+    def __call__(self: Task[P, T], *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[T, Sync]: ...
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Submit the task inside a flow; call the function outside one.
 
@@ -81,6 +125,24 @@ class Task(Decorated[P], Generic[P, R]):
         if flow_run is None:
             return self.fn(*args, **kwargs)
         return self._submit(flow_run, args, kwargs)
+
+    @overload
+    def submit(
+        self: Task[P, State[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> PrefectFuture[T, Sync]: ...
+
+    @overload
+    def submit(  # type: ignore[overload-overlap]
+        self: Task[P, Coroutine[Any, Any, State[T]]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, PrefectFuture[T, Async]]: ...
+
+    @overload
+    def submit(  # type: ignore[overload-overlap]
+        self: Task[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, PrefectFuture[T, Async]]: ...
+
+    @overload
+    def submit(self: Task[P, T], *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[T, Sync]: ...
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Submit the task to the current flow's runner; the explicit spelling of a call.
@@ -96,6 +158,26 @@ class Task(Decorated[P], Generic[P, R]):
                 f"function decorated with @flow, or call {self.name}(...) to run it here."
             )
         return self._submit(flow_run, args, kwargs)
+
+    # Its arguments are iterables of the function's and unmapped(...) values: they
+    # are checked when the runs are made, not by type checkers.
+    @overload
+    def map(
+        self: Task[P, State[T]], *args: Any, **kwargs: Any
+    ) -> List[PrefectFuture[T, Sync]]: ...
+
+    @overload
+    def map(  # pyright: ignore[reportOverlappingOverload]
+        self: Task[P, Coroutine[Any, Any, State[T]]], *args: Any, **kwargs: Any
+    ) -> Coroutine[Any, Any, List[PrefectFuture[T, Async]]]: ...
+
+    @overload
+    def map(
+        self: Task[P, Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+    ) -> Coroutine[Any, Any, List[PrefectFuture[T, Async]]]: ...
+
+    @overload
+    def map(self: Task[P, T], *args: Any, **kwargs: Any) -> List[PrefectFuture[T, Sync]]: ...
 
     def map(self, *args: Any, **kwargs: Any) -> Any:
         """Submit one run per element of the iterable arguments; returns their futures.

@@ -35,7 +35,7 @@ from taskrunners._core.calls import (
     when_all_done,
 )
 from taskrunners._core.snapshots import snapshot, snapshot_call
-from taskrunners.futures import PrefectFuture, Sync, TaskRun
+from taskrunners.futures import PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 T = TypeVar("T", bound="BlockingTaskRunner")
+R = TypeVar("R")
 
-#: Submitting to a runner that was never started (the seed's words).
+#: Submitting to a runner that was never started.
 NOT_STARTED = "The task runner must be started before submitting work."
 #: Submitting to a runner whose start() block has ended.
 BLOCK_ENDED = (
@@ -329,8 +330,8 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     # -- submission ----------------------------------------------------------------
 
     def submit(
-        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Mapping[str, Any]
-    ) -> PrefectFuture[Sync]:
+        self, task_run: TaskRun, run_fn: RunFn[R], run_kwargs: Mapping[str, Any]
+    ) -> PrefectFuture[R, Sync]:
         """Submit ``run_fn(**run_kwargs)``; returns a blocking :class:`PrefectFuture`.
 
         Futures anywhere in ``run_kwargs`` reach ``run_fn`` as their final States.
@@ -343,7 +344,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         else:
             check_submission(run_fn, run_kwargs)
             kwargs = dict(run_kwargs)
-        future: PrefectFuture[Sync] = PrefectFuture(task_run, self, asynchronous=False)
+        future: PrefectFuture[R, Sync] = PrefectFuture(task_run, self, asynchronous=False)
         future._call = self._submit_call(task_run, run_fn, kwargs)
         return future
 
@@ -460,10 +461,10 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     # -- waiting -------------------------------------------------------------------
 
     @overload
-    def wait(self, future: PrefectFuture[Any], timeout: None = None) -> State: ...
+    def wait(self, future: PrefectFuture[R], timeout: None = None) -> State[R]: ...
 
     @overload
-    def wait(self, future: PrefectFuture[Any], timeout: Optional[float]) -> Optional[State]: ...
+    def wait(self, future: PrefectFuture[R], timeout: Optional[float]) -> Optional[State[R]]: ...
 
     def wait(self, future: PrefectFuture[Any], timeout: Optional[float] = None) -> Optional[State]:
         """Block until the call is done and return its State, or None after ``timeout``.

@@ -9,7 +9,9 @@ from typing import List
 import taskrunners
 import taskrunners.sync
 from taskrunners import PrefectFuture, SequentialTaskRunner, flow, task
+from taskrunners.compat.futures import RunnerExecutor
 from taskrunners.futures import Async, Sync
+from taskrunners.states import Completed, State
 
 
 @task
@@ -25,6 +27,19 @@ def total(values: List[int]) -> int:
 @flow
 async def async_total(values: List[int]) -> int:
     return sum(values)
+
+
+@task
+async def shout(word: str) -> str:
+    return word.upper()
+
+
+def square(x: int) -> State[int]:
+    return Completed(data=x * x)
+
+
+def count(word: str) -> int:
+    return len(word)
 
 
 def arguments() -> None:
@@ -46,7 +61,9 @@ def settings() -> None:
     taskrunners.sync.DaskTaskRunner(batch_size=2.5)  # E: arg-type
 
 
-async def sync_and_async(blocking: PrefectFuture[Sync], awaited: PrefectFuture[Async]) -> None:
+async def sync_and_async(
+    blocking: PrefectFuture[int, Sync], awaited: PrefectFuture[int, Async]
+) -> None:
     await blocking.wait()  # E: misc
     await taskrunners.wait([blocking])  # E: misc
     awaited.result() + 1  # E: operator
@@ -61,4 +78,27 @@ async def sync_and_async(blocking: PrefectFuture[Sync], awaited: PrefectFuture[A
 
 async def blocking_twin(twin: taskrunners.sync.ConcurrentTaskRunner) -> None:
     with twin.start() as runner:
-        await runner.wait(runner.submit(taskrunners.TaskRun(), print, {}))  # E: misc
+        await runner.wait(runner.submit(taskrunners.TaskRun(), square, {}))  # E: misc
+        runner.submit(taskrunners.TaskRun(), print, {})  # E: arg-type
+
+
+@flow
+def results() -> None:
+    add(1, 2).result().upper()  # E: attr-defined
+    state: State[str] = add.submit(1, 2).wait()  # E: assignment
+    len(add.map([1], [2])[0].result())  # E: arg-type
+    flow_state: State[str] = total([1])  # E: assignment
+
+
+@flow
+async def async_results() -> None:
+    (await shout("a")).result().upper()  # E: attr-defined
+    (await (await shout("a")).result()) + 1  # E: operator
+
+
+def executor_results(twin: taskrunners.sync.ConcurrentTaskRunner) -> None:
+    with RunnerExecutor(twin) as executor:
+        executor.submit(count, "four").result().upper()  # E: attr-defined
+        executor.submit(count, 4)  # E: call-overload
+        for value in executor.map(count, ["four"]):
+            value.upper()  # E: attr-defined

@@ -1,8 +1,8 @@
 """Futures from the blocking twins and the async facade: this must check with no errors.
 
-A blocking future (``PrefectFuture[Sync]``) blocks in ``wait()`` and ``result()``; an
-awaited one (``PrefectFuture[Async]``) returns awaitables. ``taskrunners.wait`` and
-``taskrunners.as_completed`` follow the futures they are given.
+A blocking future (``PrefectFuture[int, Sync]``) blocks in ``wait()`` and ``result()``;
+an awaited one (``PrefectFuture[int, Async]``) returns awaitables. ``taskrunners.wait``
+and ``taskrunners.as_completed`` follow the futures they are given.
 """
 
 from typing import List, Optional
@@ -27,7 +27,7 @@ async def async_square(x: int) -> State[int]:
 
 def blocking() -> int:
     with taskrunners.sync.ConcurrentTaskRunner(max_workers=2).start() as runner:
-        futures: List[PrefectFuture[Sync]] = [
+        futures: List[PrefectFuture[int, Sync]] = [
             runner.submit(TaskRun(name=f"square-{i}"), square, {"x": i}) for i in range(4)
         ]
         first = futures[0].wait().result()  # no timeout: always a State
@@ -49,7 +49,7 @@ async def awaited() -> int:
         return first + second + third + len(done) + len(not_done) + sum(ordered)
 
 
-async def first_of(futures: List[PrefectFuture[Async]]) -> Optional[State[int]]:
+async def first_of(futures: List[PrefectFuture[int, Async]]) -> Optional[State[int]]:
     async for future in taskrunners.as_completed(futures, timeout=60):
         return await future.wait(timeout=0)
     return None
