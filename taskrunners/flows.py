@@ -143,17 +143,26 @@ class Flow(Decorated[P], Generic[P, R]):
         if not_ready is not None:
             return not_ready
         failure: Optional[State[Any]] = None
+        raised: Optional[Exception] = None  # by the body
         value: Any = None
         with runner_for_call(self._task_runner) as runner:
             core = seam.core_of(runner)
             token = current_flow_run.set(FlowRun(core))
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, core)
+                # A body that raises leaves the block as an exception does: calls not
+                # started are cancelled and owned workers stopped, so a hung call
+                # cannot hold the flow. What the runner itself raises goes on.
                 with core.start():
                     try:
                         value = self.fn(*args, **kwargs)
                     except Exception as exc:
-                        failure = self._failed(exc)
+                        raised = exc
+                        raise
+            except Exception as exc:
+                if exc is not raised:
+                    raise
+                failure = self._failed(exc)
             finally:
                 current_flow_run.reset(token)
         if failure is not None:
@@ -166,6 +175,7 @@ class Flow(Decorated[P], Generic[P, R]):
         if not_ready is not None:
             return not_ready
         failure: Optional[State[Any]] = None
+        raised: Optional[Exception] = None  # by the body
         value: Any = None
         with runner_for_call(self._task_runner) as runner:
             if isinstance(runner, BlockingTaskRunner):
@@ -177,14 +187,19 @@ class Flow(Decorated[P], Generic[P, R]):
             token = current_flow_run.set(FlowRun(seam.core_of(runner), runner))
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, runner)
-                async with runner.start():
+                async with runner.start():  # as in _run_blocking
                     try:
                         value = await self.fn(*args, **kwargs)
                     except Exception as exc:
-                        failure = self._failed(exc)
+                        raised = exc
+                        raise
+            except Exception as exc:
+                if exc is not raised:
+                    raise
+                failure = self._failed(exc)
             finally:
                 current_flow_run.reset(token)
-        # A runner may have turned a cancellation into a Crashed task run (the seed's
+        # A runner may have turned a cancellation into a Crashed task run (Prefect 2's
         # Sequential runner does): the flow must not complete as if nothing happened.
         await anyio.lowlevel.checkpoint_if_cancelled()
         if failure is not None:

@@ -549,6 +549,73 @@ def test_bad_retry_settings_are_refused(settings, message):
         task(**settings)(lambda: None)
 
 
+@task
+def hang(pid_path: str, release_path: str) -> None:
+    """Runs for an hour, unless ``release_path`` appears (the test's in-process threads),
+    counting its turns in ``pid_path`` after its pid."""
+    deadline = time.monotonic() + 3600
+    turns = 0
+    while time.monotonic() < deadline and not os.path.exists(release_path):
+        pathlib.Path(pid_path + ".tmp").write_text(f"{os.getpid()} {turns}")
+        os.replace(pid_path + ".tmp", pid_path)
+        turns += 1
+        time.sleep(0.05)
+
+
+def _stopped(path: pathlib.Path) -> bool:
+    before = path.read_text()
+    time.sleep(0.5)
+    return path.read_text() == before
+
+
+# Sequential runs a call inside submit: a body cannot give up on it.
+CONCURRENT_RUNNERS = [
+    pytest.param(r, id=r.id, marks=r.shared.marks) for r in RUNNERS if r.id != "sequential"
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flavour", ["sync", "asyncio", "trio"])
+@pytest.mark.parametrize("runner", CONCURRENT_RUNNERS, indirect=True)
+def test_a_flow_whose_body_raises_stops_its_hung_calls_and_returns_failed(runner, flavour, tmp_path):
+    import psutil
+
+    pid_path, release = tmp_path / "pid", tmp_path / "release"
+    if flavour == "sync":
+
+        @flow(task_runner=runner.make_own())
+        def give_up():
+            future = hang(str(pid_path), str(release))
+            wait_for_path(pid_path)
+            if future.wait(1) is None:
+                raise TimeoutError("gave up on the hung call")
+
+        started = time.monotonic()
+        state = give_up()
+    else:
+
+        @flow(task_runner=runner.make_own())
+        async def give_up():
+            future = hang(str(pid_path), str(release))
+            await anyio.to_thread.run_sync(wait_for_path, pid_path)
+            if await future.wait(1) is None:
+                raise TimeoutError("gave up on the hung call")
+
+        started = time.monotonic()
+        state = anyio.run(give_up, backend=flavour)
+    try:
+        assert time.monotonic() - started < 60
+        assert state.is_failed()
+        assert isinstance(state.result(raise_on_failure=False), TimeoutError)
+        if not runner.in_process:  # the hung call is stopped (threads are left running)
+            assert holds_within(lambda: _stopped(pid_path), 30)
+        if runner.id in ("parallel", "dask"):  # with the worker processes the runner owns
+            pid = int(pid_path.read_text().split()[0])
+            assert holds_within(lambda: not psutil.pid_exists(pid), 30)
+    finally:
+        release.write_text("")
+
+
 # Concurrent shares memory with its threads, as every thread pool does.
 SNAPSHOT_RUNNERS = [pytest.param(r, id=r.id, marks=r.shared.marks) for r in RUNNERS if r.id != "concurrent"]
 
