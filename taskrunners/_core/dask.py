@@ -147,17 +147,18 @@ class DaskTaskRunner(BlockingTaskRunner):
             address, cluster_class, cluster_kwargs, adapt_kwargs, connect_timeout
         )
         client_kwargs = dask_cluster.checked_kwargs("client_kwargs", client_kwargs)
+        cluster_kwargs = dask_cluster.checked_kwargs("cluster_kwargs", cluster_kwargs)
+        # Against distributed's signatures, imported for that when there are keys to
+        # check (and checked again at start(), as the settings may change meanwhile).
+        distributed = dask_cluster.distributed_for_checks(cluster_kwargs, client_kwargs)
+        dask_cluster.check_keywords(resolved, cluster_kwargs, client_kwargs, distributed)
         client_kwargs.setdefault("set_as_default", False)
 
         self.address = address
         self.cluster_class = resolved
-        self.cluster_kwargs = dask_cluster.checked_kwargs("cluster_kwargs", cluster_kwargs)
+        self.cluster_kwargs = cluster_kwargs
         self.adapt_kwargs = dask_cluster.checked_kwargs("adapt_kwargs", adapt_kwargs)
         self.client_kwargs = client_kwargs
-        # Against distributed's signatures now if it is imported, else at start().
-        dask_cluster.check_keywords(
-            resolved, self.cluster_kwargs, client_kwargs, dask_cluster.imported_distributed()
-        )
         self.connect_timeout = float(connect_timeout)
         self.batch_size = check_batch_size(batch_size)
 

@@ -29,7 +29,6 @@ import importlib
 import ipaddress
 import logging
 import os
-import sys
 import time
 from typing import (
     AbstractSet,
@@ -54,7 +53,7 @@ __all__ = [
     "checked_settings",
     "checked_kwargs",
     "check_keywords",
-    "imported_distributed",
+    "distributed_for_checks",
     "import_cluster_class",
     "ClusterKwargs",
     "kwargs_on_loopback",
@@ -135,11 +134,16 @@ def checked_kwargs(name: str, value: Optional[Mapping[str, Any]]) -> Dict[str, A
     return dict(value)
 
 
-def imported_distributed() -> Any:
-    """``distributed`` if this process has imported it already, else None (it is not
-    imported here: ``import taskrunners`` and constructing a runner must not)."""
-    distributed = sys.modules.get("distributed")
-    return distributed if hasattr(distributed, "LocalCluster") else None
+def distributed_for_checks(*given: Mapping[str, Any]) -> Any:
+    """``distributed``, imported now if any of ``given`` has keys to check, and None if
+    none has or it is not installed (``start()`` then says what to install)."""
+    if not any(given):
+        return None
+    try:
+        import distributed
+    except ImportError:
+        return None
+    return distributed
 
 
 def check_keywords(
@@ -151,7 +155,7 @@ def check_keywords(
     """Refuse a key of ``cluster_kwargs`` that ``cluster_class`` (None: LocalCluster)
     does not take, or of ``client_kwargs`` that ``distributed.Client`` does not take.
 
-    With ``distributed`` None (not imported yet) only what needs no distributed is
+    With ``distributed`` None (not installed) only what needs no distributed is
     checked: a cluster class given as an object, which then is no LocalCluster.
 
     :raises TypeError: naming the argument, each unknown key and the closest valid key

@@ -167,8 +167,8 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
             raise TypeError(f"`remote_options` must be a dict, got {remote_options!r}.")
         self.address = address
         self._user_init_kwargs = dict(init_kwargs or {})
-        # Against ray.init now if ray is imported, else at start().
-        ray = ray_connection.imported_ray()
+        # Against ray.init, imported for that (and checked again at start()).
+        ray = ray_connection.ray_for_checks(self._user_init_kwargs)
         if ray is not None:
             ray_connection.check_init_kwargs(ray, self._user_init_kwargs)
         self.init_kwargs = dict(init_kwargs or {})

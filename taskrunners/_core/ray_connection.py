@@ -29,7 +29,6 @@ import enum
 import ipaddress
 import logging
 import os
-import sys
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,7 +38,7 @@ from taskrunners._core.ray_options import NodeResources
 
 __all__ = [
     "Connection",
-    "imported_ray",
+    "ray_for_checks",
     "check_init_kwargs",
     "connect",
     "disconnect",
@@ -64,11 +63,16 @@ class Connection(enum.Enum):
     JOINED = "joined"
 
 
-def imported_ray() -> Any:
-    """``ray`` if this process has imported it already, else None (it is not imported
-    here: ``import taskrunners`` and constructing a runner must not)."""
-    ray = sys.modules.get("ray")
-    return ray if hasattr(ray, "init") else None
+def ray_for_checks(init_kwargs: Dict[str, Any]) -> Any:
+    """``ray``, imported now if ``init_kwargs`` has keys to check, and None if it has
+    none or ray is not installed (``start()`` then says what to install)."""
+    if not init_kwargs:
+        return None
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray
 
 
 def check_init_kwargs(ray: Any, init_kwargs: Dict[str, Any]) -> None:
