@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import enum
 import warnings
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, Optional, TypeVar, Union, overload
+
+from typing_extensions import Literal
 
 import anyio
 
@@ -97,6 +99,12 @@ class State(Generic[R]):
 
     def is_final(self) -> bool:
         return self.type in _FINAL_TYPES
+
+    @overload
+    def result(self, raise_on_failure: Literal[True] = True) -> R: ...
+
+    @overload
+    def result(self, raise_on_failure: bool) -> Union[R, BaseException]: ...
 
     def result(self, raise_on_failure: bool = True) -> Any:
         """Return the data of this state.

@@ -9,7 +9,7 @@ executors are.
 """
 
 import concurrent.futures
-from typing import Any, Coroutine, Iterator, List, Optional, Set
+from typing import Any, Coroutine, Iterator, List, Optional, Set, Union
 
 import anyio
 from typing_extensions import assert_type
@@ -54,6 +54,8 @@ def sums(values: List[int]) -> int:
     assert_type(one.result(), int)
     assert_type(one.result(timeout=5, raise_on_failure=False), int)
     assert_type(one.wait(), State[int])
+    assert_type(one.wait().result(), int)
+    assert_type(one.wait().result(raise_on_failure=False), Union[int, BaseException])
     assert_type(one.wait(timeout=1), Optional[State[int]])
     done, not_done = taskrunners.wait(mapped)
     assert_type(done, Set[PrefectFuture[int, Sync]])
@@ -82,6 +84,7 @@ async def shouts(words: List[str]) -> List[str]:
 
 def flow_calls() -> None:
     assert_type(sums([1, 2]), State[int])
+    assert_type(sums([1, 2]).result(), int)
     call = assert_type(shouts(["a"]), Coroutine[Any, Any, State[List[str]]])
     call.close()
     assert_type(anyio.run(shouts, ["a"]), State[List[str]])
