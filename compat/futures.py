@@ -24,7 +24,7 @@ from typing_extensions import ParamSpec
 
 from taskrunners._core import seam
 from taskrunners._core.running import is_coroutine_function
-from taskrunners._core.snapshots import all_unchanging, snapshot
+from taskrunners._core.snapshots import Memo, all_unchanging, snapshot_each
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
 
@@ -51,11 +51,12 @@ class _FunctionCall:
     def __setstate__(self, state: tuple) -> None:
         self.fn, self.args, self.kwargs = state
 
-    def __snapshot__(self) -> "_FunctionCall":
+    def __snapshot__(self, memo: Optional[Memo]) -> "_FunctionCall":
         # For runners that send calls later: the arguments as they are at submit.
         if all_unchanging(self.args) and all_unchanging(self.kwargs.values()):
             return self
-        return type(self)(self.fn, snapshot(self.args), snapshot(self.kwargs))
+        kwargs = dict(zip(self.kwargs, snapshot_each(list(self.kwargs.values()), memo)))
+        return type(self)(self.fn, tuple(snapshot_each(self.args, memo)), kwargs)
 
     def __batch_key__(self, run_kwargs: Dict[str, Any]) -> Any:
         # For batching: every submission is a new instance; the function is the task.

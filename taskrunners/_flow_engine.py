@@ -172,14 +172,15 @@ class Decorated(Generic[P]):
 
 def mark_inputs(
     args: tuple, kwargs: dict
-) -> Tuple[tuple, dict, Optional[Dict[uuid.UUID, PrefectFuture[Any]]]]:
+) -> Tuple[tuple, dict, Optional[Dict[uuid.UUID, PrefectFuture[Any]]], bool]:
     """Swap futures in the arguments for ``Upstream(run_id)`` markers.
 
-    :return: the arguments, and the futures by run id (None if there were neither
-        futures nor States to resolve)
+    :return: the arguments, the futures by run id (None if there were neither
+        futures nor States to resolve), and whether every argument is a plain number,
+        string or None
     """
     if FLAT_TYPES.issuperset(map(type, args)) and FLAT_TYPES.issuperset(map(type, kwargs.values())):
-        return args, kwargs, None  # the common case of task.map: nothing to walk
+        return args, kwargs, None, True  # the common case of task.map: nothing to walk
     upstream: Dict[uuid.UUID, PrefectFuture[Any]] = {}
     found_state = False
 
@@ -194,7 +195,7 @@ def mark_inputs(
 
     args = visit_collection(args, mark)
     kwargs = visit_collection(kwargs, mark)
-    return args, kwargs, (upstream if upstream or found_state else None)
+    return args, kwargs, (upstream if upstream or found_state else None), False
 
 
 def resolve_inputs(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Seque
 import anyio
 import tenacity
 
-from taskrunners._core.snapshots import all_unchanging, snapshot
+from taskrunners._core.snapshots import Memo, all_unchanging, snapshot_each, unchanging
 from taskrunners._flow_engine import current_flow_run, mark_inputs, resolve_inputs
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
@@ -49,19 +49,26 @@ class TaskInvocation:
     def __getstate__(self) -> tuple:
         return (self.task, self.task_run_name, self.args, self.kwargs)
 
-    def __snapshot__(self) -> TaskInvocation:
+    def __setstate__(self, state: tuple) -> None:
+        self.task, self.task_run_name, self.args, self.kwargs = state
+
+    def __snapshot__(self, memo: Optional[Memo]) -> TaskInvocation:
         """The arguments as they are now, for a runner that sends the call later; the
         task is shared by its runs and sent as it is."""
         # Both are this run's own: only the values in them may be the caller's.
         if all_unchanging(self.args) and all_unchanging(self.kwargs.values()):
             return self
-        args, kwargs = snapshot(self.args), snapshot(self.kwargs)
-        if args is self.args and kwargs is self.kwargs:
-            return self
+        args = tuple(snapshot_each(self.args, memo))
+        kwargs = dict(zip(self.kwargs, snapshot_each(list(self.kwargs.values()), memo)))
         return TaskInvocation(self.task, self.task_run_name, args, kwargs)
 
-    def __setstate__(self, state: tuple) -> None:
-        self.task, self.task_run_name, self.args, self.kwargs = state
+
+@unchanging
+class PlainInvocation(TaskInvocation):
+    """A task invocation whose arguments are plain numbers, strings or None: it cannot
+    change, so a runner that sends calls later takes no snapshot of it."""
+
+    __slots__ = ()
 
 
 def submission(
@@ -71,8 +78,9 @@ def submission(
     # The markers are remote.Upstream placeholders keyed by run id. They must stay
     # inside the TaskInvocation, which no runner walks: in a run kwarg of their own, a
     # remote backend's substitute() would look their run ids up among its references.
-    args, kwargs, upstream = mark_inputs(args, kwargs)
-    run_kwargs: Dict[str, Any] = {"invocation": TaskInvocation(task, task_run.name, args, kwargs)}
+    args, kwargs, upstream, plain = mark_inputs(args, kwargs)
+    invocation = (PlainInvocation if plain else TaskInvocation)(task, task_run.name, args, kwargs)
+    run_kwargs: Dict[str, Any] = {"invocation": invocation}
     if upstream is not None:
         run_kwargs["upstream"] = upstream
     return (arun_task if task.isasync else run_task), run_kwargs

@@ -227,7 +227,7 @@ class Flow(Decorated[P], Generic[P, R]):
     def _inputs_blocking(
         self, args: tuple, kwargs: dict
     ) -> Tuple[tuple, dict, Optional[State[Any]]]:
-        args, kwargs, upstream = mark_inputs(args, kwargs)
+        args, kwargs, upstream, _ = mark_inputs(args, kwargs)
         if upstream is None:
             return args, kwargs, None
         calls = [seam.call_of(future) for future in upstream.values()]
@@ -246,7 +246,7 @@ class Flow(Decorated[P], Generic[P, R]):
     async def _inputs_async(
         self, args: tuple, kwargs: dict
     ) -> Tuple[tuple, dict, Optional[State[Any]]]:
-        args, kwargs, upstream = mark_inputs(args, kwargs)
+        args, kwargs, upstream, _ = mark_inputs(args, kwargs)
         if upstream is None:
             return args, kwargs, None
         for future in upstream.values():

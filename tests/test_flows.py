@@ -925,25 +925,31 @@ def test_a_task_called_inside_a_task_is_a_plain_call(runner):
     assert test_flow().result().result() == 20
 
 
-def test_a_raising_flow_body_fails_the_flow_after_its_tasks_finish(tmp_path):
-    marker = tmp_path / "finished"
-
+def test_a_raising_flow_body_fails_the_flow_without_waiting_and_cancels_what_has_not_started(
+    tmp_path,
+):
     @task
-    def slow():
-        time.sleep(0.3)
-        marker.touch()
+    def slow(name):
+        time.sleep(1.5)
+        (tmp_path / name).touch()
 
-    @flow(task_runner=ConcurrentTaskRunner())
+    @flow(task_runner=ConcurrentTaskRunner(max_workers=1))
     def test_flow():
-        slow()
+        slow("running")
+        slow("queued")
         raise LookupError("from the body")
 
+    started = time.monotonic()
     state = test_flow()
+    assert time.monotonic() - started < 1.5
     assert state.is_failed()
     with pytest.raises(LookupError, match="from the body"):
         state.result()
-    assert marker.exists()
     assert state.message == "Flow run 'test_flow' raised LookupError: from the body"
+    # The running call's thread is not waited for; the queued call never runs.
+    assert holds_within(lambda: (tmp_path / "running").exists(), 10)
+    time.sleep(2)
+    assert not (tmp_path / "queued").exists()
 
 
 def test_a_flow_returns_completed_with_its_value_and_fails_on_a_failed_state():

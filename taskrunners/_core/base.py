@@ -34,7 +34,7 @@ from taskrunners._core.calls import (
     block_until_done,
     when_all_done,
 )
-from taskrunners._core.snapshots import snapshot, snapshot_call
+from taskrunners._core.snapshots import Memo, snapshot_call, snapshot_kwargs
 from taskrunners.futures import PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -374,11 +374,9 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
             self._ensure_usable("submit work")
         if self._snapshots_arguments:
             # Submitted together: a value the calls share is taken once for all of them.
-            memo: Dict[int, Any] = {}
-            run_kwargs_list = [
-                {name: snapshot(value, memo) for name, value in run_kwargs.items()}
-                for run_kwargs in run_kwargs_list
-            ]
+            memo: Memo = {}
+            run_fn, _ = snapshot_call(run_fn, {}, memo)
+            run_kwargs_list = [snapshot_kwargs(run_kwargs, memo) for run_kwargs in run_kwargs_list]
         calls: List[Optional[CallHandle]] = [None] * len(task_runs)
         ready: List[int] = []
         for index, (task_run, run_kwargs) in enumerate(zip(task_runs, run_kwargs_list)):

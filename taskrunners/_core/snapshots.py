@@ -16,8 +16,8 @@ change is taken as it is then:
 - a value that cannot be pickled is kept as it is, and fails as before, with the
   runner's own pickling error, when the call is sent.
 
-An object may take its own snapshot with a ``__snapshot__()`` method (a flow's task
-invocation snapshots its arguments, not its task).
+An object may take its own snapshot with a ``__snapshot__(memo)`` method (a flow's
+task invocation snapshots each of its arguments, not its task).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import dataclasses
 import pickle
 import sys
 import types
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import cloudpickle
 
@@ -35,7 +35,7 @@ from taskrunners._collections import iter_leaves
 from taskrunners._core.remote import Upstream
 from taskrunners.futures import PrefectFuture
 
-__all__ = ["Frozen", "snapshot", "snapshot_call", "all_unchanging"]
+__all__ = ["Frozen", "Memo", "snapshot", "snapshot_each", "snapshot_call", "snapshot_kwargs", "unchanging", "all_unchanging"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -59,7 +59,8 @@ class Frozen:
         return f"Frozen({len(self.data)} bytes)"
 
 
-# Kept as they are: they do not change once made (a future is replaced by the runner).
+# Kept as they are: they do not change once made (a future is replaced by the runner);
+# more with @unchanging.
 _UNCHANGING: FrozenSet[type] = frozenset(
     {
         str, bytes, int, float, bool, complex, type(None), range,
@@ -69,47 +70,72 @@ _UNCHANGING: FrozenSet[type] = frozenset(
 )  # fmt: skip
 
 
+C = TypeVar("C", bound=type)
+
+
+def unchanging(kind: C) -> C:
+    """A class decorator: values of ``kind`` are kept as they are (they cannot change)."""
+    global _UNCHANGING
+    _UNCHANGING = _UNCHANGING | {kind}
+    return kind
+
+
 def all_unchanging(values: Iterable[Any]) -> bool:
     """Whether none of ``values`` can change once made (nothing to snapshot)."""
     return _UNCHANGING.issuperset(map(type, values))
 
 
+#: Snapshots already taken, by the id of their value (kept in it, so the id stays
+#: its own): calls submitted together (``task.map``) share one of a value they share.
+Memo = Dict[int, Tuple[Any, Any]]
+
+
 def snapshot_call(
-    run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], memo: Optional[Memo] = None
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
     """``run_fn`` and ``run_kwargs`` as they are now, for a call that is sent later."""
     own = getattr(type(run_fn), "__snapshot__", None)
     if own is not None:
-        run_fn = own(run_fn)
-    for value in run_kwargs.values():
-        if type(value) not in _UNCHANGING:
-            return run_fn, {name: snapshot(value) for name, value in run_kwargs.items()}
-    return run_fn, run_kwargs
+        run_fn = own(run_fn, memo)
+    return run_fn, snapshot_kwargs(run_kwargs, memo)
 
 
-def snapshot(value: Any, memo: Optional[Dict[int, Any]] = None) -> Any:
-    """``value`` as it is now (see the module's docstring for what that takes).
+def snapshot_kwargs(run_kwargs: Dict[str, Any], memo: Optional[Memo] = None) -> Dict[str, Any]:
+    """``run_kwargs`` as they are now (themselves, if none of them can change)."""
+    taken: Optional[Dict[str, Any]] = None
+    for name, value in run_kwargs.items():
+        if type(value) in _UNCHANGING:
+            continue
+        now = snapshot(value, memo)
+        if now is not value:
+            if taken is None:
+                taken = dict(run_kwargs)
+            taken[name] = now
+    return run_kwargs if taken is None else taken
 
-    :param memo: snapshots already taken, by the id of their value: calls submitted
-        together (``task.map``) share one snapshot of a value they share
-    """
+
+def snapshot(value: Any, memo: Optional[Memo] = None) -> Any:
+    """``value`` as it is now (see the module's docstring for what that takes)."""
     kind = type(value)
     if kind in _UNCHANGING:
         return value
-    if memo is not None:
-        taken = memo.get(id(value))
-        if taken is not None:
-            return taken[1]
-    taken_now = _take(value, kind, memo)
-    if memo is not None:
-        memo[id(value)] = (value, taken_now)  # the value is kept, so its id stays its own
-    return taken_now
-
-
-def _take(value: Any, kind: type, memo: Optional[Dict[int, Any]]) -> Any:
     own = getattr(kind, "__snapshot__", None)
     if own is not None:
-        return own(value)
+        return own(value, memo)
+    if memo is None:
+        return _take(value, kind, None)
+    taken = memo.get(id(value))
+    if taken is None:
+        taken = memo[id(value)] = (value, _take(value, kind, memo))
+    return taken[1]
+
+
+def snapshot_each(values: Sequence[Any], memo: Optional[Memo]) -> List[Any]:
+    """Each of ``values`` as it is now (a call's positional arguments, say)."""
+    return [snapshot(value, memo) for value in values]
+
+
+def _take(value: Any, kind: type, memo: Optional[Memo]) -> Any:
     if kind is tuple or kind is frozenset:
         if all(type(item) in _UNCHANGING for item in value):
             return value
@@ -133,7 +159,7 @@ def _holds_future(value: Any) -> bool:
     return False
 
 
-def _rebuild(value: Any, memo: Optional[Dict[int, Any]]) -> Any:
+def _rebuild(value: Any, memo: Optional[Memo]) -> Any:
     """A collection holding futures, rebuilt around them with its other values snapshot."""
     if isinstance(value, dict):
         items = [(key, snapshot(item, memo)) for key, item in value.items()]
