@@ -356,7 +356,7 @@ def _draw_tiny(axis: Any, results: Results, workload: str, families: List[str]):
     known = [cell.median_seconds for *_, cell in rows if cell.median_seconds]
     floor = min(known) / 3 if known else 0.001
     drawn = []
-    for y, (family, mode, label, cell) in zip(ys, rows):
+    for y, (family, mode, _label, cell) in zip(ys, rows):
         style, marker, size, _ = MODE_STYLES[mode]
         colour = _FAMILY_COLOURS.get(family, "black")
         value = cell.median_seconds

@@ -646,8 +646,8 @@ def test_no_crossover_series_hides_another():
         sweep = [(family, mode, line) for panel, family, mode, line in _series(figure) if panel == 0]
         looks = [(line.get_color(), line.get_linestyle(), line.get_marker()) for *_, line in sweep]
         assert len(set(looks)) == len(looks) == 5  # 1 + 1 + 3 series, each its own look
-        for i, (family, mode, line) in enumerate(sweep):
-            for other_family, other_mode, other in sweep[i + 1:]:
+        for i, (family, _mode, line) in enumerate(sweep):
+            for other_family, _other_mode, other in sweep[i + 1:]:
                 if family != other_family:
                     # Runners are nudged apart: never a point at the same place.
                     assert not set(line.get_xdata()) & set(other.get_xdata())

@@ -86,9 +86,11 @@ async def blocking_twin(twin: taskrunners.sync.ConcurrentTaskRunner) -> None:
 def results() -> None:
     add(1, 2).result().upper()  # E: attr-defined
     state: State[str] = add.submit(1, 2).wait()  # E: assignment
+    print(state)
     add.submit(1, 2).wait().result().upper()  # E: attr-defined
     len(add.map([1], [2])[0].result())  # E: arg-type
     flow_state: State[str] = total([1])  # E: assignment
+    print(flow_state)
 
 
 @flow
