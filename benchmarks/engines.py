@@ -617,6 +617,8 @@ class Family:
     ) -> SyncEngine:
         """The engine of ``mode``, constructed; :class:`RunnerUnavailable` says why not.
 
+        The modes of the family's own engine and runner: "raw", "twin", "facade",
+        "auto" (the peers of "bulk" and "prefect" sit above, in bulk.py and peers.py).
         The runner modes pin ``batch_size`` where the runner has it: 1 for "twin" and
         "facade" (what the raw engine is compared with), "auto" for "auto".
         """
@@ -628,11 +630,10 @@ class Family:
             return OnEventLoop(self.facade(settings, shared, batch_size=1))
         if mode == "auto":
             return self.twin(settings, shared, batch_size="auto")
-        if mode == "bulk":
-            from benchmarks.bulk import bulk_engine
-
-            return bulk_engine(self, settings, shared)
-        raise ValueError(f"mode={mode!r} has no engine here; Prefect's runners are in peers.py")
+        raise ValueError(
+            f"mode={mode!r} has no engine here; the bulk peers are in bulk.py (bulk_engine), "
+            "Prefect's runners in peers.py (peer_engine)"
+        )
 
     def raw_engine(
         self, settings: EngineSettings, is_async: bool, shared: Optional[SharedCluster] = None

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.bulk import JoblibMap, bulk_engine
 from benchmarks.engines import FAMILIES, EngineSettings, SharedCluster, SyncEngine, quiet_engines
 from benchmarks.workloads import calibrate_spin, cpu, noop
 
@@ -67,10 +68,8 @@ def _measure_family(key: str, settings: EngineSettings, iterations: int, repeats
     shared = SharedCluster(key, settings) if family.shares_cluster else None
     if shared is not None:
         shared.open()
-    engines = {
-        mode: family.engine(mode, settings, shared)
-        for mode in ("raw", "twin", "auto", "bulk")
-    }
+    engines = {mode: family.engine(mode, settings, shared) for mode in ("raw", "twin", "auto")}
+    engines["bulk"] = bulk_engine(family, settings, shared)
     opened: List[SyncEngine] = []
     try:
         for engine in engines.values():
@@ -119,8 +118,6 @@ def _measure_family(key: str, settings: EngineSettings, iterations: int, repeats
 
 def _flow_map(workers: int, repeats: int) -> Dict[str, float]:
     """``task.map`` over 10,000 items in a flow on Parallel, against joblib."""
-    from benchmarks.bulk import JoblibMap
-
     joblib = JoblibMap(workers)
     inside: List[float] = []
     whole: List[float] = []

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
+from benchmarks.bulk import bulk_engine
 from benchmarks.engines import (
     FAMILIES,
     EngineSettings,
@@ -307,7 +308,10 @@ def plan_sessions(config: Config) -> List[Session]:
                         make = partial(family.engine, mode, settings, shared, is_async)
                         contenders.append(_contender(config, index, family, mode, make, part))
             else:
-                make = partial(family.engine, mode, settings, shared)
+                if mode == "bulk":
+                    make = partial(bulk_engine, family, settings, shared)
+                else:
+                    make = partial(family.engine, mode, settings, shared)
                 contenders.append(_contender(config, index, family, mode, make, chosen))
         if not contenders:
             continue

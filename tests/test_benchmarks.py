@@ -13,6 +13,7 @@ import pytest
 
 import taskrunners.sync
 from benchmarks import charts, report
+from benchmarks.bulk import bulk_engine
 from benchmarks.cli import parse_args
 from benchmarks.engines import (
     FAMILIES,
@@ -432,7 +433,7 @@ def test_a_family_without_a_bulk_peer_is_skipped_not_failed():
     fake = Family("fake", "Fake", "SequentialTaskRunner", raw_plain=lambda s: PlainLoop(),
                   in_process=True, batching=True, bulk="nothing")
     with pytest.raises(RunnerUnavailable, match="no bulk peer"):
-        fake.engine("bulk", EngineSettings(workers=2), None)
+        bulk_engine(fake, EngineSettings(workers=2), None)
 
 
 class SelfDriving(SyncEngine):
