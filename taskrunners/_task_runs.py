@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence, Tuple, Union
 
 import anyio
 import tenacity
@@ -27,12 +27,25 @@ from taskrunners._flow_engine import current_flow_run, mark_inputs, resolve_inpu
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
 
-if TYPE_CHECKING:
-    from taskrunners.tasks import Task
-
-__all__ = ["TaskInvocation", "submission", "run_task", "arun_task"]
+__all__ = ["RunnableTask", "TaskInvocation", "submission", "run_task", "arun_task"]
 
 task_logger = logging.getLogger("taskrunners.task")
+
+
+class RunnableTask(Protocol):
+    """What a run needs of its task: a :class:`~taskrunners.tasks.Task` is one."""
+
+    @property
+    def fn(self) -> Callable[..., Any]: ...
+
+    @property
+    def isasync(self) -> bool: ...
+
+    @property
+    def retries(self) -> int: ...
+
+    @property
+    def retry_delay_seconds(self) -> Union[float, Sequence[float]]: ...
 
 
 class TaskInvocation:
@@ -40,7 +53,7 @@ class TaskInvocation:
 
     __slots__ = ("task", "task_run_name", "args", "kwargs")
 
-    def __init__(self, task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dict) -> None:
+    def __init__(self, task: RunnableTask, task_run_name: str, args: tuple, kwargs: dict) -> None:
         self.task = task
         self.task_run_name = task_run_name
         self.args = args
@@ -72,7 +85,7 @@ class PlainInvocation(TaskInvocation):
 
 
 def submission(
-    task: Task[Any, Any], task_run: TaskRun, args: tuple, kwargs: dict
+    task: RunnableTask, task_run: TaskRun, args: tuple, kwargs: dict
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
     """The ``run_fn`` and ``run_kwargs`` that run ``task`` on these arguments."""
     # The markers are remote.Upstream placeholders keyed by run id. They must stay
@@ -144,7 +157,7 @@ def _outside_flow() -> Iterator[None]:
 # -- the body, with its retries -------------------------------------------------------------
 
 
-def _run_body(task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dict) -> State[Any]:
+def _run_body(task: RunnableTask, task_run_name: str, args: tuple, kwargs: dict) -> State[Any]:
     fn: Callable[..., Any] = task.fn
     attempts = task.retries + 1
     if attempts == 1:
@@ -163,7 +176,7 @@ def _run_body(task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dic
 
 
 async def _arun_body(
-    task: Task[Any, Any], task_run_name: str, args: tuple, kwargs: dict
+    task: RunnableTask, task_run_name: str, args: tuple, kwargs: dict
 ) -> State[Any]:
     fn: Callable[..., Any] = task.fn
     attempts = task.retries + 1
@@ -182,7 +195,7 @@ async def _arun_body(
     return _final(task_run_name, value, attempts)
 
 
-def _retrying(kind: type, task: Task[Any, Any], task_run_name: str, attempts: int) -> Any:
+def _retrying(kind: type, task: RunnableTask, task_run_name: str, attempts: int) -> Any:
     # A body that raises, or returns a Failed state, is run again (as Prefect 2 did).
     options: Dict[str, Any] = {}
     if kind is tenacity.AsyncRetrying:
