@@ -272,8 +272,8 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> RayCall:
-        call = RayCall(self, task_run, run_fn, run_kwargs, call_options())
         dispatcher = self._dispatcher
+        call = RayCall(self, dispatcher, task_run, run_fn, run_kwargs, call_options())
         if dispatcher is None or self._closing:
             call.set_result(stopped_state(call))
         else:
@@ -287,8 +287,9 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         run_kwargs_list: List[Dict[str, Any]],
     ) -> List[CallHandle]:
         options = call_options()
+        dispatcher = self._dispatcher
         calls = [
-            RayCall(self, task_run, run_fn, run_kwargs, options)
+            RayCall(self, dispatcher, task_run, run_fn, run_kwargs, options)
             for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
         ]
         self._ready([entry_of(call) for call in calls])
@@ -301,7 +302,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
     ) -> RayCall:
-        call = RayCall(self, task_run, run_fn, run_kwargs, call_options())
+        call = RayCall(self, self._dispatcher, task_run, run_fn, run_kwargs, call_options())
 
         def upstream_done() -> None:
             if call.done():  # cancelled while waiting

@@ -8,16 +8,13 @@ The runner (:mod:`~taskrunners._core.ray`) makes these; the sending side
 from __future__ import annotations
 
 import concurrent.futures
-from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional, Sequence
 
-from taskrunners._core.batching import OwnEntry, Sendable, batch_key_of, group_of
+from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of, group_of
 from taskrunners._core.calls import Call
 from taskrunners._core.ray_worker import Unbatched
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
-
-if TYPE_CHECKING:
-    from taskrunners._core.ray import RayTaskRunner
 
 
 class Held(NamedTuple):
@@ -36,20 +33,25 @@ class RayCall(Call, OwnEntry):
     """
 
     __slots__ = (
-        "runner", "task_run", "run_fn", "run_kwargs", "held", "options", "ref", "position",
+        "runner", "dispatcher", "task_run", "run_fn", "run_kwargs", "held", "options", "ref", "position",
         "failed", "key", "group",
     )
 
     def __init__(
         self,
-        runner: "RayTaskRunner",
+        runner: object,
+        dispatcher: Optional[Dispatcher[Any]],
         task_run: TaskRun,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
         options: Mapping[str, Any],
     ) -> None:
         Call.__init__(self)
+        #: The runner that made the call: only told apart from other runners by ``is``.
         self.runner = runner
+        #: The dispatcher of the runner's start() block, which the call waits in until
+        #: it is sent; None once the call is done (or if the runner was not started).
+        self.dispatcher = dispatcher
         self.task_run = task_run
         self.run_fn: Optional[Callable[..., Any]] = run_fn
         self.run_kwargs: Optional[Dict[str, Any]] = run_kwargs
@@ -68,12 +70,12 @@ class RayCall(Call, OwnEntry):
 
     def set_result(self, state: State) -> None:
         # A settled call keeps no argument or function (its key) alive.
-        self.run_fn = self.run_kwargs = self.key = self.group = None
+        self.run_fn = self.run_kwargs = self.key = self.group = self.dispatcher = None
         self.held = ()
         super().set_result(state)
 
     def expedite(self) -> None:
-        dispatcher = self.runner._dispatcher
+        dispatcher = self.dispatcher
         if dispatcher is not None and self._state is None:
             dispatcher.expedite(self)
 
