@@ -39,6 +39,7 @@ from taskrunners._collections import iter_leaves
 from taskrunners._core import seam
 from taskrunners._core.base import BlockingTaskRunner, is_future
 from taskrunners._core.calls import block_until_done
+from taskrunners._core.waiting import in_event_loop, wait_until_done
 from taskrunners._flow_engine import (
     Decorated,
     FlowRun,
@@ -51,7 +52,6 @@ from taskrunners._flow_engine import (
     resolve_inputs,
     runner_for_call,
 )
-from taskrunners._waiting import in_event_loop, wait_until_done
 from taskrunners.futures import DoneAndNotDone, as_completed, wait
 from taskrunners.states import Completed, Failed, State
 from taskrunners.task_runners import ConcurrentTaskRunner

@@ -22,7 +22,6 @@ import time
 import uuid
 import warnings
 from typing import (
-    TYPE_CHECKING,
     Any,
     AsyncIterator,
     Awaitable,
@@ -43,11 +42,9 @@ from typing import (
 from typing_extensions import NamedTuple
 from typing_extensions import TypeVar as DefaultTypeVar
 
-from taskrunners._waiting import in_event_loop, wait_until_done
+from taskrunners._core.calls import CallHandle, wait_for_state
+from taskrunners._core.waiting import in_event_loop, wait_until_done
 from taskrunners.states import State
-
-if TYPE_CHECKING:
-    from taskrunners._core.calls import CallHandle
 
 __all__ = [
     "TaskRun",
@@ -216,7 +213,10 @@ class PrefectFuture(Generic[R, M]):
         """
         if self.asynchronous:
             return self.task_runner.wait(self, timeout)
-        return _seam().wait_blocking(self, timeout)
+        call = self._call
+        if call is None:
+            call = call_of(self)
+        return wait_for_state(call, timeout)
 
     @overload
     def result(
@@ -239,7 +239,10 @@ class PrefectFuture(Generic[R, M]):
         """
         if self.asynchronous:
             return self._result_async(timeout, raise_on_failure)
-        return _state_data(self, _seam().wait_blocking(self, timeout), timeout, raise_on_failure)
+        call = self._call
+        if call is None:
+            call = call_of(self)
+        return _state_data(self, wait_for_state(call, timeout), timeout, raise_on_failure)
 
     async def _result_async(self, timeout: Optional[float], raise_on_failure: bool) -> Any:
         state = await self.task_runner.wait(self, timeout)
@@ -273,17 +276,40 @@ class PrefectFuture(Generic[R, M]):
         self._call = None
 
 
-def _seam() -> Any:
-    # The core imports this module, so the seam is imported on first use, once.
-    global _seam_module
-    if _seam_module is None:
-        from taskrunners._core import seam
+def call_of(future: PrefectFuture[Any], runner: Any = None) -> CallHandle:
+    """The handle of the call ``future`` stands for, as ``runner`` (or its own runner) sees it.
 
-        _seam_module = seam
-    return _seam_module
+    A future holds the handle its runner gave it. One that holds none (unpickled, or
+    made by hand) asks its runner, which says why it cannot reach the call. A runner,
+    blocking twin or facade, finds a future's call with its ``_call_of`` method.
+
+    :raises TypeError: if ``future`` is not a PrefectFuture, or its runner is no
+        taskrunners runner
+    :raises RuntimeError: if the runner cannot reach the call
+    """
+    if not isinstance(future, PrefectFuture):
+        raise TypeError(
+            f"Expected a PrefectFuture (what submitting a task returns), got "
+            f"{type(future).__name__}: {future!r}."
+        )
+    if runner is not None:
+        return runner._call_of(future)
+    call = future._call
+    if call is not None:
+        return call
+    runner = future.task_runner
+    find = getattr(runner, "_call_of", None)
+    if find is None:
+        raise not_a_runner(runner)
+    return find(future)
 
 
-_seam_module: Any = None
+def not_a_runner(runner: Any) -> TypeError:
+    """The error for an object given where a taskrunners runner was expected."""
+    return TypeError(
+        f"Expected a taskrunners runner, got {type(runner).__name__}: {runner!r}; pass "
+        "e.g. taskrunners.ConcurrentTaskRunner() or taskrunners.sync.ConcurrentTaskRunner()."
+    )
 
 
 def _state_data(
@@ -313,8 +339,6 @@ class _Completions:
     """Collects futures as their calls finish; waited on by threads and event loops."""
 
     def __init__(self, futures: Iterable[PrefectFuture[Any]]) -> None:
-        from taskrunners._core.seam import call_of  # the core imports this module
-
         self.futures = list(dict.fromkeys(futures))
         # Every future is checked before any callback is added.
         self.calls = [call_of(future) for future in self.futures]

@@ -55,7 +55,7 @@ from taskrunners._core.batching import BatchSize
 from taskrunners._core.calls import Call, CallHandle
 from taskrunners._core.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.running import checked_state, is_coroutine_function
-from taskrunners._waiting import wait_until_done
+from taskrunners._core.waiting import wait_until_done
 from taskrunners.futures import Async, PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -374,6 +374,11 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         if not await wait_until_done(call, timeout):
             return None
         return seam.state_of(call)
+
+    def _call_of(self, future: PrefectFuture[Any]) -> CallHandle:
+        """The handle of ``future``'s call, as the core sees it (a future asks this when
+        it holds none)."""
+        return seam.call_of(future, self._core)
 
     def __getstate__(self) -> Dict[str, Any]:
         data = self.__dict__.copy()

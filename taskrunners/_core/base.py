@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import enum
 import logging
 import threading
@@ -28,10 +27,11 @@ from typing import (
 
 from taskrunners._collections import iter_leaves, visit_collection
 from taskrunners._core.calls import (
-    TIMEOUT_ERRORS,
     Call,
     CallHandle,
     block_until_done,
+    state_of_done,
+    wait_for_state,
     when_all_done,
 )
 from taskrunners._core.snapshots import Memo, snapshot_call, snapshot_kwargs
@@ -49,7 +49,6 @@ __all__ = [
     "may_hold_futures",
     "check_submission",
     "check_max_workers",
-    "state_of_done",
 ]
 
 T = TypeVar("T", bound="BlockingTaskRunner")
@@ -150,14 +149,6 @@ class _AfterUpstream(Call):
         started = self.started
         if started is not None:
             started.expedite()
-
-
-def state_of_done(call: CallHandle) -> State:
-    """The State of a call that is done."""
-    try:
-        return call.result(0)
-    except BaseException as exc:  # a handle that raises instead (a cancelled Future)
-        return exception_to_crashed_state(exc)
 
 
 class RunnerIdentity:
@@ -475,19 +466,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         call = future._call
         if call is None or self._detached:
             call = self._call_of(future)
-        if not call.done():
-            call.expedite()
-            # Anything raised here but a timeout or the call's own cancellation is the
-            # waiting caller's (a Ctrl-C): it goes on even if the call just finished.
-            try:
-                call.result(timeout)
-            except TIMEOUT_ERRORS:
-                if not call.done():
-                    return None
-            except concurrent.futures.CancelledError:
-                if not call.cancelled():
-                    raise
-        return state_of_done(call)
+        return wait_for_state(call, timeout)
 
     def _call_of(self, future: PrefectFuture, action: str = "wait for work") -> Any:
         self._ensure_attached(action)

@@ -1,4 +1,4 @@
-"""Call handles: the outcome of one submitted call, and waiting for several.
+"""Call handles: the outcome of one submitted call, and waiting for one or several.
 
 Every runner hands back a :class:`Call` (or a subclass that knows its engine) for
 each call: a light, thread-safe stand-in for ``concurrent.futures.Future`` whose
@@ -22,6 +22,8 @@ __all__ = [
     "CallHandle",
     "Call",
     "done_call",
+    "state_of_done",
+    "wait_for_state",
     "when_all_done",
     "block_until_done",
 ]
@@ -181,6 +183,31 @@ def done_call(state: State) -> Call:
     call._state = state
     call._callbacks = None
     return call
+
+
+def state_of_done(call: CallHandle) -> State:
+    """The State of a call that is done."""
+    try:
+        return call.result(0)
+    except BaseException as exc:  # a handle that raises instead (a cancelled Future)
+        return exception_to_crashed_state(exc)
+
+
+def wait_for_state(call: CallHandle, timeout: Optional[float]) -> Optional[State]:
+    """Block until ``call`` is done and return its State, or None after ``timeout``."""
+    if not call.done():
+        call.expedite()
+        # Anything raised here but a timeout or the call's own cancellation is the
+        # waiting caller's (a Ctrl-C): it goes on even if the call just finished.
+        try:
+            call.result(timeout)
+        except TIMEOUT_ERRORS:
+            if not call.done():
+                return None
+        except concurrent.futures.CancelledError:
+            if not call.cancelled():
+                raise
+    return state_of_done(call)
 
 
 def when_all_done(calls: Sequence[CallHandle], then: Callable[[], object]) -> None:

@@ -42,9 +42,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import cloudpickle
 
 from taskrunners._core import dask_cluster, dask_worker
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, may_hold_futures, state_of_done
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, may_hold_futures
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
-from taskrunners._core.calls import CallHandle, when_all_done
+from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
 from taskrunners._core.dask_batches import DaskBatches, submit_annotated
 from taskrunners._core.dask_calls import (
     CLIENT_CLOSED,

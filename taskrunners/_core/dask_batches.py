@@ -53,8 +53,9 @@ from typing import Any, Callable, Dict, Hashable, List, Optional
 import cloudpickle
 
 from taskrunners._core import dask_engine, dask_worker
-from taskrunners._core.base import may_hold_futures, state_of_done
+from taskrunners._core.base import may_hold_futures
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
+from taskrunners._core.calls import state_of_done
 from taskrunners._core.dask_calls import (
     DaskBatch,
     DaskCall,

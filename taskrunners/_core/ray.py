@@ -58,9 +58,9 @@ import types
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from taskrunners._core import ray_connection, ray_engine
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, state_of_done
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, check_batch_size
-from taskrunners._core.calls import CallHandle, when_all_done
+from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
 from taskrunners._core.ray_calls import Held, RayCall, RayEntry, entry_of, stopped_state
 from taskrunners._core.ray_connection import Connection
 from taskrunners._core.ray_options import ResourceCheck, call_options, ray_options

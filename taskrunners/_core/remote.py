@@ -27,6 +27,7 @@ import cloudpickle
 from taskrunners._collections import visit_collection
 from taskrunners._core.calls import CallHandle
 from taskrunners._core.running import checked_state, is_coroutine_function
+from taskrunners.futures import PrefectFuture
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = [
@@ -86,8 +87,6 @@ def with_upstream(
     ``Upstream(n)``, ``n`` its reference's place in the returned list (equal references
     share one); any other becomes its call's State, by value.
     """
-    from taskrunners.futures import PrefectFuture
-
     places: Dict[Any, Upstream] = {}
     references: List[Any] = []
 

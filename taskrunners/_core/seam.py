@@ -1,7 +1,9 @@
-"""The blocking core as the layers above it use it: the facade, flows, futures, compat.
+"""The blocking core as the layers above it use it: the facade, flows, compat.
 
 Nothing outside ``taskrunners._core`` touches a core runner's private members; the
-other layers go through these functions. A *core* is a blocking twin
+other layers go through these functions. (A future, below the core, holds its own
+call; one that holds none asks its runner's ``_call_of``: see
+:func:`taskrunners.futures.call_of`.) A *core* is a blocking twin
 (:class:`~taskrunners._core.base.BlockingTaskRunner`); :func:`core_of` finds the one
 under a facade runner.
 """
@@ -10,11 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Collection, Dict, List, Optional
 
-from taskrunners._core.base import BlockingTaskRunner, state_of_done
-from taskrunners._core.calls import CallHandle
-from taskrunners.states import State
-
-from taskrunners.futures import PrefectFuture, TaskRun
+from taskrunners._core.base import BlockingTaskRunner
+from taskrunners._core.calls import CallHandle, state_of_done
+from taskrunners.futures import PrefectFuture, TaskRun, call_of, not_a_runner
 
 __all__ = [
     "core_of",
@@ -25,7 +25,6 @@ __all__ = [
     "bind",
     "call_of",
     "state_of",
-    "wait_blocking",
     "pending_calls",
     "cancel_pending",
     "ensure_usable",
@@ -40,10 +39,7 @@ def core_of(runner: Any) -> BlockingTaskRunner:
         return runner
     core = getattr(runner, "_core", None)
     if not isinstance(core, BlockingTaskRunner):
-        raise TypeError(
-            f"Expected a taskrunners runner, got {type(runner).__name__}: {runner!r}; pass "
-            "e.g. taskrunners.ConcurrentTaskRunner() or taskrunners.sync.ConcurrentTaskRunner()."
-        )
+        raise not_a_runner(runner)
     return core
 
 
@@ -80,35 +76,11 @@ def bind(future: PrefectFuture, call: CallHandle) -> PrefectFuture:
     return future
 
 
-def call_of(future: PrefectFuture[Any], core: Optional[BlockingTaskRunner] = None) -> CallHandle:
-    """The handle of the call ``future`` stands for, as ``core`` (or its own runner) sees it.
+# call_of(future, core=None), from the futures: the handle of the call ``future``
+# stands for, as ``core`` (or the future's own runner) sees it.
 
-    :raises TypeError: if ``future`` is not a PrefectFuture
-    :raises RuntimeError: if the runner cannot reach the call (unpickled, or a future
-        that no runner made)
-    """
-    if not isinstance(future, PrefectFuture):
-        raise TypeError(
-            f"Expected a PrefectFuture (what submitting a task returns), got "
-            f"{type(future).__name__}: {future!r}."
-        )
-    if core is not None:
-        return core._call_of(future)
-    call = future._call
-    if call is None:
-        return core_of(future.task_runner)._call_of(future)
-    return call
-
-
+#: The State of a call that is done.
 state_of = state_of_done
-
-
-def wait_blocking(future: PrefectFuture, timeout: Optional[float]) -> Optional[State]:
-    """Block until the call is done and return its State, or None after ``timeout``."""
-    call = future._call
-    if call is not None and call.done():  # a future made here by submit(): its runner's
-        return state_of_done(call)
-    return core_of(future.task_runner)._wait_blocking(future, timeout)
 
 
 def pending_calls(core: BlockingTaskRunner) -> Collection[CallHandle]:

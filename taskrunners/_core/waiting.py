@@ -1,4 +1,8 @@
-"""Waiting for calls from async code, on asyncio or trio, without holding a thread."""
+"""Waiting for calls from async code, on asyncio or trio, without holding a thread.
+
+The futures and the facade both wait this way; a thread blocks on a call with
+:func:`~taskrunners._core.calls.wait_for_state` instead.
+"""
 
 from __future__ import annotations
 
