@@ -13,6 +13,8 @@ import anyio
 import cloudpickle
 import pytest
 
+import taskrunners
+import taskrunners.sync
 from taskrunners import PrefectFuture, TaskRun
 from taskrunners._collections import iter_leaves, visit_collection
 from taskrunners.states import (
@@ -188,3 +190,29 @@ def test_future_without_runner_handle_pickles_without_its_call():
     future._call = concurrent.futures.Future()
     copy = cloudpickle.loads(cloudpickle.dumps(future))
     assert copy._call is None and copy.task_run == future.task_run
+
+
+def _completed() -> State:
+    return Completed(data=1)
+
+
+def test_a_future_waits_on_its_own_call_and_one_without_a_call_asks_its_runner():
+    held = PrefectFuture(TaskRun(name="held"), task_runner=None, asynchronous=False)
+    held._call = concurrent.futures.Future()
+    held._call.set_result(Completed(data=3))
+    assert held.result() == 3  # no runner needed to wait on the call it holds
+    with pytest.raises(TypeError, match="Expected a taskrunners runner, got NoneType"):
+        PrefectFuture(TaskRun(), task_runner=None, asynchronous=False).result()
+    runner = taskrunners.sync.ConcurrentTaskRunner()
+    with runner.start():
+        future = runner.submit(TaskRun(), _completed, {})
+        assert future.result() == 1
+        copy = cloudpickle.loads(cloudpickle.dumps(future))  # with a copy of its runner
+        with pytest.raises(RuntimeError, match="cannot be used to wait for work after serialization"):
+            copy.wait()
+        stranger = PrefectFuture(TaskRun(name="stranger"), runner, asynchronous=False)
+        with pytest.raises(RuntimeError, match="No call for task run 'stranger'"):
+            stranger.result(timeout=1)
+    facade = taskrunners.ConcurrentTaskRunner()
+    with pytest.raises(RuntimeError, match="No call for task run 'other'"):
+        taskrunners.wait([PrefectFuture(TaskRun(name="other"), facade, asynchronous=True)])

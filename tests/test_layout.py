@@ -1,0 +1,253 @@
+"""The package's imports form layers: no import circle, and the blocking core below the rest.
+
+The imports are read from the source with :mod:`ast`: every ``import`` and
+``from ... import`` anywhere in a module, at its top, inside a function or under
+``if TYPE_CHECKING:`` alike (a circle through type hints alone is still a circle a
+reader follows; a protocol naming what is needed breaks it). Relative imports are
+resolved. ``from package import name`` is an import of ``package.name`` when that is a
+module, else of ``package`` itself. A module's package ``__init__`` running first is
+not counted as an import of it, and names imported through ``importlib`` are not read.
+
+The modules are those of ``taskrunners/`` (with ``compat/`` read as
+``taskrunners.compat``, the package it is linked into) and of ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import pathlib
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+
+import pytest
+
+from tests.support import ROOT
+
+#: Where each top-level package's modules are read from.
+PACKAGES = {
+    "taskrunners": ROOT / "taskrunners",
+    "taskrunners.compat": ROOT / "compat",
+    "benchmarks": ROOT / "benchmarks",
+}
+
+#: The layers above the blocking core: nothing in ``taskrunners._core`` may reach one
+#: of these, directly or through the modules it imports (the models it may import,
+#: ``taskrunners.states``, ``taskrunners.futures`` and ``taskrunners._collections``,
+#: must not reach them either).
+ABOVE_CORE = (
+    "taskrunners.task_runners",
+    "taskrunners.flows",
+    "taskrunners.tasks",
+    "taskrunners._flow_engine",
+    "taskrunners._task_runs",
+    "taskrunners.sync",
+    "taskrunners.compat",
+    "taskrunners._waiting",
+)
+CORE = "taskrunners._core"
+
+Graph = Dict[str, Set[str]]
+
+
+def module_files() -> Dict[str, Tuple[pathlib.Path, bool]]:
+    """Every module by dotted name: its file, and whether it is a package's ``__init__``."""
+    modules = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            relative = path.relative_to(folder).with_suffix("")
+            if package == "taskrunners" and relative.parts[0] == "compat":  # read from compat/
+                continue
+            parts = list(relative.parts)
+            is_package = parts[-1] == "__init__"
+            if is_package:
+                parts.pop()
+            modules[".".join([package, *parts])] = (path, is_package)
+    return modules
+
+
+def _resolve(module: str, is_package: bool, level: int, name: Optional[str]) -> str:
+    """The absolute name of a relative import ``from <level dots><name> import ...``."""
+    base = module.split(".")
+    base = base if is_package else base[:-1]
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([name] if name else []))
+
+
+def imports_of(module: str, path: pathlib.Path, is_package: bool, known: Set[str]) -> Iterator[str]:
+    """The modules of ``known`` that ``module`` imports, anywhere in its source."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield from _known_prefix(alias.name, known)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                source = _resolve(module, is_package, node.level, node.module)
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                if submodule in known:
+                    yield submodule
+                else:
+                    yield from _known_prefix(source, known)
+
+
+def _known_prefix(name: str, known: Set[str]) -> Iterator[str]:
+    """``name``, or the longest package of it that is a known module (if any)."""
+    parts = name.split(".")
+    while parts:
+        candidate = ".".join(parts)
+        if candidate in known:
+            yield candidate
+            return
+        parts.pop()
+
+
+def import_graph() -> Graph:
+    """Each module of the packages: the modules of the packages it imports."""
+    files = module_files()
+    known = set(files)
+    return {
+        module: set(imports_of(module, path, is_package, known)) - {module}
+        for module, (path, is_package) in files.items()
+    }
+
+
+def strongly_connected(graph: Graph) -> List[Set[str]]:
+    """The groups of modules that reach each other (Tarjan's algorithm, no recursion)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    groups: List[Set[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, targets = work[-1]
+            for target in targets:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    on_stack.add(target)
+                    work.append((target, iter(sorted(graph[target]))))
+                    break
+                if target in on_stack:
+                    low[node] = min(low[node], index[target])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    group = set()
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.add(member)
+                        if member == node:
+                            break
+                    groups.append(group)
+    return [group for group in groups if len(group) > 1]
+
+
+def shortest_path(graph: Graph, start: str, goal: str, within: Optional[Set[str]] = None) -> List[str]:
+    """The shortest chain of imports from ``start`` to ``goal`` (empty if none)."""
+    came_from: Dict[str, Optional[str]] = {start: None}
+    queue = collections.deque([start])
+    while queue:
+        node = queue.popleft()
+        if node == goal:
+            path = []
+            step: Optional[str] = node
+            while step is not None:
+                path.append(step)
+                step = came_from[step]
+            return path[::-1]
+        for target in sorted(graph[node]):
+            if target not in came_from and (within is None or target in within):
+                came_from[target] = node
+                queue.append(target)
+    return []
+
+
+def cycles(graph: Graph) -> List[List[str]]:
+    """Circles that, together, take every import inside each group of modules reaching
+    each other: for each such import ``a -> b``, the shortest way back from b to a."""
+    found: Dict[Tuple[str, ...], List[str]] = {}
+    for group in strongly_connected(graph):
+        for source in sorted(group):
+            for target in sorted(graph[source] & group):
+                back = shortest_path(graph, target, source, within=group)
+                circle = [source, *back]
+                # The same circle entered at another module is the same circle.
+                turn = circle[:-1].index(min(circle[:-1]))
+                canonical = circle[turn:-1] + circle[:turn] + [circle[turn]]
+                found.setdefault(tuple(canonical), canonical)
+    return sorted(found.values())
+
+
+def test_the_import_graph_is_read():
+    graph = import_graph()
+    # A few imports every version of the package has: the reader is not blind.
+    assert "taskrunners._core.calls" in graph["taskrunners._core.base"]
+    assert "taskrunners.states" in graph["taskrunners._core.calls"]
+    assert "taskrunners._core.seam" in graph["taskrunners.compat.futures"]
+    assert "benchmarks.engines" in graph["benchmarks.cli"]
+    assert "taskrunners.sync" in graph["taskrunners.task_runners"]  # from taskrunners import sync
+    # The layers the core must not reach exist, but for taskrunners._waiting: the
+    # waiting that futures and facade share is in the core (taskrunners._core.waiting).
+    assert set(ABOVE_CORE) - set(graph) <= {"taskrunners._waiting"}
+
+
+def test_reading_finds_circles_through_any_kind_of_import(tmp_path):
+    source = {
+        "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.b import B\n",
+        "b.py": "def f():\n    from . import c\n",
+        "c.py": "from .a import A\n",
+        "d.py": "import pkg.a\n",
+    }
+    for name, text in source.items():
+        (tmp_path / name).write_text(text)
+    known = {f"pkg.{name[:-3]}" for name in source}
+    graph = {
+        f"pkg.{name[:-3]}": set(imports_of(f"pkg.{name[:-3]}", tmp_path / name, False, known))
+        for name in source
+    }
+    assert graph["pkg.d"] == {"pkg.a"}
+    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+
+
+def test_no_import_circles():
+    found = cycles(import_graph())
+    if found:
+        pytest.fail("Import circles:\n" + "\n".join("  " + " -> ".join(circle) for circle in found))
+
+
+def test_the_core_reaches_no_layer_above_it():
+    graph = import_graph()
+    core = [module for module in graph if module == CORE or module.startswith(CORE + ".")]
+    # One search from every core module at once: the shortest way up to each layer.
+    came_from: Dict[str, Optional[str]] = dict.fromkeys(core)
+    queue = collections.deque(sorted(core))
+    while queue:
+        node = queue.popleft()
+        for target in sorted(graph[node]):
+            if target not in came_from:
+                came_from[target] = node
+                queue.append(target)
+    wrong = []
+    for above in ABOVE_CORE:
+        if above in came_from:
+            path = [above]
+            while came_from[path[-1]] is not None:
+                path.append(came_from[path[-1]])
+            wrong.append(" -> ".join(reversed(path)))
+    if wrong:
+        pytest.fail("The blocking core imports a layer above it:\n" + "\n".join("  " + path for path in wrong))
