@@ -42,7 +42,6 @@ ABOVE_CORE = (
     "taskrunners._task_runs",
     "taskrunners.sync",
     "taskrunners.compat",
-    "taskrunners._waiting",
 )
 CORE = "taskrunners._core"
 
@@ -201,9 +200,8 @@ def test_the_import_graph_is_read():
     assert "taskrunners._core.seam" in graph["taskrunners.compat.futures"]
     assert "benchmarks.engines" in graph["benchmarks.cli"]
     assert "taskrunners.sync" in graph["taskrunners.task_runners"]  # from taskrunners import sync
-    # The layers the core must not reach exist, but for taskrunners._waiting: the
-    # waiting that futures and facade share is in the core (taskrunners._core.waiting).
-    assert set(ABOVE_CORE) - set(graph) <= {"taskrunners._waiting"}
+    # The layers the core must not reach exist.
+    assert set(ABOVE_CORE) <= set(graph)
 
 
 def test_reading_finds_circles_through_any_kind_of_import(tmp_path):
