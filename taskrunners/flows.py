@@ -28,9 +28,10 @@ in :mod:`taskrunners.futures`. This module exports them all, as it always has.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Any, Callable, Coroutine, Generic, Optional, Tuple, TypeVar, cast, overload
+from typing import Any, Callable, Coroutine, Generic, Iterator, Optional, Tuple, TypeVar, cast, overload
 
 import anyio
 from typing_extensions import ParamSpec, Protocol
@@ -143,26 +144,16 @@ class Flow(Decorated[P], Generic[P, R]):
         if not_ready is not None:
             return not_ready
         failure: Optional[State[Any]] = None
-        raised: Optional[Exception] = None  # by the body
         value: Any = None
         with runner_for_call(self._task_runner) as runner:
             core = seam.core_of(runner)
             token = current_flow_run.set(FlowRun(core))
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, core)
-                # A body that raises leaves the block as an exception does: calls not
-                # started are cancelled and owned workers stopped, so a hung call
-                # cannot hold the flow. What the runner itself raises goes on.
-                with core.start():
-                    try:
-                        value = self.fn(*args, **kwargs)
-                    except Exception as exc:
-                        raised = exc
-                        raise
-            except Exception as exc:
-                if exc is not raised:
-                    raise
-                failure = self._failed(exc)
+                with core.start(), _from_body():
+                    value = self.fn(*args, **kwargs)
+            except _BodyRaised as raised:
+                failure = self._failed(raised.exc)
             finally:
                 current_flow_run.reset(token)
         if failure is not None:
@@ -175,7 +166,6 @@ class Flow(Decorated[P], Generic[P, R]):
         if not_ready is not None:
             return not_ready
         failure: Optional[State[Any]] = None
-        raised: Optional[Exception] = None  # by the body
         value: Any = None
         with runner_for_call(self._task_runner) as runner:
             if isinstance(runner, BlockingTaskRunner):
@@ -187,16 +177,11 @@ class Flow(Decorated[P], Generic[P, R]):
             token = current_flow_run.set(FlowRun(seam.core_of(runner), runner))
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, runner)
-                async with runner.start():  # as in _run_blocking
-                    try:
+                async with runner.start():
+                    with _from_body():
                         value = await self.fn(*args, **kwargs)
-                    except Exception as exc:
-                        raised = exc
-                        raise
-            except Exception as exc:
-                if exc is not raised:
-                    raise
-                failure = self._failed(exc)
+            except _BodyRaised as raised:
+                failure = self._failed(raised.exc)
             finally:
                 current_flow_run.reset(token)
         # A runner may have turned a cancellation into a Crashed task run (Prefect 2's
@@ -253,6 +238,25 @@ class Flow(Decorated[P], Generic[P, R]):
             await wait_until_done(seam.call_of(future), None)
         states = {run_id: done_state(f) for run_id, f in upstream.items()}
         return resolve_inputs(args, kwargs, states)
+
+
+class _BodyRaised(Exception):
+    """What a flow's body raised, on its way out of the runner's block."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
+@contextlib.contextmanager
+def _from_body() -> Iterator[None]:
+    # A body that raises leaves the runner's block as an exception does (calls not
+    # started cancelled, owned workers stopped), so a hung call cannot hold the flow;
+    # what the runner itself raises is not the body's, and goes on.
+    try:
+        yield
+    except Exception as exc:
+        raise _BodyRaised(exc) from exc
 
 
 def _is_state(value: Any) -> bool:
