@@ -94,7 +94,7 @@ def snapshot_call(
     run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], memo: Optional[Memo] = None
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
     """``run_fn`` and ``run_kwargs`` as they are now, for a call that is sent later."""
-    own = getattr(type(run_fn), "__snapshot__", None)
+    own = _own_snapshot(type(run_fn))
     if own is not None:
         run_fn = own(run_fn, memo)
     return run_fn, snapshot_kwargs(run_kwargs, memo)
@@ -119,7 +119,7 @@ def snapshot(value: Any, memo: Optional[Memo] = None) -> Any:
     kind = type(value)
     if kind in _UNCHANGING:
         return value
-    own = getattr(kind, "__snapshot__", None)
+    own = _own_snapshot(kind)
     if own is not None:
         return own(value, memo)
     if memo is None:
@@ -128,6 +128,22 @@ def snapshot(value: Any, memo: Optional[Memo] = None) -> Any:
     if taken is None:
         taken = memo[id(value)] = (value, _take(value, kind, memo))
     return taken[1]
+
+
+# Each type's __snapshot__ (or None), for the types seen: a few hundred at most.
+_own_snapshots: Dict[type, Optional[Callable[[Any, Optional[Memo]], Any]]] = {}
+_TYPES_KEPT = 512
+
+
+def _own_snapshot(kind: type) -> Optional[Callable[[Any, Optional[Memo]], Any]]:
+    try:
+        return _own_snapshots[kind]
+    except KeyError:
+        pass
+    own = getattr(kind, "__snapshot__", None)
+    if len(_own_snapshots) < _TYPES_KEPT:
+        _own_snapshots[kind] = own
+    return own
 
 
 def snapshot_each(values: Sequence[Any], memo: Optional[Memo]) -> List[Any]:
