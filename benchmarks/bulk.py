@@ -15,14 +15,9 @@ import multiprocessing
 from functools import partial
 from typing import Any, Optional
 
-from benchmarks.engines import (
-    BatchTimeout,
-    EngineSettings,
-    Family,
-    RunnerUnavailable,
-    SharedCluster,
-    SyncEngine,
-)
+from benchmarks.clusters import SharedCluster
+from benchmarks.engines import BatchTimeout, EngineSettings, SyncEngine
+from benchmarks.families import Family, RunnerUnavailable
 from benchmarks.workloads import call_ignoring_item
 
 __all__ = ["bulk_engine", "JoblibMap", "DaskBagMap", "RayPoolMap"]

@@ -3,7 +3,7 @@
 Each chart says how to read it. A value axis starts at zero unless the values span
 more than a decade; then it is logarithmic and its label says so (ratios always are,
 their bars growing from 1). Tick labels carry as many decimals as it takes to tell
-them apart. A rate or ratio that is noisy by ``report.NOISE_RULE`` is drawn faded and
+them apart. A rate or ratio that is noisy by ``results.NOISE_RULE`` is drawn faded and
 hatched (bars) or hollow (points), with a legend entry saying so. On the crossover
 chart a line style and marker mean one mode in both panels, under one legend.
 """
@@ -16,21 +16,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from matplotlib.ticker import Formatter
 
-from benchmarks.engines import FAMILIES
-from benchmarks.report import (
-    CLASSIC_MODES,
+from benchmarks.families import FAMILIES
+from benchmarks.machine import machine_line
+from benchmarks.results import (
     MIN_CALLS,
     MIN_ROUNDS,
     MODE_TITLES,
     NOISY_SPREAD,
-    SMALL_CALL_MODES,
     Results,
-    machine_line,
-    repeats_text,
     run_families,
     run_workloads,
     write_json,
 )
+from benchmarks.tables import CLASSIC_MODES, SMALL_CALL_MODES, repeats_text
 from benchmarks.workloads import WORKLOADS
 
 __all__ = [

@@ -11,8 +11,10 @@ import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 
-from benchmarks.engines import FAMILIES, EngineSettings, has_batch_size, quiet_engines
-from benchmarks.measure import LONG_REPEATS
+from benchmarks.clusters import quiet_engines
+from benchmarks.engines import EngineSettings
+from benchmarks.families import FAMILIES, has_batch_size
+from benchmarks.sessions import LONG_REPEATS, Config, plan_sessions
 from benchmarks.workloads import WORKLOAD_GROUPS, WORKLOADS
 
 __all__ = ["main", "parse_args"]
@@ -154,11 +156,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmarks; 0 when every measured cell succeeded, 1 if any failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from benchmarks import charts, report
+    from benchmarks import charts
+    from benchmarks.results import load_json
+    from benchmarks.tables import default_console
 
-    console = report.default_console()
+    console = default_console()
     if args.from_json is not None:
-        results = report.load_json(args.from_json)
+        results = load_json(args.from_json)
         _print_tables(results, console, args.markdown)
         args.output.mkdir(parents=True, exist_ok=True)
         written = charts.write_charts(results, args.output)
@@ -183,12 +187,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _print_tables(results, console, markdown: bool) -> None:
-    from benchmarks import report
+    from benchmarks.tables import markdown_tables, render_tables
 
     if markdown:
-        print(report.markdown_tables(results))
+        print(markdown_tables(results))
     else:
-        report.render_tables(results, console)
+        render_tables(results, console)
 
 
 def measure(args: argparse.Namespace, console, environment, command: str):
@@ -198,8 +202,9 @@ def measure(args: argparse.Namespace, console, environment, command: str):
         BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
     )
 
-    from benchmarks import report
-    from benchmarks.measure import Config, plan_sessions, run_sessions
+    from benchmarks.machine import machine_info
+    from benchmarks.measure import run_sessions
+    from benchmarks.results import Results
     from benchmarks.workloads import CPU_SECONDS, calibrate_spin, cpu
 
     started = time.perf_counter()
@@ -247,7 +252,7 @@ def measure(args: argparse.Namespace, console, environment, command: str):
         from benchmarks.peers import applied
 
         environment = {**environment, **applied}
-    machine = report.machine_info(workers)
+    machine = machine_info(workers)
     # How busy the machine was: other processes make every number noisier.
     machine["load_average_before"] = load_before
     machine["load_average_after"] = _load_average()
@@ -256,7 +261,7 @@ def measure(args: argparse.Namespace, console, environment, command: str):
     if spin_iterations:
         # The same 20 ms of work timed again: a drift shows the machine's speed changed.
         run_config["cpu_spin_seconds_after"] = _time_spin(spin_iterations)
-    results = report.Results(
+    results = Results(
         config=run_config,
         machine=machine,
         cells=[cell for s in sessions for cell in s.cells],

@@ -26,7 +26,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.bulk import JoblibMap, bulk_engine
-from benchmarks.engines import FAMILIES, EngineSettings, SharedCluster, SyncEngine, quiet_engines
+from benchmarks.clusters import SharedCluster, quiet_engines
+from benchmarks.engines import EngineSettings, SyncEngine
+from benchmarks.families import FAMILIES
 from benchmarks.workloads import calibrate_spin, cpu, noop
 
 __all__ = ["main"]

@@ -16,7 +16,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from benchmarks.engines import BatchTimeout, EngineSettings, Family, RunnerUnavailable, SyncEngine
+from benchmarks.engines import BatchTimeout, EngineSettings, SyncEngine
+from benchmarks.families import Family, RunnerUnavailable
 from benchmarks.workloads import PLAIN_OF
 
 __all__ = ["peer_engine", "prefect_offline"]

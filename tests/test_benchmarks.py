@@ -12,19 +12,16 @@ import os
 import pytest
 
 import taskrunners.sync
-from benchmarks import charts, report
+from benchmarks import charts
 from benchmarks.bulk import bulk_engine
 from benchmarks.cli import parse_args
-from benchmarks.engines import (
-    FAMILIES,
-    EngineSettings,
-    Family,
-    PlainLoop,
-    RunnerUnavailable,
-    SyncEngine,
-    has_batch_size,
-)
-from benchmarks.measure import Config, Contender, Session, SessionRecord, plan_sessions, run_sessions
+from benchmarks.engines import EngineSettings, SyncEngine
+from benchmarks.families import FAMILIES, Family, RunnerUnavailable, has_batch_size
+from benchmarks.measure import run_sessions
+from benchmarks.raw_engines import PlainLoop
+from benchmarks.results import FORMAT, NOISE_RULE, Cell, Results, SessionRecord, load_json
+from benchmarks.sessions import Config, Contender, Session, plan_sessions
+from benchmarks.tables import markdown_tables, render_tables, small_call_rows, table_rows
 from benchmarks.workloads import WORKLOAD_GROUPS, WORKLOADS
 from taskrunners.states import Completed, Failed
 from tests.support import ROOT
@@ -80,7 +77,7 @@ def test_quick_run_writes_every_measurement_mode_and_the_machine(quick_run):
     process, output = quick_run
     assert process.returncode == 0, process.stderr[-3000:]
     data = json.loads((output / "results.json").read_text())
-    assert data["format"] == report.FORMAT
+    assert data["format"] == FORMAT
     machine = data["machine"]
     for key in ("cpu_count", "usable_cpus", "platform", "python", "packages",
                 "load_average_before", "load_average_after"):
@@ -147,16 +144,16 @@ def test_results_of_the_previous_format_still_load(tmp_path):
     # Part of the reference committed before the small-call workloads (format 1).
     old = ROOT / "tests" / "support" / "benchmark_results_format1.json"
     assert json.loads(old.read_text())["format"] == "taskrunners-benchmarks/1"
-    results = report.load_json(old)
-    assert report.table_rows(results) and not report.small_call_rows(results)
+    results = load_json(old)
+    assert table_rows(results) and not small_call_rows(results)
     assert charts.write_charts(results, tmp_path) == [tmp_path / "results.png"]
 
 
 def test_the_readme_shows_every_table_of_the_committed_reference():
     # The README's benchmark section is `--from-json benchmarks/reference/results.json
     # --markdown`, pasted whole: a table left out, or numbers from another run, fail.
-    reference = report.load_json(ROOT / "benchmarks" / "reference" / "results.json")
-    tables = report.markdown_tables(reference)
+    reference = load_json(ROOT / "benchmarks" / "reference" / "results.json")
+    tables = markdown_tables(reference)
     assert tables.count("| workload | runner |") == 2
     assert tables in (ROOT / "README.md").read_text()
 
@@ -206,8 +203,6 @@ def _session(*contenders, config=None, index=0):
     noop = WORKLOADS["noop"]
     made = []
     for mode, make_engine in contenders:
-        from benchmarks.measure import Cell
-
         cells = {"noop": Cell("noop", "sequential", mode, calls=5, session=index)}
         record = SessionRecord("sequential", mode, workloads=["noop"], session=index)
         made.append(Contender(mode, make_engine, cells, record))
@@ -215,7 +210,7 @@ def _session(*contenders, config=None, index=0):
 
 
 def _results(sessions, config=None):
-    return report.Results(
+    return Results(
         config=(config or _config()).as_dict(), machine={},
         cells=[cell for s in sessions for cell in s.cells],
         sessions=[record for s in sessions for record in s.records],
@@ -390,7 +385,7 @@ def _rendered(results):
     from rich.console import Console
 
     console = Console(width=250, file=io.StringIO())
-    report.render_tables(results, console)
+    render_tables(results, console)
     return console.file.getvalue()
 
 
@@ -471,14 +466,12 @@ def test_a_prefect_session_runs_its_batches_inside_the_peer():
 
 
 def _cell(workload, family, mode, seconds, calls=100, engine="engine"):
-    from benchmarks.measure import Cell
-
     return Cell(workload, family, mode, engine=engine, calls=calls, status="ok", session=0,
                 seconds=list(seconds))
 
 
 def _fake_results(cells, workloads, runners, repeats=5):
-    return report.Results(
+    return Results(
         config={"workloads": list(workloads), "runners": list(runners), "repeats": repeats,
                 "long_repeats": min(repeats, 3), "interleaved": True, "engines": {"workers": 2}},
         machine={}, cells=cells, sessions=[], created="2026-01-01T00:00:00+00:00",
@@ -544,11 +537,11 @@ def _quick_sweep_point():
 
 def test_a_ratio_from_one_round_of_few_calls_is_marked_noisy_in_the_tables():
     results = _fake_results(_quick_sweep_point(), ["sweep-100ms"], ["parallel"], repeats=1)
-    (row,) = report.small_call_rows(results)
+    (row,) = small_call_rows(results)
     assert row["noisy"]["twin_vs_raw"] == "4 calls × 1 round"
     assert "~ bs=1 ×: 4 calls × 1 round" in row["notes"]
-    markdown = report.markdown_tables(results)
-    assert "| ~0.50× |" in markdown and report.NOISE_RULE in markdown
+    markdown = markdown_tables(results)
+    assert "| ~0.50× |" in markdown and NOISE_RULE in markdown
     assert "~0.50×" in _rendered(results)
 
 
@@ -565,7 +558,7 @@ def test_a_ratio_whose_rounds_disagree_is_noisy_and_a_steady_one_is_not():
             _cell("noop", "parallel", "twin", [0.5, 1.0, 3.0])]
     results = _fake_results(wild, ["noop"], ["parallel"])
     assert results.noise(wild[1], wild[0]) == "rounds up to 6× apart"
-    (row,) = report.table_rows(results)
+    (row,) = table_rows(results)
     assert row["noisy"]["twin_vs_raw"] and "~ twin ×: rounds up to 6× apart" in row["notes"]
     data = results.as_dict()
     twin = next(c for c in data["cells"] if c["mode"] == "twin")
