@@ -324,7 +324,7 @@ def test_every_private_distributed_name_the_runner_relies_on_is_still_there():
     missing = sorted(name for name, present in found.items() if not present)
     assert not missing, (
         f"distributed {distributed.__version__} no longer has what these functions of "
-        f"taskrunners/_core/dask_private.py use: {', '.join(missing)}. Each now takes its "
+        f"taskrunners/_core/dask/dask_private.py use: {', '.join(missing)}. Each now takes its "
         "fallback; update it for this version, or pin distributed below it in setup.cfg."
     )
 
