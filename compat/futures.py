@@ -23,8 +23,8 @@ from typing import Any, Callable, Coroutine, Dict, Optional, TypeVar, overload
 from typing_extensions import ParamSpec
 
 from taskrunners._core import seam
+from taskrunners._core.remote.snapshots import Memo, all_unchanging, snapshot_each
 from taskrunners._core.running import is_coroutine_function
-from taskrunners._core.snapshots import Memo, all_unchanging, snapshot_each
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
 

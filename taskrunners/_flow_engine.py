@@ -31,7 +31,7 @@ from typing_extensions import ParamSpec
 from taskrunners._collections import visit_collection
 from taskrunners._core import seam
 from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, is_future
-from taskrunners._core.remote import Upstream
+from taskrunners._core.remote.protocol import Upstream
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Pending, State
 from taskrunners.task_runners import BaseTaskRunner, _FacadeRunner

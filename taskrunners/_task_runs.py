@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence, 
 import anyio
 import tenacity
 
-from taskrunners._core.snapshots import Memo, all_unchanging, snapshot_each, unchanging
+from taskrunners._core.remote.snapshots import Memo, all_unchanging, snapshot_each, unchanging
 from taskrunners._flow_engine import current_flow_run, mark_inputs, resolve_inputs
 from taskrunners.futures import TaskRun
 from taskrunners.states import Completed, Failed, State
@@ -88,7 +88,7 @@ def submission(
     task: RunnableTask, task_run: TaskRun, args: tuple, kwargs: dict
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
     """The ``run_fn`` and ``run_kwargs`` that run ``task`` on these arguments."""
-    # The markers are remote.Upstream placeholders keyed by run id. They must stay
+    # The markers are remote.protocol.Upstream placeholders keyed by run id. They must stay
     # inside the TaskInvocation, which no runner walks: in a run kwarg of their own, a
     # remote backend's substitute() would look their run ids up among its references.
     args, kwargs, upstream, plain = mark_inputs(args, kwargs)

@@ -14,11 +14,12 @@ needed. Futures they return have ``asynchronous=False``.
 """
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.concurrent import ConcurrentTaskRunner
-from taskrunners._core.dask import DaskTaskRunner
-from taskrunners._core.parallel import ParallelTaskRunner
-from taskrunners._core.ray import RayTaskRunner, ray_options
-from taskrunners._core.sequential import SequentialTaskRunner
+from taskrunners._core.dask.runner import DaskTaskRunner
+from taskrunners._core.local.sequential import SequentialTaskRunner
+from taskrunners._core.local.threads import ConcurrentTaskRunner
+from taskrunners._core.parallel.runner import ParallelTaskRunner
+from taskrunners._core.ray.options import ray_options
+from taskrunners._core.ray.runner import RayTaskRunner
 
 __all__ = [
     "BlockingTaskRunner",

@@ -53,7 +53,7 @@ from taskrunners._core.base import (
 )
 from taskrunners._core.batching import BatchSize
 from taskrunners._core.calls import Call, CallHandle
-from taskrunners._core.interrupts import interrupted_since, sigint_watch
+from taskrunners._core.local.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.running import checked_state, is_coroutine_function
 from taskrunners._core.waiting import wait_until_done
 from taskrunners.futures import Async, PrefectFuture, RunFn, Sync, TaskRun

@@ -316,15 +316,15 @@ def test_missing_distributed_gives_the_documented_error_on_start():
 
 
 def test_every_private_distributed_name_the_runner_relies_on_is_still_there():
-    from taskrunners._core import dask_engine
+    from taskrunners._core.dask import dask_private
 
     with threads_runner().start() as runner:
-        found = dask_engine.required(runner._client, runner._cluster)
-    assert set(found) == set(dask_engine.__all__) - {"required"}
+        found = dask_private.required(runner._client, runner._cluster)
+    assert set(found) == set(dask_private.__all__) - {"required"}
     missing = sorted(name for name, present in found.items() if not present)
     assert not missing, (
         f"distributed {distributed.__version__} no longer has what these functions of "
-        f"taskrunners/_core/dask_engine.py use: {', '.join(missing)}. Each now takes its "
+        f"taskrunners/_core/dask/dask_private.py use: {', '.join(missing)}. Each now takes its "
         "fallback; update it for this version, or pin distributed below it in setup.cfg."
     )
 

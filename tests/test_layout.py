@@ -1,4 +1,5 @@
-"""The package's imports form layers: no import circle, and the blocking core below the rest.
+"""The package's imports form layers: no import circle, the blocking core below the rest,
+and in the core a folder per backend that no other backend reaches into.
 
 The imports are read from the source with :mod:`ast`: every ``import`` and
 ``from ... import`` anywhere in a module, at its top, inside a function or under
@@ -44,6 +45,13 @@ ABOVE_CORE = (
     "taskrunners.compat",
 )
 CORE = "taskrunners._core"
+
+#: The core's folders: one per backend, and ``remote`` for what the process-based ones
+#: share. No core module imports a backend's folder from outside it, and ``local``
+#: (the in-process runners) imports nothing of ``remote``. What every runner shares
+#: sits at the top of the core.
+BACKEND_FOLDERS = ("local", "parallel", "dask", "ray")
+REMOTE_FOLDER = "remote"
 
 Graph = Dict[str, Set[str]]
 
@@ -249,3 +257,28 @@ def test_the_core_reaches_no_layer_above_it():
             wrong.append(" -> ".join(reversed(path)))
     if wrong:
         pytest.fail("The blocking core imports a layer above it:\n" + "\n".join("  " + path for path in wrong))
+
+
+def _core_folder(module: str) -> Optional[str]:
+    """The folder of the core that ``module`` is in (None at the core's top, or outside it)."""
+    parts = module.split(".")
+    return parts[2] if module.startswith(CORE + ".") and len(parts) > 3 else None
+
+
+def test_the_core_folders_show_the_design():
+    graph = import_graph()
+    folders = {_core_folder(module) for module in graph} - {None}
+    assert folders == {*BACKEND_FOLDERS, REMOTE_FOLDER}, folders
+    wrong = []
+    for module in sorted(graph):
+        if not (module == CORE or module.startswith(CORE + ".")):
+            continue
+        here = _core_folder(module)
+        for target in sorted(graph[module]):
+            there = _core_folder(target)
+            if there is None or there == here:
+                continue
+            if there in BACKEND_FOLDERS or (there == REMOTE_FOLDER and here == "local"):
+                wrong.append(f"{module} -> {target}")
+    if wrong:
+        pytest.fail("A core module imports another backend's folder:\n" + "\n".join("  " + w for w in wrong))

@@ -25,7 +25,7 @@ import pytest
 from loky.process_executor import TerminatedWorkerError
 
 from taskrunners import TaskRun
-from taskrunners._core import loky_engine
+from taskrunners._core.parallel import loky_private
 from taskrunners._core.seam import core_of
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
@@ -74,10 +74,10 @@ def test_settings_are_kept_and_max_workers_defaults_to_usable_cpus():
 # -- what the runner reads of loky beyond its public API -------------------------------------
 
 
-@pytest.mark.parametrize("function", loky_engine.required())
+@pytest.mark.parametrize("function", loky_private.required())
 def test_the_installed_loky_has_the_private_name_each_engine_function_reads(function):
-    assert loky_engine.available(function), (
-        f"taskrunners._core.loky_engine.{function}() falls back: loky {loky.__version__} no "
+    assert loky_private.available(function), (
+        f"taskrunners._core.parallel.loky_private.{function}() falls back: loky {loky.__version__} no "
         "longer has the private name it reads. Adapt the function, and the loky range in "
         "setup.cfg."
     )
@@ -93,17 +93,17 @@ def test_the_engine_functions_fall_back_when_loky_lacks_their_private_name(monke
     monkeypatch.delattr(resource_tracker, "unregister")
     # (stopped_workers and no_wakeup are left out: their checks start an executor,
     # which needs the tracker.)
-    names = [n for n in loky_engine.required() if n not in ("stopped_workers", "no_wakeup")]
-    assert [name for name in names if not loky_engine.available(name)] == names
-    assert loky_engine.call_queue_size(2) == 5
-    error = loky_engine.worker_died_error("a worker died")
+    names = [n for n in loky_private.required() if n not in ("stopped_workers", "no_wakeup")]
+    assert [name for name in names if not loky_private.available(name)] == names
+    assert loky_private.call_queue_size(2) == 5
+    error = loky_private.worker_died_error("a worker died")
     assert type(error) is loky.BrokenProcessPool and str(error) == "a worker died"
-    assert not loky_engine.is_shutdown_error(RuntimeError("cannot schedule new futures"))
-    assert loky_engine.stopped_workers(object()) == {}
-    with loky_engine.no_wakeup(object()):  # an executor without the wake-up: nothing done
+    assert not loky_private.is_shutdown_error(RuntimeError("cannot schedule new futures"))
+    assert loky_private.stopped_workers(object()) == {}
+    with loky_private.no_wakeup(object()):  # an executor without the wake-up: nothing done
         pass
-    loky_engine.track_folder(str(tmp_path))  # nothing to do, and no error
-    loky_engine.untrack_folder(str(tmp_path))
+    loky_private.track_folder(str(tmp_path))  # nothing to do, and no error
+    loky_private.untrack_folder(str(tmp_path))
 
 
 def test_no_wakeup_silences_the_managers_wakeup_only_within_and_raises_through():
@@ -111,7 +111,7 @@ def test_no_wakeup_silences_the_managers_wakeup_only_within_and_raises_through()
     try:
         wakeup = executor._executor_manager_thread_wakeup
         with pytest.raises(ZeroDivisionError):
-            with loky_engine.no_wakeup(executor):
+            with loky_private.no_wakeup(executor):
                 assert executor._executor_manager_thread_wakeup is not wakeup
                 raise ZeroDivisionError
         assert executor._executor_manager_thread_wakeup is wakeup

@@ -21,7 +21,7 @@ import pytest
 
 import taskrunners
 from taskrunners import TaskRun, flow, task
-from taskrunners._core.parallel_pool import ProcessPool
+from taskrunners._core.parallel.pool import ProcessPool
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
 from tests.support import parallel_payloads, payloads

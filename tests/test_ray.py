@@ -23,9 +23,9 @@ import pytest
 import taskrunners
 import taskrunners.sync
 from taskrunners import TaskRun
-from taskrunners._core import ray_engine
-from taskrunners._core.ray import DEFAULT_REMOTE_OPTIONS, ray_options
-from taskrunners._core.ray_options import call_options
+from taskrunners._core.ray import ray_private
+from taskrunners._core.ray.options import call_options, ray_options
+from taskrunners._core.ray.runner import DEFAULT_REMOTE_OPTIONS
 from taskrunners.states import Completed
 from tests.support import payloads, ray_payloads
 from tests.support.driver import driving
@@ -222,13 +222,13 @@ def test_ray_options_validate_and_nest():
     assert dict(call_options()) == {}
 
 
-@pytest.mark.parametrize("function", sorted(ray_engine.PRIVATE_NAMES))
+@pytest.mark.parametrize("function", sorted(ray_private.PRIVATE_NAMES))
 def test_the_installed_ray_has_each_private_name_the_runner_uses(function):
     import ray
 
-    private = ray_engine.PRIVATE_NAMES[function]
-    assert ray_engine.required()[function], (
-        f"taskrunners._core.ray_engine.{function}() relies on {private.name}, which Ray "
+    private = ray_private.PRIVATE_NAMES[function]
+    assert ray_private.required()[function], (
+        f"taskrunners._core.ray.ray_private.{function}() relies on {private.name}, which Ray "
         f"{ray.__version__} no longer has: it now runs its fallback. Update it, or pin Ray "
         "below this version in setup.cfg."
     )
@@ -436,7 +436,7 @@ def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):
 def test_a_ref_without_the_private_completion_callback_is_followed_through_its_future(
     ray_session,
 ):
-    """ray_engine.on_ref_done's fallback, for a Ray whose ObjectRef has no _on_completed."""
+    """ray_private.on_ref_done's fallback, for a Ray whose ObjectRef has no _on_completed."""
     import ray
 
     ray_session.shared()
@@ -452,9 +452,9 @@ def test_a_ref_without_the_private_completion_callback_is_followed_through_its_f
         raise LookupError("from the task")
 
     outcomes = queue.Queue()
-    ray_engine.on_ref_done(WithoutPrivateCallback(ray.remote(payloads.add).remote(1, 2)), outcomes.put)
+    ray_private.on_ref_done(WithoutPrivateCallback(ray.remote(payloads.add).remote(1, 2)), outcomes.put)
     assert outcomes.get(timeout=60).result() == 3
-    ray_engine.on_ref_done(WithoutPrivateCallback(ray.remote(fail).remote()), outcomes.put)
+    ray_private.on_ref_done(WithoutPrivateCallback(ray.remote(fail).remote()), outcomes.put)
     error = outcomes.get(timeout=60)
     assert isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, LookupError)
 

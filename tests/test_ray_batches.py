@@ -20,7 +20,7 @@ import pytest
 
 import taskrunners.sync
 from taskrunners import TaskRun
-from taskrunners._core.ray import ray_options
+from taskrunners._core.ray.options import ray_options
 from tests.support import payloads, ray_payloads
 from tests.support.pickling import register_payloads
 from tests.support.waiting import wait_for_path

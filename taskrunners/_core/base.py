@@ -34,7 +34,7 @@ from taskrunners._core.calls import (
     wait_for_state,
     when_all_done,
 )
-from taskrunners._core.snapshots import Memo, snapshot_call, snapshot_kwargs
+from taskrunners._core.remote.snapshots import Memo, snapshot_call, snapshot_kwargs
 from taskrunners.futures import PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -219,7 +219,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     #: Whether a started runner, once unpickled, can still submit and wait.
     _usable_after_pickling = False
     #: Whether calls are sent to other processes after ``submit`` returns: their
-    #: arguments are then taken as they are at submit (see ``snapshots``).
+    #: arguments are then taken as they are at submit (see ``remote.snapshots``).
     _snapshots_arguments = False
     #: Whether a start() block of this runner has ended (submit then says so).
     _ended = False

@@ -2,8 +2,8 @@
 (``cluster_kwargs``, ``client_kwargs``, ``init_kwargs``), before anything is launched.
 
 Which keys a target takes is read from its signature; what a ``**kwargs`` passes on
-is the caller's to say (see :mod:`~taskrunners._core.dask_cluster` and
-:mod:`~taskrunners._core.ray_connection`). A target that takes ``**kwargs`` no one
+is the caller's to say (see :mod:`~taskrunners._core.dask.cluster` and
+:mod:`~taskrunners._core.ray.connection`). A target that takes ``**kwargs`` no one
 can follow takes any key.
 """
 

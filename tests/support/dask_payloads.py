@@ -68,7 +68,7 @@ async def async_sleep_registered(seconds):
 
 def running_coroutines():
     """Runs on workers (``Client.run``): how many coroutine calls are running there."""
-    from taskrunners._core import dask_worker
+    from taskrunners._core.dask import worker as dask_worker
 
     return sum(1 for running in dask_worker._running.values() if running is not None)
 

@@ -4,7 +4,7 @@
   an ``initializer`` given to the runner runs, its traceback kept for the parent.
 - :func:`run_batch_call` runs one batch, one loky task: it unpickles the batch's
   calls, runs them in order, marking each started and finished in the pool's slot
-  table (:mod:`~taskrunners._core.slots`), and pickles their States, the seconds
+  table (:mod:`~taskrunners._core.remote.slots`), and pickles their States, the seconds
   each took and the log records they emitted for the trip back.
 """
 
@@ -16,9 +16,9 @@ import time
 import traceback
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from taskrunners._core.records import captured_records
-from taskrunners._core.remote import encode_batch, load_call, run_batch
-from taskrunners._core.slots import Marks
+from taskrunners._core.remote.protocol import encode_batch, load_call, run_batch
+from taskrunners._core.remote.records import captured_records
+from taskrunners._core.remote.slots import Marks
 from taskrunners.states import State
 
 __all__ = ["INITIALIZER_ERROR_FILE", "initialize_worker", "run_batch_call"]
@@ -35,7 +35,7 @@ def run_batch_call(
 ) -> Optional[bytes]:
     """Run a pickled batch, ``([run_fn, ...], [run_kwargs, ...])``, call by call.
 
-    Returns what :func:`~taskrunners._core.remote.encode_batch` makes of the calls'
+    Returns what :func:`~taskrunners._core.remote.protocol.encode_batch` makes of the calls'
     States, or None when a batch of several calls cannot be unpickled here: nothing
     ran, and the parent sends its calls again one by one to find the one at fault.
     """

@@ -1,6 +1,6 @@
 """Why a call of the Parallel runner ended without a State of its own, in words.
 
-Each failure mode of the process pool (see :mod:`~taskrunners._core.parallel_pool`)
+Each failure mode of the process pool (see :mod:`~taskrunners._core.parallel.pool`)
 gives the calls it hits a Crashed state built here, with a message that names the
 task run, what happened and, where the user can act, what to do:
 
@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, Optional
 
 import cloudpickle
 
-from taskrunners._core import loky_engine
-from taskrunners._core.parallel_worker import INITIALIZER_ERROR_FILE
+from taskrunners._core.parallel import loky_private
+from taskrunners._core.parallel.worker import INITIALIZER_ERROR_FILE
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State
 
@@ -68,7 +68,7 @@ def pool_cause(dead: Optional[Dict[int, Optional[int]]], broken: Optional[BaseEx
         return "; ".join(
             f"worker process (pid {pid}) {describe_exit(code)}" for pid, code in sorted(dead.items())
         )
-    return loky_engine.break_summary(broken)
+    return loky_private.break_summary(broken)
 
 
 def broken_pool_state(
@@ -101,7 +101,7 @@ def broken_pool_state(
             f"worker of the pool died unexpectedly ({cause}); the pool was stopped with the "
             "call unfinished, and the call was not run again."
         )
-    return Crashed(message=message, data=loky_engine.worker_died_error(message))
+    return Crashed(message=message, data=loky_private.worker_died_error(message))
 
 
 def never_started_state(name: str, handovers: int, cause: str) -> State:
@@ -110,7 +110,7 @@ def never_started_state(name: str, handovers: int, cause: str) -> State:
         f"Task run {name!r} never started: the process pool broke {handovers} times "
         f"before a worker took it (last: {cause})."
     )
-    return Crashed(message=message, data=loky_engine.worker_died_error(message))
+    return Crashed(message=message, data=loky_private.worker_died_error(message))
 
 
 def every_pool_broke_state(name: str, cause: str) -> State:
@@ -119,7 +119,7 @@ def every_pool_broke_state(name: str, cause: str) -> State:
         f"Task run {name!r} could not be handed to the worker processes: every new pool "
         f"broke at once ({cause})."
     )
-    return Crashed(message=message, data=loky_engine.worker_died_error(message))
+    return Crashed(message=message, data=loky_private.worker_died_error(message))
 
 
 def pickling_failure(task_run: TaskRun, run_fn: Callable[..., Any], exc: Exception) -> State:

@@ -1,8 +1,8 @@
 """A call of the Ray runner: what it holds until it is handed to Ray, and where Ray
 then holds its State (its task's ref, and its place in its batch).
 
-The runner (:mod:`~taskrunners._core.ray`) makes these; the sending side
-(:mod:`~taskrunners._core.ray_sending`) hands them to Ray and completes them.
+The runner (:mod:`~taskrunners._core.ray.runner`) makes these; the sending side
+(:mod:`~taskrunners._core.ray.sending`) hands them to Ray and completes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional,
 
 from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of, group_of
 from taskrunners._core.calls import Call
-from taskrunners._core.ray_worker import Unbatched
+from taskrunners._core.ray.worker import Unbatched
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 

@@ -32,9 +32,9 @@ import os
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
-from taskrunners._core import ray_engine
 from taskrunners._core.keywords import refuse_unknown, signature_keywords
-from taskrunners._core.ray_options import NodeResources
+from taskrunners._core.ray import ray_private
+from taskrunners._core.ray.options import NodeResources
 
 __all__ = [
     "Connection",
@@ -86,7 +86,7 @@ def check_init_kwargs(ray: Any, init_kwargs: Dict[str, Any]) -> None:
     if not init_kwargs:
         return
     names, open_ended = signature_keywords(ray.init)
-    hidden = ray_engine.init_hidden_keywords() if open_ended else frozenset()
+    hidden = ray_private.init_hidden_keywords() if open_ended else frozenset()
     if hidden is None:
         return
     refuse_unknown(
@@ -127,7 +127,7 @@ def connect(
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address and address not in ("local",):
             logger.info(f"Connecting to an existing Ray instance at {address}")
-            ray_engine.enable_token_auth_if_available()
+            ray_private.enable_token_auth_if_available()
             try:
                 context = _init(ray, _host_of(address), address=address, **init_kwargs)
             except ImportError as exc:
@@ -139,7 +139,7 @@ def connect(
         logger.info("Creating a local Ray instance")
         local_kwargs = {
             "dashboard_host": LOOPBACK,
-            **ray_engine.node_address_kwargs(LOOPBACK),
+            **ray_private.node_address_kwargs(LOOPBACK),
             **init_kwargs,
         }
         # Without Ray's own keyword for it, single-machine mode still puts the node on loopback.
@@ -149,7 +149,7 @@ def connect(
 
 def _init(ray: Any, host: Optional[str], **init_kwargs: Any) -> Any:
     if _is_loopback(host):
-        with ray_engine.without_cluster_mode():
+        with ray_private.without_cluster_mode():
             return ray.init(**init_kwargs)
     return ray.init(**init_kwargs)
 
@@ -193,7 +193,7 @@ def describe_cluster(ray: Any, context: Any, logger: logging.Logger) -> List[Nod
     if context is not None:
         url = getattr(context, "dashboard_url", None)
     else:
-        url = ray_engine.dashboard_url()
+        url = ray_private.dashboard_url()
     if url:
         if "://" not in url:
             url = f"http://{url}"

@@ -5,7 +5,7 @@ Hazards, each with its own answer:
 
 - Started or not. Dask cannot stop a task a worker has begun, nor tell the client
   whether it has. The workers are asked (their registry is in
-  :mod:`~taskrunners._core.dask_worker`), once for any number of calls, and only
+  :mod:`~taskrunners._core.dask.worker`), once for any number of calls, and only
   the calls that no worker started are cancelled: a cancelled call never runs, a
   started call runs to its end, as in ``concurrent.futures``.
 - The client's own loop. States are fetched and Dask's callbacks run on the client's
@@ -29,8 +29,8 @@ import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
-from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.calls import Call
+from taskrunners._core.dask import dask_private, worker as dask_worker
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = [
@@ -142,7 +142,7 @@ class DaskBatch:
     :param task: the task they belong to (what their durations are recorded under)
     :param sender: what sent it, and settles it (the runner's ``DaskBatches``)
     :param single: whether it is one call sent as it would be alone (its own key,
-        :func:`~taskrunners._core.dask_worker.run_task`), rather than a batch
+        :func:`~taskrunners._core.dask.worker.run_task`), rather than a batch
     """
 
     __slots__ = ("calls", "task", "sender", "single", "dask_future", "settled")
@@ -213,7 +213,7 @@ def _on_loop_of(client: Any) -> bool:
         running = asyncio.get_running_loop()
     except RuntimeError:
         return False
-    return running is dask_engine.client_event_loop(client)
+    return running is dask_private.client_event_loop(client)
 
 
 # -- fetching States ---------------------------------------------------------------------
@@ -257,7 +257,7 @@ class StateFetcher:
             if self._watching:
                 return
             self._watching = True
-        dask_engine.call_soon_on_client_loop(self._client, self._watch_all)
+        dask_private.call_soon_on_client_loop(self._client, self._watch_all)
 
     def _watch_all(self) -> None:
         with self._lock:
@@ -272,7 +272,7 @@ class StateFetcher:
                 return
             self._fetching = True
         try:
-            dask_engine.call_soon_on_client_loop(self._client, self._fetch)
+            dask_private.call_soon_on_client_loop(self._client, self._fetch)
         except Exception:  # the client's loop is gone: nothing can be fetched
             with self._lock:
                 batch, self._ready, self._fetching = self._ready, [], False
@@ -417,7 +417,7 @@ def _cancel_on_workers(
         # The workers that had not started a started call marked it cancelled: a
         # retry of it (Dask's ``retries``, or a rerun after its worker died) must
         # still be able to start there. No answer is needed.
-        dask_engine.call_soon_on_client_loop(
+        dask_private.call_soon_on_client_loop(
             client,
             client.run,
             dask_worker.forget_cancellations,
@@ -451,7 +451,7 @@ def abort_calls(client: Any, calls: List[DaskCall], tell_workers: bool, logger: 
                 dask_futures[id(call.dask_future)] = call.dask_future
         # The Dask futures are cancelled below, all at once.
         call.set_cancelled()
-    if not tokens or client is None or not dask_engine.client_is_open(client):
+    if not tokens or client is None or not dask_private.client_is_open(client):
         return
     if tell_workers:
         try:

@@ -29,12 +29,12 @@ How a call travels::
                        lost with the batch) and which never did (gathered again, for
                        a fresh pool)
 
-Modules: this one holds the public class; :mod:`~taskrunners._core.parallel_pool`
-the pool and the hazards it handles; :mod:`~taskrunners._core.parallel_batches` the
-call handles and how a batch is pickled; :mod:`~taskrunners._core.parallel_generation`
-one loky executor and its slot table; :mod:`~taskrunners._core.parallel_crashes` the
-Crashed states and their messages; :mod:`~taskrunners._core.parallel_worker` what
-runs in the workers; :mod:`~taskrunners._core.loky_engine` what is read of loky
+Modules: this one holds the public class; :mod:`~taskrunners._core.parallel.pool`
+the pool and the hazards it handles; :mod:`~taskrunners._core.parallel.calls` the
+call handles and how a batch is pickled; :mod:`~taskrunners._core.parallel.generation`
+one loky executor and its slot table; :mod:`~taskrunners._core.parallel.crashes` the
+Crashed states and their messages; :mod:`~taskrunners._core.parallel.worker` what
+runs in the workers; :mod:`~taskrunners._core.parallel.loky_private` what is read of loky
 beyond its public API.
 """
 
@@ -47,7 +47,7 @@ import loky
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, check_max_workers
 from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import CallHandle
-from taskrunners._core.parallel_pool import ProcessPool
+from taskrunners._core.parallel.pool import ProcessPool
 from taskrunners.futures import TaskRun
 
 __all__ = ["ParallelTaskRunner"]

@@ -4,7 +4,7 @@ A pool whose worker dies is broken for good (loky kills its other workers too), 
 the runner's pool is a succession of generations: when one breaks, the next batch
 handed over starts a fresh one. A generation knows what it needs to say, call by
 call, what became of the calls it held: which worker started or finished each one
-(its slot table, :mod:`~taskrunners._core.slots`), what broke it, and which workers
+(its slot table, :mod:`~taskrunners._core.remote.slots`), what broke it, and which workers
 died on their own and how.
 """
 
@@ -18,15 +18,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import loky
 
-from taskrunners._core import loky_engine
-from taskrunners._core.parallel_batches import Batch
-from taskrunners._core.parallel_crashes import pool_cause
-from taskrunners._core.parallel_worker import (
+from taskrunners._core.parallel import loky_private
+from taskrunners._core.parallel.calls import Batch
+from taskrunners._core.parallel.crashes import pool_cause
+from taskrunners._core.parallel.worker import (
     INITIALIZER_ERROR_FILE,
     initialize_worker,
     run_batch_call,
 )
-from taskrunners._core.slots import SlotTable
+from taskrunners._core.remote.slots import SlotTable
 
 __all__ = ["Generation"]
 
@@ -84,7 +84,7 @@ class Generation:
                 f"{len(batch.entries)} calls; this is a bug in taskrunners."
             )
         try:
-            with loky_engine.no_wakeup(self.executor) if on_manager else contextlib.nullcontext():
+            with loky_private.no_wakeup(self.executor) if on_manager else contextlib.nullcontext():
                 submitted = self.executor.submit(
                     run_batch_call, batch.payload, batch.names, self.slots.path, slots, log_level
                 )
@@ -115,12 +115,12 @@ class Generation:
         """A batch came back with ``error``: note it, and which workers died on their own.
 
         Called from the callbacks of a break, the first of which finds the dead
-        workers before loky kills the survivors (see ``loky_engine.stopped_workers``).
+        workers before loky kills the survivors (see ``loky_private.stopped_workers``).
         """
         with self._lock:
             self.broken = self.broken or error
             if self.dead is None:
-                self.dead = loky_engine.stopped_workers(self.executor)
+                self.dead = loky_private.stopped_workers(self.executor)
 
     def cause(self) -> str:
         """Which workers died and how, for messages."""

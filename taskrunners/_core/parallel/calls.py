@@ -21,7 +21,7 @@ import cloudpickle
 
 from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of
 from taskrunners._core.calls import Call
-from taskrunners._core.parallel_crashes import pickling_failure
+from taskrunners._core.parallel.crashes import pickling_failure
 from taskrunners.futures import TaskRun
 from taskrunners.states import State
 
@@ -125,7 +125,7 @@ def pack(entries: List[Sendable[None]]) -> Optional[Batch]:
 
 
 def _dumps(entries: List[Sendable[None]]) -> bytes:
-    # What parallel_worker.run_batch_call unpickles: ([run_fn, ...], [run_kwargs, ...]).
+    # What parallel.worker.run_batch_call unpickles: ([run_fn, ...], [run_kwargs, ...]).
     calls = [entry.call for entry in entries]
     with io.BytesIO() as file:
         pickler = _Pickler(file, protocol=_PROTOCOL)

@@ -7,9 +7,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import Call, block_until_done, done_call
+from taskrunners._core.local.interrupts import sigint_watch
+from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.running import is_coroutine_function, run_to_state
-from taskrunners._core.interrupts import sigint_watch
-from taskrunners._core.loop_thread import LoopThread
 from taskrunners.futures import TaskRun
 
 __all__ = ["SequentialTaskRunner"]

@@ -3,7 +3,7 @@
 Ray reports failures per task, and a task may carry a batch of calls. For a task that
 raised a Ray error, :func:`crash_state` names the cause for each of its calls. For a
 batch whose worker died, Ray only says that the task's worker died; the runner's slot
-table (:mod:`~taskrunners._core.slots`) says which calls the worker had started and
+table (:mod:`~taskrunners._core.remote.slots`) says which calls the worker had started and
 finished, and :func:`after_worker_death` decides, call by call:
 
 - the call that was running is Crashed, naming the cause, as a call alone would be;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, List, Optional, Sequence, Tuple
 
-from taskrunners._core import ray_engine
+from taskrunners._core.ray import ray_private
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 
 def crash_state(name: str, exc: BaseException) -> State:
     """The Crashed state for call ``name`` whose Ray task ended in ``exc``, naming the cause."""
-    exceptions = ray_engine.import_ray().exceptions
+    exceptions = ray_private.import_ray().exceptions
     if isinstance(exc, exceptions.RayTaskError) and exc.cause is not None:
         # Raised in the worker outside run_fn, e.g. a result that cannot be pickled,
         # or (for a dependency) an upstream task that died.
@@ -86,7 +86,7 @@ def unsubmittable_state(name: str, exc: BaseException) -> State:
 
 def is_worker_death(exc: BaseException) -> bool:
     """Whether Ray says the worker running the task died (killed, exited, out of memory)."""
-    exceptions = ray_engine.import_ray().exceptions
+    exceptions = ray_private.import_ray().exceptions
     deaths = tuple(
         getattr(exceptions, name)
         for name in ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError")
@@ -97,7 +97,7 @@ def is_worker_death(exc: BaseException) -> bool:
 
 def is_unpickling_failure(exc: BaseException) -> bool:
     """Whether a task failed before its function ran: its arguments could not be unpickled."""
-    exceptions = ray_engine.import_ray().exceptions
+    exceptions = ray_private.import_ray().exceptions
     return isinstance(exc, exceptions.RayTaskError) and isinstance(
         exc.cause, exceptions.RaySystemError
     )

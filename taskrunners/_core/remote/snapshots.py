@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Seq
 import cloudpickle
 
 from taskrunners._collections import iter_leaves
-from taskrunners._core.remote import Upstream
+from taskrunners._core.remote.protocol import Upstream
 from taskrunners.futures import PrefectFuture
 
 __all__ = ["Frozen", "Memo", "snapshot", "snapshot_each", "snapshot_call", "snapshot_kwargs", "unchanging", "all_unchanging"]

@@ -6,9 +6,9 @@ import contextvars
 from typing import Any, Callable, Dict, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, check_max_workers
+from taskrunners._core.local.loop_thread import LoopThread
+from taskrunners._core.local.thread_pool import ThreadPool
 from taskrunners._core.running import is_coroutine_function, run_to_state
-from taskrunners._core.loop_thread import LoopThread
-from taskrunners._core.thread_pool import ThreadPool
 from taskrunners.futures import TaskRun
 
 __all__ = ["ConcurrentTaskRunner"]

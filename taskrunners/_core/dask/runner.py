@@ -11,13 +11,13 @@ How a call travels::
            ──▶ DaskCall.set_result; the records go to this process's loggers
 
 With ``batch_size="auto"`` a call whose upstream calls are all done goes through
-the runner's dispatcher instead: :mod:`~taskrunners._core.dask_batches`.
+the runner's dispatcher instead: :mod:`~taskrunners._core.dask.batches`.
 
 This module owns the runner: its settings, its ``start()`` block, submitting and
-settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask_calls` (call
-handle, fetching States, cancelling), :mod:`~taskrunners._core.dask_worker` (what
-runs on the workers), :mod:`~taskrunners._core.dask_cluster` (a block's client and
-cluster), :mod:`~taskrunners._core.dask_engine` (distributed's private names).
+settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask.calls` (call
+handle, fetching States, cancelling), :mod:`~taskrunners._core.dask.worker` (what
+runs on the workers), :mod:`~taskrunners._core.dask.cluster` (a block's client and
+cluster), :mod:`~taskrunners._core.dask.dask_private` (distributed's private names).
 
 Details of how calls run: a call alone is keyed ``f"{task_run.name}-{task_run.id.hex}"``
 with ``pure=True`` (a task run submitted twice runs once), a batch
@@ -41,12 +41,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from taskrunners._core import dask_cluster, dask_worker
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, may_hold_futures
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
 from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
-from taskrunners._core.dask_batches import DaskBatches, submit_annotated
-from taskrunners._core.dask_calls import (
+from taskrunners._core.dask import cluster as dask_cluster, worker as dask_worker
+from taskrunners._core.dask.batches import DaskBatches, submit_annotated
+from taskrunners._core.dask.calls import (
     CLIENT_CLOSED,
     DaskBatch,
     DaskCall,
@@ -59,8 +59,8 @@ from taskrunners._core.dask_calls import (
     forget_token,
     unpicklable_call_state,
 )
-from taskrunners._core.remote import import_engine, with_upstream
-from taskrunners._core.snapshots import snapshot_call
+from taskrunners._core.remote.protocol import import_engine, with_upstream
+from taskrunners._core.remote.snapshots import snapshot_call
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, exception_to_crashed_state
 

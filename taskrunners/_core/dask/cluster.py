@@ -44,10 +44,10 @@ from typing import (
     Tuple,
 )
 
-from taskrunners._core import dask_engine
 from taskrunners._core.calls import TIMEOUT_ERRORS
+from taskrunners._core.dask import dask_private
 from taskrunners._core.keywords import refuse_unknown, signature_keywords
-from taskrunners._core.records import emit
+from taskrunners._core.remote.records import emit
 
 __all__ = [
     "checked_settings",
@@ -219,7 +219,7 @@ def _worker_keywords(worker_class: type, distributed: Any) -> Optional[AbstractS
         # A Nanny passes the keys it does not name on to the Worker it starts.
         passed_on = _worker_keywords(distributed.Worker, distributed)
     elif issubclass(worker_class, distributed.Worker):
-        passed_on = dask_engine.worker_server_keywords()
+        passed_on = dask_private.worker_server_keywords()
     else:
         return None
     return None if passed_on is None else names | passed_on
@@ -322,7 +322,7 @@ def _names_a_listening_address(kwargs: Mapping[str, Any]) -> bool:
                 return True
         interface = options.get("interface")
         if interface:
-            address = dask_engine.interface_address(interface)
+            address = dask_private.interface_address(interface)
             if address is None or not _is_loopback(address):  # None: Dask will say why
                 return True
     return False
@@ -484,7 +484,7 @@ def create(
         raise
     processes = None
     if isinstance(cluster, distributed.LocalCluster):
-        processes = dask_engine.cluster_processes(cluster)
+        processes = dask_private.cluster_processes(cluster)
     if processes is None:
         return _opened(client, cluster, _has_workers_in_process(client), False, settings, logger)
     # Its worker processes write to this process's terminal: hide_worker_output.
@@ -512,7 +512,7 @@ def _opened(
 
 
 def _has_workers_in_process(client: Any) -> bool:
-    if dask_engine.scheduler_address(client).startswith("inproc://"):
+    if dask_private.scheduler_address(client).startswith("inproc://"):
         return True
     try:
         pids = client.run(os.getpid)
@@ -530,9 +530,9 @@ def _dashboard_link(client: Any, cluster: Any, settings: ClusterKwargs) -> Optio
     if link and settings.dashboard_host:
         # Dask builds the link from the scheduler's address, which for in-process
         # transport is this machine's IP, not the loopback the dashboard is on.
-        port = dask_engine.dashboard_port(cluster)
+        port = dask_private.dashboard_port(cluster)
         if port is not None:
-            link = dask_engine.dashboard_link(settings.dashboard_host, port)
+            link = dask_private.dashboard_link(settings.dashboard_host, port)
     return link
 
 
@@ -545,7 +545,7 @@ def close_connection(client: Any, cluster: Any, abort: bool, logger: logging.Log
     try:
         if abort and cluster is not None:
             try:
-                dask_engine.stop_workers_now(cluster, _KILL_GRACE_SECONDS)
+                dask_private.stop_workers_now(cluster, _KILL_GRACE_SECONDS)
             except Exception:
                 logger.debug("Stopping the Dask workers early failed", exc_info=True)
         if client is not None:

@@ -1,16 +1,16 @@
 """The Parallel runner's process pool: calls gathered into batches, batches run by loky.
 
-The path of a call is drawn in :mod:`~taskrunners._core.parallel`; the worker side
-is :mod:`~taskrunners._core.parallel_worker`, the messages of the Crashed states are
-in :mod:`~taskrunners._core.parallel_crashes`, one loky executor and its slot table
-(a generation of this pool) in :mod:`~taskrunners._core.parallel_generation`.
+The path of a call is drawn in :mod:`~taskrunners._core.parallel.runner`; the worker side
+is :mod:`~taskrunners._core.parallel.worker`, the messages of the Crashed states are
+in :mod:`~taskrunners._core.parallel.crashes`, one loky executor and its slot table
+(a generation of this pool) in :mod:`~taskrunners._core.parallel.generation`.
 
 Hazards this module exists to handle, each with its own State and message:
 
 - A worker dies mid-batch (``os._exit``, a signal, a segfault). loky then fails
   every batch it holds with ``TerminatedWorkerError`` and kills the other workers,
   whether their batches had started or not. To tell the calls apart, a worker marks
-  each call started, and finished, in a slot table (:mod:`~taskrunners._core.slots`),
+  each call started, and finished, in a slot table (:mod:`~taskrunners._core.remote.slots`),
   a small file mapped into memory by the parent and by every worker of one pool.
   After a break, per call: started and not finished, it is Crashed, naming the
   worker that died and how; finished, its result was lost with the batch (loky sends
@@ -57,7 +57,6 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import loky
 
-from taskrunners._core import loky_engine
 from taskrunners._core.batching import (
     MAX_CALLS,
     BatchSize,
@@ -66,8 +65,9 @@ from taskrunners._core.batching import (
     Entry,
     Sendable,
 )
-from taskrunners._core.parallel_batches import Batch, ParallelCall, pack
-from taskrunners._core.parallel_crashes import (
+from taskrunners._core.parallel import loky_private
+from taskrunners._core.parallel.calls import Batch, ParallelCall, pack
+from taskrunners._core.parallel.crashes import (
     broken_pool_state,
     every_pool_broke_state,
     handover_failure,
@@ -77,9 +77,9 @@ from taskrunners._core.parallel_crashes import (
     pool_failure,
     stopped_state,
 )
-from taskrunners._core.parallel_generation import Generation
-from taskrunners._core.records import emit
-from taskrunners._core.remote import decode_batch
+from taskrunners._core.parallel.generation import Generation
+from taskrunners._core.remote.protocol import decode_batch
+from taskrunners._core.remote.records import emit
 from taskrunners.futures import TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -123,13 +123,13 @@ class ProcessPool:
         self._log_level = logging.getLogger().level
         self._directory = tempfile.mkdtemp(prefix="taskrunners-parallel-")
         # Removed by loky's resource tracker if this process dies without cleaning up.
-        loky_engine.track_folder(self._directory)
+        loky_private.track_folder(self._directory)
         self._cond = threading.Condition(threading.Lock())
         # Batches loky holds (or that are being handed to it), at most the size of
         # its call queue: loky moves each one to its workers' queue at once, so it
         # never holds a call that could still be cancelled (see the module's notes).
         self._in_flight = 0
-        self._capacity = loky_engine.call_queue_size(max_workers)
+        self._capacity = loky_private.call_queue_size(max_workers)
         self._largest_batch = batch_size if isinstance(batch_size, int) else MAX_CALLS
         self._dispatcher: Dispatcher[Sendable[None]] = Dispatcher(
             self._capacity, self._send, Durations(batch_size)
@@ -313,7 +313,7 @@ class ProcessPool:
                 generation.broke(exc)
                 continue  # on a fresh pool
             except Exception as exc:  # e.g. no worker process could be started
-                if loky_engine.is_shutdown_error(exc):
+                if loky_private.is_shutdown_error(exc):
                     batch.cancel()
                 else:
                     batch.settle(functools.partial(handover_failure, exc=exc))
@@ -405,7 +405,7 @@ class ProcessPool:
             else:
                 self._deliver(batch, data)
             return
-        if loky_engine.is_shutdown_error(error) or self._abort_reason is not None:
+        if loky_private.is_shutdown_error(error) or self._abort_reason is not None:
             for entry, slot in zip(batch.entries, slots):
                 started, finished = generation.marks(slot)
                 if started:
@@ -496,7 +496,7 @@ class ProcessPool:
             for generation in generations:
                 generation.close()
             shutil.rmtree(self._directory, ignore_errors=True)
-            loky_engine.untrack_folder(self._directory)
+            loky_private.untrack_folder(self._directory)
             self._cancel_gathered()  # calls gathered again while the workers stopped
 
     def _cancel_gathered(self) -> None:

@@ -52,18 +52,18 @@ from typing import Any, Callable, Dict, Hashable, List, Optional
 
 import cloudpickle
 
-from taskrunners._core import dask_engine, dask_worker
 from taskrunners._core.base import may_hold_futures
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
 from taskrunners._core.calls import state_of_done
-from taskrunners._core.dask_calls import (
+from taskrunners._core.dask import dask_private, worker as dask_worker
+from taskrunners._core.dask.calls import (
     DaskBatch,
     DaskCall,
     Submission,
     failure_state,
     unpicklable_call_state,
 )
-from taskrunners._core.remote import decode_batch
+from taskrunners._core.remote.protocol import decode_batch
 from taskrunners.states import Crashed, State
 
 __all__ = ["DaskBatches", "submit_annotated", "task_name"]
@@ -146,7 +146,7 @@ class DaskBatches:
     def refresh_limit(self) -> None:
         """At most twice the cluster's worker threads in Dask tasks out at once
         (at least 2): one running and one waiting on each thread."""
-        threads = dask_engine.total_threads(self.client)
+        threads = dask_private.total_threads(self.client)
         if threads:
             self.dispatcher.limit = max(2, 2 * threads)
 

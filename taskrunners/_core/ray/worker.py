@@ -7,9 +7,9 @@ and calls it in one of two shapes:
   run_fn (it is the task itself); :func:`run_call` runs it and sends back its State
   and how long it took, :func:`packed`;
 - a batch, ``(BatchPayload, *upstream refs)``: :func:`run_batch_call` runs its calls
-  in order (:func:`~taskrunners._core.remote.run_batch`), marking each one started
+  in order (:func:`~taskrunners._core.remote.protocol.run_batch`), marking each one started
   and finished in the runner's slot table, and sends back every State and duration
-  pickled together (:func:`~taskrunners._core.remote.encode_batch`).
+  pickled together (:func:`~taskrunners._core.remote.protocol.encode_batch`).
 
 Ray puts what each upstream ref holds in its place: a packed State, or the outcomes
 of a batch, of which the call's places say which one it needs. Those States then
@@ -37,8 +37,8 @@ from typing import (
     cast,
 )
 
-from taskrunners._core import slots as slot_marks
-from taskrunners._core.remote import decode_batch, encode_batch, run_batch, run_in_worker, substitute
+from taskrunners._core.remote import slots as slot_marks
+from taskrunners._core.remote.protocol import decode_batch, encode_batch, run_batch, run_in_worker, substitute
 from taskrunners.states import Crashed, State
 
 __all__ = [

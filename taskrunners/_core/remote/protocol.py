@@ -223,7 +223,7 @@ def encode_outcome(
     A State that cannot be pickled becomes a Crashed state holding the pickling error
     (rebuilt: see :func:`portable_error`), saying so and how to fix it.
     """
-    from taskrunners._core.records import plain_record
+    from taskrunners._core.remote.records import plain_record
 
     outcome = (state, records or None, tag)
     try:
@@ -257,7 +257,7 @@ def encode_batch(
     One State that cannot be pickled becomes a Crashed state (as in
     :func:`encode_outcome`) and takes no other call's State with it.
     """
-    from taskrunners._core.records import plain_record
+    from taskrunners._core.remote.records import plain_record
 
     try:
         return pickle.dumps((list(outcomes), records or None, None), PROTOCOL)

@@ -2,7 +2,7 @@
 
 Dask runs :func:`run_task` for a call sent alone. It marks the call started in this
 worker process's registry, puts the States of upstream calls in place of their
-placeholders, runs the call to a State (:func:`~taskrunners._core.remote.run_in_worker`)
+placeholders, runs the call to a State (:func:`~taskrunners._core.remote.protocol.run_in_worker`)
 and, on workers outside the client's process, pickles that State here together
 with the log records the call emitted (so a State that cannot be pickled becomes
 the call's own Crashed state, not a Dask serialization failure logged far away).
@@ -13,7 +13,7 @@ Dask runs :func:`run_batch_task` for a batch: the calls of one task, gathered wh
 every worker was busy. Each call keeps its own token in the registry and is marked
 started and finished on its own, so cancelling one that has not started stays exact;
 the batch brings back each call's State and seconds, pickled together
-(:func:`~taskrunners._core.remote.encode_batch`: one State that cannot be pickled
+(:func:`~taskrunners._core.remote.protocol.encode_batch`: one State that cannot be pickled
 fails only its call).
 
 The registry is what lets the client cancel a call only if it has not started: a
@@ -22,7 +22,7 @@ one that has. A call marks itself started under a lock unless a cancellation got
 there first; a cancellation (:func:`cancel_unstarted_calls`, run with
 ``Client.run`` on every worker) marks the calls not started as cancelled under
 the same lock and reports the others. The client's half of this is in
-:mod:`~taskrunners._core.dask_calls`; it runs the public functions below the
+:mod:`~taskrunners._core.dask.calls`; it runs the public functions below the
 registry the same way.
 """
 
@@ -39,9 +39,8 @@ import uuid
 from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
-from taskrunners._core import dask_engine
-from taskrunners._core.records import captured_records
-from taskrunners._core.remote import (
+from taskrunners._core.dask import dask_private
+from taskrunners._core.remote.protocol import (
     CoroutineWatch,
     decode_outcome,
     encode_batch,
@@ -51,6 +50,7 @@ from taskrunners._core.remote import (
     run_in_worker,
     substitute,
 )
+from taskrunners._core.remote.records import captured_records
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -141,7 +141,7 @@ def run_task(
         outcome = encode_outcome(key, state, records, WHERE, tag, _ADVICE)
     if timed:
         outcome = with_seconds(outcome, seconds)
-    if isinstance(raised, Exception) and dask_engine.retries_requested(key):
+    if isinstance(raised, Exception) and dask_private.retries_requested(key):
         raise CrashedOnWorker(outcome, state.message) from raised
     return outcome
 
@@ -177,7 +177,7 @@ def seconds_of(value: Any) -> Optional[float]:
 def batch_payload(names: Sequence[str], tokens: Sequence[str], calls: bytes) -> bytes:
     """What :func:`run_batch_task` is given: the calls' names, tokens, and the calls
     themselves (``cloudpickle.dumps((pairs, None))``, ``pairs`` the ``(run_fn,
-    run_kwargs)`` of each: the shape :func:`~taskrunners._core.remote.load_call`
+    run_kwargs)`` of each: the shape :func:`~taskrunners._core.remote.protocol.load_call`
     reads), in one value that Dask does not walk."""
     return pickle.dumps((list(names), list(tokens), calls), pickle.HIGHEST_PROTOCOL)
 

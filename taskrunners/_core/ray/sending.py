@@ -3,8 +3,8 @@ alone or per batch, and what a batch's outcome (or its worker's death) means for
 each of its calls.
 
 :class:`RaySending` is the :class:`~taskrunners._core.batching.Dispatcher`'s side of
-:class:`~taskrunners._core.ray.RayTaskRunner` (a mixin: the runner holds the state;
-the runner's lifecycle and submission are in :mod:`~taskrunners._core.ray`):
+:class:`~taskrunners._core.ray.runner.RayTaskRunner` (a mixin: the runner holds the state;
+the runner's lifecycle and submission are in :mod:`~taskrunners._core.ray.runner`):
 
 - a call alone whose task is its run_fn goes as ``(run_kwargs, *upstream refs)``, as
   before batching: its ``ObjectRef`` holds its packed State and duration;
@@ -17,7 +17,7 @@ Hazards handled here:
 
 - Worker death inside a batch. Ray only says the task's worker died; the workers of
   this machine mark each call started/finished in a :class:`SlotTable`, read after
-  the death (:mod:`~taskrunners._core.ray_outcomes`): calls not started go again,
+  the death (:mod:`~taskrunners._core.ray.outcomes`): calls not started go again,
   those finished whose results were lost are Crashed, and no call starts twice. A
   worker on another machine cannot open the table and marks nothing: then only the
   first call is known to have started, and the others are Crashed, not run again.
@@ -41,13 +41,13 @@ import threading
 import uuid
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
-from taskrunners._core import ray_engine, ray_outcomes
 from taskrunners._core.batching import BatchSize, Dispatcher, Entry
-from taskrunners._core.ray_calls import RayCall, RayEntry, stopped_state
-from taskrunners._core.ray_options import ResourceCheck
-from taskrunners._core.ray_worker import BatchPayload, RemoteFunction, RemoteFunctions, unpacked
-from taskrunners._core.remote import decode_batch
-from taskrunners._core.slots import SlotTable
+from taskrunners._core.ray import outcomes as ray_outcomes, ray_private
+from taskrunners._core.ray.calls import RayCall, RayEntry, stopped_state
+from taskrunners._core.ray.options import ResourceCheck
+from taskrunners._core.ray.worker import BatchPayload, RemoteFunction, RemoteFunctions, unpacked
+from taskrunners._core.remote.protocol import decode_batch
+from taskrunners._core.remote.slots import SlotTable
 from taskrunners.states import State
 
 # Set while a Ray thread runs our completion callbacks, which must not submit tasks.
@@ -106,7 +106,7 @@ class RunnerThread:
 
 class RaySending:
     """Hands what the runner's dispatcher sends to Ray, and completes it (a mixin of
-    :class:`~taskrunners._core.ray.RayTaskRunner`, which sets these attributes)."""
+    :class:`~taskrunners._core.ray.runner.RayTaskRunner`, which sets these attributes)."""
 
     batch_size: BatchSize
     _closing: bool
@@ -192,7 +192,7 @@ class RaySending:
             dispatcher.task_done()
             return
         call.ref, call.position = ref, None
-        ray_engine.on_ref_done(
+        ray_private.on_ref_done(
             ref, functools.partial(self._alone_done, call, dispatcher, entry.key)
         )
 
@@ -261,7 +261,7 @@ class RaySending:
         for position, entry in enumerate(live):
             entry.call.ref, entry.call.position = ref, position
         sent = _Sent(dispatcher, live, table, slots)
-        ray_engine.on_ref_done(ref, functools.partial(self._batch_returned, sent))
+        ray_private.on_ref_done(ref, functools.partial(self._batch_returned, sent))
 
     def _batch_returned(self, sent: _Sent, result: Any) -> None:
         # On a Ray thread: a thousand States are set on a thread of ours instead.

@@ -15,7 +15,7 @@ import inspect
 import os
 from typing import Any, Callable, Dict, FrozenSet, Iterator, Mapping, NamedTuple, Optional
 
-from taskrunners._core.remote import import_engine
+from taskrunners._core.remote.protocol import import_engine
 
 __all__ = [
     "import_ray",

@@ -1,28 +1,28 @@
 """The blocking RayTaskRunner: its lifecycle, and how a submitted call becomes ready.
 
-How a call travels: ``submit`` makes a :class:`~taskrunners._core.ray_calls.RayCall`;
+How a call travels: ``submit`` makes a :class:`~taskrunners._core.ray.calls.RayCall`;
 once its upstream calls are done, the call is ready and goes to the runner's
 :class:`~taskrunners._core.batching.Dispatcher`, which sends it at once while fewer
 than four Ray tasks per CPU of the cluster are out, and otherwise gathers it with the
 other calls of its task and per-call options, to go as one batch when a task comes
 back (or at once, when somebody waits for it). What the dispatcher sends is handed to
 Ray as one task of the call's task's remote function
-(:mod:`~taskrunners._core.ray_worker`) by :mod:`~taskrunners._core.ray_sending`,
+(:mod:`~taskrunners._core.ray.worker`) by :mod:`~taskrunners._core.ray.sending`,
 which also completes it and reads a worker's death inside a batch (a slot table the
 workers of this machine mark).
 
 How the runner starts, connects to or joins Ray is
-:mod:`~taskrunners._core.ray_connection`; per-call resources are
-:mod:`~taskrunners._core.ray_options`; what Ray's failures mean for each call,
-:mod:`~taskrunners._core.ray_outcomes`; private Ray names,
-:mod:`~taskrunners._core.ray_engine`.
+:mod:`~taskrunners._core.ray.connection`; per-call resources are
+:mod:`~taskrunners._core.ray.options`; what Ray's failures mean for each call,
+:mod:`~taskrunners._core.ray.outcomes`; private Ray names,
+:mod:`~taskrunners._core.ray.ray_private`.
 
 Hazards this module handles, each with its own State or error:
 
 - A worker that dies mid-call (``os._exit``, a signal, the OOM killer). Every task is
   submitted with ``max_retries=0`` by default, so the call is Crashed with a message
   naming the cause instead of silently running a second time (inside a batch: see
-  :mod:`~taskrunners._core.ray_sending`).
+  :mod:`~taskrunners._core.ray.sending`).
 - Dependencies. A call is ready once its upstream calls are done; upstream calls of
   this runner reach it as ``ObjectRef`` arguments, so their States go from the object
   store to the worker without a trip through this process. An upstream call in a
@@ -57,17 +57,17 @@ import threading
 import types
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from taskrunners._core import ray_connection, ray_engine
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, check_batch_size
 from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
-from taskrunners._core.ray_calls import Held, RayCall, RayEntry, entry_of, stopped_state
-from taskrunners._core.ray_connection import Connection
-from taskrunners._core.ray_options import ResourceCheck, call_options, ray_options
-from taskrunners._core.ray_sending import RaySending, RunnerThread, new_slot_table
-from taskrunners._core.ray_worker import RemoteFunctions, check_remote_options
-from taskrunners._core.remote import with_upstream
-from taskrunners._core.slots import SlotTable
+from taskrunners._core.ray import connection as ray_connection, ray_private
+from taskrunners._core.ray.calls import Held, RayCall, RayEntry, entry_of, stopped_state
+from taskrunners._core.ray.connection import Connection
+from taskrunners._core.ray.options import ResourceCheck, call_options, ray_options
+from taskrunners._core.ray.sending import RaySending, RunnerThread, new_slot_table
+from taskrunners._core.ray.worker import RemoteFunctions, check_remote_options
+from taskrunners._core.remote.protocol import with_upstream
+from taskrunners._core.remote.slots import SlotTable
 from taskrunners.futures import TaskRun
 from taskrunners.states import exception_to_crashed_state
 
@@ -198,7 +198,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
     # -- lifecycle ---------------------------------------------------------------------
 
     def _open(self) -> None:
-        ray = ray_engine.import_ray()
+        ray = ray_private.import_ray()
         ray_connection.check_init_kwargs(ray, self._user_init_kwargs)
         check_remote_options(ray, self.remote_options)
         self.connection, context = ray_connection.connect(
