@@ -20,13 +20,10 @@ in-process runner (Sequential, Concurrent) runs on the caller's event loop.
 from __future__ import annotations
 
 import abc
-import functools
-import inspect
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import (
     TYPE_CHECKING,
     Any,
-    AsyncContextManager,
     AsyncIterator,
     Callable,
     Dict,
@@ -56,6 +53,8 @@ from taskrunners._core.calls import Call, CallHandle
 from taskrunners._core.local.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.running import checked_state, is_coroutine_function
 from taskrunners._core.waiting import wait_until_done
+from taskrunners._facade_docs import facade_doc
+from taskrunners._start_block import start_block, unwrapped_interrupt
 from taskrunners.futures import Async, PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -73,43 +72,6 @@ T = TypeVar("T", bound="BaseTaskRunner")
 C = TypeVar("C", bound=BlockingTaskRunner)
 F = TypeVar("F", bound="_FacadeRunner[Any]")
 R = TypeVar("R")
-
-
-class _StartBlock:
-    """What ``start()`` returns: an async context manager that refuses a plain ``with``."""
-
-    __slots__ = ("_runner", "_manager")
-
-    def __init__(self, runner: Any, manager: AsyncContextManager[Any]) -> None:
-        self._runner = runner
-        self._manager = manager
-
-    async def __aenter__(self) -> Any:
-        return await self._manager.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> Optional[bool]:
-        return await self._manager.__aexit__(*exc_info)
-
-    def __enter__(self) -> None:
-        name = type(self._runner).__name__
-        raise TypeError(
-            f"{name}.start() is an async context manager: use `async with "
-            f"runner.start():` in async code, or the blocking twin "
-            f"taskrunners.sync.{name} with a plain `with`."
-        )
-
-    def __exit__(self, *exc_info: Any) -> None:
-        """Never reached: :meth:`__enter__` refuses."""
-
-
-def _start_block(method: Callable[[T], AsyncIterator[T]]) -> Callable[[T], AsyncContextManager[T]]:
-    manager = asynccontextmanager(method)
-
-    @functools.wraps(method)
-    def start(self: T) -> AsyncContextManager[T]:
-        return _StartBlock(self, manager(self))
-
-    return start
 
 
 class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
@@ -152,7 +114,7 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
     ) -> Optional[State]:
         """The future's final State, or None if ``timeout`` seconds pass first."""
 
-    @_start_block
+    @start_block
     async def start(self: T) -> AsyncIterator[T]:
         """Start the runner for the duration of the block.
 
@@ -215,7 +177,7 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
     def concurrency_type(self) -> TaskConcurrencyType:
         return self._core.concurrency_type
 
-    @_start_block
+    @start_block
     async def start(self: F) -> AsyncIterator[F]:
         """Start the runner for the duration of the block.
 
@@ -249,7 +211,7 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
             except BaseException as exc:
                 if failure is None:
                     # A Ctrl-C raised in a coroutine call reaches us wrapped in a group.
-                    interrupt = _unwrapped_interrupt(exc)
+                    interrupt = unwrapped_interrupt(exc)
                     if interrupt is exc:
                         raise
                     raise interrupt from None
@@ -411,40 +373,9 @@ def _as_dict(run_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     return run_kwargs if type(run_kwargs) is dict else dict(run_kwargs)
 
 
-def _unwrapped_interrupt(exc: BaseException) -> BaseException:
-    """A task group's exception group that holds only Ctrl-Cs: the first of them."""
-    inner = getattr(exc, "exceptions", None)
-    if inner and all(isinstance(one, KeyboardInterrupt) for one in inner):
-        return inner[0]
-    return exc
-
-
-def _facade_doc(twin: type, example: str, more: str = "") -> str:
-    """A facade class's docstring: the twin's, with ``example`` in place of the twin's."""
-    summary, _, body = inspect.cleandoc(twin.__doc__ or "").partition("\n\n")
-    paragraphs = body.split("\n\n")
-    # The twin's example follows its summary: ">>>" lines, or "Example::" and its block.
-    del paragraphs[: 2 if paragraphs[0].endswith("::") else 1]
-    facade = (
-        f"The async facade over :class:`taskrunners.sync.{twin.__name__}`, for asyncio\n"
-        "and trio; that blocking twin serves code with no event loop."
-    )
-    parts = [summary, inspect.cleandoc(example), facade, *paragraphs]
-    return "\n\n".join(parts + ([inspect.cleandoc(more)] if more else [])) + "\n"
-
-
 class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
-    __doc__ = _facade_doc(
+    __doc__ = facade_doc(
         sync.SequentialTaskRunner,
-        """
-        >>> from taskrunners.states import Completed
-        >>> async def main():
-        ...     async with SequentialTaskRunner().start() as runner:
-        ...         future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
-        ...         print((await runner.wait(future)).result())
-        >>> anyio.run(main)
-        42
-        """,
         """
         Here coroutine calls run on the caller's event loop, not on a loop thread: one
         after another too, unless the caller starts the submissions concurrently (an
@@ -467,17 +398,8 @@ class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
 
 
 class ConcurrentTaskRunner(_FacadeRunner[sync.ConcurrentTaskRunner]):
-    __doc__ = _facade_doc(
+    __doc__ = facade_doc(
         sync.ConcurrentTaskRunner,
-        """
-        >>> from taskrunners.states import Completed
-        >>> async def main():
-        ...     async with ConcurrentTaskRunner().start() as runner:
-        ...         future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
-        ...         print((await runner.wait(future)).result())
-        >>> anyio.run(main)
-        42
-        """,
         "Here coroutine calls run concurrently on the caller's event loop, not on a loop\n"
         "thread; plain calls run on threads.",
     )
@@ -485,28 +407,20 @@ class ConcurrentTaskRunner(_FacadeRunner[sync.ConcurrentTaskRunner]):
     _coroutines_on_caller_loop = True
     _watches_sigint = True
 
+    max_workers = sync.ConcurrentTaskRunner.max_workers.forwarded()
+
     def __init__(self, max_workers: Optional[int] = None) -> None:
         super().__init__(sync.ConcurrentTaskRunner(max_workers))
 
-    @property
-    def max_workers(self) -> Optional[int]:
-        """The most threads running plain calls at once; None for no fixed bound."""
-        return self._core.max_workers
-
 
 class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
-    __doc__ = _facade_doc(
-        sync.ParallelTaskRunner,
-        """
-        >>> from taskrunners.states import Completed
-        >>> async def main():
-        ...     async with ParallelTaskRunner(max_workers=2).start() as runner:
-        ...         future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
-        ...         print((await runner.wait(future)).result())
-        >>> anyio.run(main)
-        42
-        """,
-    )
+    __doc__ = facade_doc(sync.ParallelTaskRunner)
+
+    max_workers = sync.ParallelTaskRunner.max_workers.forwarded()
+    initializer = sync.ParallelTaskRunner.initializer.forwarded()
+    initargs = sync.ParallelTaskRunner.initargs.forwarded()
+    env = sync.ParallelTaskRunner.env.forwarded()
+    batch_size = sync.ParallelTaskRunner.batch_size.forwarded()
 
     def __init__(
         self,
@@ -523,43 +437,17 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
             )
         )
 
-    @property
-    def max_workers(self) -> Optional[int]:
-        """The number of worker processes; None for the number of CPUs."""
-        return self._core.max_workers
-
-    @property
-    def initializer(self) -> Optional[Callable[..., Any]]:
-        """Called as ``initializer(*initargs)`` in each worker process when it starts."""
-        return self._core.initializer
-
-    @property
-    def initargs(self) -> Tuple[Any, ...]:
-        """The arguments of :attr:`initializer`."""
-        return self._core.initargs
-
-    @property
-    def env(self) -> Optional[Dict[str, str]]:
-        """Environment variables set in the worker processes."""
-        return self._core.env
-
-    @property
-    def batch_size(self) -> BatchSize:
-        """Calls per engine task: ``"auto"`` (learned per task), or a fixed number."""
-        return self._core.batch_size
-
 
 class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
-    __doc__ = _facade_doc(
-        sync.DaskTaskRunner,
-        """
-        Example, in a coroutine (``Completed`` comes from :mod:`taskrunners.states`)::
+    __doc__ = facade_doc(sync.DaskTaskRunner)
 
-            async with DaskTaskRunner(cluster_kwargs={"n_workers": 2}).start() as runner:
-                future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
-                (await runner.wait(future)).result()  # 42
-        """,
-    )
+    address = sync.DaskTaskRunner.address.forwarded()
+    cluster_class = sync.DaskTaskRunner.cluster_class.forwarded()
+    cluster_kwargs = sync.DaskTaskRunner.cluster_kwargs.forwarded()
+    adapt_kwargs = sync.DaskTaskRunner.adapt_kwargs.forwarded()
+    client_kwargs = sync.DaskTaskRunner.client_kwargs.forwarded()
+    connect_timeout = sync.DaskTaskRunner.connect_timeout.forwarded()
+    batch_size = sync.DaskTaskRunner.batch_size.forwarded()
 
     def __init__(
         self,
@@ -574,63 +462,19 @@ class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
     ) -> None:
         super().__init__(
             sync.DaskTaskRunner(
-                address,
-                cluster_class,
-                cluster_kwargs,
-                adapt_kwargs,
-                client_kwargs,
-                connect_timeout,
-                batch_size=batch_size,
+                address, cluster_class, cluster_kwargs, adapt_kwargs, client_kwargs,
+                connect_timeout, batch_size=batch_size,
             )
         )
 
-    @property
-    def address(self) -> Optional[str]:
-        """The address of the running scheduler to connect to; None for a temporary cluster."""
-        return self._core.address
-
-    @property
-    def cluster_class(self) -> Optional[Callable[..., Any]]:
-        """The class of the temporary cluster; None until started, for LocalCluster."""
-        return self._core.cluster_class
-
-    @property
-    def cluster_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for :attr:`cluster_class`, as given."""
-        return self._core.cluster_kwargs
-
-    @property
-    def adapt_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for ``cluster.adapt()``; adaptive scaling only when given."""
-        return self._core.adapt_kwargs
-
-    @property
-    def client_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for ``distributed.Client``."""
-        return self._core.client_kwargs
-
-    @property
-    def connect_timeout(self) -> float:
-        """Seconds to keep trying to reach :attr:`address`."""
-        return self._core.connect_timeout
-
-    @property
-    def batch_size(self) -> BatchSize:
-        """Calls per engine task: ``"auto"`` (learned per task), or a fixed number."""
-        return self._core.batch_size
-
 
 class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
-    __doc__ = _facade_doc(
-        sync.RayTaskRunner,
-        """
-        Example, in a coroutine (``Completed`` comes from :mod:`taskrunners.states`)::
+    __doc__ = facade_doc(sync.RayTaskRunner)
 
-            async with RayTaskRunner(init_kwargs={"num_cpus": 2}).start() as runner:
-                future = await runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
-                (await runner.wait(future)).result()  # 42
-        """,
-    )
+    address = sync.RayTaskRunner.address.forwarded()
+    init_kwargs = sync.RayTaskRunner.init_kwargs.forwarded()
+    remote_options = sync.RayTaskRunner.remote_options.forwarded()
+    batch_size = sync.RayTaskRunner.batch_size.forwarded()
 
     def __init__(
         self,
@@ -641,27 +485,5 @@ class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
         batch_size: BatchSize = "auto",
     ) -> None:
         super().__init__(
-            sync.RayTaskRunner(
-                address, init_kwargs, remote_options=remote_options, batch_size=batch_size
-            )
+            sync.RayTaskRunner(address, init_kwargs, remote_options=remote_options, batch_size=batch_size)
         )
-
-    @property
-    def address(self) -> Optional[str]:
-        """The cluster to join; None for ``RAY_ADDRESS`` or a local instance."""
-        return self._core.address
-
-    @property
-    def init_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for ``ray.init`` (``namespace`` defaults to "prefect")."""
-        return self._core.init_kwargs
-
-    @property
-    def remote_options(self) -> Dict[str, Any]:
-        """Ray remote options for every call (``max_retries`` defaults to 0)."""
-        return self._core.remote_options
-
-    @property
-    def batch_size(self) -> BatchSize:
-        """Calls per engine task: ``"auto"`` (learned per task), or a fixed number."""
-        return self._core.batch_size

@@ -7,7 +7,8 @@ through :mod:`taskrunners._core.seam`. Modules:
   waiting, pickling, and the hooks a backend implements), ``calls`` (call handles),
   ``running`` (running one call to a State), ``batching`` (grouping calls into
   batches), ``waiting`` (waiting for a call from async code), ``keywords``
-  (checking keyword arguments meant for an engine) and ``seam`` (the core as the
+  (checking keyword arguments meant for an engine), ``settings`` (a runner's
+  documented settings, which its facade shows too) and ``seam`` (the core as the
   other layers use it).
 - ``local/``: the runners that run calls in this process, Sequential and Concurrent.
 - ``remote/``: what the runners that send calls to other processes share.

@@ -59,6 +59,8 @@ def settings() -> None:
     taskrunners.RayTaskRunner(init_kwargs=["num_cpus", 2])  # E: arg-type
     taskrunners.ParallelTaskRunner(batch_size="autoo")  # E: arg-type
     taskrunners.sync.DaskTaskRunner(batch_size=2.5)  # E: arg-type
+    taskrunners.ParallelTaskRunner().max_workers = 4  # E: assignment
+    taskrunners.sync.RayTaskRunner().batch_size = 2.5  # E: assignment
 
 
 async def sync_and_async(

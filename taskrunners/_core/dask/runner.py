@@ -61,6 +61,7 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.remote.protocol import import_engine, with_upstream
 from taskrunners._core.remote.snapshots import snapshot_call
+from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
 from taskrunners.futures import TaskRun
 from taskrunners.states import Crashed, exception_to_crashed_state
 
@@ -80,53 +81,47 @@ class DaskTaskRunner(BlockingTaskRunner):
             future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
             runner.wait(future).result()  # 42
 
-    :param address: the address of a running Dask scheduler, e.g.
-        ``"tcp://127.0.0.1:8786"``; None to create a temporary cluster
-    :param cluster_class: the cluster class for a temporary cluster, or its full
-        dotted name (imported at once); None for ``distributed.LocalCluster``
+    :param address: a running scheduler to connect to, e.g. ``"tcp://127.0.0.1:8786"``;
+        None to create a temporary cluster
+    :param cluster_class: the temporary cluster's class, or its dotted name (imported at
+        once); None for ``distributed.LocalCluster``
     :param cluster_kwargs: keyword arguments for ``cluster_class``
-    :param adapt_kwargs: keyword arguments for ``cluster.adapt()``; adaptive
-        scaling is enabled only when given
-    :param client_kwargs: keyword arguments for ``distributed.Client``;
-        ``set_as_default`` defaults to False
-    :param connect_timeout: seconds to keep trying to reach ``address`` (with
-        back-off) before giving up
-    :param batch_size: how many calls one engine task may carry: ``"auto"`` (the
-        default) groups the calls of one task while every worker is busy, as many as
-        take about a tenth of a second, learned from how long its calls take; ``1``
-        sends every call as an engine task of its own; a number fixes the size
-    :raises ValueError: for ``address`` together with cluster options, for
-        ``asynchronous`` in ``cluster_kwargs`` or ``client_kwargs``, for a
-        ``cluster_class`` name that cannot be imported, a bad ``connect_timeout`` or
-        ``batch_size``
-    :raises TypeError: for kwargs that are not dicts, and for a key of ``cluster_kwargs``
-        or ``client_kwargs`` that the cluster class (a LocalCluster: or the workers it
-        creates) or ``distributed.Client`` does not take, naming the closest valid key.
-        A cluster class given as an object is checked at once; a LocalCluster and the
-        Client are checked at once if ``distributed`` is already imported, else (as the
-        runner does not import it before it starts) by ``start()``, before anything is
-        created. A cluster class that takes ``**kwargs`` takes any key.
+    :param adapt_kwargs: keyword arguments for ``cluster.adapt()``; adaptive scaling
+        only when given
+    :param client_kwargs: keyword arguments for ``distributed.Client``
+        (``set_as_default`` defaults to False)
+    :param connect_timeout: seconds to keep trying to reach ``address``
+    :param batch_size: calls per Dask task: ``"auto"`` gathers calls of one task while
+        the workers are busy, as many as take about 0.1 s; a number fixes the size
+    :raises ValueError: for ``address`` with cluster options, ``asynchronous`` in
+        ``cluster_kwargs`` or ``client_kwargs``, a ``cluster_class`` name that cannot be
+        imported, a bad ``connect_timeout`` or ``batch_size``
+    :raises TypeError: for kwargs that are not dicts, or a key the cluster class or
+        ``Client`` does not take, naming the closest valid key (checked by ``start()``
+        when ``distributed`` is not imported yet)
 
-    What it starts and stops: without ``address``, ``start()`` creates the cluster
-    and a client, and the end of the block closes both; a ``LocalCluster`` it creates
-    listens on 127.0.0.1 only, unless ``cluster_kwargs`` name another host or
-    interface. With ``address`` it only opens a client, and closes only that. Leaving
-    the block with an exception cancels the calls not started and stops the workers of
-    a cluster the runner created; a plain call already running on a cluster it did not
-    create runs to its end.
-
-    Function and arguments travel with cloudpickle; each call sees its arguments as
-    they were at ``submit``. A call sent alone is the Dask task
-    ``f"{task_run.name}-{task_run.id.hex}"``; while the workers are busy, calls of one
-    task go in batches, one Dask task each, every call keeping its own State.
-    ``dask.annotate(...)`` around a submission (resources, priority, retries, workers)
-    applies to that call. Records a call logs on a worker reach this process's loggers.
-
-    A worker that dies while running a call: Dask runs the call again on another
-    worker, up to ``distributed.scheduler.allowed-failures`` (3 by default), then the
-    call is Crashed naming the cause. A lost batch runs again whole, so calls of it
-    may run twice. Calls on the other workers go on.
+    ``start()`` creates the cluster and a client, and the block's end closes both (a
+    LocalCluster it creates listens on 127.0.0.1 only, unless ``cluster_kwargs`` name a
+    host or interface); with ``address`` it opens and closes only a client. Leaving the
+    block with an exception cancels the calls not started and stops the workers of a
+    cluster it created. Each call sees its arguments as they were at ``submit``;
+    ``dask.annotate(...)`` around a submission applies to that call; what a call logs
+    on a worker reaches this process's loggers. A call whose worker dies is run again
+    by Dask, up to ``distributed.scheduler.allowed-failures`` times, then Crashed (a
+    lost batch runs again whole).
     """
+
+    address: Setting[Optional[str]] = Setting("The scheduler to connect to; None for a temporary cluster.")
+    cluster_class: Setting[Optional[Callable[..., Any]]] = Setting(
+        "The class of the temporary cluster; None until started, for LocalCluster."
+    )
+    cluster_kwargs: Setting[Dict[str, Any]] = Setting("Keyword arguments for :attr:`cluster_class`.")
+    adapt_kwargs: Setting[Dict[str, Any]] = Setting(
+        "Keyword arguments for ``cluster.adapt()``; adaptive scaling only when given."
+    )
+    client_kwargs: Setting[Dict[str, Any]] = Setting("Keyword arguments for ``distributed.Client``.")
+    connect_timeout: Setting[float] = Setting("Seconds to keep trying to reach :attr:`address`.")
+    batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
 
     _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder", "_batches", "_durations")
     _usable_after_pickling = True

@@ -9,6 +9,7 @@ from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, chec
 from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.local.thread_pool import ThreadPool
 from taskrunners._core.running import is_coroutine_function, run_to_state
+from taskrunners._core.settings import Setting
 from taskrunners.futures import TaskRun
 
 __all__ = ["ConcurrentTaskRunner"]
@@ -39,6 +40,8 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
     code, so threads speed up waiting (I/O, sleeps, C code that releases the GIL),
     not pure-Python computation.
     """
+
+    max_workers: Setting[Optional[int]] = Setting("The most threads running plain calls; None for no bound.")
 
     _handles = ("_pool", "_loop_thread")
 

@@ -48,6 +48,7 @@ from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, chec
 from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import CallHandle
 from taskrunners._core.parallel.pool import ProcessPool
+from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
 from taskrunners.futures import TaskRun
 
 __all__ = ["ParallelTaskRunner"]
@@ -68,10 +69,8 @@ class ParallelTaskRunner(BlockingTaskRunner):
         when it starts
     :param initargs: the arguments of ``initializer``
     :param env: environment variables to set in the worker processes
-    :param batch_size: how many calls one engine task may carry: ``"auto"`` (the
-        default) groups the calls of one task while every worker is busy, as many as
-        take about a tenth of a second, learned from how long its calls take; ``1``
-        sends every call as an engine task of its own; a number fixes the size
+    :param batch_size: calls per loky task: ``"auto"`` gathers calls of one task while
+        every worker is busy, as many as take about 0.1 s; a number fixes the size
     :raises ValueError: if ``max_workers`` is not a positive integer or None, ``env``
         is not a mapping of strings to strings, or ``batch_size`` is neither "auto" nor
         a positive integer
@@ -80,22 +79,23 @@ class ParallelTaskRunner(BlockingTaskRunner):
     The ``start()`` block starts the worker processes and stops them when it ends.
     ``run_fn`` and its arguments travel with cloudpickle, so lambdas, closures and
     functions defined in ``__main__`` work; each call sees its arguments as they were
-    at ``submit``, copied to its worker. A coroutine ``run_fn`` runs on an event loop
-    in the worker. Log records emitted in a call, at or above the root logger's level
-    when the block started, reach this process's loggers.
-
-    While every worker is busy, the calls of one task are gathered and sent in
-    batches, one loky task each; every call keeps its own future and State. As with
-    ``concurrent.futures.ProcessPoolExecutor``, a call can be cancelled while it waits
-    in this process, and counts as running once its batch is handed to loky.
+    at ``submit``. A coroutine ``run_fn`` runs on an event loop in the worker. What a
+    call logs reaches this process's loggers. A call can be cancelled until its batch
+    is handed to loky.
 
     A worker that dies mid-call gives that call a Crashed state naming the exit code
-    or signal. loky then stops the whole pool: calls running in the other workers are
-    Crashed too, saying so, and so are finished calls whose results were lost with
-    the pool; calls not started yet run on a fresh pool. No call runs twice. A
-    ``run_fn``, argument or result that cannot be pickled gives that call alone a
-    Crashed state, at once.
+    or signal; loky then stops the pool, and calls running in the other workers are
+    Crashed too, saying so; calls not started run on a fresh pool. No call runs twice.
+    A ``run_fn``, argument or result that cannot be pickled Crashes that call alone.
     """
+
+    max_workers: Setting[Optional[int]] = Setting("The number of worker processes; None for one per CPU.")
+    initializer: Setting[Optional[Callable[..., Any]]] = Setting(
+        "Called as ``initializer(*initargs)`` in each worker process when it starts."
+    )
+    initargs: Setting[Tuple[Any, ...]] = Setting("The arguments of :attr:`initializer`.")
+    env: Setting[Optional[Dict[str, str]]] = Setting("Environment variables set in the worker processes.")
+    batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
 
     _handles = ("_pool",)
     _snapshots_arguments = True
@@ -127,7 +127,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
         self.max_workers = max_workers
         self.initializer = initializer
         self.initargs = initargs
-        self.env: Optional[Dict[str, str]] = dict(env) if env is not None else None
+        self.env = dict(env) if env is not None else None
         self.batch_size = check_batch_size(batch_size)
         self._pool: Optional[ProcessPool] = None
         super().__init__()

@@ -68,6 +68,7 @@ from taskrunners._core.ray.sending import RaySending, RunnerThread, new_slot_tab
 from taskrunners._core.ray.worker import RemoteFunctions, check_remote_options
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners._core.remote.slots import SlotTable
+from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
 from taskrunners.futures import TaskRun
 from taskrunners.states import exception_to_crashed_state
 
@@ -90,53 +91,40 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
             runner.wait(future).result()  # 42
 
     :param address: a running cluster to join: ``"host:port"`` of its head, or
-        ``"ray://host:port"`` (needs ``ray[client]``). None: use ``RAY_ADDRESS`` if set,
-        else start a local Ray instance for the ``start()`` block and shut it down after.
-        If Ray is already initialised in this process, the runner joins that connection
-        and leaves it running (an ``address`` with another port is refused).
+        ``"ray://host:port"`` (needs ``ray[client]``); None: ``RAY_ADDRESS`` if set, else
+        a local Ray instance. A Ray already initialised in this process is joined.
     :param init_kwargs: keyword arguments for ``ray.init`` when the runner starts or
-        connects (``namespace`` defaults to ``"prefect"``; a local instance gets its
-        dashboard, if installed, and its node on 127.0.0.1). Not applied when joining an
-        already initialised Ray.
+        connects (``namespace`` defaults to ``"prefect"``)
     :param remote_options: Ray remote options for every call (``num_cpus``,
-        ``runtime_env``, ``scheduling_strategy``, ...). ``max_retries`` defaults to 0, so
-        a call whose worker dies is Crashed and never silently runs twice; pass
-        ``max_retries=n`` if your calls can safely run again (Ray then retries a whole
-        batch). Per-call resources: :func:`ray_options`.
-    :param batch_size: how many calls one Ray task may carry: ``"auto"`` (the default)
-        groups the calls of one task while every worker is busy, as many as take about a
-        tenth of a second, learned from how long its calls take (calls of a tenth of a
-        second or more go alone); ``1`` sends every call as a Ray task of its own; a
-        number fixes the size
-    :raises TypeError: for an ``address`` that is not a string, or ``init_kwargs`` or
-        ``remote_options`` that are not dicts; for a key of ``init_kwargs`` that
-        ``ray.init`` does not take, naming the closest valid key (at once if ``ray`` is
-        already imported, else, as the runner does not import it before it starts, by
-        ``start()`` before Ray is started or joined)
-    :raises ValueError: for ``address`` given in ``init_kwargs``, or a ``batch_size``
-        that is neither "auto" nor a positive integer
+        ``runtime_env``, ...); ``max_retries`` defaults to 0, so a call whose worker
+        dies is Crashed, never silently run twice. Per-call resources: :func:`ray_options`.
+    :param batch_size: calls per Ray task: ``"auto"`` gathers calls of one task while
+        the workers are busy, as many as take about 0.1 s; a number fixes the size
+    :raises TypeError: for an ``address`` that is not a string, ``init_kwargs`` or
+        ``remote_options`` that are not dicts, or a key ``ray.init`` does not take,
+        naming the closest valid key (checked by ``start()`` if ``ray`` is not imported yet)
+    :raises ValueError: for ``address`` in ``init_kwargs``, or a bad ``batch_size``
 
-    What it starts and stops: with no cluster to join, ``start()`` starts a local Ray
-    instance on 127.0.0.1 and the end of the block shuts it down; a cluster it joins
-    is left running. Leaving the block with an exception does not wait for calls: it
-    shuts down a local instance, or cancels the runner's tasks on a cluster (on a Ray
-    that was already initialised, running calls get Ray's KeyboardInterrupt).
-
-    Calls travel with Ray's serializer; each call sees its arguments as they were at
-    ``submit``, and ``taskrunners`` must be importable on the workers. While the
-    workers are busy, calls of one task go in batches, one Ray task each, every call
-    keeping its own State; calls with different :func:`ray_options` never share a
-    batch. A call whose resource request no live node can meet is Crashed at once
-    rather than waiting forever.
-
-    A worker that dies mid-call gives that call a Crashed state naming the cause; the
-    calls of its batch that it had finished are Crashed (their results were lost), and
-    those it had not started run again on another worker when it ran on this machine,
-    else they are Crashed too. No call runs twice (unless ``remote_options`` set
-    ``max_retries``). Calls in other workers go on. A started runner that is pickled
-    and unpickled raises a RuntimeError mentioning "after serialization" on submit
-    and wait.
+    ``start()`` starts a local Ray instance on 127.0.0.1 and the block's end shuts it
+    down; a cluster or a Ray it joins is left running. Leaving the block with an
+    exception does not wait for calls: it shuts down a local instance, or cancels the
+    runner's tasks on a cluster. Each call sees its arguments as they were at
+    ``submit``; ``taskrunners`` must be importable on the workers. A call whose
+    resource request no live node can meet is Crashed at once. A worker that dies
+    mid-call gives that call a Crashed state naming the cause; calls in other workers
+    go on. A started runner, pickled and unpickled, refuses to submit and wait.
     """
+
+    address: Setting[Optional[str]] = Setting(
+        "The cluster to join; None for ``RAY_ADDRESS`` or a local instance."
+    )
+    init_kwargs: Setting[Dict[str, Any]] = Setting(
+        'Keyword arguments for ``ray.init`` (``namespace`` defaults to "prefect").'
+    )
+    remote_options: Setting[Dict[str, Any]] = Setting(
+        "Ray remote options for every call (``max_retries`` defaults to 0)."
+    )
+    batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
 
     _handles = (
         "_ray", "_remote_functions", "_resources", "_thread", "_dispatcher", "_slots", "_slots_lock"
