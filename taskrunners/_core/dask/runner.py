@@ -104,11 +104,12 @@ class DaskTaskRunner(BlockingTaskRunner):
     LocalCluster it creates listens on 127.0.0.1 only, unless ``cluster_kwargs`` name a
     host or interface); with ``address`` it opens and closes only a client. Leaving the
     block with an exception cancels the calls not started and stops the workers of a
-    cluster it created. Each call sees its arguments as they were at ``submit``;
-    ``dask.annotate(...)`` around a submission applies to that call; what a call logs
-    on a worker reaches this process's loggers. A call whose worker dies is run again
-    by Dask, up to ``distributed.scheduler.allowed-failures`` times, then Crashed (a
-    lost batch runs again whole).
+    cluster it created (on another cluster, running calls run on). Each call sees its
+    arguments as they were at ``submit``; ``dask.annotate(...)`` around a submission
+    applies to that call; what a call logs on a worker reaches this process's loggers.
+    A call whose worker dies is run again by Dask, up to
+    ``distributed.scheduler.allowed-failures`` times, then Crashed (a lost batch runs
+    again whole).
     """
 
     address: Setting[Optional[str]] = Setting("The scheduler to connect to; None for a temporary cluster.")

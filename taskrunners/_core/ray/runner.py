@@ -92,12 +92,13 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
 
     :param address: a running cluster to join: ``"host:port"`` of its head, or
         ``"ray://host:port"`` (needs ``ray[client]``); None: ``RAY_ADDRESS`` if set, else
-        a local Ray instance. A Ray already initialised in this process is joined.
+        a local Ray instance. A Ray already initialised in this process is joined (an
+        ``address`` with another port is refused).
     :param init_kwargs: keyword arguments for ``ray.init`` when the runner starts or
-        connects (``namespace`` defaults to ``"prefect"``)
+        connects (``namespace`` defaults to ``"prefect"``), not when it joins
     :param remote_options: Ray remote options for every call (``num_cpus``,
         ``runtime_env``, ...); ``max_retries`` defaults to 0, so a call whose worker
-        dies is Crashed, never silently run twice. Per-call resources: :func:`ray_options`.
+        dies is Crashed rather than run twice. Per-call resources: :func:`ray_options`.
     :param batch_size: calls per Ray task: ``"auto"`` gathers calls of one task while
         the workers are busy, as many as take about 0.1 s; a number fixes the size
     :raises TypeError: for an ``address`` that is not a string, ``init_kwargs`` or
