@@ -12,9 +12,30 @@ from typing import Any, Generic, NoReturn, TypeVar, overload
 __all__ = ["Setting", "Forwarded", "BATCH_SIZE_DOC"]
 
 V = TypeVar("V")
+D = TypeVar("D", bound="_Documented[Any]")
 
 
-class Setting(Generic[V]):
+class _Documented(Generic[V]):
+    """A documented attribute: the descriptor itself on the class, a value on an instance."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self: D, instance: None, owner: Any = None) -> D: ...
+
+    @overload
+    def __get__(self, instance: object, owner: Any = None) -> V: ...
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        return self if instance is None else self._read(instance)
+
+    def _read(self, instance: Any) -> V:
+        raise NotImplementedError
+
+
+class Setting(_Documented[V]):
     """An attribute of a blocking runner that its constructor sets, with a docstring.
 
     The value lives in the instance's ``__dict__`` under the setting's own name, so
@@ -22,21 +43,12 @@ class Setting(Generic[V]):
     """
 
     def __init__(self, doc: str) -> None:
-        self.__doc__ = doc
-        self.name = ""
+        super().__init__("", doc)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    @overload
-    def __get__(self, runner: None, owner: Any = None) -> Setting[V]: ...
-
-    @overload
-    def __get__(self, runner: object, owner: Any = None) -> V: ...
-
-    def __get__(self, runner: Any, owner: Any = None) -> Any:
-        if runner is None:
-            return self
+    def _read(self, runner: Any) -> V:
         try:
             return runner.__dict__[self.name]
         except KeyError:
@@ -49,29 +61,17 @@ class Setting(Generic[V]):
 
     def forwarded(self) -> Forwarded[V]:
         """This setting on a facade: read-only, read from the blocking twin in its ``_core``."""
-        return Forwarded(self)
+        return Forwarded(self.name, self.__doc__ or "")
 
 
-class Forwarded(Generic[V]):
+class Forwarded(_Documented[V]):
     """A facade's read-only attribute: its twin's :class:`Setting` of the same name."""
-
-    def __init__(self, setting: Setting[V]) -> None:
-        self.__doc__ = setting.__doc__
-        self.name = setting.name
 
     def __set_name__(self, owner: type, name: str) -> None:
         if name != self.name:
             raise TypeError(f"the setting {self.name!r} is forwarded under another name, {name!r}")
 
-    @overload
-    def __get__(self, facade: None, owner: Any = None) -> Forwarded[V]: ...
-
-    @overload
-    def __get__(self, facade: object, owner: Any = None) -> V: ...
-
-    def __get__(self, facade: Any, owner: Any = None) -> Any:
-        if facade is None:
-            return self
+    def _read(self, facade: Any) -> V:
         return getattr(facade._core, self.name)
 
     def __set__(self, facade: object, value: NoReturn) -> None:
