@@ -260,7 +260,7 @@ class DaskBatches:
                     refused = None
                     batch.dask_future = dask_future
                     for call, token in zip(batch.calls, tokens):
-                        call.token, call.dask_future, call.in_batch = token, dask_future, True
+                        call.token, call.dask_future = token, dask_future
             finally:
                 for lock in locks:
                     lock.release()

@@ -58,11 +58,10 @@ class ParallelCall(Call, OwnEntry):
         self.key = self.group = batch_key_of(run_fn, run_kwargs)
         self._dispatcher: Optional["Dispatcher[Sendable[None]]"] = dispatcher
 
-    def set_result(self, state: State) -> None:
+    def _ended(self) -> None:
         # A settled call, cancelled ones too, keeps no argument, function (its key: the
         # run_fn, or the flow's task) or pool alive.
         self.run_fn = self.run_kwargs = self._dispatcher = self.key = self.group = None
-        super().set_result(state)
 
     def expedite(self) -> None:
         dispatcher = self._dispatcher
