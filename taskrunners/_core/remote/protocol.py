@@ -222,8 +222,8 @@ def encode_outcome(
 
     outcome = (state, records or None, tag)
     try:
-        # Plain pickle is several times faster. For what only cloudpickle can send (a
-        # class or function that came here by value) it fails instead of writing a
+        # Plain pickle first, as it is the faster. For what only cloudpickle can send
+        # (a class or function that came here by value) it fails instead of writing a
         # reference, since the name does not lead back to the same object here.
         return pickle.dumps(outcome, PROTOCOL)
     except Exception:
