@@ -103,7 +103,7 @@ class Phase(enum.IntEnum):
 
 
 PENDING, RUNNING, CANCELLING, CANCELLED, DONE = Phase
-#: The phases a call leaves for each move; a call's phases only ever go up in value.
+# The phases each move starts from, as masks. A call's phase only ever grows.
 _STARTABLE = PENDING | RUNNING
 _UNSTARTED = PENDING | CANCELLING
 _LIVE = PENDING | RUNNING | CANCELLING
@@ -126,7 +126,7 @@ class Call:
     :meth:`cancel`                PENDING, CANCELLING            CANCELLED
     :meth:`set_cancelled`         PENDING, RUNNING, CANCELLING   CANCELLED
     :meth:`set_result`            PENDING, RUNNING, CANCELLING   DONE
-    (Dask) hold back from Dask    PENDING (or RUNNING: abort)    CANCELLING
+    ``DaskCall.hold_back``        PENDING (or RUNNING: abort)    CANCELLING
     ============================  =============================  =====================
 
     As in ``concurrent.futures``: a started call cannot be cancelled, a cancelled one
@@ -192,7 +192,7 @@ class Call:
         return self._phase is CANCELLED
 
     def set_cancelled(self) -> None:
-        """End the call as cancelled, started or not: it does not run (on)."""
+        """End the call as cancelled, whether it started or not (its pool or block is gone)."""
         if self._phase & _LIVE:
             self._move(_LIVE, CANCELLED, cancelled_state())
 
