@@ -99,18 +99,13 @@ class DaskCall(Call):
 
     @property
     def in_batch(self) -> bool:
-        """Whether ``dask_future`` is a batch's, shared with other calls (its key is
-        the batch's, not the call's own)."""
+        """Whether ``dask_future`` is a batch's (its key is the batch's, not the call's)."""
         dask_future = self.dask_future
         return dask_future is not None and dask_future.key != self.key
 
     def hold_back(self, started_too: bool = False) -> None:
-        """Keep the call from being handed to Dask (again): it is to be cancelled.
-
-        Called under ``handover``; its cancellation (``cancel``, ``set_cancelled``)
-        follows outside that lock. Unless ``started_too``, a started call is left as
-        it is.
-        """
+        """Under ``handover``: the call is not handed to Dask (again), as its cancellation
+        follows outside that lock; a started call is held back only if ``started_too``."""
         self._move(PENDING | RUNNING if started_too else PENDING, CANCELLING)
 
     def running(self) -> bool:
