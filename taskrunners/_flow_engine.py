@@ -30,7 +30,8 @@ from typing_extensions import ParamSpec
 
 from taskrunners._collections import visit_collection
 from taskrunners._core import seam
-from taskrunners._core.base import FLAT_TYPES, BlockingTaskRunner, is_future
+from taskrunners._core.arguments import FLAT_TYPES, is_future
+from taskrunners._core.base import BlockingTaskRunner
 from taskrunners._core.remote.protocol import Upstream
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Pending, State

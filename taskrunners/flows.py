@@ -38,7 +38,8 @@ from typing_extensions import ParamSpec, Protocol
 
 from taskrunners._collections import iter_leaves
 from taskrunners._core import seam
-from taskrunners._core.base import BlockingTaskRunner, is_future
+from taskrunners._core.arguments import is_future
+from taskrunners._core.base import BlockingTaskRunner
 from taskrunners._core.calls import block_until_done
 from taskrunners._core.waiting import in_event_loop, wait_until_done
 from taskrunners._flow_engine import (

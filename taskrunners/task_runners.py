@@ -42,12 +42,8 @@ from typing_extensions import Literal
 
 from taskrunners import sync
 from taskrunners._core import seam
-from taskrunners._core.base import (
-    BlockingTaskRunner,
-    RunnerIdentity,
-    TaskConcurrencyType,
-    check_submission,
-)
+from taskrunners._core.arguments import check_submission
+from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize
 from taskrunners._core.calls import Call, CallHandle
 from taskrunners._core.local.interrupts import interrupted_since, sigint_watch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import functools
 import itertools
 import threading
@@ -20,7 +21,9 @@ __all__ = [
     "TIMEOUT_ERRORS",
     "Completes",
     "CallHandle",
+    "Phase",
     "Call",
+    "cancelled_state",
     "done_call",
     "state_of_done",
     "wait_for_state",
@@ -75,73 +78,127 @@ _next_lock = itertools.count().__next__
 _NO_CALLBACKS: Any = ()
 
 
+class Phase(enum.IntEnum):
+    """Where a call is in its life: the one field that says so, ``Call._phase``.
+
+    Each phase is a bit, so that :meth:`Call._move` takes the phases it moves from as
+    one mask (``PENDING | RUNNING``), and they are in order: from CANCELLED on, the
+    call is done.
+    """
+
+    #: Submitted and not started: it may still be cancelled (gathered in a
+    #: dispatcher, waiting for upstream calls, queued in an engine).
+    PENDING = 1
+    #: Started: it runs to its end, and cancelling it is refused.
+    RUNNING = 2
+    #: Not started and to be cancelled: it is not handed to the engine (again) from now
+    #: on and cannot start; its cancellation follows (Dask decides it under a lock of
+    #: its own, and sets the State outside that lock).
+    CANCELLING = 4
+    #: Done: cancelled before it started (or stopped when its block was left); its
+    #: State is the cancellation.
+    CANCELLED = 8
+    #: Done: it has its State.
+    DONE = 16
+
+
+PENDING, RUNNING, CANCELLING, CANCELLED, DONE = Phase
+# The phases each move starts from, as masks. A call's phase only ever grows.
+_STARTABLE = PENDING | RUNNING
+_UNSTARTED = PENDING | CANCELLING
+_LIVE = PENDING | RUNNING | CANCELLING
+
+
+def cancelled_state() -> State:
+    """The State of a call cancelled before it started."""
+    return exception_to_crashed_state(concurrent.futures.CancelledError())
+
+
 class Call:
     """The outcome of one call: its State is set once, from any thread.
 
-    A call not yet running can be cancelled: it then ends Crashed with the
-    cancellation message, and :meth:`set_running` tells the worker not to run it.
-    Many calls may be pending at once, so a call is kept small: the garbage
-    collector walks every one of them.
+    Its :class:`Phase` is one field, changed only by :meth:`_move`, with these moves:
+
+    ============================  =============================  =====================
+    method                        from                           to
+    ============================  =============================  =====================
+    :meth:`set_running`           PENDING, RUNNING               RUNNING
+    :meth:`cancel`                PENDING, CANCELLING            CANCELLED
+    :meth:`set_cancelled`         PENDING, RUNNING, CANCELLING   CANCELLED
+    :meth:`set_result`            PENDING, RUNNING, CANCELLING   DONE
+    ``DaskCall.hold_back``        PENDING (or RUNNING: abort)    CANCELLING
+    ============================  =============================  =====================
+
+    As in ``concurrent.futures``: a started call cannot be cancelled, a cancelled one
+    never starts, and a done one never changes. Its State is a field apart (as a
+    ``Future``'s result is), set by the move that ends the call. Many calls may be
+    pending at once, so a call is kept small: the garbage collector walks every one.
     """
 
-    __slots__ = ("_state", "_running", "_cancelled", "_callbacks", "_lock", "_finished")
+    __slots__ = ("_phase", "_state", "_callbacks", "_lock", "_finished")
 
     def __init__(self) -> None:
+        self._phase = PENDING
         self._state: Optional[State] = None
-        self._running = False
-        self._cancelled = False
         self._callbacks: Any = _NO_CALLBACKS
         self._lock = _LOCKS[_next_lock() & 63]
         self._finished: Optional[threading.Event] = None
 
-    def done(self) -> bool:
-        return self._state is not None
-
-    def running(self) -> bool:
-        """Started and not finished: from now on :meth:`cancel` refuses."""
-        return self._running and self._state is None
-
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def set_running(self) -> bool:
-        """Mark the call running; False if it was cancelled first (do not run it)."""
+    def _move(self, allowed: int, to: Phase, state: Optional[State] = None) -> bool:
+        """Move the call to ``to`` if its phase is one of ``allowed`` (a mask of
+        phases); False if it is not. A move that ends the call (to CANCELLED or DONE)
+        gives it ``state``, then runs its done callbacks, outside the lock."""
         with self._lock:
-            if self._state is not None or self._cancelled:
+            if not self._phase & allowed:
                 return False
-            self._running = True
-            return True
-
-    def cancel(self) -> bool:
-        """Cancel the call if it has not started; as ``concurrent.futures.Future.cancel``."""
-        with self._lock:
-            if self._running or self._state is not None:
-                return self._cancelled
-            self._cancelled = True
-        self.set_result(_cancelled_state())
-        return True
-
-    def set_cancelled(self) -> None:
-        """End the call as cancelled: it never started, and never will."""
-        with self._lock:
-            if self._state is None:
-                self._cancelled = True
-        self.set_result(_cancelled_state())
-
-    def set_result(self, state: State) -> None:
-        """Set the call's State, unless it has one already."""
-        with self._lock:
-            if self._state is not None:
-                return
+            if state is None:
+                self._phase = to
+                return True
+            # The State first: a call seen done without the lock has it.
             self._state = state
+            self._phase = to
             callbacks, self._callbacks = self._callbacks, None
             if self._finished is not None:
                 self._finished.set()
+        self._ended()
         if type(callbacks) is list:
             for callback in callbacks:
                 callback(self)
         elif callbacks is not _NO_CALLBACKS:
             callbacks(self)
+        return True
+
+    def _ended(self) -> None:
+        """The call just got its State: a subclass lets go of what it held for it."""
+
+    def done(self) -> bool:
+        return self._phase >= CANCELLED
+
+    def running(self) -> bool:
+        """Started and not finished: from now on :meth:`cancel` refuses."""
+        return self._phase is RUNNING
+
+    def cancelled(self) -> bool:
+        return self._phase is CANCELLED
+
+    def set_running(self) -> bool:
+        """Mark the call running; False if it was cancelled first (do not run it)."""
+        return self._move(_STARTABLE, RUNNING)
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not started; as ``concurrent.futures.Future.cancel``."""
+        if self._phase & _UNSTARTED and self._move(_UNSTARTED, CANCELLED, cancelled_state()):
+            return True
+        return self._phase is CANCELLED
+
+    def set_cancelled(self) -> None:
+        """End the call as cancelled, whether it started or not (its pool or block is gone)."""
+        if self._phase & _LIVE:
+            self._move(_LIVE, CANCELLED, cancelled_state())
+
+    def set_result(self, state: State) -> None:
+        """Set the call's State, unless it has one already."""
+        self._move(_LIVE, DONE, state)
 
     def result(self, timeout: Optional[float] = None) -> State:
         state = self._state
@@ -173,14 +230,11 @@ class Call:
         """Somebody waits for the call: nothing to do, unless a batch holds it back."""
 
 
-def _cancelled_state() -> State:
-    return exception_to_crashed_state(concurrent.futures.CancelledError())
-
-
 def done_call(state: State) -> Call:
     """A call that is already done, in ``state``."""
     call = Call()
     call._state = state
+    call._phase = DONE
     call._callbacks = None
     return call
 

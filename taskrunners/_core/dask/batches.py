@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional
 
 import cloudpickle
 
-from taskrunners._core.base import may_hold_futures
+from taskrunners._core.arguments import may_hold_futures
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
 from taskrunners._core.calls import state_of_done
 from taskrunners._core.dask import dask_private, worker as dask_worker
@@ -260,7 +260,7 @@ class DaskBatches:
                     refused = None
                     batch.dask_future = dask_future
                     for call, token in zip(batch.calls, tokens):
-                        call.token, call.dask_future, call.in_batch = token, dask_future, True
+                        call.token, call.dask_future = token, dask_future
             finally:
                 for lock in locks:
                     lock.release()

@@ -29,7 +29,7 @@ import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
-from taskrunners._core.calls import Call
+from taskrunners._core.calls import CANCELLED, CANCELLING, PENDING, RUNNING, Call
 from taskrunners._core.dask import dask_private, worker as dask_worker
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -59,10 +59,7 @@ class DaskCall(Call):
     that it started.
     """
 
-    __slots__ = (
-        "runner", "client", "key", "token", "dask_future", "cancelling", "handover",
-        "rerun", "in_batch", "waiting_on",
-    )
+    __slots__ = ("runner", "client", "key", "token", "dask_future", "handover", "rerun", "waiting_on")
 
     def __init__(self, runner: Any, client: Any) -> None:
         super().__init__()
@@ -71,14 +68,11 @@ class DaskCall(Call):
         self.key: Optional[str] = None
         self.token: Optional[str] = None
         self.dask_future: Any = None
-        # Set, under ``handover``, once the call is to be cancelled: it is not handed
-        # to Dask (again) from then on.
-        self.cancelling = False
+        # Held while the call is handed to Dask, and while it is held back from Dask
+        # (:meth:`hold_back`): a cancelled call is never handed over.
         self.handover = threading.Lock()
         # Set when upstream calls were handed to Dask: what a rerun needs.
         self.rerun: Optional[Tuple[Any, ...]] = None
-        # Whether ``dask_future`` is a batch's, shared with other calls.
-        self.in_batch = False
         # The upstream calls it waits for before it is handed to Dask.
         self.waiting_on: Optional[List[Any]] = None
 
@@ -95,8 +89,24 @@ class DaskCall(Call):
 
     @property
     def started(self) -> bool:
-        """Whether a worker was seen running the call."""
-        return self._running
+        """Whether a worker was seen running the call, and it is not done."""
+        return self._phase is RUNNING
+
+    @property
+    def cancelling(self) -> bool:
+        """Whether the call is held back from Dask (see :meth:`hold_back`), or cancelled."""
+        return bool(self._phase & (CANCELLING | CANCELLED))
+
+    @property
+    def in_batch(self) -> bool:
+        """Whether ``dask_future`` is a batch's (its key is the batch's, not the call's)."""
+        dask_future = self.dask_future
+        return dask_future is not None and dask_future.key != self.key
+
+    def hold_back(self, started_too: bool = False) -> None:
+        """Under ``handover``: the call is not handed to Dask (again), as its cancellation
+        follows outside that lock; a started call is held back only if ``started_too``."""
+        self._move(PENDING | RUNNING if started_too else PENDING, CANCELLING)
 
     def running(self) -> bool:
         """Whether the call has started on a worker and is not done (asks the workers).
@@ -106,7 +116,7 @@ class DaskCall(Call):
         """
         if self.done():
             return False
-        return self._running or _started_on_workers(self)
+        return self._phase is RUNNING or _started_on_workers(self)
 
     def cancel(self) -> bool:
         """Cancel the call if no worker has started it; a started call runs to its end.
@@ -372,7 +382,7 @@ def cancel_unstarted(calls: Iterable[Any], tokens: Dict[str, str], logger: loggi
             if dask_future is None:
                 # Waiting for upstream calls of another runner, or to be rerun:
                 # from now on it will not be handed to Dask.
-                call.cancelling = True
+                call.hold_back()
         if dask_future is None:
             Call.cancel(call)
         elif dask_future.status != "finished":  # finished: it ran, its State is coming
@@ -408,9 +418,10 @@ def _cancel_on_workers(
             # cancelled if its new task is submitted already, as that may have started.
             if call.dask_future is not dask_future and call.dask_future is not None:
                 continue
-            call.cancelling = True
+            call.hold_back()
         if Call.cancel(call):
-            if not call.in_batch:  # a batch runs on: its worker skips this call
+            # A batch's Dask task runs on (its worker skips this call); the call's own goes.
+            if dask_future.key == call.key:
                 cancelled.append(dask_future)
             forget_token(tokens, call)
     if started:
@@ -445,7 +456,7 @@ def abort_calls(client: Any, calls: List[DaskCall], tell_workers: bool, logger: 
     dask_futures: Dict[int, Any] = {}
     for call in calls:
         with call.handover:
-            call.cancelling = True
+            call.hold_back(started_too=True)
             if call.dask_future is not None and not call.done():
                 tokens.append(str(call.token))
                 dask_futures[id(call.dask_future)] = call.dask_future

@@ -41,7 +41,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import cloudpickle
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, may_hold_futures
+from taskrunners._core.arguments import may_hold_futures
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
 from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
 from taskrunners._core.dask import cluster as dask_cluster, worker as dask_worker

@@ -1,12 +1,12 @@
 """Telling a Ctrl-C apart from a call's own KeyboardInterrupt, for the Sequential runner.
 
 A Sequential call runs in the thread that submits it, usually the main thread, where
-Python delivers SIGINT. A call that raises KeyboardInterrupt itself only ends Crashed
-(the seed's rule), but a Ctrl-C must stop the script. While a :class:`SigintWatch` is
-installed, a SIGINT that lands during a plain call raises KeyboardInterrupt right
-there (as Python's default handler does, even under an event loop whose own handler
-would only cancel a task and let the call run on) and is counted, so the runner can
-end the call Crashed and then re-raise. Outside calls, and during coroutine calls,
+Python delivers SIGINT. A call that raises KeyboardInterrupt itself only ends Crashed,
+but a Ctrl-C must stop the script. While a :class:`SigintWatch` is installed, a
+SIGINT that lands during a plain call raises KeyboardInterrupt right there (as
+Python's default handler does, even under an event loop whose own handler would only
+cancel a task and let the call run on) and is counted, so the runner can end the call
+Crashed and then re-raise. Outside calls, and during coroutine calls,
 the handler installed before decides, as if the watch were not there.
 """
 

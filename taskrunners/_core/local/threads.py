@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Callable, Dict, Optional
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, check_max_workers
+from taskrunners._core.arguments import check_max_workers
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.local.thread_pool import ThreadPool
 from taskrunners._core.running import is_coroutine_function, run_to_state

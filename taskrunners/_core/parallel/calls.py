@@ -58,11 +58,10 @@ class ParallelCall(Call, OwnEntry):
         self.key = self.group = batch_key_of(run_fn, run_kwargs)
         self._dispatcher: Optional["Dispatcher[Sendable[None]]"] = dispatcher
 
-    def set_result(self, state: State) -> None:
+    def _ended(self) -> None:
         # A settled call, cancelled ones too, keeps no argument, function (its key: the
         # run_fn, or the flow's task) or pool alive.
         self.run_fn = self.run_kwargs = self._dispatcher = self.key = self.group = None
-        super().set_result(state)
 
     def expedite(self) -> None:
         dispatcher = self._dispatcher
@@ -140,8 +139,8 @@ class _Pickler(cloudpickle.Pickler):
     """cloudpickle's pickler, with its table of reducers by type as one plain dict.
 
     cloudpickle keeps it as a ChainMap over ``copyreg``'s, which the C pickler looks
-    up in Python for every object of a class: a call's arguments (a flow's task run)
-    pickle about twice as fast with a dict. Made again if ``copyreg`` gained a type.
+    up in Python for every object of a class, and a plain dict in C: a call's
+    arguments (a flow's task run) pickle faster. Made again if ``copyreg`` gained a type.
     """
 
     @property

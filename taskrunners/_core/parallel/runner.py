@@ -44,7 +44,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import loky
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType, check_max_workers
+from taskrunners._core.arguments import check_max_workers
+from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import CallHandle
 from taskrunners._core.parallel.pool import ProcessPool

@@ -7,14 +7,13 @@ The runner (:mod:`~taskrunners._core.ray.runner`) makes these; the sending side
 
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional, Sequence
 
 from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of, group_of
-from taskrunners._core.calls import Call
+from taskrunners._core.calls import Call, cancelled_state
 from taskrunners._core.ray.worker import Unbatched
 from taskrunners.futures import TaskRun
-from taskrunners.states import Crashed, State, exception_to_crashed_state
+from taskrunners.states import Crashed, State
 
 
 class Held(NamedTuple):
@@ -68,15 +67,14 @@ class RayCall(Call, OwnEntry):
         self.key: Hashable = None
         self.group: Hashable = None
 
-    def set_result(self, state: State) -> None:
+    def _ended(self) -> None:
         # A settled call keeps no argument or function (its key) alive.
         self.run_fn = self.run_kwargs = self.key = self.group = self.dispatcher = None
         self.held = ()
-        super().set_result(state)
 
     def expedite(self) -> None:
         dispatcher = self.dispatcher
-        if dispatcher is not None and self._state is None:
+        if dispatcher is not None and not self.done():
             dispatcher.expedite(self)
 
     def stop(self) -> Any:
@@ -84,7 +82,7 @@ class RayCall(Call, OwnEntry):
         if self.cancel() or self.done():
             return None
         self.failed = True
-        self.set_result(exception_to_crashed_state(concurrent.futures.CancelledError()))
+        self.set_result(cancelled_state())
         return self.ref
 
 
@@ -105,7 +103,6 @@ def entry_of(call: RayCall) -> RayCall:
         key, tuple(sorted((name, repr(value)) for name, value in options.items())) if options else None
     )
     return call
-
 
 
 def stopped_state(call: Any) -> State:

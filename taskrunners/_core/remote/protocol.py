@@ -15,7 +15,6 @@ How a call travels::
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib
 import pickle
 import time
@@ -25,7 +24,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tupl
 import cloudpickle
 
 from taskrunners._collections import visit_collection
-from taskrunners._core.calls import CallHandle
+from taskrunners._core.calls import CallHandle, cancelled_state
 from taskrunners._core.running import checked_state, is_coroutine_function
 from taskrunners.futures import PrefectFuture
 from taskrunners.states import Crashed, State, exception_to_crashed_state
@@ -166,7 +165,7 @@ def run_batch(
     outcomes: List[Tuple[State, float, Optional[BaseException]]] = []
     for index, (run_fn, run_kwargs) in enumerate(calls):
         if starting is not None and not starting(index):
-            outcomes.append((_cancelled_state(), 0.0, None))
+            outcomes.append((cancelled_state(), 0.0, None))
             continue
         begun = time.perf_counter()
         state, raised = run_in_worker(run_fn, run_kwargs, watch)
@@ -174,10 +173,6 @@ def run_batch(
         if finished is not None:
             finished(index)
     return outcomes
-
-
-def _cancelled_state() -> State:
-    return exception_to_crashed_state(concurrent.futures.CancelledError())
 
 
 def load_call(payload: bytes, name: str, where: str) -> Tuple[Any, Any]:
@@ -227,8 +222,8 @@ def encode_outcome(
 
     outcome = (state, records or None, tag)
     try:
-        # Plain pickle is several times faster. For what only cloudpickle can send (a
-        # class or function that came here by value) it fails instead of writing a
+        # Plain pickle first, as it is the faster. For what only cloudpickle can send
+        # (a class or function that came here by value) it fails instead of writing a
         # reference, since the name does not lead back to the same object here.
         return pickle.dumps(outcome, PROTOCOL)
     except Exception:

@@ -13,8 +13,8 @@ change is taken as it is then:
   as the value itself wherever it lands (a worker, or this process);
 - a collection holding futures is rebuilt around them (the runner replaces them
   when the call is sent);
-- a value that cannot be pickled is kept as it is, and fails as before, with the
-  runner's own pickling error, when the call is sent.
+- a value that cannot be pickled is kept as it is, and fails with the runner's own
+  pickling error when the call is sent.
 
 An object may take its own snapshot with a ``__snapshot__(memo)`` method (a flow's
 task invocation snapshots each of its arguments, not its task).
