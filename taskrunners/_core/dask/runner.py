@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
-from taskrunners._core.calls import CallHandle, when_all_done
+from taskrunners._core.calls import CallHandle
 from taskrunners._core.dask import cluster as dask_cluster
 from taskrunners._core.dask.batches import DaskBatches
 from taskrunners._core.dask.calls import (
@@ -50,11 +50,11 @@ from taskrunners._core.dask.calls import (
     cancel_unstarted,
     dask_future_to_hand_off,
 )
-from taskrunners._core.dask.submitter import DaskSubmitter
+from taskrunners._core.dask.submitter import DaskSubmitter, start_after
 from taskrunners._core.remote.protocol import import_engine
 from taskrunners._core.remote.snapshots import snapshot_call
 from taskrunners.futures import TaskRun
-from taskrunners.states import Crashed, exception_to_crashed_state
+from taskrunners.states import Crashed
 
 __all__ = ["DaskTaskRunner"]
 
@@ -281,7 +281,12 @@ class DaskTaskRunner(BlockingTaskRunner):
             if not upstream_call.done() and dask_future_to_hand_off(upstream_call, client) is None
         ]
         if waiting:
-            self._start_after(waiting, call, submission)
+            start_after(
+                waiting,
+                call,
+                submission,
+                lambda ready: self._launch(call, ready, self._upstream_calls(ready.run_kwargs)),
+            )
         else:
             self._launch(call, submission, upstream)
         return call
@@ -317,25 +322,6 @@ class DaskTaskRunner(BlockingTaskRunner):
     ) -> DaskCall:
         """A call of the block, handed the block's dispatcher and canceller."""
         return DaskCall(client, None if batches is None else batches.dispatcher, submitter.cancel_unstarted)
-
-    def _start_after(self, upstream: List[Any], call: DaskCall, submission: Submission) -> None:
-        """Start ``call`` once the upstream calls are done, holding nothing meanwhile."""
-        if submission.annotations is None:
-            import dask
-
-            submission = submission._replace(annotations=dask.get_annotations())
-
-        def upstream_done() -> None:
-            call.waiting_on = None
-            if call.done():  # cancelled meanwhile
-                return
-            try:
-                self._launch(call, submission, self._upstream_calls(submission.run_kwargs))
-            except BaseException as exc:
-                call.set_result(exception_to_crashed_state(exc))
-
-        call.waiting_on = upstream
-        when_all_done(upstream, upstream_done)
 
     # -- cancellation ------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from taskrunners._core.dask.cluster import RecordForwarder
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners.states import Crashed, exception_to_crashed_state
 
-__all__ = ["DaskSubmitter"]
+__all__ = ["DaskSubmitter", "start_after"]
 
 
 class DaskSubmitter:
@@ -176,7 +176,12 @@ class DaskSubmitter:
                     call.rerun = None
                     call.dask_future = call.token = None
                 upstream = [upstream_call for upstream_call, _ in handed_off]
-                self._rerun_after(upstream, call, submission)
+                start_after(
+                    upstream,
+                    call,
+                    submission,
+                    lambda again: self.start(call, again, by_value=True, rerun=True),
+                )
                 return
         if isinstance(exc, dask_worker.CrashedOnWorker):
             self.settle_outcome(call, exc.outcome)
@@ -184,25 +189,29 @@ class DaskSubmitter:
         forget_token(self.tokens, call)
         call.set_result(failure_state(exc, in_batch=False))
 
-    def _rerun_after(self, upstream: List[Any], call: DaskCall, submission: Submission) -> None:
-        """Start ``call`` again by value once the upstream calls are done."""
-        if submission.annotations is None:
-            import dask
-
-            submission = submission._replace(annotations=dask.get_annotations())
-
-        def upstream_done() -> None:
-            call.waiting_on = None
-            if call.done():  # cancelled meanwhile
-                return
-            try:
-                self.start(call, submission, by_value=True, rerun=True)
-            except BaseException as exc:
-                call.set_result(exception_to_crashed_state(exc))
-
-        call.waiting_on = upstream
-        when_all_done(upstream, upstream_done)
-
     def cancel_unstarted(self, calls: Iterable[Any]) -> None:
         """Cancel each of ``calls`` that no worker has started (see ``cancel_unstarted``)."""
         cancel_unstarted(calls, self.tokens, self._logger)
+
+
+def start_after(
+    upstream: List[Any], call: DaskCall, submission: Submission, start: Callable[[Submission], Any]
+) -> None:
+    """``start(submission)`` once the upstream calls are done, unless ``call`` is done by
+    then; nothing is held meanwhile. The submission keeps this thread's annotations."""
+    if submission.annotations is None:
+        import dask
+
+        submission = submission._replace(annotations=dask.get_annotations())
+
+    def upstream_done() -> None:
+        call.waiting_on = None
+        if call.done():  # cancelled meanwhile
+            return
+        try:
+            start(submission)
+        except BaseException as exc:
+            call.set_result(exception_to_crashed_state(exc))
+
+    call.waiting_on = upstream
+    when_all_done(upstream, upstream_done)
