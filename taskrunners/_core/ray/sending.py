@@ -6,6 +6,7 @@ each of its calls.
 that one ``start()`` block composes: it owns the block's
 :class:`~taskrunners._core.batching.Dispatcher`, the slot table and the
 :class:`SenderThread`, and is handed Ray's remote functions and the resource check.
+What goes to Ray:
 
 - a call alone whose task is its run_fn goes as ``(run_kwargs, *upstream refs)``:
   its ``ObjectRef`` holds its packed State and duration;
@@ -99,12 +100,12 @@ class SenderThread(threading.Thread):
         sender = self._sender
         while True:
             work = self._work.get()
-            if work is None:
+            if work is None:  # the block ended
                 return
             try:
-                if isinstance(work, _Sent):
+                if isinstance(work, _Sent):  # a batch Ray returned: settle its calls
                     sender.complete(work)
-                else:
+                else:  # a batch sent from a Ray callback thread: hand it to Ray
                     sender.hand_over(work)
             except Exception:
                 logging.getLogger("task_runner.ray").exception("Handing calls to Ray failed.")
