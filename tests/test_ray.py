@@ -421,7 +421,7 @@ def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):
         assert sorted(name for name in wrapped if name != "run_call") == [
             "add", "local_fn", "return_value"
         ]
-        functions = runner._remote_functions
+        functions = runner._sender.functions
         assert len(functions._entries) == 3
         del local_fn
         gc.collect()

@@ -21,6 +21,7 @@ import pytest
 import taskrunners.sync
 from taskrunners import TaskRun
 from taskrunners._core.ray.options import ray_options
+from taskrunners._core.ray.sending import RaySender
 from tests.support import payloads, ray_payloads
 from tests.support.pickling import register_payloads
 from tests.support.waiting import wait_for_path
@@ -57,9 +58,9 @@ def dispatcher_filled(runner, tmp_path):
                 payloads.run_once_gate_opens,
                 {"marker": str(tmp_path / f"sleeper{n}"), "gate": str(gate)},
             )
-            for n in range(runner._dispatcher.limit)
+            for n in range(runner._sender.dispatcher.limit)
         ]
-    assert runner._dispatcher.out == len(sleepers)
+    assert runner._sender.dispatcher.out == len(sleepers)
     yield gate
     gate.touch()
     for sleeper in sleepers:
@@ -88,7 +89,7 @@ def test_many_short_calls_share_a_few_ray_tasks_and_a_slow_task_goes_alone(tmp_p
         with dispatcher_filled(runner, tmp_path):
             short = [runner.submit(TaskRun(), ray_payloads.ray_task_id, {}) for _ in range(400)]
             numbers = [runner.submit(TaskRun(), payloads.return_value, {"value": n}) for n in range(100)]
-            assert runner._dispatcher.gathered == 500
+            assert runner._sender.dispatcher.gathered == 500
         task_ids = [runner.wait(future).result() for future in short]
         # Downstream calls find their upstream's State at its place in its batch.
         sums = [
@@ -192,7 +193,7 @@ def test_a_worker_that_cannot_mark_its_calls_runs_none_again(tmp_path):
     """As on another machine: whether the calls after the first had started is unknown."""
     runner = taskrunners.sync.RayTaskRunner(batch_size=10)
     with runner.start():
-        os.unlink(runner._slots.path)  # the workers cannot open the table
+        os.unlink(runner._sender.slots.path)  # the workers cannot open the table
         with dispatcher_filled(runner, tmp_path):
             futures, markers = submit_acts(runner, tmp_path, ["return", "exit", "return", "return"])
             states = [runner.wait(future) for future in futures]
@@ -213,7 +214,7 @@ def test_gathered_calls_are_cancelled_when_the_block_is_left_with_an_exception(t
         with runner.start():
             with dispatcher_filled(runner, tmp_path):
                 futures, markers = submit_acts(runner, tmp_path, ["return"] * 20)
-                assert runner._dispatcher.gathered == 20
+                assert runner._sender.dispatcher.gathered == 20
                 raise LookupError("leave")
     for future in futures:
         state = runner.wait(future, timeout=0)
@@ -231,7 +232,7 @@ def test_waiting_for_a_gathered_call_sends_it_at_once(tmp_path):
         assert lone._call.position is None  # went at once, alone
         with dispatcher_filled(runner, tmp_path) as gate:
             gathered = runner.submit(TaskRun(), payloads.return_value, {"value": "gathered"})
-            assert runner._dispatcher.gathered == 1
+            assert runner._sender.dispatcher.gathered == 1
             assert runner.wait(gathered).result() == "gathered"
             assert not gate.exists(), "the sleepers had not come back"
 
@@ -285,13 +286,13 @@ def test_a_task_map_through_flows_is_batched_per_task(monkeypatch):
     from taskrunners import flow, task
 
     batches = []
-    send_batch = taskrunners.sync.RayTaskRunner._submit_batch
+    send_batch = RaySender._submit_batch
 
-    def spy(self, dispatcher, live, remote):
+    def spy(self, live, remote):
         batches.append([entry.key for entry in live])
-        return send_batch(self, dispatcher, live, remote)
+        return send_batch(self, live, remote)
 
-    monkeypatch.setattr(taskrunners.sync.RayTaskRunner, "_submit_batch", spy)
+    monkeypatch.setattr(RaySender, "_submit_batch", spy)
 
     @task
     def double(x):

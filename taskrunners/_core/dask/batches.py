@@ -3,10 +3,10 @@
 How a call travels with ``batch_size="auto"`` (or a fixed size above 1)::
 
     submit ── its upstream calls all done (or none) ──▶ DaskBatches.submit: an Entry
-           for the runner's Dispatcher, grouped by task and ``dask.annotate`` values
+           for the block's Dispatcher, grouped by task and ``dask.annotate`` values
     dispatcher ── room for one more Dask task ──▶ DaskBatches.send(entries):
-           one call:  client.submit(run_task, ..., key=f"{task_run.name}-{id.hex}"),
-                      as when it is sent alone (its Dask future can be handed on)
+           one call:  DaskSubmitter.start, as when it is sent alone (its Dask
+                      future, key f"{task_run.name}-{id.hex}", can be handed on)
            several:   client.submit(run_batch_task, payload, key=f"{task}-batch-{hex}")
     worker ── dask_worker.run_batch_task: each call marked started and finished under
            its own token, run to its State and seconds ──▶ encode_batch
@@ -42,13 +42,11 @@ Hazards, each with its answer:
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import itertools
-import re
 import threading
 import uuid
-from typing import Any, Callable, Dict, Hashable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import cloudpickle
 
@@ -56,6 +54,7 @@ from taskrunners._core.arguments import may_hold_futures
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
 from taskrunners._core.calls import state_of_done
 from taskrunners._core.dask import dask_private, worker as dask_worker
+from taskrunners._core.dask.annotations import frozen, submit_annotated, task_name
 from taskrunners._core.dask.calls import (
     DaskBatch,
     DaskCall,
@@ -63,75 +62,35 @@ from taskrunners._core.dask.calls import (
     failure_state,
     unpicklable_call_state,
 )
+from taskrunners._core.dask.submitter import DaskSubmitter
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners.states import Crashed, State
 
-__all__ = ["DaskBatches", "submit_annotated", "task_name"]
-
-
-def submit_annotated(
-    annotations: Optional[Dict[str, Any]], submit: Callable[[], Any], exact: bool = False
-) -> Any:
-    """``submit()`` inside ``dask.annotate(**annotations)``.
-
-    :param exact: whether to leave out the annotations of the calling thread's own
-        ``dask.annotate`` blocks (the submission then runs in a fresh context, unless
-        those are the same)
-    """
-    if exact:
-        import dask
-
-        if (dask.get_annotations() or None) != (annotations or None):
-            return contextvars.Context().run(_annotated, annotations, submit)
-    return _annotated(annotations, submit)
-
-
-def _annotated(annotations: Optional[Dict[str, Any]], submit: Callable[[], Any]) -> Any:
-    if not annotations:
-        return submit()
-    import dask
-
-    with dask.annotate(**annotations):
-        return submit()
-
-
-def task_name(task: Any) -> str:
-    """A readable name for the task of a batch, fit for a Dask key."""
-    name = getattr(task, "name", None)
-    if not isinstance(name, str) or not name:
-        name = getattr(task, "__name__", None)
-    if not isinstance(name, str) or not name:
-        name = type(task).__name__
-    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "task"
-
-
-def _frozen(value: Any) -> Hashable:
-    """``value`` (annotations) as something hashable; TypeError if it cannot be."""
-    if isinstance(value, dict):
-        return ("dict", frozenset((key, _frozen(item)) for key, item in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_frozen(item) for item in value))
-    if isinstance(value, (set, frozenset)):
-        return ("set", frozenset(_frozen(item) for item in value))
-    hash(value)
-    return value
+__all__ = ["DaskBatches"]
 
 
 class DaskBatches:
-    """The runner's batching half: its dispatcher, and sending and settling batches.
+    """The runner's batching part: its dispatcher, and sending and settling batches.
 
-    :param runner: the DaskTaskRunner; its ``_start`` sends a call alone, and
-        ``_settle_outcome``/``_settle_failure`` settle one
-    :param client: the client of the runner's ``start()`` block
+    :param submitter: the block's :class:`DaskSubmitter`, which sends a call alone,
+        settles one, and watches a batch's Dask future
     :param durations: how long each task's calls take, kept by the runner across blocks
+    :param resolve_futures: replaces the futures in a call's arguments with their
+        States (all done)
     """
 
-    def __init__(self, runner: Any, client: Any, durations: Durations) -> None:
+    def __init__(
+        self,
+        submitter: DaskSubmitter,
+        durations: Durations,
+        resolve_futures: Callable[[Any], Any],
+    ) -> None:
         import dask
 
-        self.runner = runner
-        self.client = client
+        self.submitter = submitter
+        self.client = submitter.client
         self.durations = durations
+        self._resolve_futures = resolve_futures
         self.dispatcher: Dispatcher[Entry[Submission]] = Dispatcher(2, self.send, durations)
         self.refresh_limit()
         self.current_annotations: Callable[[], Dict[str, Any]] = dask.get_annotations
@@ -169,13 +128,13 @@ class DaskBatches:
 
     def _entry(self, call: DaskCall, submission: Submission) -> Optional[Entry[Submission]]:
         """The dispatcher's entry for ``call``; None if it was started some other way."""
-        runner = self.runner
+        submitter = self.submitter
         task_run, run_fn, run_kwargs, annotations = submission
         if annotations is None:
             annotations = self.current_annotations()
         key = f"{task_run.name}-{task_run.id.hex}"
-        if key in runner._tokens:  # submitted again while a Dask task of its own: shared
-            runner._start(call, submission, by_value=False)
+        if key in submitter.tokens:  # submitted again while a Dask task of its own: shared
+            submitter.start(call, submission, by_value=False)
             return None
         earlier = self._in_flight.get(key)
         if earlier is not None:  # submitted again while gathered or in a batch: run once
@@ -184,12 +143,12 @@ class DaskBatches:
             return None
         task = batch_key_of(run_fn, run_kwargs)
         try:
-            options = _frozen(annotations) if annotations else None
+            options = frozen(annotations) if annotations else None
             hash(task)
         except TypeError:
             options = task = None
         if task is None or "retries" in annotations:
-            runner._start(call, submission, by_value=False)
+            submitter.start(call, submission, by_value=False)
             return None
         call.key = key
         self._in_flight[key] = call
@@ -209,13 +168,12 @@ class DaskBatches:
         if len(entries) == 1:
             (entry,) = entries
             sent = DaskBatch([entry.call], entry.key, self, single=True)
-            if not self.runner._start(entry.call, entry.item, by_value=True, sent=sent):
+            if not self.submitter.start(entry.call, entry.item, by_value=True, sent=sent):
                 self.task_done()
             return
         self._send_batch(entries)
 
     def _send_batch(self, entries: List[Entry[Submission]]) -> None:
-        runner = self.runner
         live = entries
         while True:
             live = [entry for entry in live if not (entry.call.cancelling or entry.call.done())]
@@ -248,7 +206,7 @@ class DaskBatches:
                     self.client.submit,
                     dask_worker.run_batch_task,
                     payload,
-                    runner._capture,
+                    self.submitter.capture,
                     key=key,
                     pure=False,
                 )
@@ -271,12 +229,12 @@ class DaskBatches:
                 call.set_result(state)
             self.task_done()
             return
-        runner._fetcher_for(self.client).watch(batch, dask_future)
+        self.submitter.watch(batch, dask_future)
 
     def _by_value(self, run_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         if not any(may_hold_futures(value) for value in run_kwargs.values()):
             return run_kwargs
-        result: Dict[str, Any] = self.runner._resolve_futures(run_kwargs)
+        result: Dict[str, Any] = self._resolve_futures(run_kwargs)
         return result
 
     def _picklable(self, live: List[Entry[Submission]], pairs: List[Any]) -> List[Entry[Submission]]:
@@ -303,7 +261,7 @@ class DaskBatches:
                 seconds = dask_worker.seconds_of(value)
                 if seconds:  # None for a State the fetcher made, 0 if it did not start
                     self.durations.record(batch.task, seconds)
-                self.runner._settle_outcome(batch.calls[0], value)
+                self.submitter.settle_outcome(batch.calls[0], value)
             else:
                 self._settle_calls(batch, value)
         finally:
@@ -315,7 +273,7 @@ class DaskBatches:
         calls = batch.calls
         if isinstance(value, bytes):
             outcomes, records = decode_batch([call.key or "?" for call in calls], value)
-            self.runner._forwarder.forward(records, None)
+            self.submitter.forwarder.forward(records, None)
         elif isinstance(value, State):  # its outcome could not be fetched
             outcomes = [(value, 0.0)] * len(calls)
         else:
@@ -335,7 +293,7 @@ class DaskBatches:
         batch.settled = True
         try:
             if batch.single:
-                self.runner._settle_failure(batch.calls[0], exc)
+                self.submitter.settle_failure(batch.calls[0], exc)
                 return
             state = failure_state(exc, in_batch=True)
             for call in batch.calls:

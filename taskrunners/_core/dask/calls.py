@@ -29,6 +29,7 @@ import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
+from taskrunners._core.batching import Dispatcher
 from taskrunners._core.calls import CANCELLED, CANCELLING, PENDING, RUNNING, Call
 from taskrunners._core.dask import dask_private, worker as dask_worker
 from taskrunners.states import Crashed, State, exception_to_crashed_state
@@ -59,12 +60,24 @@ class DaskCall(Call):
     that it started.
     """
 
-    __slots__ = ("runner", "client", "key", "token", "dask_future", "handover", "rerun", "waiting_on")
+    __slots__ = (
+        "client", "dispatcher", "canceller", "key", "token", "dask_future", "handover", "rerun",
+        "waiting_on",
+    )
 
-    def __init__(self, runner: Any, client: Any) -> None:
+    def __init__(
+        self,
+        client: Any,
+        dispatcher: Optional[Dispatcher[Any]],
+        canceller: Callable[[List["DaskCall"]], None],
+    ) -> None:
         super().__init__()
-        self.runner = runner
         self.client = client
+        #: The dispatcher of the block's batches, which may gather the call; None
+        #: with ``batch_size=1``.
+        self.dispatcher = dispatcher
+        #: Cancels the calls it is given that no worker has started.
+        self.canceller = canceller
         self.key: Optional[str] = None
         self.token: Optional[str] = None
         self.dask_future: Any = None
@@ -81,9 +94,8 @@ class DaskCall(Call):
         the upstream calls it waits for likewise."""
         if self._state is not None:
             return
-        batches = self.runner._batches
-        if batches is not None:
-            batches.dispatcher.expedite(self)
+        if self.dispatcher is not None:
+            self.dispatcher.expedite(self)
         for upstream in self.waiting_on or ():
             upstream.expedite()
 
@@ -125,7 +137,7 @@ class DaskCall(Call):
         be cancelled (asking the workers would block that loop); False otherwise.
         """
         if not self.done():
-            self.runner._cancel_unstarted([self])
+            self.canceller([self])
         return self.cancelled()
 
 

@@ -13,11 +13,15 @@ How a call travels::
 With ``batch_size="auto"`` a call whose upstream calls are all done goes through
 the runner's dispatcher instead: :mod:`~taskrunners._core.dask.batches`.
 
-This module owns the runner: its settings, its ``start()`` block, submitting and
-settling calls, pickling. Its parts: :mod:`~taskrunners._core.dask.calls` (call
-handle, fetching States, cancelling), :mod:`~taskrunners._core.dask.worker` (what
-runs on the workers), :mod:`~taskrunners._core.dask.cluster` (a block's client and
-cluster), :mod:`~taskrunners._core.dask.dask_private` (distributed's private names).
+This module owns the runner: its settings, its ``start()`` block, routing each call,
+pickling. A block composes its parts and hands each call its dispatcher: a
+:class:`~taskrunners._core.dask.submitter.DaskSubmitter` (a call as a Dask task of its
+own, settling it), and, unless ``batch_size=1``, a
+:class:`~taskrunners._core.dask.batches.DaskBatches` (the dispatcher and batches).
+The other modules: :mod:`~taskrunners._core.dask.calls` (call handle, fetching
+States, cancelling), :mod:`~taskrunners._core.dask.worker` (what runs on the
+workers), :mod:`~taskrunners._core.dask.cluster` (a block's client and cluster),
+:mod:`~taskrunners._core.dask.dask_private` (distributed's private names).
 
 Details of how calls run: a call alone is keyed ``f"{task_run.name}-{task_run.id.hex}"``
 with ``pure=True`` (a task run submitted twice runs once), a batch
@@ -27,44 +31,32 @@ Dask ``retries``, never share a batch; a returned State is never retried. A coro
 ``cancel()`` refuses once a worker started the call. Pickled, the runner drops its
 client and cluster; unpickled inside a task on a Dask worker it reconnects with
 ``distributed.get_client()``, elsewhere it refuses work with a RuntimeError.
-
-A hazard of its own: Dask fails the dependents of a failed task without running
-them, but a call must receive its upstream's State, whatever it is. Such a call is
-run again with its upstream States by value (``_settle_failure``).
 """
 
 from __future__ import annotations
 
-import functools
-import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-import cloudpickle
 
-from taskrunners._core.arguments import may_hold_futures
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize, Durations, check_batch_size
-from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
-from taskrunners._core.dask import cluster as dask_cluster, worker as dask_worker
-from taskrunners._core.dask.batches import DaskBatches, submit_annotated
+from taskrunners._core.calls import CallHandle
+from taskrunners._core.dask import cluster as dask_cluster
+from taskrunners._core.dask.batches import DaskBatches
 from taskrunners._core.dask.calls import (
     CLIENT_CLOSED,
-    DaskBatch,
     DaskCall,
-    StateFetcher,
     Submission,
     abort_calls,
     cancel_unstarted,
     dask_future_to_hand_off,
-    failure_state,
-    forget_token,
-    unpicklable_call_state,
 )
-from taskrunners._core.remote.protocol import import_engine, with_upstream
+from taskrunners._core.dask.submitter import DaskSubmitter, start_after
+from taskrunners._core.remote.protocol import import_engine
 from taskrunners._core.remote.snapshots import snapshot_call
 from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
 from taskrunners.futures import TaskRun
-from taskrunners.states import Crashed, exception_to_crashed_state
+from taskrunners.states import Crashed
 
 __all__ = ["DaskTaskRunner"]
 
@@ -125,7 +117,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     connect_timeout: Setting[float] = Setting("Seconds to keep trying to reach :attr:`address`.")
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
 
-    _handles = ("_client", "_cluster", "_fetcher", "_tokens", "_forwarder", "_batches", "_durations")
+    _handles = ("_client", "_cluster", "_submitter", "_forwarder", "_batches", "_durations")
     _usable_after_pickling = True
     _snapshots_arguments = True
 
@@ -165,8 +157,9 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._workers_in_process = False
         # What run_task does with log records and results (see there).
         self._capture: Optional[Tuple[int, bool]] = None
-        self._fetcher: Optional[StateFetcher] = None
-        # The dispatcher and batches of a block (None with batch_size=1).
+        # The parts of a block: what submits calls alone and settles them, and the
+        # dispatcher and batches (None with batch_size=1).
+        self._submitter: Optional[DaskSubmitter] = None
         self._batches: Optional[DaskBatches] = None
         # Why an unpickled runner has no client (distributed.get_client() failed).
         self._reconnect_error: Optional[str] = None
@@ -174,9 +167,6 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     def _init_bookkeeping(self) -> None:
         super()._init_bookkeeping()
-        # The token of the Dask task each key in flight names: a call submitted under
-        # a key Dask already holds shares that task, so it must share its token.
-        self._tokens: Dict[str, str] = {}
         self._forwarder = dask_cluster.RecordForwarder()
         # How long each task's calls take: kept from one block to the next.
         self._durations = Durations(self.batch_size)
@@ -212,11 +202,17 @@ class DaskTaskRunner(BlockingTaskRunner):
             )
         self._client, self._cluster = connection.client, connection.cluster
         self._workers_in_process, self._capture = connection.workers_in_process, connection.capture
-        self._fetcher = self._new_fetcher(connection.client)
-        self._batches = self._new_batches(connection.client)
+        self._compose(connection.client)
 
-    def _new_batches(self, client: Any) -> Optional[DaskBatches]:
-        return None if self.batch_size == 1 else DaskBatches(self, client, self._durations)
+    def _compose(self, client: Any) -> None:
+        """The parts of a block on ``client``."""
+        submitter = DaskSubmitter(client, self._capture, self._forwarder, self._call_of, self.logger)
+        self._submitter = submitter
+        self._batches = (
+            None
+            if self.batch_size == 1
+            else DaskBatches(submitter, self._durations, self._resolve_futures)
+        )
 
     def _close(self) -> None:
         self._release(abort=False)
@@ -232,11 +228,8 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     def _release(self, abort: bool) -> None:
         client, cluster = self._client, self._cluster
-        self._client = self._cluster = self._fetcher = self._batches = None
-        try:
-            dask_cluster.close_connection(client, cluster, abort, self.logger)
-        finally:
-            self._tokens.clear()
+        self._client = self._cluster = self._submitter = self._batches = None
+        dask_cluster.close_connection(client, cluster, abort, self.logger)
         # Nothing can settle calls any more (an abort cancelled them already).
         for call in self._pending_calls():
             call.set_result(Crashed(message=CLIENT_CLOSED))
@@ -270,11 +263,10 @@ class DaskTaskRunner(BlockingTaskRunner):
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> DaskCall:
         """Start a call, its upstream calls done or not (every submission comes here)."""
-        client = self._client
-        if client is None:
+        client, submitter, batches = self._client, self._submitter, self._batches
+        if client is None or submitter is None:
             raise self._not_started()
-        call = DaskCall(self, client)
-        batches = self._batches
+        call = self._new_call(client, submitter, batches)
         # The dispatcher may send it later, from another thread: its annotations now.
         annotations = None if batches is None else batches.current_annotations()
         submission = Submission(task_run, run_fn, run_kwargs, annotations)
@@ -286,7 +278,12 @@ class DaskTaskRunner(BlockingTaskRunner):
             if not upstream_call.done() and dask_future_to_hand_off(upstream_call, client) is None
         ]
         if waiting:
-            self._start_after(waiting, call, submission, by_value=False)
+            start_after(
+                waiting,
+                call,
+                submission,
+                lambda ready: self._launch(call, ready, self._upstream_calls(ready.run_kwargs)),
+            )
         else:
             self._launch(call, submission, upstream)
         return call
@@ -294,9 +291,11 @@ class DaskTaskRunner(BlockingTaskRunner):
     def _launch(self, call: DaskCall, submission: Submission, upstream: List[Any]) -> None:
         """Start ``call``: through the dispatcher if its upstream calls are all done,
         else alone, handed the Dask futures of those still running."""
-        batches = self._batches
-        if batches is None or not all(upstream_call.done() for upstream_call in upstream):
-            self._start(call, submission, by_value=False)
+        batches, submitter = self._batches, self._submitter
+        if submitter is None:  # the block ended meanwhile
+            call.set_result(Crashed(message=CLIENT_CLOSED))
+        elif batches is None or not all(upstream_call.done() for upstream_call in upstream):
+            submitter.start(call, submission, by_value=False)
         else:
             batches.submit(call, submission)
 
@@ -306,167 +305,27 @@ class DaskTaskRunner(BlockingTaskRunner):
         run_fn: Callable[..., Any],
         run_kwargs_list: List[Dict[str, Any]],
     ) -> List[CallHandle]:
-        batches = self._batches
-        if batches is None:
+        batches, submitter = self._batches, self._submitter
+        if batches is None or submitter is None:
             return super()._dispatch_many(task_runs, run_fn, run_kwargs_list)
         annotations = batches.current_annotations()
-        calls = [DaskCall(self, self._client) for _ in task_runs]
+        calls = [self._new_call(batches.client, submitter, batches) for _ in task_runs]
         pairs = zip(task_runs, run_kwargs_list)
         batches.submit_many(calls, [Submission(run, run_fn, kw, annotations) for run, kw in pairs])
         return list(calls)
 
-    def _start_after(
-        self,
-        upstream: List[Any],
-        call: DaskCall,
-        submission: Submission,
-        by_value: bool,
-        rerun: bool = False,
-    ) -> None:
-        """Start ``call`` once the upstream calls are done, holding nothing meanwhile."""
-        if submission.annotations is None:
-            import dask
-
-            submission = submission._replace(annotations=dask.get_annotations())
-
-        def upstream_done() -> None:
-            call.waiting_on = None
-            if call.done():  # cancelled meanwhile
-                return
-            try:
-                if by_value:
-                    self._start(call, submission, by_value, rerun)
-                else:
-                    self._launch(call, submission, self._upstream_calls(submission.run_kwargs))
-            except BaseException as exc:
-                call.set_result(exception_to_crashed_state(exc))
-
-        call.waiting_on = upstream
-        when_all_done(upstream, upstream_done)
-
-    def _start(
-        self,
-        call: DaskCall,
-        submission: Submission,
-        by_value: bool,
-        rerun: bool = False,
-        sent: Optional[DaskBatch] = None,
-    ) -> bool:
-        """Submit ``call`` to Dask; its upstream calls are done or handed to Dask.
-
-        :param sent: the dispatcher sends the call, as this batch of one: the worker
-            also tells how long it ran, and the batch is what is watched
-        :return: whether Dask was given the call
-        """
-        task_run, run_fn, run_kwargs, annotations = submission
-        client = call.client
-        # (upstream call, the Dask future handed off), by that future, in the order of
-        # the placeholders with_upstream() makes.
-        handed_off: Dict[int, Tuple[DaskCall, Any]] = {}
-
-        def hand_off(upstream_call: Any) -> Any:
-            dask_future = None if by_value else dask_future_to_hand_off(upstream_call, client)
-            if dask_future is not None:
-                handed_off.setdefault(id(dask_future), (upstream_call, dask_future))
-            return dask_future
-
-        kwargs = run_kwargs
-        if any(may_hold_futures(value) for value in run_kwargs.values()):
-            kwargs, _ = with_upstream(run_kwargs, self._call_of, state_of_done, hand_off)
-        upstream = [(dask_future.key, dask_future) for _, dask_future in handed_off.values()]
-        try:
-            payload = cloudpickle.dumps((run_fn, kwargs))
-        except Exception as exc:
-            call.set_result(unpicklable_call_state(exc))
-            return False
-        key = f"{task_run.name}-{task_run.id.hex}"
-        if rerun:  # the first key is taken by the Dask task that failed
-            key += "-rerun"
-        refused: Optional[Exception] = None
-        with call.handover:
-            if call.cancelling or call.done():
-                return False
-            token = self._tokens.setdefault(key, uuid.uuid4().hex)
-            submit = functools.partial(
-                client.submit,
-                dask_worker.run_task,
-                payload,
-                key,
-                token,
-                upstream or None,
-                self._capture,
-                *((True,) if sent is not None else ()),
-                key=key,
-                pure=True,
-            )
-            try:
-                dask_future = submit_annotated(annotations, submit, exact=sent is not None)
-            except Exception as exc:
-                refused = exc
-                self._tokens.pop(key, None)
-            else:
-                call.key, call.token, call.dask_future = key, token, dask_future
-        if refused is not None:
-            call.set_result(Crashed(message=f"Dask refused the call: {refused!r}.", data=refused))
-            return False
-        if handed_off:
-            call.rerun = (submission, list(handed_off.values()))
-        fetcher = self._fetcher or self._fetcher_for(client)
-        if sent is None:
-            fetcher.watch(call, dask_future)
-        else:
-            sent.dask_future = dask_future
-            fetcher.watch(sent, dask_future)
-        return True
-
-    def _new_fetcher(self, client: Any) -> StateFetcher:
-        return StateFetcher(client, self._settle_outcome, self._settle_failure)
-
-    def _fetcher_for(self, client: Any) -> StateFetcher:
-        with self._lifecycle_lock:
-            if self._fetcher is None:
-                self._fetcher = self._new_fetcher(client)
-            return self._fetcher
-
-    def _settle_outcome(self, call: DaskCall, value: Any) -> None:
-        """Settle a call with what its Dask task returned (on the client's loop)."""
-        state, records, tag = dask_worker.decoded(call.key or "?", value)
-        self._forwarder.forward(records, tag)
-        forget_token(self._tokens, call)
-        call.rerun = None
-        call.set_result(state)
-
-    def _settle_failure(self, call: DaskCall, exc: BaseException) -> None:
-        """Settle a call whose Dask task raised ``exc`` (on the client's loop)."""
-        rerun = call.rerun
-        if rerun is not None:
-            submission, handed_off = rerun
-            if any(
-                dask_future.status in ("error", "cancelled") for _, dask_future in handed_off
-            ):
-                # Run it again with the upstream States by value (see the module's
-                # docstring). Until then no downstream call may be handed the failed
-                # Dask future.
-                with call.handover:
-                    if call.cancelling:
-                        return
-                    forget_token(self._tokens, call)
-                    call.rerun = None
-                    call.dask_future = call.token = None
-                upstream = [upstream_call for upstream_call, _ in handed_off]
-                self._start_after(upstream, call, submission, by_value=True, rerun=True)
-                return
-        if isinstance(exc, dask_worker.CrashedOnWorker):
-            self._settle_outcome(call, exc.outcome)
-            return
-        forget_token(self._tokens, call)
-        call.set_result(failure_state(exc, in_batch=False))
+    def _new_call(
+        self, client: Any, submitter: DaskSubmitter, batches: Optional[DaskBatches]
+    ) -> DaskCall:
+        """A call of the block, handed the block's dispatcher and canceller."""
+        return DaskCall(client, None if batches is None else batches.dispatcher, submitter.cancel_unstarted)
 
     # -- cancellation ------------------------------------------------------------------
 
     def _cancel_unstarted(self, calls: Iterable[Any]) -> None:
         """Cancel each of ``calls`` that no worker has started (see ``cancel_unstarted``)."""
-        cancel_unstarted(calls, self._tokens, self.logger)
+        submitter = self._submitter
+        cancel_unstarted(calls, {} if submitter is None else submitter.tokens, self.logger)
 
     # -- pickling -------------------------------------------------------------------
 
@@ -493,5 +352,5 @@ class DaskTaskRunner(BlockingTaskRunner):
             self._detached = True
         else:
             self._reconnect_error = None
-            self._batches = self._new_batches(self._client)
+            self._compose(self._client)
 

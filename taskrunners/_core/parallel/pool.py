@@ -3,7 +3,8 @@
 The path of a call is drawn in :mod:`~taskrunners._core.parallel.runner`; the worker side
 is :mod:`~taskrunners._core.parallel.worker`, the messages of the Crashed states are
 in :mod:`~taskrunners._core.parallel.crashes`, one loky executor and its slot table
-(a generation of this pool) in :mod:`~taskrunners._core.parallel.generation`.
+(a generation of this pool) in :mod:`~taskrunners._core.parallel.generation`, what a
+batch's outcome means for its calls in :mod:`~taskrunners._core.parallel.outcomes`.
 
 Hazards this module exists to handle, each with its own State and message:
 
@@ -62,32 +63,23 @@ from taskrunners._core.batching import (
     BatchSize,
     Dispatcher,
     Durations,
-    Entry,
     Sendable,
 )
 from taskrunners._core.parallel import loky_private
 from taskrunners._core.parallel.calls import Batch, ParallelCall, pack
 from taskrunners._core.parallel.crashes import (
-    broken_pool_state,
     every_pool_broke_state,
     handover_failure,
     initializer_failed,
     initializer_failure,
-    never_started_state,
-    pool_failure,
-    stopped_state,
 )
 from taskrunners._core.parallel.generation import Generation
-from taskrunners._core.remote.protocol import decode_batch
-from taskrunners._core.remote.records import emit
+from taskrunners._core.parallel.outcomes import MAX_HANDOVERS, settle_batch
 from taskrunners.futures import TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = ["ProcessPool"]
 
-# A call that meets this many broken pools before any worker starts it is Crashed
-# instead of being handed to yet another pool.
-_MAX_HANDOVERS = 3
 # What became of a batch given a place in loky.
 _SENT, _REQUEUED, _SETTLED = "sent", "requeued", "settled"
 
@@ -99,7 +91,7 @@ class ProcessPool:
     most as many batches out as loky's call queue holds and gathers calls by task
     while that many are out. A batch it sends is pickled at once, on the thread that
     sends it, then handed to the current loky executor: by loky's manager thread in
-    place of a batch it settled, or else by a feeder thread. Two hazards make the
+    place of a batch it settled, or else by the :class:`Feeder`. Two hazards make the
     feeder worth its cost: see the module's notes on loky's manager thread, and a
     caller that submits in a loop would wake loky's manager (a syscall) for every
     call, so the manager would keep waiting for the GIL and the workers would starve.
@@ -142,9 +134,7 @@ class ProcessPool:
         self._abort_reason: Optional[BaseException] = None
         self._generations: List[Generation] = []
         self._generation = self._new_generation()
-        self._feeder = threading.Thread(
-            target=self._feed, name="ParallelTaskRunner-feeder", daemon=True
-        )
+        self._feeder = Feeder(self)
         self._feeder.start()
 
     def _new_generation(self) -> Generation:
@@ -239,26 +229,17 @@ class ProcessPool:
 
     # -- handing batches to loky (the feeder, and loky's manager thread) ---------------
 
-    def _feed(self) -> None:
-        while self._hand_over_next():
-            pass
-
-    def _hand_over_next(self) -> bool:
-        """Hand the next ready batch to loky once it has room; False once stopping.
-
-        A frame of its own, so that no variable of the feeder keeps a call alive.
-        """
+    def next_ready(self) -> Optional[Batch]:
+        """The next ready batch, once loky has a place for it (taken); None once stopping."""
         with self._cond:
             while not (self._stopping or (self._ready and self._in_flight < self._capacity)):
                 self._cond.wait()
             if self._stopping:
-                return False
-            batch = self._ready.popleft()
+                return None
             self._in_flight += 1  # its place in loky, given back if it does not get there
-        self._place(batch)
-        return True
+            return self._ready.popleft()
 
-    def _place(self, batch: Batch, manager_of: Optional[Generation] = None) -> None:
+    def place(self, batch: Batch, manager_of: Optional[Generation] = None) -> None:
         """Hand over a batch that has a place in loky; the place is freed if it is not used."""
         try:
             outcome = self._hand_over(batch, manager_of)
@@ -287,7 +268,7 @@ class ProcessPool:
         one broke or was replaced, back to the front of the ready queue: only the
         feeder replaces pools.
         """
-        for _ in range(_MAX_HANDOVERS):
+        for _ in range(MAX_HANDOVERS):
             current: Optional[Generation] = self._generation
             if manager_of is not None and (current is not manager_of or manager_of.broken):
                 with self._cond:
@@ -386,7 +367,7 @@ class ProcessPool:
                 self._place_freed()
                 return
             batch = self._ready.popleft()  # takes over the place
-        self._place(batch, manager_of=generation)
+        self.place(batch, manager_of=generation)
 
     def _settle(
         self,
@@ -395,67 +376,15 @@ class ProcessPool:
         slots: range,
         submitted: concurrent.futures.Future,
     ) -> None:
-        try:
-            data = submitted.result(0)
-        except BaseException as exc:
-            error = exc
-        else:
-            if data is None:
-                self._send_apart(batch)
-            else:
-                self._deliver(batch, data)
-            return
-        if loky_private.is_shutdown_error(error) or self._abort_reason is not None:
-            for entry, slot in zip(batch.entries, slots):
-                started, finished = generation.marks(slot)
-                if started:
-                    state = stopped_state(
-                        entry.call.task_run.name, started, finished, self._abort_reason
-                    )
-                    entry.call.set_result(state)
-                else:
-                    entry.call.set_cancelled()
-        elif not isinstance(error, loky.BrokenProcessPool):
-            batch.settle(functools.partial(pool_failure, error=error))
-        else:
-            self._after_break(batch, generation, slots, error)
-
-    def _deliver(self, batch: Batch, data: bytes) -> None:
-        outcomes, records = decode_batch(batch.names, data)
-        if records:
-            emit(records)
-        # 0.0: a call that did not run (its batch could not be unpickled here).
-        seconds = [spent for _, spent in outcomes if spent > 0]
-        if seconds:
-            self._dispatcher.durations.record(batch.entries[0].key, sum(seconds), len(seconds))
-        for entry, (state, _) in zip(batch.entries, outcomes):
-            entry.call.set_result(state)
-
-    def _send_apart(self, batch: Batch) -> None:
-        # The worker could not unpickle the batch, and ran none of it: each call goes
-        # again in a batch of its own (a group of its own), to find the one at fault.
-        self._dispatcher.submit_many(
-            [Entry(entry.call, entry.key, ("apart", entry.call), None) for entry in batch.entries]
+        again = settle_batch(
+            batch,
+            generation,
+            slots,
+            submitted,
+            self._dispatcher.durations,
+            self._abort_reason,
+            self._directory,
         )
-
-    def _after_break(
-        self, batch: Batch, generation: Generation, slots: range, error: BaseException
-    ) -> None:
-        generation.broke_under(error)
-        dead, cause = generation.dead or {}, generation.cause()
-        again = []
-        for entry, slot in zip(batch.entries, slots):
-            call = entry.call
-            started, finished = generation.marks(slot)
-            if started:
-                call.set_result(broken_pool_state(call.task_run.name, started, finished, dead, cause))
-                continue
-            if self._initializer_failed():
-                call.set_result(self._initializer_failure(call.task_run.name))
-            elif call.handovers >= _MAX_HANDOVERS:
-                call.set_result(never_started_state(call.task_run.name, call.handovers, cause))
-            else:
-                again.append(entry)  # on a fresh pool
         if again:
             self._dispatcher.submit_many(again)
 
@@ -502,3 +431,22 @@ class ProcessPool:
     def _cancel_gathered(self) -> None:
         for entry in self._dispatcher.drop_gathered():
             entry.call.set_cancelled()
+
+
+class Feeder(threading.Thread):
+    """The pool's own thread: hands each ready batch to loky as soon as loky has a
+    place for it, until the pool stops (loky's manager thread also hands batches
+    over, one in place of each batch it settles)."""
+
+    def __init__(self, pool: ProcessPool) -> None:
+        super().__init__(name="ParallelTaskRunner-feeder", daemon=True)
+        self._pool = pool
+
+    def run(self) -> None:
+        pool = self._pool
+        while True:
+            batch = pool.next_ready()
+            if batch is None:
+                return
+            pool.place(batch)
+            del batch  # the feeder keeps no call alive while it waits

@@ -26,7 +26,6 @@ joining the connection this process already has; and describing the cluster it f
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
 import os
 import threading
@@ -35,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from taskrunners._core.keywords import refuse_unknown, signature_keywords
 from taskrunners._core.ray import ray_private
 from taskrunners._core.ray.options import NodeResources
+from taskrunners._core.remote.network import is_loopback
 
 __all__ = [
     "Connection",
@@ -148,7 +148,7 @@ def connect(
 
 
 def _init(ray: Any, host: Optional[str], **init_kwargs: Any) -> Any:
-    if _is_loopback(host):
+    if is_loopback(host):
         with ray_private.without_cluster_mode():
             return ray.init(**init_kwargs)
     return ray.init(**init_kwargs)
@@ -199,17 +199,6 @@ def describe_cluster(ray: Any, context: Any, logger: logging.Logger) -> List[Nod
             url = f"http://{url}"
         logger.info(f"The Ray UI is available at {url}")
     return capacity
-
-
-def _is_loopback(host: Optional[str]) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_of(address: str) -> Optional[str]:

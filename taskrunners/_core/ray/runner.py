@@ -7,9 +7,10 @@ than four Ray tasks per CPU of the cluster are out, and otherwise gathers it wit
 other calls of its task and per-call options, to go as one batch when a task comes
 back (or at once, when somebody waits for it). What the dispatcher sends is handed to
 Ray as one task of the call's task's remote function
-(:mod:`~taskrunners._core.ray.worker`) by :mod:`~taskrunners._core.ray.sending`,
-which also completes it and reads a worker's death inside a batch (a slot table the
-workers of this machine mark).
+(:mod:`~taskrunners._core.ray.worker`) by the block's
+:class:`~taskrunners._core.ray.sending.RaySender`, which owns the dispatcher, completes
+what Ray returns on its :class:`~taskrunners._core.ray.sending.SenderThread`, and reads
+a worker's death inside a batch (a slot table the workers of this machine mark).
 
 How the runner starts, connects to or joins Ray is
 :mod:`~taskrunners._core.ray.connection`; per-call resources are
@@ -50,24 +51,20 @@ Hazards this module handles, each with its own State or error:
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import threading
 import types
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, check_batch_size
+from taskrunners._core.batching import BatchSize, Dispatcher, check_batch_size
 from taskrunners._core.calls import CallHandle, state_of_done, when_all_done
 from taskrunners._core.ray import connection as ray_connection, ray_private
 from taskrunners._core.ray.calls import Held, RayCall, RayEntry, entry_of, stopped_state
 from taskrunners._core.ray.connection import Connection
 from taskrunners._core.ray.options import ResourceCheck, call_options, ray_options
-from taskrunners._core.ray.sending import RaySending, RunnerThread, new_slot_table
+from taskrunners._core.ray.sending import RaySender
 from taskrunners._core.ray.worker import RemoteFunctions, check_remote_options
 from taskrunners._core.remote.protocol import with_upstream
-from taskrunners._core.remote.slots import SlotTable
 from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
 from taskrunners.futures import TaskRun
 from taskrunners.states import exception_to_crashed_state
@@ -81,7 +78,7 @@ DEFAULT_REMOTE_OPTIONS: Mapping[str, Any] = types.MappingProxyType({"max_retries
 # -- the runner ---------------------------------------------------------------------------
 
 
-class RayTaskRunner(RaySending, BlockingTaskRunner):
+class RayTaskRunner(BlockingTaskRunner):
     """Runs calls as Ray tasks, on a local Ray instance or an existing cluster.
 
     Example (``Completed`` comes from :mod:`taskrunners.states`)::
@@ -127,9 +124,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
     )
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
 
-    _handles = (
-        "_ray", "_remote_functions", "_resources", "_thread", "_dispatcher", "_slots", "_slots_lock"
-    )
+    _handles = ("_ray", "_sender")
     _snapshots_arguments = True
 
     def __init__(
@@ -167,18 +162,9 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         #: How this runner holds Ray while started; None when it is not.
         self.connection: Optional[Connection] = None
         self._ray: Any = None
-        self._remote_functions: Optional[RemoteFunctions] = None
-        self._resources: Optional[ResourceCheck] = None
-        self._thread: Optional[RunnerThread] = None
-        self._dispatcher: Optional[Dispatcher[RayEntry]] = None
-        self._slots: Optional[SlotTable] = None
-        self._closing = False
+        #: What sends the calls of a started block to Ray; None when not started.
+        self._sender: Optional[RaySender] = None
         super().__init__()
-
-    def _init_bookkeeping(self) -> None:
-        super()._init_bookkeeping()
-        # Slots are taken by whichever thread sends a batch.
-        self._slots_lock = threading.Lock()
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
@@ -194,42 +180,34 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
             ray, self.address, self.init_kwargs, self._user_init_kwargs, self.logger
         )
         self._ray = ray
-        self._closing = False
-        self._remote_functions = RemoteFunctions(ray, self.remote_options)
         try:
             capacity = ray_connection.describe_cluster(ray, context, self.logger)
         except BaseException:
             self._release()
             raise
-        self._resources = ResourceCheck(
+        resources = ResourceCheck(
             self.remote_options, capacity, functools.partial(ray_connection.live_nodes, ray)
         )
-        # At most four Ray tasks per CPU at a time, and the calls beyond wait here,
-        # where they can be cancelled and batched. Measured with batch_size=1 on 2 CPUs
-        # (2,000 no-op calls, against remote() + ray.get): two per CPU cost 2.56x raw,
-        # as every completion travels through this process before the next call goes;
-        # four cost 1.81x, and no limit at all 1.71x.
+        # At most four Ray tasks per CPU at a time (every completion travels through
+        # this process before the next call goes); the calls beyond wait here, where
+        # they can be cancelled and batched.
         limit = max(2, int(4 * sum(node.get("CPU", 0) for node in capacity)))
-        dispatcher: Dispatcher[RayEntry] = Dispatcher(
-            limit, lambda batch: self._send(dispatcher, batch), Durations(self.batch_size)
+        self._sender = RaySender(
+            RemoteFunctions(ray, self.remote_options),
+            resources,
+            limit,
+            self.batch_size,
+            f"{self}-submit",
         )
-        self._dispatcher = dispatcher
-        if self.batch_size != 1:
-            # A run of slots for each batch that may be out, twice over (expedited
-            # batches go beyond the limit); a call without a slot is never run again.
-            largest = self.batch_size if isinstance(self.batch_size, int) else MAX_CALLS
-            self._slots = new_slot_table(limit * 2, largest)
-        self._thread = RunnerThread(f"{self}-submit")
 
     def _close(self) -> None:
-        self._closing = True
         self._release()
 
     def _abort(self, exc: BaseException) -> None:
-        self._closing = True
-        dispatcher = self._dispatcher
-        if dispatcher is not None:
-            dispatcher.drop_gathered()  # their calls are stopped below, with the others
+        sender = self._sender
+        if sender is not None:
+            sender.closing = True
+            sender.dispatcher.drop_gathered()  # their calls are stopped below, with the others
         refs: Dict[Any, None] = {}
         for call in list(self._pending):
             if isinstance(call, RayCall):
@@ -242,18 +220,9 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
 
     def _release(self) -> None:
         connection, self.connection = self.connection, None
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.stop()
-        self._remote_functions = None
-        self._resources = None
-        self._dispatcher = None
-        table, self._slots = self._slots, None
-        if table is not None:
-            # Workers that still have it open keep writing to their own mapping.
-            table.close()
-            with contextlib.suppress(OSError):
-                os.unlink(table.path)
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
         ray_connection.disconnect(self._ray, connection)
 
     # -- submission ----------------------------------------------------------------------
@@ -261,12 +230,13 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> RayCall:
-        dispatcher = self._dispatcher
+        sender = self._sender
+        dispatcher = None if sender is None else sender.dispatcher
         call = RayCall(self, dispatcher, task_run, run_fn, run_kwargs, call_options())
-        if dispatcher is None or self._closing:
+        if sender is None or sender.closing:
             call.set_result(stopped_state(call))
         else:
-            dispatcher.submit(entry_of(call))
+            sender.dispatcher.submit(entry_of(call))  # (one call: without ready()'s list)
         return call
 
     def _dispatch_many(
@@ -276,7 +246,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         run_kwargs_list: List[Dict[str, Any]],
     ) -> List[CallHandle]:
         options = call_options()
-        dispatcher = self._dispatcher
+        dispatcher = self._dispatcher()
         calls = [
             RayCall(self, dispatcher, task_run, run_fn, run_kwargs, options)
             for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
@@ -291,7 +261,7 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
     ) -> RayCall:
-        call = RayCall(self, self._dispatcher, task_run, run_fn, run_kwargs, call_options())
+        call = RayCall(self, self._dispatcher(), task_run, run_fn, run_kwargs, call_options())
 
         def upstream_done() -> None:
             if call.done():  # cancelled while waiting
@@ -305,6 +275,19 @@ class RayTaskRunner(RaySending, BlockingTaskRunner):
 
         when_all_done(upstream, upstream_done)
         return call
+
+    def _dispatcher(self) -> "Optional[Dispatcher[RayEntry]]":
+        sender = self._sender
+        return None if sender is None else sender.dispatcher
+
+    def _ready(self, entries: List[RayEntry]) -> None:
+        """These calls may run now: to the sender (stopped if the block has ended)."""
+        sender = self._sender
+        if sender is None:
+            for entry in entries:
+                entry.call.set_result(stopped_state(entry.call))
+        else:
+            sender.ready(entries)
 
     def _with_upstream_refs(self, run_kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Held]]:
         """The arguments to send, and where Ray holds the upstream States standing in them.

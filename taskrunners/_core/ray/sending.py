@@ -2,12 +2,14 @@
 alone or per batch, and what a batch's outcome (or its worker's death) means for
 each of its calls.
 
-:class:`RaySending` is the :class:`~taskrunners._core.batching.Dispatcher`'s side of
-:class:`~taskrunners._core.ray.runner.RayTaskRunner` (a mixin: the runner holds the state;
-the runner's lifecycle and submission are in :mod:`~taskrunners._core.ray.runner`):
+:class:`RaySender` is the part of :class:`~taskrunners._core.ray.runner.RayTaskRunner`
+that one ``start()`` block composes: it owns the block's
+:class:`~taskrunners._core.batching.Dispatcher`, the slot table and the
+:class:`SenderThread`, and is handed Ray's remote functions and the resource check.
+What goes to Ray:
 
-- a call alone whose task is its run_fn goes as ``(run_kwargs, *upstream refs)``, as
-  before batching: its ``ObjectRef`` holds its packed State and duration;
+- a call alone whose task is its run_fn goes as ``(run_kwargs, *upstream refs)``:
+  its ``ObjectRef`` holds its packed State and duration;
 - anything else goes as ``(BatchPayload, *upstream refs)``: its ``ObjectRef`` holds
   every call's State and duration, pickled together, and each call knows its place.
   The upstream refs of all its calls are the task's top-level arguments (one per
@@ -25,13 +27,14 @@ Hazards handled here:
   call: its calls go again one by one, so only the calls at fault are Crashed.
 - Ray's callback threads. A call's completion runs on a Ray thread, and so do the
   callbacks it triggers, downstream submissions among them; submitting from there
-  could block the thread that completes Ray's requests, so those go through a thread
-  of the runner's own, which also completes batches (setting a thousand States must
-  not hold up Ray's thread).
+  could block the thread that completes Ray's requests, so those go through the
+  :class:`SenderThread`, which also completes batches (setting a thousand States
+  must not hold up Ray's thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -39,9 +42,9 @@ import queue
 import tempfile
 import threading
 import uuid
-from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Tuple, Union
 
-from taskrunners._core.batching import BatchSize, Dispatcher, Entry
+from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, Entry
 from taskrunners._core.ray import outcomes as ray_outcomes, ray_private
 from taskrunners._core.ray.calls import RayCall, RayEntry, stopped_state
 from taskrunners._core.ray.options import ResourceCheck
@@ -50,117 +53,155 @@ from taskrunners._core.remote.protocol import decode_batch
 from taskrunners._core.remote.slots import SlotTable
 from taskrunners.states import State
 
+__all__ = ["RaySender", "SenderThread"]
+
 # Set while a Ray thread runs our completion callbacks, which must not submit tasks.
 _in_ray_callback = threading.local()
 
 
 class _Sent:
-    """One Ray task out, carrying a batch: what its completion needs."""
+    """One Ray task out, carrying a batch: what its completion needs, and then its result."""
 
-    __slots__ = ("dispatcher", "entries", "table", "slots")
+    __slots__ = ("entries", "table", "slots", "result")
 
     def __init__(
-        self,
-        dispatcher: "Dispatcher[RayEntry]",
-        entries: List[RayEntry],
-        table: Optional[SlotTable],
-        slots: Optional[range],
+        self, entries: List[RayEntry], table: Optional[SlotTable], slots: Optional[range]
     ) -> None:
-        self.dispatcher = dispatcher
         self.entries = entries
         self.table = table
         self.slots = slots
+        self.result: Any = None
 
 
-class RunnerThread:
-    """A thread of the runner's own: hands calls to Ray for Ray's callback threads, and
-    completes batches.
+#: The sender thread's work: a batch to hand to Ray, a batch Ray returned, or None to stop.
+_Work = Union[List[RayEntry], _Sent, None]
 
-    Made when the runner starts, not on first use: at interpreter exit (a
-    RunnerExecutor finishing its calls) no new thread can be made.
+
+class SenderThread(threading.Thread):
+    """The sender's own thread: hands to Ray the batches that Ray's callback threads
+    may not, and completes the batches Ray returned.
+
+    Started with the block, not on first use: at interpreter exit (a RunnerExecutor
+    finishing its calls) no new thread can be made.
     """
 
-    def __init__(self, name: str) -> None:
-        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+    def __init__(self, sender: "RaySender", name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._sender = sender
+        self._work: "queue.SimpleQueue[_Work]" = queue.SimpleQueue()
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        self._queue.put(fn)
+    def put(self, work: _Work) -> None:
+        self._work.put(work)
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._work.put(None)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        sender = self._sender
         while True:
-            fn = self._queue.get()
-            if fn is None:
+            work = self._work.get()
+            if work is None:  # the block ended
                 return
             try:
-                fn()
+                if isinstance(work, _Sent):  # a batch Ray returned: settle its calls
+                    sender.complete(work)
+                else:  # a batch sent from a Ray callback thread: hand it to Ray
+                    sender.hand_over(work)
             except Exception:
                 logging.getLogger("task_runner.ray").exception("Handing calls to Ray failed.")
-            del fn
+            del work  # an idle thread keeps no call alive
 
 
+class RaySender:
+    """Sends the calls of one ``start()`` block to Ray, and completes them.
 
-class RaySending:
-    """Hands what the runner's dispatcher sends to Ray, and completes it (a mixin of
-    :class:`~taskrunners._core.ray.runner.RayTaskRunner`, which sets these attributes)."""
+    :param functions: the block's remote functions (one per task)
+    :param resources: checks each call's resource request against the live nodes
+    :param limit: how many Ray tasks may be out at once before calls are gathered
+    :param batch_size: the runner's ``batch_size``
+    :param name: the name of the sender's thread
+    """
 
-    batch_size: BatchSize
-    _closing: bool
-    _dispatcher: Optional[Dispatcher[RayEntry]]
-    _remote_functions: Optional[RemoteFunctions]
-    _resources: Optional[ResourceCheck]
-    _thread: Optional[RunnerThread]
-    _slots: Optional[SlotTable]
-    _slots_lock: threading.Lock
+    def __init__(
+        self,
+        functions: RemoteFunctions,
+        resources: ResourceCheck,
+        limit: int,
+        batch_size: BatchSize,
+        name: str,
+    ) -> None:
+        self.functions = functions
+        self.resources = resources
+        self.batch_size = batch_size
+        #: Set when the block ends: nothing more is handed to Ray.
+        self.closing = False
+        self.dispatcher: Dispatcher[RayEntry] = Dispatcher(limit, self._send, Durations(batch_size))
+        #: A run of slots for each batch that may be out, twice over (expedited batches
+        #: go beyond the limit); a call without a slot is never run again.
+        self.slots: Optional[SlotTable] = None
+        if batch_size != 1:
+            largest = batch_size if isinstance(batch_size, int) else MAX_CALLS
+            self.slots = new_slot_table(limit * 2, largest)
+        # Slots are taken by whichever thread sends a batch.
+        self._slots_lock = threading.Lock()
+        self._thread = SenderThread(self, name)
+        self._thread.start()
 
-    def _ready(self, entries: List[RayEntry]) -> None:
+    def close(self) -> None:
+        """Hand nothing more to Ray; stop the thread and remove the slot table."""
+        self.closing = True
+        self._thread.stop()
+        table, self.slots = self.slots, None
+        if table is not None:
+            # Workers that still have it open keep writing to their own mapping.
+            table.close()
+            with contextlib.suppress(OSError):
+                os.unlink(table.path)
+
+    def ready(self, entries: List[RayEntry]) -> None:
         """These calls may run now: to the dispatcher, which sends or gathers them."""
-        dispatcher = self._dispatcher
-        if dispatcher is None or self._closing:
+        if self.closing:
             for entry in entries:
                 entry.call.set_result(stopped_state(entry.call))
         elif len(entries) == 1:
-            dispatcher.submit(entries[0])
+            self.dispatcher.submit(entries[0])
         else:
-            dispatcher.submit_many(entries)
+            self.dispatcher.submit_many(entries)
 
-    def _send(self, dispatcher: "Dispatcher[RayEntry]", batch: List[RayEntry]) -> None:
+    # -- handing calls to Ray ------------------------------------------------------------
+
+    def _send(self, batch: List[RayEntry]) -> None:
         """The dispatcher's ``send``: hand ``batch`` to Ray as one task."""
         if getattr(_in_ray_callback, "active", False):
             # Submitting from Ray's own callback thread could block the thread that
-            # completes Ray's requests: hand the submission to a thread of ours.
-            self._later(functools.partial(self._hand_over, dispatcher, batch))
+            # completes Ray's requests: the sender thread hands it over.
+            self._later(batch)
         else:
-            self._hand_over(dispatcher, batch)
+            self.hand_over(batch)
 
-    def _later(self, fn: Callable[[], None]) -> None:
-        thread = self._thread
-        if thread is not None and not self._closing:
-            thread.submit(fn)
+    def _later(self, work: _Work) -> None:
+        if not self.closing:
+            self._thread.put(work)
 
-    def _hand_over(self, dispatcher: "Dispatcher[RayEntry]", batch: List[RayEntry]) -> None:
+    def hand_over(self, batch: List[RayEntry]) -> None:
         """Submit the calls of ``batch`` to Ray as one task (those not cancelled meanwhile)."""
+        dispatcher = self.dispatcher
         live = [entry for entry in batch if entry.call.set_running()]
-        functions, resources = self._remote_functions, self._resources
-        if not live or functions is None or resources is None or self._closing:
+        if not live or self.closing:
             for entry in live:
                 entry.call.set_result(stopped_state(entry.call))
             dispatcher.task_done()
             return
         first = live[0]
         call: RayCall = first.call
-        refused = resources.refusal(call.options)
+        refused = self.resources.refusal(call.options)
         if refused is not None:
             for entry in live:
                 entry.call.set_result(refused)
             dispatcher.task_done()
             return
         try:
-            remote = functions.get(first.key, call.run_fn)  # type: ignore[arg-type]
+            remote = self.functions.get(first.key, call.run_fn)  # type: ignore[arg-type]
         except Exception as exc:  # a run_fn Ray cannot wrap
             for entry in live:
                 entry.call.set_result(ray_outcomes.unsubmittable_state(entry.call.task_run.name, exc))
@@ -172,13 +213,11 @@ class RaySending:
             and call.run_fn is first.key
             and all(held.position is None for held in call.held)
         ):
-            self._submit_alone(dispatcher, first, remote)
+            self._submit_alone(first, remote)
         else:
-            self._submit_batch(dispatcher, live, remote)
+            self._submit_batch(live, remote)
 
-    def _submit_alone(
-        self, dispatcher: "Dispatcher[RayEntry]", entry: RayEntry, remote: RemoteFunction
-    ) -> None:
+    def _submit_alone(self, entry: RayEntry, remote: RemoteFunction) -> None:
         call: RayCall = entry.call
         refs = [held.ref for held in call.held]
         try:
@@ -189,38 +228,12 @@ class RaySending:
                 ref = function.remote()
         except Exception as exc:  # a run_fn or arguments Ray cannot serialize, bad options, ...
             call.set_result(ray_outcomes.unsubmittable_state(call.task_run.name, exc))
-            dispatcher.task_done()
+            self.dispatcher.task_done()
             return
         call.ref, call.position = ref, None
-        ray_private.on_ref_done(
-            ref, functools.partial(self._alone_done, call, dispatcher, entry.key)
-        )
+        ray_private.on_ref_done(ref, functools.partial(self._alone_done, call, entry.key))
 
-    def _alone_done(
-        self, call: RayCall, dispatcher: "Dispatcher[RayEntry]", key: Hashable, result: Any
-    ) -> None:
-        # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
-        _in_ray_callback.active = True
-        try:
-            if isinstance(result, BaseException):  # run_fns give States, so Ray failed
-                dispatcher.task_done()
-                call.failed = True
-                state = ray_outcomes.crash_state(call.task_run.name, result)
-            else:
-                state, seconds = unpacked(result)
-                if self.batch_size == "auto":  # before the next batch is sized
-                    dispatcher.durations.record(key, seconds)
-                dispatcher.task_done()
-            call.set_result(state)
-        finally:
-            _in_ray_callback.active = False
-
-    def _submit_batch(
-        self,
-        dispatcher: "Dispatcher[RayEntry]",
-        live: List[RayEntry],
-        remote: RemoteFunction,
-    ) -> None:
+    def _submit_batch(self, live: List[RayEntry], remote: RemoteFunction) -> None:
         refs: List[Any] = []
         ref_index: Dict[Any, int] = {}
         calls: List[Tuple[Any, Any, Optional[List[Tuple[int, Optional[int]]]]]] = []
@@ -256,36 +269,57 @@ class RaySending:
                 live[0].call.set_result(
                     ray_outcomes.unsubmittable_state(live[0].call.task_run.name, exc)
                 )
-            dispatcher.task_done()
+            self.dispatcher.task_done()
             return
         for position, entry in enumerate(live):
             entry.call.ref, entry.call.position = ref, position
-        sent = _Sent(dispatcher, live, table, slots)
-        ray_private.on_ref_done(ref, functools.partial(self._batch_returned, sent))
+        ray_private.on_ref_done(ref, functools.partial(self._batch_returned, _Sent(live, table, slots)))
+
+    # -- completing what Ray returned ------------------------------------------------------
+
+    def _alone_done(self, call: RayCall, key: Hashable, result: Any) -> None:
+        # Runs on a Ray thread: whatever our callbacks submit is handed to another thread.
+        dispatcher = self.dispatcher
+        _in_ray_callback.active = True
+        try:
+            if isinstance(result, BaseException):  # run_fns give States, so Ray failed
+                dispatcher.task_done()
+                call.failed = True
+                state = ray_outcomes.crash_state(call.task_run.name, result)
+            else:
+                state, seconds = unpacked(result)
+                if self.batch_size == "auto":  # before the next batch is sized
+                    dispatcher.durations.record(key, seconds)
+                dispatcher.task_done()
+            call.set_result(state)
+        finally:
+            _in_ray_callback.active = False
 
     def _batch_returned(self, sent: _Sent, result: Any) -> None:
-        # On a Ray thread: a thousand States are set on a thread of ours instead.
-        self._later(functools.partial(self._batch_done, sent, result))
+        # On a Ray thread: a thousand States are set on the sender thread instead.
+        sent.result = result
+        self._later(sent)
 
-    def _batch_done(self, sent: _Sent, result: Any) -> None:
-        entries, dispatcher = sent.entries, sent.dispatcher
+    def complete(self, sent: _Sent) -> None:
+        """Settle the calls of a batch Ray returned (on the sender thread)."""
+        entries, result = sent.entries, sent.result
         if isinstance(result, BaseException):
             self._batch_failed(sent, result)
             return
         names = [entry.call.task_run.name for entry in entries]
         outcomes, _ = decode_batch(names, result)
-        dispatcher.durations.record(
+        self.dispatcher.durations.record(
             entries[0].key, sum(seconds for _, seconds in outcomes), len(outcomes)
         )
         _give_back(sent.table, sent.slots)
-        dispatcher.task_done()
+        self.dispatcher.task_done()
         for entry, (state, _) in zip(entries, outcomes):
             entry.call.set_result(state)
 
     def _batch_failed(self, sent: _Sent, exc: BaseException) -> None:
         entries = sent.entries
         names = [entry.call.task_run.name for entry in entries]
-        table_open = sent.table is not None and sent.table is self._slots
+        table_open = sent.table is not None and sent.table is self.slots
         states: List[Optional[State]]
         if ray_outcomes.is_worker_death(exc):
             # Read the marks before the slots can be taken again.
@@ -300,7 +334,7 @@ class RaySending:
         else:
             states = [ray_outcomes.crash_state(name, exc) for name in names]
         _give_back(sent.table, sent.slots)
-        sent.dispatcher.task_done()
+        self.dispatcher.task_done()
         again = []
         for entry, state in zip(entries, states):
             if state is None:
@@ -320,15 +354,13 @@ class RaySending:
         if alone:
             # A group of its own for each: an options key nothing else has.
             entries = [Entry(entry.call, entry.key, object(), None) for entry in entries]
-        self._ready(entries)
-        dispatcher = self._dispatcher
-        if dispatcher is not None:
-            for entry in entries:
-                dispatcher.expedite(entry.call)
+        self.ready(entries)
+        for entry in entries:
+            self.dispatcher.expedite(entry.call)
 
     def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[range]]:
         """A slot of the table for each of ``count`` calls of a batch (None: no room)."""
-        table = self._slots
+        table = self.slots
         if table is None or count < 2:  # a call alone is the one running if its worker dies
             return None, None
         with self._slots_lock:
@@ -350,4 +382,3 @@ def new_slot_table(runs: int, run_size: int) -> Optional[SlotTable]:
         return SlotTable(path, runs, run_size)
     except OSError:  # no table: a batch's calls are then never run again after a death
         return None
-

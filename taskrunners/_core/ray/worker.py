@@ -200,7 +200,7 @@ def _cancel_check() -> Callable[[], bool]:
     try:
         import ray
 
-        # Fetched once: get_runtime_context() costs a dozen microseconds in a worker.
+        # Fetched once: get_runtime_context() is not free in a worker.
         is_canceled = ray.get_runtime_context().is_canceled
     except Exception:  # a Ray without it: the batch runs on
         return lambda: False

@@ -1,0 +1,113 @@
+"""What a batch's outcome in loky means for each of its calls (on loky's manager thread).
+
+A batch comes back as its calls' States, as unrun (the worker could not unpickle it),
+or as an error: the pool shutting down, a broken pool (a worker died: the slot table
+tells which calls had started), or anything else loky raises. :func:`settle_batch`
+settles each call it can and names those to send again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import List, Optional
+
+import loky
+
+from taskrunners._core.batching import Durations, Entry, Sendable
+from taskrunners._core.parallel import loky_private
+from taskrunners._core.parallel.calls import Batch
+from taskrunners._core.parallel.crashes import (
+    broken_pool_state,
+    initializer_failed,
+    initializer_failure,
+    never_started_state,
+    pool_failure,
+    stopped_state,
+)
+from taskrunners._core.parallel.generation import Generation
+from taskrunners._core.remote.protocol import decode_batch
+from taskrunners._core.remote.records import emit
+
+__all__ = ["MAX_HANDOVERS", "settle_batch"]
+
+#: A call that meets this many broken pools before any worker starts it is Crashed
+#: instead of being handed to yet another pool.
+MAX_HANDOVERS = 3
+
+
+def settle_batch(
+    batch: Batch,
+    generation: Generation,
+    slots: range,
+    submitted: concurrent.futures.Future,
+    durations: Durations,
+    abort_reason: Optional[BaseException],
+    directory: str,
+) -> List[Sendable[None]]:
+    """Settle the calls of a batch loky is done with; the entries to send again.
+
+    :param generation: the pool that ran it, and ``slots`` its calls' slots there
+    :param submitted: loky's future of the batch
+    :param durations: where the seconds its calls ran are recorded
+    :param abort_reason: why the block was left, if it was left with an exception
+    :param directory: the pool's folder (where a failed initializer leaves its error)
+    """
+    try:
+        data = submitted.result(0)
+    except BaseException as exc:
+        error = exc
+    else:
+        if data is None:
+            # The worker could not unpickle the batch, and ran none of it: each call
+            # goes again in a batch of its own (a group of its own), to find the one
+            # at fault.
+            return [Entry(entry.call, entry.key, ("apart", entry.call), None) for entry in batch.entries]
+        _deliver(batch, data, durations)
+        return []
+    if loky_private.is_shutdown_error(error) or abort_reason is not None:
+        for entry, slot in zip(batch.entries, slots):
+            started, finished = generation.marks(slot)
+            if started:
+                state = stopped_state(entry.call.task_run.name, started, finished, abort_reason)
+                entry.call.set_result(state)
+            else:
+                entry.call.set_cancelled()
+        return []
+    if not isinstance(error, loky.BrokenProcessPool):
+        batch.settle(functools.partial(pool_failure, error=error))
+        return []
+    return _after_break(batch, generation, slots, error, directory)
+
+
+def _deliver(batch: Batch, data: bytes, durations: Durations) -> None:
+    outcomes, records = decode_batch(batch.names, data)
+    if records:
+        emit(records)
+    # 0.0: a call that did not run (its batch could not be unpickled here).
+    seconds = [spent for _, spent in outcomes if spent > 0]
+    if seconds:
+        durations.record(batch.entries[0].key, sum(seconds), len(seconds))
+    for entry, (state, _) in zip(batch.entries, outcomes):
+        entry.call.set_result(state)
+
+
+def _after_break(
+    batch: Batch, generation: Generation, slots: range, error: BaseException, directory: str
+) -> List[Sendable[None]]:
+    generation.broke_under(error)
+    dead, cause = generation.dead or {}, generation.cause()
+    again: List[Sendable[None]] = []
+    for entry, slot in zip(batch.entries, slots):
+        call = entry.call
+        started, finished = generation.marks(slot)
+        if started:
+            call.set_result(broken_pool_state(call.task_run.name, started, finished, dead, cause))
+            continue
+        if initializer_failed(directory):
+            call.set_result(initializer_failure(directory, call.task_run.name))
+        elif call.handovers >= MAX_HANDOVERS:
+            call.set_result(never_started_state(call.task_run.name, call.handovers, cause))
+        else:
+            again.append(entry)  # on a fresh pool
+    return again
