@@ -61,7 +61,7 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.remote.protocol import import_engine, with_upstream
 from taskrunners._core.remote.snapshots import snapshot_call
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed, exception_to_crashed_state
 
 __all__ = ["DaskTaskRunner"]

@@ -80,7 +80,7 @@ from taskrunners._core.parallel.crashes import (
 from taskrunners._core.parallel.generation import Generation
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners._core.remote.records import emit
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = ["ProcessPool"]
