@@ -23,9 +23,7 @@ from typing import Any, Callable, Coroutine, Dict, Optional, TypeVar, overload
 from typing_extensions import ParamSpec
 
 from taskrunners._core import seam
-from taskrunners._core.remote.snapshots import Memo, all_unchanging, snapshot_each
-from taskrunners._core.running import is_coroutine_function
-from taskrunners.futures import TaskRun
+from taskrunners._core.seam import Memo, TaskRun, all_unchanging, is_coroutine_function, snapshot_each
 from taskrunners.states import Completed, Failed, State
 
 __all__ = ["RunnerExecutor"]
@@ -214,7 +212,7 @@ class RunnerExecutor(concurrent.futures.Executor):
             fn, args, kwargs
         )
         name = getattr(fn, "__name__", type(fn).__name__)
-        call = seam.submit_call(self._core, TaskRun(name=name), run_fn, {})
+        call = seam.call_of(seam.submit(self._core, TaskRun(name=name), run_fn, {}))
         future = _Future()
         future.call = call
         call.add_done_callback(lambda done: _deliver(done, future))
@@ -258,7 +256,7 @@ def _deliver(call: Any, result: _Future) -> None:
         # and as_completed() count a cancelled future as done only once notified.
         result.set_running_or_notify_cancel()
         return
-    state = seam.state_of(call)
+    state = seam.state_of_done(call)
     exc = state.data
     if not isinstance(exc, BaseException):
         exc = RuntimeError(state.message or f"The call ended in state {state.name!r}.")

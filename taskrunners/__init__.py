@@ -6,9 +6,9 @@ loop, on local worker processes, on a Dask cluster or on a Ray cluster.
 """
 
 from taskrunners import task_runners
-from taskrunners._core.ray.options import ray_options
 from taskrunners.flows import flow
 from taskrunners.futures import PrefectFuture, TaskRun, as_completed, wait
+from taskrunners.sync import ray_options
 from taskrunners.tasks import task, unmapped
 from taskrunners.task_runners import *  # noqa: F403 - the runner classes, listed there
 

@@ -30,9 +30,7 @@ from typing_extensions import ParamSpec
 
 from taskrunners._collections import visit_collection
 from taskrunners._core import seam
-from taskrunners._core.arguments import FLAT_TYPES, is_future
-from taskrunners._core.base import BlockingTaskRunner
-from taskrunners._core.remote.protocol import Upstream
+from taskrunners._core.seam import FLAT_TYPES, BlockingTaskRunner, Upstream
 from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Pending, State
 from taskrunners.task_runners import BaseTaskRunner, _FacadeRunner
@@ -44,8 +42,6 @@ __all__ = [
     "Decorated",
     "mark_inputs",
     "resolve_inputs",
-    "done_state",
-    "futures_to_states",
     "checked_runner",
     "runner_for_call",
     "fresh_copy",
@@ -66,20 +62,17 @@ class FlowRun:
     """One call of a flow: the started runner its task calls go to.
 
     A sync flow drives the blocking ``core`` alone; an async flow also has the
-    ``facade`` over it, which an awaited task call goes through.
+    ``facade`` over it, which an awaited task call goes through. ``asynchronous``
+    says which: whether the run's futures are awaited.
     """
 
-    __slots__ = ("core", "facade", "_numbers")
+    __slots__ = ("core", "facade", "asynchronous", "_numbers")
 
     def __init__(self, core: BlockingTaskRunner, facade: Optional[BaseTaskRunner] = None) -> None:
         self.core = core
         self.facade = facade
+        self.asynchronous = facade is not None
         self._numbers: Dict[str, Iterator[int]] = {}
-
-    @property
-    def asynchronous(self) -> bool:
-        """Whether this is an async flow's run, whose futures are awaited."""
-        return self.facade is not None
 
     def new_task_run(self, task_name: str) -> TaskRun:
         """The next run of the task named ``task_name``: ``"<name>-<n>"``, from 0."""
@@ -92,12 +85,9 @@ class FlowRun:
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> PrefectFuture[Any]:
         """Submit without awaiting: a plain task anywhere, or any task in a sync flow."""
-        if self.facade is None:
-            return self.core.submit(task_run, run_fn, run_kwargs)
-        # A plain run_fn goes to the facade's blocking core whatever the facade does,
-        # so it can be submitted from this synchronous call.
-        call = seam.submit_call(self.core, task_run, run_fn, run_kwargs)
-        return seam.bind(PrefectFuture(task_run, self.facade, asynchronous=True), call)
+        # A plain run_fn goes to the blocking core whatever the facade does, so it can
+        # be submitted from this synchronous call.
+        return seam.submit(self.core, task_run, run_fn, run_kwargs, self.facade, self.asynchronous)
 
     def submit_many(
         self,
@@ -106,13 +96,9 @@ class FlowRun:
         run_kwargs_list: List[Dict[str, Any]],
     ) -> List[PrefectFuture[Any]]:
         """Submit many runs of one task at once (``task.map``), without awaiting."""
-        calls = seam.submit_calls(self.core, task_runs, run_fn, run_kwargs_list)
-        runner: Any = self.core if self.facade is None else self.facade
-        asynchronous = self.facade is not None
-        return [
-            seam.bind(PrefectFuture(task_run, runner, asynchronous=asynchronous), call)
-            for task_run, call in zip(task_runs, calls)
-        ]
+        return seam.submit_many(
+            self.core, task_runs, run_fn, run_kwargs_list, self.facade, self.asynchronous
+        )
 
     async def submit_async(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
@@ -229,16 +215,6 @@ def resolve_inputs(
     args = visit_collection(args, resolve)
     kwargs = visit_collection(kwargs, resolve)
     return args, kwargs, (not_ready[0] if not_ready else None)
-
-
-def done_state(future: PrefectFuture[Any]) -> State[Any]:
-    """The final State of a future whose call is done."""
-    return seam.state_of(seam.call_of(future))
-
-
-def futures_to_states(value: Any) -> Any:
-    """``value`` with every future in it (all done) replaced by its State."""
-    return visit_collection(value, lambda v: done_state(v) if is_future(v) else v)
 
 
 # -- the runner a flow call starts ----------------------------------------------------------

@@ -2,9 +2,11 @@
 
 How a task run travels::
 
-    flow side: submission() ── the run_fn (run_task or arun_task) and its run_kwargs:
+    flow side: submit_task() names the run (FlowRun.new_task_run), makes its
+               submission() ── the run_fn (run_task or arun_task) and its run_kwargs:
                a TaskInvocation (the task, its arguments with futures marked) and, if
-               any, the upstream futures, which the runner swaps for their States
+               any, the upstream futures, which the runner swaps for their States ──
+               and submits it to the flow run's runner (FlowRun.submit)
     worker:    run_task() resolves the arguments (or ends NotReady), then runs the
                task's body with its retries: an attempt that raises an Exception, or
                returns a Failed state, is run again; the last outcome is the State
@@ -17,23 +19,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from typing import Any, Callable, Dict, Iterator, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import anyio
 import tenacity
 
-from taskrunners._core.remote.snapshots import Memo, all_unchanging, snapshot_each, unchanging
-from taskrunners._flow_engine import current_flow_run, mark_inputs, resolve_inputs
-from taskrunners.futures import TaskRun
+from taskrunners._core.seam import Memo, all_unchanging, snapshot_each, unchanging
+from taskrunners._flow_engine import FlowRun, current_flow_run, mark_inputs, resolve_inputs
+from taskrunners.futures import PrefectFuture, TaskRun
 from taskrunners.states import Completed, Failed, State
 
-__all__ = ["RunnableTask", "TaskInvocation", "submission", "run_task", "arun_task"]
+__all__ = [
+    "RunnableTask",
+    "TaskInvocation",
+    "submit_task",
+    "asubmit_task",
+    "submit_mapped",
+    "submission",
+    "run_task",
+    "arun_task",
+]
 
 task_logger = logging.getLogger("taskrunners.task")
 
 
 class RunnableTask(Protocol):
     """What a run needs of its task: a :class:`~taskrunners.tasks.Task` is one."""
+
+    @property
+    def name(self) -> str: ...
 
     @property
     def fn(self) -> Callable[..., Any]: ...
@@ -82,6 +96,31 @@ class PlainInvocation(TaskInvocation):
     change, so a runner that sends calls later takes no snapshot of it."""
 
     __slots__ = ()
+
+
+def submit_task(flow_run: FlowRun, task: RunnableTask, args: tuple, kwargs: dict) -> PrefectFuture[Any]:
+    """Submit one run of ``task`` to the flow run's runner, without awaiting."""
+    task_run = flow_run.new_task_run(task.name)
+    return flow_run.submit(task_run, *submission(task, task_run, args, kwargs))
+
+
+async def asubmit_task(
+    flow_run: FlowRun, task: RunnableTask, args: tuple, kwargs: dict
+) -> PrefectFuture[Any]:
+    """Submit one run of an async ``task`` through an async flow run's facade."""
+    task_run = flow_run.new_task_run(task.name)
+    return await flow_run.submit_async(task_run, *submission(task, task_run, args, kwargs))
+
+
+def submit_mapped(
+    flow_run: FlowRun, task: RunnableTask, runs: List[Tuple[tuple, dict]]
+) -> List[PrefectFuture[Any]]:
+    """Submit one run of ``task`` per ``(args, kwargs)`` at once (``task.map``)."""
+    task_runs = [flow_run.new_task_run(task.name) for _ in runs]
+    run_kwargs_list = [
+        submission(task, task_run, args, kwargs)[1] for task_run, (args, kwargs) in zip(task_runs, runs)
+    ]
+    return flow_run.submit_many(task_runs, arun_task if task.isasync else run_task, run_kwargs_list)
 
 
 def submission(

@@ -23,7 +23,7 @@ A synchronous flow drives the blocking twin of its runner (:mod:`taskrunners.syn
 so it needs no event loop; an async flow drives the async facade on the caller's
 asyncio or trio loop. Tasks live in :mod:`taskrunners.tasks`, the engine both share
 in :mod:`taskrunners._flow_engine`; ``wait`` and ``as_completed`` beside the futures,
-in :mod:`taskrunners.futures`. This module exports them all, as it always has.
+in :mod:`taskrunners.futures`. This module exports them all.
 """
 
 from __future__ import annotations
@@ -38,18 +38,13 @@ from typing_extensions import ParamSpec, Protocol
 
 from taskrunners._collections import iter_leaves
 from taskrunners._core import seam
-from taskrunners._core.arguments import is_future
-from taskrunners._core.base import BlockingTaskRunner
-from taskrunners._core.calls import block_until_done
-from taskrunners._core.waiting import in_event_loop, wait_until_done
+from taskrunners._core.seam import BlockingTaskRunner, in_event_loop
 from taskrunners._flow_engine import (
     Decorated,
     FlowRun,
     RunnerSpec,
     checked_runner,
     current_flow_run,
-    done_state,
-    futures_to_states,
     mark_inputs,
     resolve_inputs,
     runner_for_call,
@@ -159,8 +154,7 @@ class Flow(Decorated[P], Generic[P, R]):
                 current_flow_run.reset(token)
         if failure is not None:
             return failure
-        block_until_done([seam.call_of(f) for f in iter_leaves(value, is_future)])
-        return self._final_state(futures_to_states(value))
+        return self._final_state(seam.states_when_done(value, core))
 
     async def _run_async(self, args: tuple, kwargs: dict) -> State[Any]:
         args, kwargs, not_ready = await self._inputs_async(args, kwargs)
@@ -175,7 +169,8 @@ class Flow(Decorated[P], Generic[P, R]):
                     f"taskrunners.{type(runner).__name__}(...) rather than the blocking "
                     f"taskrunners.sync.{type(runner).__name__}(...)."
                 )
-            token = current_flow_run.set(FlowRun(seam.core_of(runner), runner))
+            core = seam.core_of(runner)
+            token = current_flow_run.set(FlowRun(core, runner))
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, runner)
                 async with runner.start():
@@ -190,9 +185,7 @@ class Flow(Decorated[P], Generic[P, R]):
         await anyio.lowlevel.checkpoint_if_cancelled()
         if failure is not None:
             return failure
-        for future in iter_leaves(value, is_future):
-            await wait_until_done(seam.call_of(future), None)
-        return self._final_state(futures_to_states(value))
+        return self._final_state(await seam.astates_when_done(value, core))
 
     def _failed(self, exc: Exception) -> State[Any]:
         message = f"Flow run {self.name!r} raised {type(exc).__name__}: {exc}"
@@ -216,8 +209,7 @@ class Flow(Decorated[P], Generic[P, R]):
         args, kwargs, upstream, _ = mark_inputs(args, kwargs)
         if upstream is None:
             return args, kwargs, None
-        calls = [seam.call_of(future) for future in upstream.values()]
-        unfinished = [f for f, call in zip(upstream.values(), calls) if not call.done()]
+        unfinished = [f for f in upstream.values() if not seam.call_of(f).done()]
         if unfinished and in_event_loop() and any(f.asynchronous for f in unfinished):
             # Their calls may need this very event loop to finish.
             raise RuntimeError(
@@ -225,9 +217,7 @@ class Flow(Decorated[P], Generic[P, R]):
                 "futures inside an event loop; await their results first, or make "
                 f"{self.name!r} an async flow."
             )
-        block_until_done(calls)
-        states = {run_id: done_state(f) for run_id, f in upstream.items()}
-        return resolve_inputs(args, kwargs, states)
+        return resolve_inputs(args, kwargs, seam.states_when_done(upstream))
 
     async def _inputs_async(
         self, args: tuple, kwargs: dict
@@ -235,10 +225,7 @@ class Flow(Decorated[P], Generic[P, R]):
         args, kwargs, upstream, _ = mark_inputs(args, kwargs)
         if upstream is None:
             return args, kwargs, None
-        for future in upstream.values():
-            await wait_until_done(seam.call_of(future), None)
-        states = {run_id: done_state(f) for run_id, f in upstream.items()}
-        return resolve_inputs(args, kwargs, states)
+        return resolve_inputs(args, kwargs, await seam.astates_when_done(upstream))
 
 
 class _BodyRaised(Exception):

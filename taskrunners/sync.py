@@ -13,13 +13,16 @@ needed. Futures they return have ``asynchronous=False``.
 'hi'
 """
 
-from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
-from taskrunners._core.dask.runner import DaskTaskRunner
-from taskrunners._core.local.sequential import SequentialTaskRunner
-from taskrunners._core.local.threads import ConcurrentTaskRunner
-from taskrunners._core.parallel.runner import ParallelTaskRunner
-from taskrunners._core.ray.options import ray_options
-from taskrunners._core.ray.runner import RayTaskRunner
+from taskrunners._core.seam import (
+    BlockingTaskRunner,
+    ConcurrentTaskRunner,
+    DaskTaskRunner,
+    ParallelTaskRunner,
+    RayTaskRunner,
+    SequentialTaskRunner,
+    TaskConcurrencyType,
+    ray_options,
+)
 
 __all__ = [
     "BlockingTaskRunner",

@@ -26,6 +26,7 @@ from typing import (
     Any,
     AsyncIterator,
     Callable,
+    ContextManager,
     Dict,
     Generic,
     List,
@@ -42,16 +43,26 @@ from typing_extensions import Literal
 
 from taskrunners import sync
 from taskrunners._core import seam
-from taskrunners._core.arguments import check_submission
-from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
-from taskrunners._core.batching import BatchSize
-from taskrunners._core.calls import Call, CallHandle
-from taskrunners._core.local.interrupts import interrupted_since, sigint_watch
-from taskrunners._core.running import checked_state, is_coroutine_function
-from taskrunners._core.waiting import wait_until_done
+from taskrunners._core.seam import (
+    Async,
+    BatchSize,
+    BlockingTaskRunner,
+    Call,
+    CallHandle,
+    PrefectFuture,
+    RunFn,
+    RunnerIdentity,
+    Sync,
+    TaskConcurrencyType,
+    TaskRun,
+    check_submission,
+    checked_state,
+    interrupted_since,
+    is_coroutine_function,
+    sigint_watch,
+)
 from taskrunners._facade_docs import facade_doc
 from taskrunners._start_block import start_block, unwrapped_interrupt
-from taskrunners.futures import Async, PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -188,8 +199,8 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         """
         if self._started:
             raise RuntimeError("The task runner is already started!")
-        core = self._core
-        await anyio.to_thread.run_sync(seam.open_block, core)
+        block = self._core.start()
+        await anyio.to_thread.run_sync(block.__enter__)
         self._started = True
         watching = self._watches_sigint and sigint_watch.install()
         failure: Optional[BaseException] = None
@@ -218,14 +229,12 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
             self._started = False
             # Shielded: an outer cancellation must not leave workers running.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(seam.close_block, core, failure)
+                await anyio.to_thread.run_sync(_leave_block, block, failure)
         if failure is not None:
             raise failure
 
     async def _drain(self) -> None:
-        pending = seam.pending_calls(self._core)
-        while pending:
-            await wait_until_done(next(iter(pending)), None)
+        await seam.drain(self._core)
 
     @overload
     async def submit(
@@ -271,25 +280,21 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
         """
         check_submission(run_fn, run_kwargs)
-        core = self._core
-        call: CallHandle
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
-            seam.ensure_usable(core, "submit work")
             # The task group sees these calls to their end: no tracking needed.
             call = await self._start_coroutine_call(run_fn, _as_dict(run_kwargs))
-        else:
-            call = seam.submit_call(core, task_run, run_fn, _as_dict(run_kwargs))
-        return seam.bind(PrefectFuture(task_run, self, asynchronous=asynchronous), call)
+            return seam.future_for(call, task_run, self, asynchronous)
+        return seam.submit(self._core, task_run, run_fn, _as_dict(run_kwargs), self, asynchronous)
 
     async def _start_coroutine_call(
         self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> Call:
+        upstream = seam.admit_coroutine_call(self._core, run_kwargs)
         if self._task_group is None:  # unpickled: the task group stayed behind
             raise RuntimeError(
                 f"The {self.name} task runner cannot be used to submit work after serialization."
             )
         call = Call()
-        upstream = seam.upstream_calls(self._core, run_kwargs)
         self._task_group.start_soon(self._run_coroutine_call, call, upstream, run_fn, run_kwargs)
         return call
 
@@ -300,14 +305,11 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
     ) -> None:
-        if upstream:
-            try:
-                for upstream_call in upstream:
-                    await wait_until_done(upstream_call, None)
-            except BaseException as exc:  # cancelled while waiting: it never ran
-                call.set_result(exception_to_crashed_state(exc))
-                raise
-            run_kwargs = seam.resolve_futures(self._core, run_kwargs)
+        try:
+            run_kwargs = await seam.resolved(self._core, run_kwargs, upstream)
+        except BaseException as exc:  # cancelled while waiting: it never ran
+            call.set_result(exception_to_crashed_state(exc))
+            raise
         await _await_call(call, run_fn, run_kwargs)
 
     @overload
@@ -327,11 +329,7 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
 
         :raises RuntimeError: if the runner was unpickled and cannot reach its calls
         """
-        call = seam.call_of(prefect_future, self._core)
-        call.expedite()
-        if not await wait_until_done(call, timeout):
-            return None
-        return seam.state_of(call)
+        return await seam.state_when_done(prefect_future, timeout, self._core)
 
     def _call_of(self, future: PrefectFuture[Any]) -> CallHandle:
         """The handle of ``future``'s call, as the core sees it (a future asks this when
@@ -365,6 +363,14 @@ async def _await_call(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[s
     call.set_result(checked_state(run_fn, value))
 
 
+def _leave_block(block: ContextManager[Any], failure: Optional[BaseException]) -> None:
+    """Leave a core's ``start()`` block: normally, or with ``failure``."""
+    if failure is None:
+        block.__exit__(None, None, None)
+    else:
+        block.__exit__(type(failure), failure, failure.__traceback__)
+
+
 def _as_dict(run_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     return run_kwargs if type(run_kwargs) is dict else dict(run_kwargs)
 
@@ -386,10 +392,9 @@ class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
         super().__init__(sync.SequentialTaskRunner())
 
     async def _start_coroutine_call(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
-        for upstream_call in seam.upstream_calls(self._core, run_kwargs):
-            await wait_until_done(upstream_call, None)
+        upstream = seam.admit_coroutine_call(self._core, run_kwargs)
         call = Call()
-        await _await_call(call, run_fn, seam.resolve_futures(self._core, run_kwargs))
+        await _await_call(call, run_fn, await seam.resolved(self._core, run_kwargs, upstream))
         return call
 
 

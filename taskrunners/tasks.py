@@ -2,8 +2,8 @@
 
 Inside a flow, calling a task submits one task run to the flow's runner (the flow
 run is found in :mod:`taskrunners._flow_engine`); outside a flow it is a plain
-function call. What a task run carries to the runner, and how its body runs there
-with its retries, is in :mod:`taskrunners._task_runs`.
+function call. How a task run is submitted, what it carries to the runner and how
+its body runs there with its retries is in :mod:`taskrunners._task_runs`.
 
 >>> from taskrunners import task
 >>> @task
@@ -36,7 +36,7 @@ from typing import (
 from typing_extensions import ParamSpec
 
 from taskrunners._flow_engine import Decorated, FlowRun, current_flow_run
-from taskrunners._task_runs import arun_task, run_task, submission
+from taskrunners._task_runs import asubmit_task, submit_mapped, submit_task
 from taskrunners.futures import Async, PrefectFuture, Sync
 from taskrunners.states import State
 
@@ -212,7 +212,7 @@ class Task(Decorated[P], Generic[P, R]):
             return [fn(*a, **k) for a, k in runs]
         if flow_run.asynchronous and self.isasync:
             return self._map_async(flow_run, runs)
-        return self._submit_many(flow_run, runs)
+        return submit_mapped(flow_run, self, runs)
 
     async def _map_plain_async(self, runs: List[Tuple[tuple, dict]]) -> List[Any]:
         fn: Callable[..., Any] = self.fn
@@ -221,34 +221,13 @@ class Task(Decorated[P], Generic[P, R]):
     async def _map_async(
         self, flow_run: FlowRun, runs: List[Tuple[tuple, dict]]
     ) -> List[PrefectFuture[Any]]:
-        return [await self._submit_awaited(flow_run, a, k) for a, k in runs]
+        return [await asubmit_task(flow_run, self, a, k) for a, k in runs]
 
     def _submit(self, flow_run: FlowRun, args: tuple, kwargs: dict) -> Any:
         self._check_arguments(args, kwargs)
         if flow_run.asynchronous and self.isasync:
-            return self._submit_awaited(flow_run, args, kwargs)
-        return self._submit_now(flow_run, args, kwargs)
-
-    def _submit_many(
-        self, flow_run: FlowRun, runs: List[Tuple[tuple, dict]]
-    ) -> List[PrefectFuture[Any]]:
-        """Submit every run at once: one pass through the runner, for ``map``'s many runs."""
-        task_runs = [flow_run.new_task_run(self.name) for _ in runs]
-        run_fn = arun_task if self.isasync else run_task
-        run_kwargs_list = [
-            submission(self, task_run, a, k)[1] for task_run, (a, k) in zip(task_runs, runs)
-        ]
-        return flow_run.submit_many(task_runs, run_fn, run_kwargs_list)
-
-    def _submit_now(self, flow_run: FlowRun, args: tuple, kwargs: dict) -> PrefectFuture[Any]:
-        task_run = flow_run.new_task_run(self.name)
-        return flow_run.submit(task_run, *submission(self, task_run, args, kwargs))
-
-    async def _submit_awaited(
-        self, flow_run: FlowRun, args: tuple, kwargs: dict
-    ) -> PrefectFuture[Any]:
-        task_run = flow_run.new_task_run(self.name)
-        return await flow_run.submit_async(task_run, *submission(self, task_run, args, kwargs))
+            return asubmit_task(flow_run, self, args, kwargs)
+        return submit_task(flow_run, self, args, kwargs)
 
 
 @overload

@@ -550,7 +550,8 @@ def test_mapped_calls_with_running_upstream_calls_are_handed_dask_futures_with_a
         up = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 0.5, "value": 40})
         down_run = TaskRun()
         with dask.annotate(priority=3):
-            (down,) = seam.submit_calls(runner, [down_run], payloads.add_upstream, [{"upstream": up, "y": 1}])
+            (down_future,) = seam.submit_many(runner, [down_run], payloads.add_upstream, [{"upstream": up, "y": 1}])
+        down = seam.call_of(down_future)
         # Handed the upstream's Dask future, not waited for here and sent from the loop.
         assert down.dask_future is not None and down.key == key_of(down_run)
         block_until_done([down])

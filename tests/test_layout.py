@@ -1,5 +1,10 @@
-"""The package's imports form layers: no import circle, the blocking core below the rest,
-and in the core a folder per backend that no other backend reaches into.
+"""The package's imports form layers: no import circle, the blocking core below the rest
+and entered through one door, and in the core a folder per backend that no other
+backend reaches into.
+
+The door: a module outside ``taskrunners._core`` (the rest of ``taskrunners/``,
+``compat/``, ``benchmarks/``) imports no core module but ``taskrunners._core.seam``.
+The tests themselves are not read: they may import core internals, to test them.
 
 The imports are read from the source with :mod:`ast`: every ``import`` and
 ``from ... import`` anywhere in a module, at its top, inside a function or under
@@ -33,9 +38,9 @@ PACKAGES = {
 
 #: The layers above the blocking core: nothing in ``taskrunners._core`` may reach one
 #: of these, directly or through the modules it imports (the models it may import,
-#: ``taskrunners.states``, ``taskrunners.futures`` and ``taskrunners._collections``,
-#: must not reach them either).
+#: ``taskrunners.states`` and ``taskrunners._collections``, must not reach them either).
 ABOVE_CORE = (
+    "taskrunners.futures",
     "taskrunners.task_runners",
     "taskrunners.flows",
     "taskrunners.tasks",
@@ -45,11 +50,14 @@ ABOVE_CORE = (
     "taskrunners.compat",
 )
 CORE = "taskrunners._core"
+#: The one core module that modules outside the core may import.
+SEAM = "taskrunners._core.seam"
 
 #: The core's folders: one per backend, and ``remote`` for what the process-based ones
 #: share. No core module imports a backend's folder from outside it, and ``local``
 #: (the in-process runners) imports nothing of ``remote``. What every runner shares
-#: sits at the top of the core.
+#: sits at the top of the core; the seam, the door, gathers every backend's runner
+#: for the layers above.
 BACKEND_FOLDERS = ("local", "parallel", "dask", "ray")
 REMOTE_FOLDER = "remote"
 
@@ -83,11 +91,20 @@ def _resolve(module: str, is_package: bool, level: int, name: Optional[str]) -> 
 
 def imports_of(module: str, path: pathlib.Path, is_package: bool, known: Set[str]) -> Iterator[str]:
     """The modules of ``known`` that ``module`` imports, anywhere in its source."""
+    for target, _ in import_lines(module, path, is_package, known):
+        yield target
+
+
+def import_lines(
+    module: str, path: pathlib.Path, is_package: bool, known: Set[str]
+) -> Iterator[Tuple[str, int]]:
+    """Each module of ``known`` that ``module`` imports, with the line of the import."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield from _known_prefix(alias.name, known)
+                for target in _known_prefix(alias.name, known):
+                    yield target, node.lineno
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 source = _resolve(module, is_package, node.level, node.module)
@@ -96,9 +113,10 @@ def imports_of(module: str, path: pathlib.Path, is_package: bool, known: Set[str
             for alias in node.names:
                 submodule = f"{source}.{alias.name}"
                 if submodule in known:
-                    yield submodule
+                    yield submodule, node.lineno
                 else:
-                    yield from _known_prefix(source, known)
+                    for target in _known_prefix(source, known):
+                        yield target, node.lineno
 
 
 def _known_prefix(name: str, known: Set[str]) -> Iterator[str]:
@@ -271,7 +289,7 @@ def test_the_core_folders_show_the_design():
     assert folders == {*BACKEND_FOLDERS, REMOTE_FOLDER}, folders
     wrong = []
     for module in sorted(graph):
-        if not (module == CORE or module.startswith(CORE + ".")):
+        if not (module == CORE or module.startswith(CORE + ".")) or module == SEAM:
             continue
         here = _core_folder(module)
         for target in sorted(graph[module]):
@@ -282,3 +300,59 @@ def test_the_core_folders_show_the_design():
                 wrong.append(f"{module} -> {target}")
     if wrong:
         pytest.fail("A core module imports another backend's folder:\n" + "\n".join("  " + w for w in wrong))
+
+
+def _in_core(module: str) -> bool:
+    return module == CORE or module.startswith(CORE + ".")
+
+
+def doors_broken(files: Dict[str, Tuple[pathlib.Path, bool]]) -> List[str]:
+    """Every import of a core module other than the seam by a module outside the core:
+    ``"<file>:<line>: <module> imports <core module>"``."""
+    known = set(files)
+    wrong = []
+    for module, (path, is_package) in sorted(files.items()):
+        if _in_core(module):
+            continue
+        for target, line in import_lines(module, path, is_package, known):
+            if _in_core(target) and target != SEAM:
+                wrong.append(f"{path.relative_to(path.parents[1])}:{line}: {module} imports {target}")
+    return sorted(set(wrong))
+
+
+def test_the_core_has_one_door():
+    wrong = doors_broken(module_files())
+    if wrong:
+        pytest.fail(
+            f"Outside {CORE}, modules import the core only through {SEAM}:\n"
+            + "\n".join("  " + w for w in wrong)
+        )
+
+
+def test_the_door_check_reads_every_kind_of_import(tmp_path):
+    core = tmp_path / "taskrunners" / "_core"
+    core.mkdir(parents=True)
+    source = {
+        "taskrunners/__init__.py": "",
+        "taskrunners/_core/__init__.py": "",
+        "taskrunners/_core/seam.py": "from taskrunners._core import calls\n",
+        "taskrunners/_core/calls.py": "",
+        "taskrunners/lazy.py": "def f():\n    from taskrunners._core.calls import Call\n",
+        "taskrunners/hinted.py": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import taskrunners._core.calls\n"
+        ),
+        "taskrunners/relative.py": "from ._core import calls, seam\n",
+        "taskrunners/fine.py": "from taskrunners._core import seam\nfrom taskrunners._core.seam import X\n",
+    }
+    files = {}
+    for name, text in source.items():
+        path = tmp_path / name
+        path.write_text(text)
+        parts = name[:-3].split("/")
+        is_package = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    assert doors_broken(files) == [
+        "taskrunners/hinted.py:3: taskrunners.hinted imports taskrunners._core.calls",
+        "taskrunners/lazy.py:2: taskrunners.lazy imports taskrunners._core.calls",
+        "taskrunners/relative.py:1: taskrunners.relative imports taskrunners._core.calls",
+    ]

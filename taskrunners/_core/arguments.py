@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, FrozenSet, Mapping
 
-from taskrunners.futures import PrefectFuture
+from taskrunners._core.futures import PrefectFuture
 
 __all__ = [
     "FLAT_TYPES",

@@ -35,7 +35,7 @@ from taskrunners._core.calls import (
     when_all_done,
 )
 from taskrunners._core.remote.snapshots import Memo, snapshot_call, snapshot_kwargs
-from taskrunners.futures import PrefectFuture, RunFn, Sync, TaskRun
+from taskrunners._core.futures import PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [

@@ -1,40 +1,112 @@
-"""The blocking core as the layers above it use it: the facade, flows, compat.
+"""The one door into the blocking core, for the layers above it: facade, flows, compat.
 
-Nothing outside ``taskrunners._core`` touches a core runner's private members; the
-other layers go through these functions. (A future, below the core, holds its own
-call; one that holds none asks its runner's ``_call_of``: see
-:func:`taskrunners.futures.call_of`.) A *core* is a blocking twin
-(:class:`~taskrunners._core.base.BlockingTaskRunner`); :func:`core_of` finds the one
-under a facade runner.
+No module outside ``taskrunners._core`` imports any other core module
+(``tests/test_layout.py`` checks it). The seam re-exports what those layers use of
+the core, the blocking twins among it, and holds the driving they share:
+
+- submitting calls to a core and binding each future to its call
+  (:func:`submit`, :func:`submit_many`);
+- waiting for a future's call from async code (:func:`state_when_done`), for every
+  call of a block (:func:`drain`), or for the futures inside a value and resolving
+  them to their States (:func:`states_when_done`, :func:`astates_when_done`);
+- admitting a coroutine call that the facade runs on its own event loop, and
+  resolving its arguments once their calls are done (:func:`admit_coroutine_call`,
+  :func:`resolved`).
+
+A *core* is a blocking twin (:class:`BlockingTaskRunner`); :func:`core_of` finds the
+one under a facade runner.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Collection, Dict, List, Optional
 
-from taskrunners._core.base import BlockingTaskRunner
-from taskrunners._core.calls import CallHandle, state_of_done
-from taskrunners.futures import PrefectFuture, TaskRun, call_of, not_a_runner
+from taskrunners._collections import iter_leaves
+from taskrunners._core.arguments import FLAT_TYPES, check_submission, is_future
+from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
+from taskrunners._core.batching import BatchSize
+from taskrunners._core.calls import Call, CallHandle, block_until_done, state_of_done
+from taskrunners._core.dask.runner import DaskTaskRunner
+from taskrunners._core.futures import (
+    Async,
+    PrefectFuture,
+    RunFn,
+    Sync,
+    TaskRun,
+    call_of,
+    not_a_runner,
+    wait_for_state_async,
+)
+from taskrunners._core.local.interrupts import interrupted_since, sigint_watch
+from taskrunners._core.local.sequential import SequentialTaskRunner
+from taskrunners._core.local.threads import ConcurrentTaskRunner
+from taskrunners._core.parallel.runner import ParallelTaskRunner
+from taskrunners._core.ray.options import ray_options
+from taskrunners._core.ray.runner import RayTaskRunner
+from taskrunners._core.remote.protocol import Upstream
+from taskrunners._core.remote.snapshots import Memo, all_unchanging, snapshot_each, unchanging
+from taskrunners._core.running import checked_state, is_coroutine_function
+from taskrunners._core.waiting import in_event_loop, wait_until_done
+from taskrunners.states import State
 
 __all__ = [
-    "core_of",
-    "open_block",
-    "close_block",
-    "submit_call",
-    "submit_calls",
-    "bind",
+    # The runners: the blocking twins and what the facade shares with them.
+    "BlockingTaskRunner",
+    "SequentialTaskRunner",
+    "ConcurrentTaskRunner",
+    "ParallelTaskRunner",
+    "DaskTaskRunner",
+    "RayTaskRunner",
+    "RunnerIdentity",
+    "TaskConcurrencyType",
+    "BatchSize",
+    "ray_options",
+    # Task runs, futures and calls.
+    "TaskRun",
+    "PrefectFuture",
+    "Sync",
+    "Async",
+    "RunFn",
+    "Call",
+    "CallHandle",
     "call_of",
-    "state_of",
-    "pending_calls",
+    "state_of_done",
+    "is_future",
+    # Submissions: checking them, running a coroutine call to a State, snapshots.
+    "check_submission",
+    "checked_state",
+    "is_coroutine_function",
+    "sigint_watch",
+    "interrupted_since",
+    "FLAT_TYPES",
+    "Upstream",
+    "Memo",
+    "all_unchanging",
+    "snapshot_each",
+    "unchanging",
+    # Waiting from async code.
+    "in_event_loop",
+    "wait_until_done",
+    # The driving the layers share.
+    "core_of",
+    "submit",
+    "submit_many",
+    "future_for",
     "cancel_pending",
-    "ensure_usable",
-    "upstream_calls",
-    "resolve_futures",
+    "drain",
+    "state_when_done",
+    "states_when_done",
+    "astates_when_done",
+    "admit_coroutine_call",
+    "resolved",
 ]
 
 
 def core_of(runner: Any) -> BlockingTaskRunner:
-    """The blocking twin doing the work of ``runner`` (a twin, or a facade over one)."""
+    """The blocking twin doing the work of ``runner`` (a twin, or a facade over one).
+
+    :raises TypeError: if ``runner`` is not a taskrunners runner
+    """
     if isinstance(runner, BlockingTaskRunner):
         return runner
     core = getattr(runner, "_core", None)
@@ -43,66 +115,130 @@ def core_of(runner: Any) -> BlockingTaskRunner:
     return core
 
 
-def open_block(core: BlockingTaskRunner) -> None:
-    """Enter the core's ``start()`` block (it may block: pools and clusters start)."""
-    core._begin()
+# -- submitting ------------------------------------------------------------------------
 
 
-def close_block(core: BlockingTaskRunner, exc: Optional[BaseException]) -> None:
-    """Leave the core's ``start()`` block: normally (wait for every call) or with ``exc``."""
-    core._end(exc)
-
-
-def submit_call(
-    core: BlockingTaskRunner, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-) -> CallHandle:
-    """Submit one call to a started core; its handle."""
-    return core._submit_call(task_run, run_fn, run_kwargs)
-
-
-def submit_calls(
-    core: BlockingTaskRunner,
-    task_runs: List[TaskRun],
-    run_fn: Callable[..., Any],
-    run_kwargs_list: List[Dict[str, Any]],
-) -> List[CallHandle]:
-    """Submit many calls of one ``run_fn`` to a started core at once; their handles."""
-    return core._submit_calls(task_runs, run_fn, run_kwargs_list)
-
-
-def bind(future: PrefectFuture, call: CallHandle) -> PrefectFuture:
-    """Give ``future`` the handle of the call it stands for."""
+def future_for(
+    call: CallHandle, task_run: TaskRun, runner: Any, asynchronous: bool
+) -> PrefectFuture[Any]:
+    """A future of ``runner`` for ``task_run`` that holds the handle of its call."""
+    future: PrefectFuture[Any] = PrefectFuture(task_run, runner, asynchronous)
     future._call = call
     return future
 
 
-# call_of(future, core=None), from the futures: the handle of the call ``future``
-# stands for, as ``core`` (or the future's own runner) sees it.
+def submit(
+    core: BlockingTaskRunner,
+    task_run: TaskRun,
+    run_fn: Callable[..., Any],
+    run_kwargs: Dict[str, Any],
+    runner: Any = None,
+    asynchronous: bool = False,
+) -> PrefectFuture[Any]:
+    """Submit one call (its arguments checked by the caller) to a started core.
 
-#: The State of a call that is done.
-state_of = state_of_done
+    :param runner: the runner the future belongs to: the core, or the facade over it
+    :param asynchronous: whether the future's ``wait()`` and ``result()`` are awaited
+    :raises RuntimeError: if the core is not started, or was unpickled
+    """
+    future: PrefectFuture[Any] = PrefectFuture(task_run, core if runner is None else runner, asynchronous)
+    future._call = core._submit_call(task_run, run_fn, run_kwargs)
+    return future
 
 
-def pending_calls(core: BlockingTaskRunner) -> Collection[CallHandle]:
-    """The calls of the current block that are not done yet (a live view)."""
-    return core._pending
+def submit_many(
+    core: BlockingTaskRunner,
+    task_runs: List[TaskRun],
+    run_fn: Callable[..., Any],
+    run_kwargs_list: List[Dict[str, Any]],
+    runner: Any = None,
+    asynchronous: bool = False,
+) -> List[PrefectFuture[Any]]:
+    """Submit many calls of one ``run_fn`` to a started core at once; their futures."""
+    calls = core._submit_calls(task_runs, run_fn, run_kwargs_list)
+    owner = core if runner is None else runner
+    return [
+        future_for(call, task_run, owner, asynchronous) for task_run, call in zip(task_runs, calls)
+    ]
 
 
 def cancel_pending(core: BlockingTaskRunner) -> None:
-    """Cancel every call of the current block that has not started."""
+    """Cancel every call of the core's current block that has not started."""
     core._cancel_pending()
 
 
-def ensure_usable(core: BlockingTaskRunner, action: str) -> None:
-    """Raise the RuntimeError that says why the core cannot ``action`` now, if it cannot."""
-    core._ensure_usable(action)
+# -- waiting ------------------------------------------------------------------------
 
 
-def upstream_calls(core: BlockingTaskRunner, run_kwargs: Dict[str, Any]) -> List[CallHandle]:
-    """The handles of the futures anywhere in ``run_kwargs``."""
+async def drain(core: BlockingTaskRunner) -> None:
+    """Wait, holding no thread, until every call of the core's current block is done."""
+    pending: Collection[CallHandle] = core._pending
+    while pending:
+        await wait_until_done(next(iter(pending)), None)
+
+
+async def state_when_done(
+    future: PrefectFuture[Any], timeout: Optional[float], core: Optional[BlockingTaskRunner] = None
+) -> Optional[State[Any]]:
+    """The final State of ``future``'s call, or None after ``timeout``; holds no thread.
+
+    :param core: the core the call is reached through (default: the future's runner)
+    :raises RuntimeError: if the runner cannot reach the call (it was unpickled)
+    """
+    return await wait_for_state_async(call_of(future, core), timeout)
+
+
+def states_when_done(value: Any, core: Optional[BlockingTaskRunner] = None) -> Any:
+    """``value`` once every future in it is done (this blocks), each replaced by its State.
+
+    :param core: the core the calls are reached through (default: the runner of the
+        first future found)
+    """
+    futures = list(iter_leaves(value, is_future))
+    if not futures:
+        return value
+    block_until_done([call_of(future) for future in futures])
+    return _resolve_futures(value, futures, core)
+
+
+async def astates_when_done(value: Any, core: Optional[BlockingTaskRunner] = None) -> Any:
+    """:func:`states_when_done` from async code: waits holding no thread."""
+    futures = list(iter_leaves(value, is_future))
+    if not futures:
+        return value
+    for future in futures:
+        await wait_until_done(call_of(future), None)
+    return _resolve_futures(value, futures, core)
+
+
+def _resolve_futures(
+    value: Any, futures: List[PrefectFuture[Any]], core: Optional[BlockingTaskRunner]
+) -> Any:
+    if core is None:
+        core = core_of(futures[0].task_runner)
+    return core._resolve_futures(value)
+
+
+# -- coroutine calls run by the facade ------------------------------------------------
+
+
+def admit_coroutine_call(core: BlockingTaskRunner, run_kwargs: Dict[str, Any]) -> List[CallHandle]:
+    """Admit a coroutine call that the facade runs on its caller's event loop.
+
+    :return: the calls it must wait for: those of the futures in ``run_kwargs``
+    :raises RuntimeError: saying why the core cannot take work now, if it cannot
+    """
+    core._ensure_usable("submit work")
     return core._upstream_calls(run_kwargs)
 
 
-def resolve_futures(core: BlockingTaskRunner, expr: Any) -> Any:
-    """``expr`` with every future in it replaced by its final State (all are done)."""
-    return core._resolve_futures(expr)
+async def resolved(
+    core: BlockingTaskRunner, run_kwargs: Dict[str, Any], upstream: List[CallHandle]
+) -> Dict[str, Any]:
+    """``run_kwargs`` once the ``upstream`` calls are done, each future in it replaced by
+    its State; waits holding no thread."""
+    if not upstream:
+        return run_kwargs
+    for call in upstream:
+        await wait_until_done(call, None)
+    return core._resolve_futures(run_kwargs)

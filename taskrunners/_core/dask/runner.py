@@ -55,7 +55,7 @@ from taskrunners._core.dask.submitter import DaskSubmitter, start_after
 from taskrunners._core.remote.protocol import import_engine
 from taskrunners._core.remote.snapshots import snapshot_call
 from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed
 
 __all__ = ["DaskTaskRunner"]

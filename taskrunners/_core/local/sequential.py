@@ -10,7 +10,7 @@ from taskrunners._core.calls import Call, block_until_done, done_call
 from taskrunners._core.local.interrupts import sigint_watch
 from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.running import is_coroutine_function, run_to_state
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 
 __all__ = ["SequentialTaskRunner"]
 

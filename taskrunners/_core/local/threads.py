@@ -11,7 +11,7 @@ from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.local.thread_pool import ThreadPool
 from taskrunners._core.running import is_coroutine_function, run_to_state
 from taskrunners._core.settings import Setting
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 
 __all__ = ["ConcurrentTaskRunner"]
 

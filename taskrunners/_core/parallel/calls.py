@@ -22,7 +22,7 @@ import cloudpickle
 from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of
 from taskrunners._core.calls import Call
 from taskrunners._core.parallel.crashes import pickling_failure
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import State
 
 __all__ = ["ParallelCall", "Batch", "pack"]

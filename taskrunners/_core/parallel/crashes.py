@@ -26,7 +26,7 @@ import cloudpickle
 
 from taskrunners._core.parallel import loky_private
 from taskrunners._core.parallel.worker import INITIALIZER_ERROR_FILE
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed, State
 
 __all__ = [

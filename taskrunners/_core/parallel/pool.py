@@ -75,7 +75,7 @@ from taskrunners._core.parallel.crashes import (
 )
 from taskrunners._core.parallel.generation import Generation
 from taskrunners._core.parallel.outcomes import MAX_HANDOVERS, settle_batch
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = ["ProcessPool"]

@@ -50,7 +50,7 @@ from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import CallHandle
 from taskrunners._core.parallel.pool import ProcessPool
 from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 
 __all__ = ["ParallelTaskRunner"]
 

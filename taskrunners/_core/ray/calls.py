@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Hashable, Mapping, NamedTuple, Optional,
 from taskrunners._core.batching import Dispatcher, OwnEntry, Sendable, batch_key_of, group_of
 from taskrunners._core.calls import Call, cancelled_state
 from taskrunners._core.ray.worker import Unbatched
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed, State
 
 

@@ -66,7 +66,7 @@ from taskrunners._core.ray.sending import RaySender
 from taskrunners._core.ray.worker import RemoteFunctions, check_remote_options
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
-from taskrunners.futures import TaskRun
+from taskrunners._core.futures import TaskRun
 from taskrunners.states import exception_to_crashed_state
 
 __all__ = ["RayTaskRunner", "ray_options", "DEFAULT_REMOTE_OPTIONS"]

@@ -26,7 +26,7 @@ import cloudpickle
 from taskrunners._collections import visit_collection
 from taskrunners._core.calls import CallHandle, cancelled_state
 from taskrunners._core.running import checked_state, is_coroutine_function
-from taskrunners.futures import PrefectFuture
+from taskrunners._core.futures import PrefectFuture
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = [

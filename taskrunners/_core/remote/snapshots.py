@@ -33,7 +33,7 @@ import cloudpickle
 
 from taskrunners._collections import iter_leaves
 from taskrunners._core.remote.protocol import Upstream
-from taskrunners.futures import PrefectFuture
+from taskrunners._core.futures import PrefectFuture
 
 __all__ = ["Frozen", "Memo", "snapshot", "snapshot_each", "snapshot_call", "snapshot_kwargs", "unchanging", "all_unchanging"]
 
