@@ -303,7 +303,7 @@ def test_missing_distributed_gives_the_documented_error_on_start():
         "        pass\n"
         "except RuntimeError as exc:\n"
         "    print(exc)\n"
-        "print(runner._started)\n"
+        "print(runner.is_started)\n"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -627,7 +627,7 @@ def test_dask_retries_apply_to_a_call_that_raises(tmp_path):
 def test_an_unpicklable_argument_crashes_the_call_at_once():
     with threads_runner().start() as runner:
         future = runner.submit(TaskRun(), payloads.return_value, {"value": threading.Lock()})
-        assert future._call.done()
+        assert taskrunners.wait([future], timeout=0).done == {future}
         state = runner.wait(future)
     assert state.is_crashed()
     assert state.message == (
@@ -884,7 +884,7 @@ def test_leaving_with_an_exception_cancels_and_stops_an_own_process_cluster_prom
     assert_all_ended(workers, 30, "worker processes left after the block")
     states = [runner.wait(future, timeout=0) for future in futures]
     assert [(state.type, state.message) for state in states] == [(StateType.CRASHED, CANCELLED)] * 4
-    assert runner._client is None and not runner._started
+    assert runner._client is None and not runner.is_started
 
 
 @pytest.mark.timeout(120)
@@ -1135,7 +1135,7 @@ def test_an_unreachable_address_gives_up_after_connect_timeout_naming_it(runner_
             anyio.run(start)
     message = str(info.value)
     assert f"Dask scheduler at {address!r}" in message and "1.5 s" in message and "connect_timeout" in message
-    assert not runner._started
+    assert not runner.is_started
 
 
 def test_the_external_cluster_listens_on_loopback_only(dask_external_cluster):
