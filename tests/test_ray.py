@@ -344,7 +344,7 @@ def test_leaving_a_joined_ray_with_an_exception_stops_coroutine_and_queued_calls
                 for _ in range(2)
             ]
             queued = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 600})
-            ray.wait([future._call.ref for future in running], timeout=2)  # let them start
+            runner.wait(running[-1], timeout=2)  # let them start
             raise KeyError("stop")
     assert ray.is_initialized()
     for future in [*running, queued]:
