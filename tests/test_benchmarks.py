@@ -225,13 +225,14 @@ class Unfinished:
         raise NotImplementedError("not yet")
 
 
-def test_a_runner_not_implemented_yet_is_skipped_with_a_note():
+def test_a_runner_not_implemented_yet_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(taskrunners.sync, "SequentialTaskRunner", Unfinished)
     settings = EngineSettings(workers=2)
     with pytest.raises(RunnerUnavailable, match="not implemented yet"):
-        FAMILIES["sequential"]._construct(Unfinished, settings)
+        FAMILIES["sequential"].twin(settings)
 
     def make_engine():
-        return FAMILIES["sequential"]._construct(Unfinished, settings)
+        return FAMILIES["sequential"].twin(settings)
 
     session = _session(("twin", make_engine), ("raw", PlainLoop))
     moved = []
@@ -256,16 +257,18 @@ class LacksBatchSize:
         self.max_workers = max_workers
 
 
-def test_batch_size_is_pinned_where_the_runner_has_it_and_auto_is_not_run_where_not():
+def test_batch_size_is_pinned_where_the_runner_has_it_and_auto_is_not_run_where_not(monkeypatch):
     settings = EngineSettings(workers=2)
     parallel = FAMILIES["parallel"]
     assert has_batch_size(TakesBatchSize) and not has_batch_size(LacksBatchSize)
-    assert parallel._construct(TakesBatchSize, settings, batch_size=1).batch_size == 1
-    assert parallel._construct(TakesBatchSize, settings, batch_size="auto").batch_size == "auto"
+    monkeypatch.setattr(taskrunners.sync, "ParallelTaskRunner", TakesBatchSize)
+    assert parallel.twin(settings, batch_size=1).runner.batch_size == 1
+    assert parallel.twin(settings, batch_size="auto").runner.batch_size == "auto"
     # Today's runner, one engine task per call, is what batch_size=1 asks for.
-    assert parallel._construct(LacksBatchSize, settings, batch_size=1).max_workers == 2
+    monkeypatch.setattr(taskrunners.sync, "ParallelTaskRunner", LacksBatchSize)
+    assert parallel.twin(settings, batch_size=1).runner.max_workers == 2
     with pytest.raises(RunnerUnavailable, match="runner has no batch_size yet") as raised:
-        parallel._construct(LacksBatchSize, settings, batch_size="auto")
+        parallel.twin(settings, batch_size="auto")
     assert raised.value.status == "not run"
     # In-process runners have nothing to batch: never an auto or bulk cell.
     assert not FAMILIES["sequential"].has_mode("auto") and not FAMILIES["concurrent"].has_mode("bulk")

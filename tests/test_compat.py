@@ -66,8 +66,8 @@ def test_context_manager_starts_and_stops_the_runner(kind, request):
     runner = kind.make(request, blocking=True)
     with RunnerExecutor(runner) as executor:
         assert executor.submit(divide, 6, 3).result(timeout=60) == 2
-        assert runner._started
-    assert not runner._started
+        assert runner.is_started
+    assert not runner.is_started
     with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
         executor.submit(divide, 1, 1)
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import os
 import pickle
 import re
 import threading
 import time
+import urllib.request
 import uuid
 
 import cloudpickle
@@ -23,7 +25,7 @@ import pytest
 import taskrunners
 import taskrunners.sync
 from taskrunners import TaskConcurrencyType, TaskRun
-from taskrunners.states import StateType
+from taskrunners.states import Completed, StateType
 from tests.support import dask_payloads, payloads
 from tests.support.driver import driving
 from tests.support.kinds import parametrize_kinds
@@ -303,7 +305,7 @@ def test_missing_distributed_gives_the_documented_error_on_start():
         "        pass\n"
         "except RuntimeError as exc:\n"
         "    print(exc)\n"
-        "print(runner._started)\n"
+        "print(runner.is_started)\n"
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -369,12 +371,14 @@ def test_cluster_class_is_none_until_start_then_local_cluster_with_loopback_defa
 
 
 def test_adapt_is_called_only_with_adapt_kwargs(spy_cluster):
-    with SyncDask(cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER)).start() as runner:
-        assert runner._cluster.adapt_calls == []
+    with SyncDask(cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER)).start():
+        (without,) = spy_cluster.made
+        assert without.adapt_calls == []
     with SyncDask(
         cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER), adapt_kwargs={"minimum": 1, "maximum": 2}
     ).start() as runner:
-        assert runner._cluster.adapt_calls == [{"minimum": 1, "maximum": 2}]
+        _, adapted = spy_cluster.made
+        assert adapted.adapt_calls == [{"minimum": 1, "maximum": 2}]
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": 2})).result() == 2
 
 
@@ -401,13 +405,16 @@ def kwargs_given_to_the_cluster(cluster_kwargs):
     return given
 
 
-def test_loopback_settings_are_added_only_where_the_user_chose_no_address(spy_cluster):
+def test_loopback_settings_are_added_only_where_the_user_chose_no_address(spy_cluster, caplog):
+    caplog.set_level(logging.INFO, logger="task_runner.dask")
     with SyncDask(cluster_class=spy_cluster, cluster_kwargs=dict(THREADS_CLUSTER)).start():
         pass
+    caplog.clear()
     with SyncDask(
         cluster_class=spy_cluster, cluster_kwargs={**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:0"}
-    ).start() as runner:
-        assert runner._client.dashboard_link and ":8787/" not in runner._client.dashboard_link
+    ).start():
+        (link,) = dashboard_links(caplog)
+        assert ":8787/" not in link
     defaults, chosen = (cluster.given for cluster in spy_cluster.made)
     assert defaults == {**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:8787", "worker_dashboard_address": "127.0.0.1:0"}
     assert chosen == {**THREADS_CLUSTER, "dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0"}
@@ -441,6 +448,27 @@ def test_loopback_settings_are_added_only_where_the_user_chose_no_address(spy_cl
     }
 
 
+DASHBOARD_LINK = re.compile(r"The Dask dashboard is available at (http://127\.0\.0\.1:\d+/status)$")
+
+
+def dashboard_links(caplog):
+    """The dashboard links the Dask runners logged, in order."""
+    messages = [record.getMessage() for record in caplog.records if record.name == "task_runner.dask"]
+    return [found[1] for found in map(DASHBOARD_LINK.match, messages) if found]
+
+
+def read_json(url):
+    """The JSON document at ``url``, fetched directly (no proxy)."""
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=60) as response:
+        return json.load(response)
+
+
+def worker_address():
+    import distributed
+
+    return Completed(data=distributed.get_worker().address)
+
+
 def test_a_threads_cluster_listens_on_loopback_only():
     before = set(listening_addresses())
     with threads_runner().start() as runner:
@@ -454,10 +482,12 @@ def test_a_threads_cluster_listens_on_loopback_only():
 def test_the_dashboard_link_is_logged(caplog):
     caplog.set_level(logging.INFO, logger="task_runner.dask")
     with threads_runner().start() as runner:
-        port = runner._cluster.scheduler_info["services"]["dashboard"]
+        # Dask's own link names this machine's IP; the dashboard listens on loopback only.
+        (link,) = dashboard_links(caplog)
+        # The link leads to this cluster's dashboard: it knows the worker that ran a call.
+        worker = runner.wait(runner.submit(TaskRun(), worker_address, {})).result()
+        assert worker in read_json(link.replace("/status", "/json/identity.json"))["workers"]
     messages = [record.getMessage() for record in caplog.records if record.name == "task_runner.dask"]
-    # Dask's own link names this machine's IP; the dashboard listens on loopback only.
-    assert f"The Dask dashboard is available at http://127.0.0.1:{port}/status" in messages
     assert any(message.startswith("Creating a new Dask cluster with `distributed.") for message in messages)
     caplog.clear()
     # With the dashboard off there is no dashboard to link to.
@@ -467,7 +497,8 @@ def test_the_dashboard_link_is_logged(caplog):
     assert messages and not any("dashboard" in message for message in messages)
 
 
-def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_warns():
+def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_warns(caplog):
+    caplog.set_level(logging.INFO, logger="task_runner.dask")
     # Both ask for one dashboard port, as two runners with the default 8787 do.
     dashboard = f"127.0.0.1:{free_port()}"
     outer, inner = threads_runner(dashboard_address=dashboard), threads_runner(dashboard_address=dashboard)
@@ -477,7 +508,8 @@ def test_two_runners_at_once_both_work_and_the_dashboard_port_collision_only_war
             inner_block = inner.start()
             inner_block.__enter__()
         try:
-            assert inner._client.dashboard_link != outer._client.dashboard_link
+            outer_link, inner_link = dashboard_links(caplog)
+            assert inner_link != outer_link
             second = inner.submit(TaskRun(), payloads.add_upstream, {"upstream": first, "y": "+inner"})
             assert inner.wait(second).result() == "outer+inner"
         finally:
@@ -628,7 +660,7 @@ def test_dask_retries_apply_to_a_call_that_raises(tmp_path):
 def test_an_unpicklable_argument_crashes_the_call_at_once():
     with threads_runner().start() as runner:
         future = runner.submit(TaskRun(), payloads.return_value, {"value": threading.Lock()})
-        assert future._call.done()
+        assert taskrunners.wait([future], timeout=0).done == {future}
         state = runner.wait(future)
     assert state.is_crashed()
     assert state.message == (
@@ -885,7 +917,7 @@ def test_leaving_with_an_exception_cancels_and_stops_an_own_process_cluster_prom
     assert_all_ended(workers, 30, "worker processes left after the block")
     states = [runner.wait(future, timeout=0) for future in futures]
     assert [(state.type, state.message) for state in states] == [(StateType.CRASHED, CANCELLED)] * 4
-    assert runner._client is None and not runner._started
+    assert runner._client is None and not runner.is_started
 
 
 @pytest.mark.timeout(120)
@@ -1136,7 +1168,7 @@ def test_an_unreachable_address_gives_up_after_connect_timeout_naming_it(runner_
             anyio.run(start)
     message = str(info.value)
     assert f"Dask scheduler at {address!r}" in message and "1.5 s" in message and "connect_timeout" in message
-    assert not runner._started
+    assert not runner.is_started
 
 
 def test_the_external_cluster_listens_on_loopback_only(dask_external_cluster):

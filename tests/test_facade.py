@@ -28,7 +28,7 @@ async def test_cancelled_from_outside_stops_cleanly_and_can_start_again(anyio_ba
                 futures.append(await runner.submit(TaskRun(), payloads.async_sleep_then_return, {"seconds": 60}))
             await anyio.sleep(60)
     assert scope.cancelled_caught
-    assert not runner._started
+    assert not runner.is_started
     for future in futures:
         state = await runner.wait(future)
         assert state.is_crashed()
@@ -119,7 +119,7 @@ async def test_the_seed_base_class_supports_user_runners(anyio_backend):
         future = await runner.submit(TaskRun(), payloads.async_return_value, {"value": 4})
         assert (await future.wait()).result() == 4
         assert await future.result() == 4
-    assert runner.events == ["start", "stop"] and not runner._started
+    assert runner.events == ["start", "stop"] and not runner.is_started
 
 
 async def test_result_raises_timeout_error_on_timeout(anyio_backend):
@@ -145,4 +145,4 @@ def test_a_facade_runner_in_a_plain_with_points_to_async_with_and_the_twin(class
     with pytest.raises(TypeError, match=rf"async with runner.start\(\):.*taskrunners\.sync\.{class_name}"):
         with runner.start():
             pass  # pragma: no cover
-    assert not runner._started
+    assert not runner.is_started

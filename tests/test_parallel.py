@@ -527,7 +527,7 @@ def test_an_executor_shutdown_cancelling_calls_marks_them_cancelled(tmp_path):
     pathlib.Path(gate).touch()
     assert first.result(timeout=60).result() == "first"
     wait_until(
-        lambda: all(future.done() for future in queued) and not runner._started,
+        lambda: all(future.done() for future in queued) and not runner.is_started,
         what="the executor did not settle its calls and stop the runner",
     )
     # Only the calls already handed to the worker were not cancelled; they ran.

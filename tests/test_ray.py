@@ -94,7 +94,7 @@ def errors():
         with runner.start():
             pass
     except RuntimeError as exc:
-        yield str(exc), runner._started
+        yield str(exc), runner.is_started
     for backend in ("asyncio", "trio"):
         runner = taskrunners.RayTaskRunner()
 
@@ -105,7 +105,7 @@ def errors():
         try:
             anyio.run(start, backend=backend)
         except RuntimeError as exc:
-            yield str(exc), runner._started
+            yield str(exc), runner.is_started
 
 print(list(errors()))
 """
@@ -344,7 +344,7 @@ def test_leaving_a_joined_ray_with_an_exception_stops_coroutine_and_queued_calls
                 for _ in range(2)
             ]
             queued = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 600})
-            ray.wait([future._call.ref for future in running], timeout=2)  # let them start
+            runner.wait(running[-1], timeout=2)  # let them start
             raise KeyError("stop")
     assert ray.is_initialized()
     for future in [*running, queued]:
@@ -374,7 +374,7 @@ def test_an_address_other_than_the_current_connection_is_refused(ray_session):
             pass
     assert current in str(info.value) and "address='127.0.0.1:1'" in str(info.value)
     assert "ray.shutdown()" in str(info.value)
-    assert not runner._started and ray.is_initialized()
+    assert not runner.is_started and ray.is_initialized()
 
 
 def test_remote_options_ray_refuses_fail_the_start(ray_session):
@@ -383,7 +383,7 @@ def test_remote_options_ray_refuses_fail_the_start(ray_session):
     with pytest.raises(ValueError, match="Ray refused `remote_options="):
         with runner.start():
             pass
-    assert not runner._started
+    assert not runner.is_started
 
 
 def test_each_run_fn_is_wrapped_and_exported_once(ray_session, monkeypatch):

@@ -46,7 +46,7 @@ def test_the_call_has_finished_when_submit_returns():
     runner = taskrunners.sync.SequentialTaskRunner()
     with runner.start():
         future = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 0.1, "value": 1})
-        assert future._call.done()
+        assert taskrunners.wait([future], timeout=0).done == {future}
 
 
 async def test_async_calls_run_inside_submit_on_the_callers_loop(anyio_backend):

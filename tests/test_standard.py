@@ -222,7 +222,7 @@ def test_leaving_the_block_with_an_exception_reraises_it_unchanged(driver):
             driver.submit(payloads.return_value, {"value": 1})
             raise error
     assert info.value is error
-    assert not driver.runner._started
+    assert not driver.runner.is_started
     with driver.start():
         assert driver.run(payloads.return_value, {"value": 5}).result() == 5
 

@@ -189,7 +189,10 @@ def test_future_without_runner_handle_pickles_without_its_call():
     future = PrefectFuture(TaskRun(name="p"), task_runner=None, asynchronous=False)
     future._call = concurrent.futures.Future()
     copy = cloudpickle.loads(cloudpickle.dumps(future))
-    assert copy._call is None and copy.task_run == future.task_run
+    assert copy.task_run == future.task_run
+    # The copy holds no call: it asks its runner for one, and it has none.
+    with pytest.raises(TypeError, match="Expected a taskrunners runner, got NoneType"):
+        copy.result(timeout=0)
 
 
 def _completed() -> State:
@@ -198,8 +201,9 @@ def _completed() -> State:
 
 def test_a_future_waits_on_its_own_call_and_one_without_a_call_asks_its_runner():
     held = PrefectFuture(TaskRun(name="held"), task_runner=None, asynchronous=False)
-    held._call = concurrent.futures.Future()
-    held._call.set_result(Completed(data=3))
+    call = concurrent.futures.Future()
+    call.set_result(Completed(data=3))
+    held._call = call
     assert held.result() == 3  # no runner needed to wait on the call it holds
     with pytest.raises(TypeError, match="Expected a taskrunners runner, got NoneType"):
         PrefectFuture(TaskRun(), task_runner=None, asynchronous=False).result()
