@@ -4,7 +4,7 @@ what comes back.
 :class:`DaskSubmitter` is the part of :class:`~taskrunners._core.dask.runner.DaskTaskRunner`
 that one ``start()`` block (or an unpickled runner on a worker) composes: it holds the
 block's client, the tokens of the Dask tasks in flight and the
-:class:`~taskrunners._core.dask.calls.StateFetcher`, whose client-loop callbacks settle
+:class:`~taskrunners._core.dask.fetcher.StateFetcher`, whose client-loop callbacks settle
 each call. Batches go through :mod:`~taskrunners._core.dask.batches`, which hands its
 batches of one call back to :meth:`DaskSubmitter.start`.
 
@@ -29,7 +29,6 @@ from taskrunners._core.dask.annotations import submit_annotated
 from taskrunners._core.dask.calls import (
     DaskBatch,
     DaskCall,
-    StateFetcher,
     Submission,
     cancel_unstarted,
     dask_future_to_hand_off,
@@ -37,6 +36,7 @@ from taskrunners._core.dask.calls import (
     forget_token,
     unpicklable_call_state,
 )
+from taskrunners._core.dask.fetcher import StateFetcher
 from taskrunners._core.dask.cluster import RecordForwarder
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners.states import Crashed, exception_to_crashed_state
