@@ -19,6 +19,7 @@ import cloudpickle
 import pytest
 
 from taskrunners import PrefectFuture, TaskConcurrencyType, TaskRun
+from taskrunners._core import seam
 from taskrunners.states import Completed, StateType
 from tests.support import payloads
 from tests.support.kinds import all_kinds, parametrize_kinds
@@ -295,6 +296,20 @@ def test_a_call_sees_its_arguments_as_they_were_at_submit(driver, kind):
         flat[0] = nested["n"][0] = raw[0] = box.item[0] = 99
         seen = [driver.wait(future).result() for future in futures]
     assert seen == [(i, i, i, i, i, "up") for i in range(20)]
+
+
+@CONCURRENT_KINDS
+def test_a_call_cancelled_before_it_starts_hands_its_downstream_the_cancelled_state(kind, request):
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        slow = runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 2})
+        # Waiting for ``slow``, ``up`` has not started, so it can be cancelled.
+        up = runner.submit(TaskRun(), payloads.receive_states, {"states": [slow]})
+        assert seam.call_of(up).cancel()
+        down = runner.submit(TaskRun(), payloads.receive_states, {"states": [up]})
+        state = runner.wait(down, timeout=60)
+    (received,) = state.result()
+    assert received.is_crashed() and received.message == CANCELLED
 
 
 def test_a_chain_of_dependent_calls_completes(driver):

@@ -299,8 +299,9 @@ class RayTaskRunner(BlockingTaskRunner):
         return with_upstream(run_kwargs, self._call_of, state_of_done, self._held_state)
 
     def _held_state(self, call: CallHandle) -> Optional[Held]:
-        """Where Ray holds the State of a call of this runner whose task gave one, else None."""
-        if type(call) is RayCall and call.runner is self and not call.failed:
+        """Where Ray holds the State of a call of this runner whose task gave one, else None
+        (a call cancelled before it was sent has no task)."""
+        if type(call) is RayCall and call.runner is self and call.ref is not None and not call.failed:
             return Held(call.ref, call.position)
         return None
 
