@@ -53,7 +53,6 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.dask.submitter import DaskSubmitter, start_after
 from taskrunners._core.remote.protocol import import_engine
-from taskrunners._core.remote.snapshots import snapshot_call
 from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
 from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed
@@ -239,16 +238,6 @@ class DaskTaskRunner(BlockingTaskRunner):
 
     # -- submission -----------------------------------------------------------------
 
-    def _submit_call(
-        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
-    ) -> DaskCall:
-        if not self._started or self._detached or self._reconnect_error is not None:
-            self._ensure_usable("submit work")
-        run_fn, run_kwargs = snapshot_call(run_fn, run_kwargs)
-        call = self._dispatch(task_run, run_fn, run_kwargs)
-        self._track(call)
-        return call
-
     def _dispatch_after(
         self,
         upstream: List[Any],
@@ -256,7 +245,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
     ) -> DaskCall:
-        # task.map's calls with upstream futures go as submit's: handed Dask futures.
+        # Upstream calls Dask holds are handed to it as Dask futures: see _dispatch.
         return self._dispatch(task_run, run_fn, run_kwargs)
 
     def _dispatch(
