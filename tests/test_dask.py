@@ -26,6 +26,7 @@ import taskrunners
 import taskrunners.sync
 from taskrunners import TaskConcurrencyType, TaskRun
 from taskrunners.states import Completed, StateType
+from taskrunners._core.seam import call_of
 from tests.support import dask_payloads, payloads
 from tests.support.driver import driving
 from tests.support.kinds import parametrize_kinds
@@ -735,7 +736,7 @@ def submit_recorded(runner, directory, name):
 
 
 def assert_cancelled(runner, future):
-    call = future._call
+    call = call_of(future)
     assert call.cancelled() and call.done() and not call.running()
     state = runner.wait(future)
     assert state.is_crashed() and state.message == CANCELLED
@@ -750,7 +751,7 @@ def test_cancel_stops_only_calls_no_worker_started_and_running_tells_which(busy_
     # With Dask's default worker-saturation the first two typically wait on a worker,
     # the others in the scheduler's queue, on no worker yet.
     queued = [submit_recorded(runner, ran, f"queued-{index}") for index in range(4)]
-    started, waiting = long_runs[0]._call, queued[0]._call
+    started, waiting = call_of(long_runs[0]), call_of(queued[0])
     # The marker file is written after the worker marked the call started.
     assert started.running() and not waiting.running()
     # A started call is not cancelled: it runs to its end.
@@ -759,7 +760,7 @@ def test_cancel_stops_only_calls_no_worker_started_and_running_tells_which(busy_
     # A call no worker has started is cancelled, and never runs.
     assert waiting.cancel() is True
     assert waiting.cancel() is True  # as concurrent.futures: cancelled already
-    assert queued[2]._call.cancel() is True
+    assert call_of(queued[2]).cancel() is True
     assert_cancelled(runner, queued[0])
     assert_cancelled(runner, queued[2])
     release.touch()
@@ -787,21 +788,21 @@ def test_running_goes_from_false_to_true_to_false(tmp_path):
                 payloads.run_once_gate_opens,
                 {"marker": str(tmp_path / "started"), "gate": str(tmp_path / "finish"), "value": gate},
             )
-            assert not future._call.running()
+            assert not call_of(future).running()
             release.touch()
             wait_for_path(tmp_path / "started")
-            assert future._call.running()
+            assert call_of(future).running()
             (tmp_path / "finish").touch()
             assert runner.wait(future).is_completed()
-            assert not future._call.running()
+            assert not call_of(future).running()
 
 
 @pytest.mark.timeout(240)
 def test_the_same_task_run_submitted_again_shares_its_running_task_and_is_not_cancelled(busy_processes_runner):
     runner, long_runs, release = busy_processes_runner
     again = runner.submit(long_runs[1].task_run, payloads.run_once_gate_opens, {"marker": "-", "gate": "-"})
-    assert again._call.running()
-    assert again._call.cancel() is False
+    assert call_of(again).running()
+    assert call_of(again).cancel() is False
     release.touch()
     assert runner.wait(again).result() == runner.wait(long_runs[1]).result() == 1
 
@@ -829,11 +830,11 @@ def test_cancel_unstarted_cancels_what_no_worker_started_in_one_round_trip(busy_
 
         client.run = counting_run
         try:
-            runner._cancel_unstarted([future._call for future in [*long_runs, *queued[:3], after_foreign]])
+            runner._cancel_unstarted([call_of(future) for future in [*long_runs, *queued[:3], after_foreign]])
         finally:
             del client.run
         assert asked.count("cancel_unstarted_calls") == 1
-        assert not any(future._call.cancelled() for future in long_runs)
+        assert not any(call_of(future).cancelled() for future in long_runs)
         for future in [*queued[:3], after_foreign]:
             assert_cancelled(runner, future)
         release.touch()
@@ -854,7 +855,7 @@ def test_cancel_on_the_client_loop_thread_does_not_block_it(tmp_path):
         after_foreign = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": foreign, "y": 1})
         answers = []
         runner._client.loop.add_callback(
-            lambda: answers.append((queued._call.cancel(), queued._call.running(), after_foreign._call.cancel()))
+            lambda: answers.append((call_of(queued).cancel(), call_of(queued).running(), call_of(after_foreign).cancel()))
         )
         wait_until(lambda: answers, 60, "the client's event loop did not run the callback")
         # There the workers cannot be asked: only a call not handed to Dask is cancelled.
@@ -1256,7 +1257,7 @@ def test_batch_size_one_sends_every_call_alone_at_once():
         assert runner._batches is None
         measure(runner, dask_payloads.current_key, {})
         futures = [runner.submit(TaskRun(), dask_payloads.current_key, {}) for _ in range(40)]
-        assert all(future._call.dask_future is not None for future in futures)
+        assert all(call_of(future).dask_future is not None for future in futures)
         keys = [runner.wait(future).result() for future in futures]
     assert keys == [key_of(future.task_run) for future in futures]
 
@@ -1324,25 +1325,25 @@ def test_waiting_for_a_gathered_call_sends_it_at_once_and_each_call_cancels_alon
             # Two run, two wait in Dask: every Dask task the dispatcher may send is out.
             gates = gate_calls(runner, tmp_path, gate, dispatcher.limit)
             futures = submit_counted(runner, ran, 30)
-            assert dispatcher.gathered == 30 and all(f._call.dask_future is None for f in futures)
+            assert dispatcher.gathered == 30 and all(call_of(f).dask_future is None for f in futures)
             # A gathered call is cancelled at once and never runs.
-            assert futures[0]._call.cancel() is True
+            assert call_of(futures[0]).cancel() is True
             # Waiting sends a gathered call at once (with the calls gathered before it).
             waited = futures[3]
             assert runner.wait(waited, timeout=0.01) is None
-            assert waited._call.dask_future is not None and waited._call.in_batch
-            batch = [f for f in futures if f._call.dask_future is waited._call.dask_future]
+            assert call_of(waited).dask_future is not None and call_of(waited).in_batch
+            batch = [f for f in futures if call_of(f).dask_future is call_of(waited).dask_future]
             assert len(batch) >= 2 and dispatcher.gathered == 30 - 1 - len(batch)
             # A call of that batch that no worker started is cancelled alone; the batch runs on.
             cancelled = next(f for f in batch if f is not waited)
-            assert cancelled._call.cancel() is True and not cancelled._call.running()
+            assert call_of(cancelled).cancel() is True and not call_of(cancelled).running()
         finally:
             gate.touch()
         states = {future.task_run.name: runner.wait(future) for future in futures}
         assert [runner.wait(future).result() for future in gates] == list(range(len(gates)))
         # A lone call on a free runner is sent at once, alone.
         lone = runner.submit(TaskRun(), dask_payloads.current_key, {})
-        assert lone._call.dask_future is not None and not lone._call.in_batch
+        assert call_of(lone).dask_future is not None and not call_of(lone).in_batch
         assert runner.wait(lone).result() == key_of(lone.task_run)
     for future in (futures[0], cancelled):
         assert_cancelled(runner, future)

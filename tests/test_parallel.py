@@ -29,6 +29,7 @@ from taskrunners._core.parallel import loky_private
 from taskrunners._core.seam import core_of
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
+from taskrunners._core.seam import call_of
 from tests.support import parallel_payloads, payloads
 from tests.support.kinds import all_kinds, parametrize_kinds
 from tests.support.processes import assert_all_ended, run_python
@@ -433,7 +434,7 @@ def process_pool_executor():
 @contextlib.contextmanager
 def parallel_task_runner():
     with ParallelTaskRunner(max_workers=1).start() as runner:
-        yield lambda fn, **kwargs: runner.submit(TaskRun(), fn, kwargs)._call
+        yield lambda fn, **kwargs: call_of(runner.submit(TaskRun(), fn, kwargs))
 
 
 @pytest.mark.parametrize("pool", [process_pool_executor, parallel_task_runner])
@@ -639,7 +640,7 @@ def test_leaving_with_an_exception_cancels_queued_calls_and_kills_the_workers(tm
 
     for future, pid in zip(running, worker_pids):
         state = runner.wait(future, timeout=0)
-        assert state.is_crashed() and not future._call.cancelled()
+        assert state.is_crashed() and not call_of(future).cancelled()
         assert state.message == (
             f"Task run {future.task_run.name!r} was stopped in worker process (pid {pid}): the "
             f"runner's start() block was left with {error!r}, which terminates the worker processes."
@@ -647,7 +648,7 @@ def test_leaving_with_an_exception_cancels_queued_calls_and_kills_the_workers(tm
     for future in queued:
         state = runner.wait(future, timeout=0)
         assert state.is_crashed() and state.message == "Execution was cancelled by the runtime environment."
-        assert future._call.cancelled()  # never started, whichever queue it was in
+        assert call_of(future).cancelled()  # never started, whichever queue it was in
     assert parallel_payloads.started_calls(log) == ["sleeper-0", "sleeper-1"]
     # The runner can start again.
     with runner.start():

@@ -24,6 +24,7 @@ from taskrunners import TaskRun, flow, task
 from taskrunners._core.parallel.pool import ProcessPool
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
+from taskrunners._core.seam import call_of
 from tests.support import parallel_payloads, payloads
 from tests.support.waiting import wait_for_path
 
@@ -189,7 +190,7 @@ def test_a_gathered_call_somebody_waits_for_is_sent_at_once(tmp_path, handed_ove
         assert gathered(runner) == 5
         assert runner.wait(futures[2], timeout=0) is None
         # Sent (the task is new: alone), though loky has no room for it yet.
-        assert gathered(runner) == 4 and futures[2]._call.running()
+        assert gathered(runner) == 4 and call_of(futures[2]).running()
         open_gate()
         assert [runner.wait(future).result() for future in futures] == [f"c{i}" for i in range(5)]
     # It went to the worker before the calls gathered before it.
@@ -354,7 +355,7 @@ def test_leaving_with_an_exception_cancels_gathered_and_sent_calls_not_started(t
         state = runner.wait(future, timeout=0)
         assert state.is_crashed()
         assert state.message == "Execution was cancelled by the runtime environment."
-        assert future._call.cancelled()
+        assert call_of(future).cancelled()
     assert parallel_payloads.started_calls(log) == []
 
 

@@ -27,6 +27,7 @@ from taskrunners._core.ray import ray_private
 from taskrunners._core.ray.options import call_options, ray_options
 from taskrunners._core.ray.runner import DEFAULT_REMOTE_OPTIONS
 from taskrunners.states import Completed
+from taskrunners._core.seam import call_of
 from tests.support import payloads, ray_payloads
 from tests.support.driver import driving
 from tests.support.kinds import parametrize_kinds
@@ -357,7 +358,7 @@ def test_leaving_a_joined_ray_with_an_exception_stops_coroutine_and_queued_calls
     # The calls ended in their workers: interrupted, or cancelled before they started.
     for future in running:
         try:
-            value = ray.get(future._call.ref, timeout=30)
+            value = ray.get(call_of(future).ref, timeout=30)
         except ray.exceptions.TaskCancelledError:
             continue
         assert value[0] == "CRASHED"
@@ -476,9 +477,9 @@ def test_upstream_futures_reach_ray_as_object_refs(ray_session, monkeypatch):
         downstream = runner.submit(TaskRun(), payloads.add_upstream, {"upstream": upstream, "y": 1})
         # Held here, holding no worker, until the upstream is done; then handed to Ray
         # with the upstream's ObjectRef as an argument, read from the object store.
-        assert downstream._call.ref is None and not downstream._call.running()
+        assert call_of(downstream).ref is None and not call_of(downstream).running()
         assert runner.wait(downstream).result() == 42
-    assert sent == [[(upstream._call.ref, None)]]  # the ref, and no place in a batch
+    assert sent == [[(call_of(upstream).ref, None)]]  # the ref, and no place in a batch
 
 
 def test_a_dead_upstream_reaches_its_downstream_as_a_crashed_state(ray_session, tmp_path):

@@ -22,6 +22,7 @@ import taskrunners.sync
 from taskrunners import TaskRun
 from taskrunners._core.ray.options import ray_options
 from taskrunners._core.ray.sending import RaySender
+from taskrunners._core.seam import call_of
 from tests.support import payloads, ray_payloads
 from tests.support.pickling import register_payloads
 from tests.support.waiting import wait_for_path
@@ -97,7 +98,7 @@ def test_many_short_calls_share_a_few_ray_tasks_and_a_slow_task_goes_alone(tmp_p
             for future in numbers
         ]
         assert [runner.wait(future).result() for future in sums] == [n + 1 for n in range(100)]
-        assert any(future._call.position for future in numbers)
+        assert any(call_of(future).position for future in numbers)
         slow = [
             runner.submit(TaskRun(), payloads.sleep_then_return, {"seconds": 0.2, "value": n})
             for n in range(6)
@@ -107,10 +108,10 @@ def test_many_short_calls_share_a_few_ray_tasks_and_a_slow_task_goes_alone(tmp_p
     # the tens or hundreds: sizes follow the durations measured, which a loaded machine
     # stretches, so the bound is loose (20 on a quiet machine; 400 without batching).
     assert len(set(task_ids)) <= 50, len(set(task_ids))
-    assert len({future._call.ref for future in short}) == len(set(task_ids))
+    assert len({call_of(future).ref for future in short}) == len(set(task_ids))
     # A call of 0.2 s is a Ray task of its own, as without batching.
-    assert all(future._call.position is None for future in slow)
-    assert len({future._call.ref for future in slow}) == 6
+    assert all(call_of(future).position is None for future in slow)
+    assert len({call_of(future).ref for future in slow}) == 6
 
 
 def test_a_raising_call_in_a_batch_affects_no_other_call(tmp_path):
@@ -121,7 +122,7 @@ def test_a_raising_call_in_a_batch_affects_no_other_call(tmp_path):
                 runner, tmp_path, ["return", "raise", "return", "not-a-state", "return"]
             )
             states = [runner.wait(future) for future in futures]  # the first wait sends them all
-    assert len({future._call.ref for future in futures}) == 1, "one batch"
+    assert len({call_of(future).ref for future in futures}) == 1, "one batch"
     assert [state.result() for state in (states[0], states[2], states[4])] == [0, 2, 4]
     raised = states[1].result(raise_on_failure=False)
     assert states[1].is_crashed() and type(raised) is LookupError and raised.args == (1,)
@@ -219,7 +220,7 @@ def test_gathered_calls_are_cancelled_when_the_block_is_left_with_an_exception(t
     for future in futures:
         state = runner.wait(future, timeout=0)
         assert state.is_crashed() and state.message == CANCELLED
-        assert future._call.cancelled()
+        assert call_of(future).cancelled()
     assert all(not lines(marker) for marker in markers), "gathered calls never start"
 
 
@@ -229,7 +230,7 @@ def test_waiting_for_a_gathered_call_sends_it_at_once(tmp_path):
     with runner.start():
         lone = runner.submit(TaskRun(), payloads.return_value, {"value": "lone"})
         assert runner.wait(lone).result() == "lone"
-        assert lone._call.position is None  # went at once, alone
+        assert call_of(lone).position is None  # went at once, alone
         with dispatcher_filled(runner, tmp_path) as gate:
             gathered = runner.submit(TaskRun(), payloads.return_value, {"value": "gathered"})
             assert runner._sender.dispatcher.gathered == 1
@@ -254,7 +255,7 @@ def test_calls_with_different_options_never_share_a_batch_and_each_batch_carries
         [{"CPU": 0.5}] * 3,
         [{"CPU": 1.0, "test-slot": 1.0}] * 3,
     ]
-    refs = [{future._call.ref for future in group} for group in (plain, half, slot)]
+    refs = [{call_of(future).ref for future in group} for group in (plain, half, slot)]
     assert all(len(group) == 1 for group in refs) and len(set.union(*refs)) == 3
 
 
