@@ -141,9 +141,8 @@ def submit(
     :param asynchronous: whether the future's ``wait()`` and ``result()`` are awaited
     :raises RuntimeError: if the core is not started, or was unpickled
     """
-    future: PrefectFuture[Any] = PrefectFuture(task_run, core if runner is None else runner, asynchronous)
-    future._call = core._submit_call(task_run, run_fn, run_kwargs)
-    return future
+    call = core._submit_call(task_run, run_fn, run_kwargs)
+    return future_for(call, task_run, core if runner is None else runner, asynchronous)
 
 
 def submit_many(
