@@ -34,7 +34,8 @@ from taskrunners._core.calls import (
     wait_for_state,
     when_all_done,
 )
-from taskrunners._core.remote.snapshots import Memo, snapshot_call, snapshot_kwargs
+from taskrunners._core.remote.sharing import SharedValues
+from taskrunners._core.remote.snapshots import Memo, shared_state, snapshot_call, snapshot_kwargs
 from taskrunners._core.futures import PrefectFuture, RunFn, Sync, TaskRun
 from taskrunners.states import State, exception_to_crashed_state
 
@@ -161,6 +162,9 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     #: Whether calls are sent to other processes after ``submit`` returns: their
     #: arguments are then taken as they are at submit (see ``remote.snapshots``).
     _snapshots_arguments = False
+    #: Where large arguments are kept for the workers while the block runs (a runner
+    #: that shares them sets it when its block starts: ``remote.sharing``).
+    _shared: Optional[SharedValues] = None
     #: Whether a start() block of this runner has ended (submit then says so).
     _ended = False
 
@@ -239,6 +243,12 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         while self._pending:
             block_until_done(list(self._pending))
 
+    def _close_shared(self) -> None:
+        """Release the large values kept for the block's calls (see ``remote.sharing``)."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
+
     def _cancel_pending(self) -> None:
         self._cancel_unstarted(list(self._pending))
 
@@ -285,7 +295,10 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         if not self._started or self._detached:
             self._ensure_usable("submit work")
         if self._snapshots_arguments:
-            run_fn, run_kwargs = snapshot_call(run_fn, run_kwargs)
+            shared = self._shared
+            run_fn, run_kwargs = snapshot_call(
+                run_fn, run_kwargs, None if shared is None else Memo(shared)
+            )
         upstream = self._upstream_calls(run_kwargs)
         if upstream:
             call = self._dispatch_after(upstream, task_run, run_fn, run_kwargs)
@@ -305,7 +318,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
             self._ensure_usable("submit work")
         if self._snapshots_arguments:
             # Submitted together: a value the calls share is taken once for all of them.
-            memo: Memo = {}
+            memo = Memo(self._shared)
             run_fn, _ = snapshot_call(run_fn, {}, memo)
             run_kwargs_list = [snapshot_kwargs(run_kwargs, memo) for run_kwargs in run_kwargs_list]
         calls: List[Optional[CallHandle]] = [None] * len(task_runs)
@@ -381,11 +394,17 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         return call
 
     def _resolve_futures(self, expr: Any) -> Any:
-        """Replace every future inside ``expr`` with its final State (all are done)."""
-        return visit_collection(
-            expr,
-            lambda value: state_of_done(self._call_of(value)) if is_future(value) else value,
-        )
+        """Replace every future inside ``expr`` with its final State (all are done); a
+        large result goes to the workers once (see ``remote.sharing``)."""
+        shared = self._shared
+
+        def resolve(value: Any) -> Any:
+            if not is_future(value):
+                return value
+            state = state_of_done(self._call_of(value))
+            return state if shared is None else shared_state(state, shared)
+
+        return visit_collection(expr, resolve)
 
     # -- waiting -------------------------------------------------------------------
 

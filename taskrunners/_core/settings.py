@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, NoReturn, TypeVar, overload
 
-__all__ = ["Setting", "Forwarded", "BATCH_SIZE_DOC"]
+__all__ = ["Setting", "Forwarded", "BATCH_SIZE_DOC", "LARGE_VALUE_BYTES_DOC"]
 
 V = TypeVar("V")
 D = TypeVar("D", bound="_Documented[Any]")
@@ -83,3 +83,6 @@ class Forwarded(_Documented[V]):
 
 #: The docstring of the ``batch_size`` setting of the runners that batch calls.
 BATCH_SIZE_DOC = 'Calls per engine task: ``"auto"`` (learned per task), or a fixed number.'
+LARGE_VALUE_BYTES_DOC = (
+    "Arguments pickling to this many bytes or more go to each worker once; None: with every call."
+)

@@ -49,7 +49,9 @@ from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import CallHandle
 from taskrunners._core.parallel.pool import ProcessPool
-from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
+from taskrunners._core.parallel.shared_files import SharedFiles
+from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
+from taskrunners._core.settings import BATCH_SIZE_DOC, LARGE_VALUE_BYTES_DOC, Setting
 from taskrunners._core.futures import TaskRun
 
 __all__ = ["ParallelTaskRunner"]
@@ -72,6 +74,9 @@ class ParallelTaskRunner(BlockingTaskRunner):
     :param env: environment variables to set in the worker processes
     :param batch_size: calls per loky task: ``"auto"`` gathers calls of one task while
         every worker is busy, as many as take about 0.1 s; a number fixes the size
+    :param large_value_bytes: an argument that pickles to this many bytes or more
+        (numpy arrays, bytes, a big dict) goes to each worker once, through a file in
+        shared memory, however many calls take it; None sends it with every call
     :raises ValueError: if ``max_workers`` is not a positive integer or None, ``env``
         is not a mapping of strings to strings, or ``batch_size`` is neither "auto" nor
         a positive integer
@@ -97,8 +102,9 @@ class ParallelTaskRunner(BlockingTaskRunner):
     initargs: Setting[Tuple[Any, ...]] = Setting("The arguments of :attr:`initializer`.")
     env: Setting[Optional[Dict[str, str]]] = Setting("Environment variables set in the worker processes.")
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
+    large_value_bytes: Setting[Optional[int]] = Setting(LARGE_VALUE_BYTES_DOC)
 
-    _handles = ("_pool",)
+    _handles = ("_pool", "_shared")
     _snapshots_arguments = True
 
     def __init__(
@@ -109,6 +115,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
         initargs: Tuple[Any, ...] = (),
         env: Optional[Mapping[str, str]] = None,
         batch_size: BatchSize = "auto",
+        large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
     ) -> None:
         check_max_workers(max_workers)
         if initializer is not None and not callable(initializer):
@@ -130,6 +137,7 @@ class ParallelTaskRunner(BlockingTaskRunner):
         self.initargs = initargs
         self.env = dict(env) if env is not None else None
         self.batch_size = check_batch_size(batch_size)
+        self.large_value_bytes = check_large_value_bytes(large_value_bytes)
         self._pool: Optional[ProcessPool] = None
         super().__init__()
 
@@ -138,6 +146,8 @@ class ParallelTaskRunner(BlockingTaskRunner):
         return TaskConcurrencyType.PARALLEL
 
     def _open(self) -> None:
+        if self.large_value_bytes is not None:
+            self._shared = SharedFiles(self.large_value_bytes)
         self._pool = ProcessPool(
             self.logger,
             self.max_workers or loky.cpu_count(),
@@ -149,14 +159,20 @@ class ParallelTaskRunner(BlockingTaskRunner):
 
     def _close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown()
+        try:
+            if pool is not None:
+                pool.shutdown()
+        finally:
+            self._close_shared()
 
     def _abort(self, exc: BaseException) -> None:
         self._cancel_pending()
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate(exc)
+        try:
+            if pool is not None:
+                pool.terminate(exc)
+        finally:
+            self._close_shared()
 
     def _dispatch(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]

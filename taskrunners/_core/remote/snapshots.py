@@ -10,7 +10,10 @@ change is taken as it is then:
   are kept as they are, at no cost: the common case of many small calls;
 - lists, dicts and sets of such values are copied, tuples of them kept;
 - anything else is pickled at once into a :class:`Frozen` value, which unpickles
-  as the value itself wherever it lands (a worker, or this process);
+  as the value itself wherever it lands (a worker, or this process); or, when the
+  memo carries the runner's :class:`~taskrunners._core.remote.sharing.SharedValues`
+  and the pickle weighs its threshold or more (bytes too), into a shared value that
+  each worker receives once (see :mod:`~taskrunners._core.remote.sharing`);
 - a collection holding futures is rebuilt around them (the runner replaces them
   when the call is sent);
 - a value that cannot be pickled is kept as it is, and fails with the runner's own
@@ -33,9 +36,14 @@ import cloudpickle
 
 from taskrunners._collections import iter_leaves
 from taskrunners._core.remote.protocol import Upstream
+from taskrunners._core.remote.sharing import Shared, SharedValues
 from taskrunners._core.futures import PrefectFuture
+from taskrunners.states import State
 
-__all__ = ["Frozen", "Memo", "snapshot", "snapshot_each", "snapshot_call", "snapshot_kwargs", "unchanging", "all_unchanging"]
+__all__ = [
+    "Frozen", "Memo", "snapshot", "snapshot_each", "snapshot_call", "snapshot_kwargs",
+    "shared_state", "unchanging", "all_unchanging",
+]  # fmt: skip
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -65,7 +73,7 @@ _UNCHANGING: FrozenSet[type] = frozenset(
     {
         str, bytes, int, float, bool, complex, type(None), range,
         types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType,
-        type, Frozen, Upstream, PrefectFuture,
+        type, Frozen, Upstream, PrefectFuture, Shared,
     }
 )  # fmt: skip
 
@@ -85,9 +93,27 @@ def all_unchanging(values: Iterable[Any]) -> bool:
     return _UNCHANGING.issuperset(map(type, values))
 
 
-#: Snapshots already taken, by the id of their value (kept in it, so the id stays
-#: its own): calls submitted together (``task.map``) share one of a value they share.
-Memo = Dict[int, Tuple[Any, Any]]
+class Memo(Dict[int, Tuple[Any, Any]]):
+    """Snapshots already taken, by the id of their value (kept in it, so the id stays
+    its own): calls submitted together (``task.map``) share one of a value they share.
+
+    :param sharing: where the runner keeps large values for its workers, if it does
+    """
+
+    __slots__ = ("sharing",)
+
+    def __init__(self, sharing: Optional[SharedValues] = None) -> None:
+        super().__init__()
+        self.sharing = sharing
+
+
+def _large_bytes(value: Any, memo: Optional[Memo]) -> bool:
+    # Bytes cannot change, so they are kept as they are, unless they are large enough
+    # to be shared.
+    if type(value) is not bytes or memo is None:
+        return False
+    sharing = memo.sharing
+    return sharing is not None and len(value) >= sharing.threshold
 
 
 def snapshot_call(
@@ -104,7 +130,7 @@ def snapshot_kwargs(run_kwargs: Dict[str, Any], memo: Optional[Memo] = None) -> 
     """``run_kwargs`` as they are now (themselves, if none of them can change)."""
     taken: Optional[Dict[str, Any]] = None
     for name, value in run_kwargs.items():
-        if type(value) in _UNCHANGING:
+        if type(value) in _UNCHANGING and not _large_bytes(value, memo):
             continue
         now = snapshot(value, memo)
         if now is not value:
@@ -117,7 +143,7 @@ def snapshot_kwargs(run_kwargs: Dict[str, Any], memo: Optional[Memo] = None) -> 
 def snapshot(value: Any, memo: Optional[Memo] = None) -> Any:
     """``value`` as it is now (see the module's docstring for what that takes)."""
     kind = type(value)
-    if kind in _UNCHANGING:
+    if kind in _UNCHANGING and not _large_bytes(value, memo):
         return value
     own = _own_snapshot(kind)
     if own is not None:
@@ -146,6 +172,31 @@ def _own_snapshot(kind: type) -> Optional[Callable[[Any, Optional[Memo]], Any]]:
     return own
 
 
+def shared_state(state: State, sharing: SharedValues) -> State:
+    """``state`` with its data shared if it is large (an upstream result that calls
+    take); a cheap look at the data's size first spares small data a pickle."""
+    data = state.data
+    if type(data) in _UNCHANGING and not isinstance(data, (bytes, str)):
+        return state
+    if not _maybe_large(data, sharing.threshold):
+        return state
+    taken = snapshot(data, Memo(sharing))
+    if type(taken) is not Shared:
+        return state
+    return State(state.type, state.name, state.message, taken)
+
+
+def _maybe_large(value: Any, threshold: int) -> bool:
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value) >= threshold
+    nbytes = getattr(value, "nbytes", None)  # arrays
+    if isinstance(nbytes, int):
+        return nbytes >= threshold
+    if isinstance(value, (list, tuple, dict, set, frozenset)):
+        return len(value) * 128 >= threshold  # a guess: the pickle tells
+    return sys.getsizeof(value) >= threshold  # deep for some (pandas)
+
+
 def snapshot_each(values: Sequence[Any], memo: Optional[Memo]) -> List[Any]:
     """Each of ``values`` as it is now (a call's positional arguments, say)."""
     return [snapshot(value, memo) for value in values]
@@ -163,8 +214,17 @@ def _take(value: Any, kind: type, memo: Optional[Memo]) -> Any:
             return dict(value)
     if _holds_future(value):
         return _rebuild(value, memo)
+    sharing = memo.sharing if memo is not None else None
     try:
-        return Frozen(cloudpickle.dumps(value, _PROTOCOL))
+        if sharing is None:
+            return Frozen(cloudpickle.dumps(value, _PROTOCOL))
+        buffers: List[pickle.PickleBuffer] = []
+        data = cloudpickle.dumps(value, 5, buffer_callback=buffers.append)
+        if len(data) + sum(buffer.raw().nbytes for buffer in buffers) >= sharing.threshold:
+            shared = sharing.share(value, data, buffers)
+            if shared is not None:
+                return shared
+        return Frozen(cloudpickle.dumps(value, _PROTOCOL) if buffers else data)
     except Exception:
         return value  # sent as it is: the runner reports the pickling error then
 

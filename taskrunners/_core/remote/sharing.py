@@ -1,0 +1,348 @@
+"""Large values that many calls share: each worker receives one once while calls use it.
+
+At ``submit`` (see :mod:`~taskrunners._core.remote.snapshots`) a value that may change is
+pickled with protocol 5, its buffers out of band (a numpy array's data is not copied
+into the pickle). If the pickle and its buffers weigh ``large_value_bytes`` or more,
+the runner's :class:`SharedValues` keeps one copy of them, the call's snapshot, and
+the call's arguments hold a :class:`Shared` in the value's place:
+
+- the same object submitted again is compared byte for byte with the copy kept
+  (``memcmp``, about 7 ms for 80 MB here): unchanged, the calls share one
+  :class:`Shared`; changed, the new value gets a copy of its own. So every call sees
+  its value as it was at its submit;
+- the runner places the copy where its workers read it: a file in shared memory
+  (Parallel, which maps it), a scattered key (Dask), an object in the store (Ray);
+- in a worker the first call that needs it loads it, with read-only buffers
+  (zero-copy where the type allows: a numpy array is a read-only view), and keeps
+  it by key for the calls that follow (:func:`load`);
+- a :class:`Shared` lives while a pending call's arguments hold it: when the last
+  call lets go, its copy is released (file removed, key released, object freed),
+  and at the end of the block every copy left is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import mmap
+import os
+import pickle
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "DEFAULT_LARGE_VALUE_BYTES",
+    "Shared",
+    "SharedValues",
+    "Payload",
+    "check_large_value_bytes",
+    "load",
+]
+
+#: Values whose pickle and buffers weigh this many bytes or more are shared.
+DEFAULT_LARGE_VALUE_BYTES = 1 << 20
+
+_ALIGN = 64  # buffer offsets in a copy, so that arrays keep their alignment
+
+
+def check_large_value_bytes(value: Optional[int]) -> Optional[int]:
+    """``value`` if it is None or a positive int, else a TypeError/ValueError naming it."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(
+            f"`large_value_bytes` must be a positive int (bytes) or None, got {value!r}."
+        )
+    if value <= 0:
+        raise ValueError(
+            f"`large_value_bytes` must be a positive number of bytes or None, got {value!r}."
+        )
+    return value
+
+
+class _Copy:
+    """One value's pickle and buffers, copied into one memory map."""
+
+    __slots__ = ("memory", "header_size", "spans", "path")
+
+    def __init__(self, memory: mmap.mmap, header_size: int, spans: List[Tuple[int, int]], path: Optional[str]) -> None:
+        self.memory = memory
+        self.header_size = header_size
+        self.spans = spans
+        self.path = path
+
+    @property
+    def header(self) -> memoryview:
+        return memoryview(self.memory)[: self.header_size]
+
+    def buffers(self) -> List[memoryview]:
+        view = memoryview(self.memory)
+        return [view[offset : offset + size] for offset, size in self.spans]
+
+
+class Shared:
+    """Stands in a call's arguments for a large value; pickles as its runner places it."""
+
+    __slots__ = ("key", "nbytes", "store", "reference", "__weakref__")
+
+    def __init__(self, key: str, nbytes: int, store: "SharedValues") -> None:
+        self.key = key
+        self.nbytes = nbytes
+        self.store = store
+        #: What the engine holds it by (a Dask future, a Ray ObjectRef), if anything.
+        self.reference: Any = None
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return self.store.reduce(self)
+
+    def __sizeof__(self) -> int:  # what it weighs in a task graph: a key
+        return object.__sizeof__(self) + len(self.key)
+
+    def __repr__(self) -> str:
+        return f"Shared({self.key!r}, {self.nbytes} bytes)"
+
+
+class Payload:
+    """A value's pickle and its buffers, as an engine carries them (buffers out of band)."""
+
+    __slots__ = ("header", "buffers")
+
+    def __init__(self, header: Any, buffers: Sequence[Any]) -> None:
+        self.header = header
+        self.buffers = list(buffers)
+
+    def __reduce_ex__(self, protocol: Any) -> Tuple[Any, ...]:
+        return (Payload, (bytes(self.header), [pickle.PickleBuffer(b) for b in self.buffers]))
+
+    def value(self) -> Any:
+        """The value, its buffers read-only views of this payload's."""
+        return pickle.loads(
+            self.header, buffers=[memoryview(b).toreadonly() for b in self.buffers]
+        )
+
+
+class SharedValues:
+    """One runner block's large values: a copy of each, released when no call needs it.
+
+    This base keeps each copy in an anonymous memory map; a runner's subclass says
+    where the copy is placed for its workers (:meth:`_place`) and how a :class:`Shared`
+    pickles on its way there (:meth:`reduce`).
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._token = uuid.uuid4().hex[:12]
+        self._numbers = itertools.count()
+        self._lock = threading.RLock()
+        #: id of a value shared → (the value, kept so that its id stays its own; its Shared)
+        self._by_id: Dict[int, Tuple[Any, "weakref.ref[Shared]"]] = {}
+        self._copies: Dict[str, _Copy] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def share(self, value: Any, header: bytes, buffers: List[pickle.PickleBuffer]) -> Optional[Shared]:
+        """The :class:`Shared` standing for ``value`` as it is now (pickled to ``header``
+        and ``buffers``), or None once the block has ended."""
+        raw = [buffer.raw() for buffer in buffers]
+        with self._lock:
+            if self._closed:
+                return None
+            known = self._by_id.get(id(value))
+            if known is not None and known[0] is value:
+                shared = known[1]()
+                if shared is not None and (
+                    type(value) is bytes or self._unchanged(shared.key, header, raw)
+                ):
+                    return shared
+            key = f"{self._token}-{next(self._numbers)}"
+            copy = self._copy(key, header, raw)
+            self._copies[key] = copy
+            shared = Shared(key, len(header) + sum(b.nbytes for b in raw), self)
+            try:
+                self._place(shared, copy)
+            except BaseException:
+                self._release(key, None)
+                raise
+            vid = id(value)
+            released = functools.partial(self._released, key, vid)
+            self._by_id[vid] = (value, weakref.ref(shared, released))
+            return shared
+
+    def reduce(self, shared: Shared) -> Tuple[Any, ...]:
+        """How ``shared`` pickles to travel to a worker (by default: the value itself)."""
+        copy = self._copies.get(shared.key)
+        if copy is None:
+            raise RuntimeError(f"The large value {shared.key} was released with its runner's block.")
+        return (_loads, (bytes(copy.header), copy.buffers()))
+
+    def payload(self, shared: Shared) -> Payload:
+        """What an engine is given to hold ``shared`` for its workers."""
+        copy = self._copies[shared.key]
+        return Payload(copy.header, copy.buffers())
+
+    def close(self) -> None:
+        """Release every copy left (the block has ended); later shares are refused."""
+        with self._lock:
+            self._closed = True
+            for key in list(self._copies):
+                self._release(key, None)
+            self._by_id.clear()
+
+    # -- for subclasses ---------------------------------------------------------------------
+
+    def _open(self, key: str) -> Tuple[int, Optional[str]]:
+        """A new empty file for a copy, open for reading and writing, and its path if it
+        has one (here: in memory, unnamed, where the system allows)."""
+        if hasattr(os, "memfd_create"):
+            return os.memfd_create(f"taskrunners-{key}"), None
+        handle, path = tempfile.mkstemp(prefix=f"taskrunners-{key}-")
+        os.unlink(path)
+        return handle, None
+
+    def _place(self, shared: Shared, copy: _Copy) -> None:
+        """Make ``copy`` reachable from the workers (set ``shared.reference`` if need be)."""
+
+    def _dropped(self, copy: _Copy) -> None:
+        """``copy`` is no longer needed: release what :meth:`_open` made."""
+
+    # -- inside -----------------------------------------------------------------------------
+
+    def _copy(self, key: str, header: bytes, raw: List[memoryview]) -> _Copy:
+        # Written to a file, then mapped: writing is faster than filling a fresh map.
+        spans: List[Tuple[int, int]] = []
+        end = len(header)
+        for buffer in raw:
+            offset = -(-end // _ALIGN) * _ALIGN
+            spans.append((offset, buffer.nbytes))
+            end = offset + buffer.nbytes
+        handle, path = self._open(key)
+        try:
+            _write_at(handle, memoryview(header), 0)
+            for (offset, _), buffer in zip(spans, raw):  # raw(): flat bytes, contiguous
+                _write_at(handle, buffer, offset)
+            os.ftruncate(handle, max(end, 1))
+            memory = mmap.mmap(handle, max(end, 1))
+        except BaseException:
+            if path is not None:
+                os.unlink(path)
+            raise
+        finally:
+            os.close(handle)
+        return _Copy(memory, len(header), spans, path)
+
+    def _unchanged(self, key: str, header: bytes, raw: List[memoryview]) -> bool:
+        copy = self._copies.get(key)
+        if copy is None or len(raw) != len(copy.spans):
+            return False
+        if not _same_bytes(memoryview(header), copy.header, header):
+            return False
+        return all(_same_bytes(a, b) for a, b in zip(raw, copy.buffers()))
+
+    def _released(self, key: str, vid: int, _: "weakref.ref[Shared]") -> None:
+        self._release(key, vid)
+
+    def _release(self, key: str, vid: Optional[int]) -> None:
+        with self._lock:
+            copy = self._copies.pop(key, None)
+            if vid is not None:
+                known = self._by_id.get(vid)
+                if known is not None and known[1]() is None:
+                    del self._by_id[vid]
+        if copy is not None:
+            self._dropped(copy)
+            try:
+                copy.memory.close()
+            except BufferError:  # a view of it is still out: freed with that view
+                pass
+
+
+def _write_at(handle: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        written = os.pwrite(handle, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _address(view: memoryview, owner: Any = None) -> Optional[int]:
+    """Where ``view``'s bytes start (``owner``: the bytes object it views, if so)."""
+    if type(owner) is bytes:
+        return ctypes.cast(ctypes.c_char_p(owner), ctypes.c_void_p).value
+    if not view.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:  # a read-only array's data, say
+        return int(numpy.frombuffer(view, numpy.uint8).ctypes.data)
+    return None
+
+
+try:
+    _memcmp: Any = ctypes.CDLL(None).memcmp
+    _memcmp.restype = ctypes.c_int
+    _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+except (OSError, AttributeError, TypeError):  # no C library to load by name (Windows)
+    _memcmp = None
+
+
+def _same_bytes(a: memoryview, b: memoryview, a_owner: Any = None) -> bool:
+    """Whether two flat buffers hold the same bytes (at memory speed where it can)."""
+    if a.nbytes != b.nbytes:
+        return False
+    if not a.nbytes:
+        return True
+    if _memcmp is not None:
+        left, right = _address(a, a_owner), _address(b)
+        if left is not None and right is not None:
+            return _memcmp(left, right, a.nbytes) == 0
+    return a.tobytes() == b.tobytes()
+
+
+def _loads(header: bytes, buffers: List[Any]) -> Any:
+    return pickle.loads(header, buffers=[memoryview(b).toreadonly() for b in buffers])
+
+
+# -- in a worker --------------------------------------------------------------------------
+
+#: Values loaded in this process, by key: (value, whether it is still in use, last use).
+_loaded: Dict[str, Tuple[Any, Callable[[], bool], float]] = {}
+_loaded_lock = threading.Lock()
+#: A loaded value whose runner cannot be asked is dropped when unused this long (seconds).
+IDLE_SECONDS = 30.0
+
+
+def load(key: str, source: Callable[[], Any], alive: Optional[Callable[[], bool]] = None) -> Any:
+    """The value shared under ``key`` in this process: loaded by ``source()`` the first
+    time, then kept while ``alive()`` says its runner still holds it (or, without
+    ``alive``, until it has been unused for :data:`IDLE_SECONDS`)."""
+    now = time.monotonic()
+    with _loaded_lock:
+        entry = _loaded.get(key)
+        if entry is not None:
+            _loaded[key] = (entry[0], entry[1], now)
+            return entry[0]
+        _forget_unused(now)
+    value = source()
+    with _loaded_lock:
+        _loaded[key] = (value, alive or _idle, now)
+    return value
+
+
+def _idle() -> bool:
+    return True
+
+
+def _forget_unused(now: float) -> None:
+    for key, (_, alive, used) in list(_loaded.items()):
+        if (alive is _idle and now - used > IDLE_SECONDS) or (alive is not _idle and not alive()):
+            del _loaded[key]
+
+
+def loaded_keys() -> List[str]:
+    """The keys of the values this process holds (for tests)."""
+    return list(_loaded)
