@@ -44,6 +44,7 @@ from typing_extensions import Literal
 from taskrunners import sync
 from taskrunners._core import seam
 from taskrunners._core.seam import (
+    DEFAULT_LARGE_VALUE_BYTES,
     Async,
     BatchSize,
     BlockingTaskRunner,
@@ -422,6 +423,7 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
     initargs = sync.ParallelTaskRunner.initargs.forwarded()
     env = sync.ParallelTaskRunner.env.forwarded()
     batch_size = sync.ParallelTaskRunner.batch_size.forwarded()
+    large_value_bytes = sync.ParallelTaskRunner.large_value_bytes.forwarded()
 
     def __init__(
         self,
@@ -431,10 +433,12 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
         initargs: Tuple[Any, ...] = (),
         env: Optional[Mapping[str, str]] = None,
         batch_size: BatchSize = "auto",
+        large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
     ) -> None:
         super().__init__(
             sync.ParallelTaskRunner(
-                max_workers, initializer=initializer, initargs=initargs, env=env, batch_size=batch_size
+                max_workers, initializer=initializer, initargs=initargs, env=env,
+                batch_size=batch_size, large_value_bytes=large_value_bytes,
             )
         )
 
@@ -449,6 +453,7 @@ class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
     client_kwargs = sync.DaskTaskRunner.client_kwargs.forwarded()
     connect_timeout = sync.DaskTaskRunner.connect_timeout.forwarded()
     batch_size = sync.DaskTaskRunner.batch_size.forwarded()
+    large_value_bytes = sync.DaskTaskRunner.large_value_bytes.forwarded()
 
     def __init__(
         self,
@@ -460,11 +465,12 @@ class DaskTaskRunner(_FacadeRunner[sync.DaskTaskRunner]):
         connect_timeout: float = 30.0,
         *,
         batch_size: BatchSize = "auto",
+        large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
     ) -> None:
         super().__init__(
             sync.DaskTaskRunner(
                 address, cluster_class, cluster_kwargs, adapt_kwargs, client_kwargs,
-                connect_timeout, batch_size=batch_size,
+                connect_timeout, batch_size=batch_size, large_value_bytes=large_value_bytes,
             )
         )
 
@@ -476,6 +482,7 @@ class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
     init_kwargs = sync.RayTaskRunner.init_kwargs.forwarded()
     remote_options = sync.RayTaskRunner.remote_options.forwarded()
     batch_size = sync.RayTaskRunner.batch_size.forwarded()
+    large_value_bytes = sync.RayTaskRunner.large_value_bytes.forwarded()
 
     def __init__(
         self,
@@ -484,7 +491,11 @@ class RayTaskRunner(_FacadeRunner[sync.RayTaskRunner]):
         *,
         remote_options: Optional[Dict[str, Any]] = None,
         batch_size: BatchSize = "auto",
+        large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
     ) -> None:
         super().__init__(
-            sync.RayTaskRunner(address, init_kwargs, remote_options=remote_options, batch_size=batch_size)
+            sync.RayTaskRunner(
+                address, init_kwargs, remote_options=remote_options, batch_size=batch_size,
+                large_value_bytes=large_value_bytes,
+            )
         )

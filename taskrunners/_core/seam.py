@@ -25,6 +25,7 @@ from taskrunners._collections import iter_leaves
 from taskrunners._core.arguments import FLAT_TYPES, check_submission, is_future
 from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize
+from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES
 from taskrunners._core.calls import Call, CallHandle, block_until_done, state_of_done
 from taskrunners._core.dask.runner import DaskTaskRunner
 from taskrunners._core.futures import (
@@ -60,6 +61,7 @@ __all__ = [
     "RunnerIdentity",
     "TaskConcurrencyType",
     "BatchSize",
+    "DEFAULT_LARGE_VALUE_BYTES",
     "ray_options",
     # Task runs, futures and calls.
     "TaskRun",

@@ -62,7 +62,9 @@ from taskrunners._core.dask.calls import (
     failure_state,
     unpicklable_call_state,
 )
+from taskrunners._core.dask.scattered import dependencies
 from taskrunners._core.dask.submitter import DaskSubmitter
+from taskrunners._core.remote.sharing import collecting
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners.states import Crashed, State
 
@@ -182,7 +184,8 @@ class DaskBatches:
                 return
             pairs = [(entry.item.run_fn, self._by_value(entry.item.run_kwargs)) for entry in live]
             try:
-                calls = cloudpickle.dumps((pairs, None))
+                with collecting() as collected:
+                    calls = cloudpickle.dumps((pairs, None))
             except Exception:
                 live = self._picklable(live, pairs)
                 continue
@@ -202,11 +205,15 @@ class DaskBatches:
                 # pure=False: a batch is a new Dask task each time. Its key is fresh
                 # anyway; a task run submitted twice is kept to one run before
                 # batching (``_in_flight``), not by Dask.
+                shared = dependencies(collected)
+                for call in batch.calls:  # before Dask may settle them
+                    call.shared = collected or None
                 submit = functools.partial(
                     self.client.submit,
                     dask_worker.run_batch_task,
                     payload,
                     self.submitter.capture,
+                    **({} if shared is None else {"shared": shared}),
                     key=key,
                     pure=False,
                 )

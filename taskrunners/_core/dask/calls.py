@@ -61,7 +61,7 @@ class DaskCall(Call):
 
     __slots__ = (
         "client", "dispatcher", "canceller", "key", "token", "dask_future", "handover", "rerun",
-        "waiting_on",
+        "waiting_on", "shared",
     )
 
     def __init__(
@@ -87,6 +87,11 @@ class DaskCall(Call):
         self.rerun: Optional[Tuple[Any, ...]] = None
         # The upstream calls it waits for before it is handed to Dask.
         self.waiting_on: Optional[List[Any]] = None
+        # The large values its task takes (``dask.scattered``): kept until it is done.
+        self.shared: Optional[List[Any]] = None
+
+    def _ended(self) -> None:
+        self.shared = None
 
     def expedite(self) -> None:
         """Somebody waits for the call: send it now if the dispatcher gathers it, and

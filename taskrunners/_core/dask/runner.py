@@ -53,7 +53,9 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.dask.submitter import DaskSubmitter, start_after
 from taskrunners._core.remote.protocol import import_engine
-from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
+from taskrunners._core.dask.scattered import ScatteredValues
+from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
+from taskrunners._core.settings import BATCH_SIZE_DOC, LARGE_VALUE_BYTES_DOC, Setting
 from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed
 
@@ -85,6 +87,9 @@ class DaskTaskRunner(BlockingTaskRunner):
     :param connect_timeout: seconds to keep trying to reach ``address``
     :param batch_size: calls per Dask task: ``"auto"`` gathers calls of one task while
         the workers are busy, as many as take about 0.1 s; a number fixes the size
+    :param large_value_bytes: an argument that pickles to this many bytes or more is
+        scattered once and reaches each worker once, however many calls take it;
+        None sends it with every call
     :raises ValueError: for ``address`` with cluster options, ``asynchronous`` in
         ``cluster_kwargs`` or ``client_kwargs``, a ``cluster_class`` name that cannot be
         imported, a bad ``connect_timeout`` or ``batch_size``
@@ -115,8 +120,9 @@ class DaskTaskRunner(BlockingTaskRunner):
     client_kwargs: Setting[Dict[str, Any]] = Setting("Keyword arguments for ``distributed.Client``.")
     connect_timeout: Setting[float] = Setting("Seconds to keep trying to reach :attr:`address`.")
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
+    large_value_bytes: Setting[Optional[int]] = Setting(LARGE_VALUE_BYTES_DOC)
 
-    _handles = ("_client", "_cluster", "_submitter", "_forwarder", "_batches", "_durations")
+    _handles = ("_client", "_cluster", "_submitter", "_forwarder", "_batches", "_durations", "_shared")
     _usable_after_pickling = True
     _snapshots_arguments = True
 
@@ -130,6 +136,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         connect_timeout: float = 30.0,
         *,
         batch_size: BatchSize = "auto",
+        large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
     ) -> None:
         resolved = dask_cluster.checked_settings(
             address, cluster_class, cluster_kwargs, adapt_kwargs, connect_timeout
@@ -149,6 +156,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         self.client_kwargs = client_kwargs
         self.connect_timeout = float(connect_timeout)
         self.batch_size = check_batch_size(batch_size)
+        self.large_value_bytes = check_large_value_bytes(large_value_bytes)
 
         # The client, and the cluster if the runner created it (see dask_cluster.Connection).
         self._client: Any = None
@@ -206,6 +214,8 @@ class DaskTaskRunner(BlockingTaskRunner):
     def _compose(self, client: Any) -> None:
         """The parts of a block on ``client``."""
         submitter = DaskSubmitter(client, self._capture, self._forwarder, self._call_of, self.logger)
+        if self.large_value_bytes is not None:
+            self._shared = submitter.shared = ScatteredValues(self.large_value_bytes, client)
         self._submitter = submitter
         self._batches = (
             None
@@ -228,6 +238,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     def _release(self, abort: bool) -> None:
         client, cluster = self._client, self._cluster
         self._client = self._cluster = self._submitter = self._batches = None
+        self._close_shared()
         dask_cluster.close_connection(client, cluster, abort, self.logger)
         # Nothing can settle calls any more (an abort cancelled them already).
         for call in self._pending_calls():

@@ -38,7 +38,10 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.dask.fetcher import StateFetcher
 from taskrunners._core.dask.cluster import RecordForwarder
+from taskrunners._core.dask.scattered import ScatteredValues, dependencies
 from taskrunners._core.remote.protocol import with_upstream
+from taskrunners._core.remote.sharing import collecting
+from taskrunners._core.remote.snapshots import shared_state
 from taskrunners.states import Crashed, exception_to_crashed_state
 
 __all__ = ["DaskSubmitter", "start_after"]
@@ -71,6 +74,13 @@ class DaskSubmitter:
         #: a key Dask already holds shares that task, so it must share its token.
         self.tokens: Dict[str, str] = {}
         self._fetcher = StateFetcher(client, self.settle_outcome, self.settle_failure)
+        #: Where the block's large values are scattered (see ``dask.scattered``), if it is.
+        self.shared: Optional[ScatteredValues] = None
+
+    def _state_of(self, call: CallHandle) -> Any:
+        """The State of a done upstream call, to go by value (a large result shared)."""
+        state = state_of_done(call)
+        return state if self.shared is None else shared_state(state, self.shared)
 
     def watch(self, watched: Any, dask_future: Any) -> None:
         """Settle ``watched`` (a call, or a batch) once ``dask_future`` is done."""
@@ -104,13 +114,15 @@ class DaskSubmitter:
 
         kwargs = run_kwargs
         if any(may_hold_futures(value) for value in run_kwargs.values()):
-            kwargs, _ = with_upstream(run_kwargs, self._call_of, state_of_done, hand_off)
+            kwargs, _ = with_upstream(run_kwargs, self._call_of, self._state_of, hand_off)
         upstream = [(dask_future.key, dask_future) for _, dask_future in handed_off.values()]
         try:
-            payload = cloudpickle.dumps((run_fn, kwargs))
+            with collecting() as collected:
+                payload = cloudpickle.dumps((run_fn, kwargs))
         except Exception as exc:
             call.set_result(unpicklable_call_state(exc))
             return False
+        shared = dependencies(collected)
         key = f"{task_run.name}-{task_run.id.hex}"
         if rerun:  # the first key is taken by the Dask task that failed
             key += "-rerun"
@@ -119,6 +131,7 @@ class DaskSubmitter:
             if call.cancelling or call.done():
                 return False
             token = self.tokens.setdefault(key, uuid.uuid4().hex)
+            call.shared = collected or None  # before Dask may settle it
             submit = functools.partial(
                 client.submit,
                 dask_worker.run_task,
@@ -128,6 +141,7 @@ class DaskSubmitter:
                 upstream or None,
                 self.capture,
                 *((True,) if sent is not None else ()),
+                **({} if shared is None else {"shared": shared}),
                 key=key,
                 pure=True,
             )

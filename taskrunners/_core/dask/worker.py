@@ -40,6 +40,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, ContextManager, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from taskrunners._core.dask import dask_private
+from taskrunners._core.dask.scattered import payloads_here
 from taskrunners._core.remote.protocol import (
     CoroutineWatch,
     decode_outcome,
@@ -51,6 +52,7 @@ from taskrunners._core.remote.protocol import (
     substitute,
 )
 from taskrunners._core.remote.records import captured_records
+from taskrunners._core.remote.sharing import placed
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -111,6 +113,7 @@ def run_task(
     upstream: Optional[List[Tuple[str, Any]]],
     capture: Optional[Tuple[int, bool]],
     timed: bool = False,
+    shared: Optional[List[Tuple[str, str, Any]]] = None,
 ) -> Any:
     """What Dask runs for a call sent alone: the call, to its State.
 
@@ -121,6 +124,7 @@ def run_task(
         the value is then the State and the records pickled here (else the State)
     :param timed: whether the value also tells how many seconds the call ran (0 if
         it did not start): see :func:`with_seconds`; :func:`decoded` reads either
+    :param shared: the large values the call takes (see ``dask.scattered``)
     """
     if not _mark_started(token):
         state = exception_to_crashed_state(concurrent.futures.CancelledError())
@@ -130,7 +134,8 @@ def run_task(
     begun = time.perf_counter()
     try:
         with capturing as records:
-            state, raised = _run_call(payload, key, token, upstream)
+            with placed(payloads_here(shared)):
+                state, raised = _run_call(payload, key, token, upstream)
     finally:
         _mark_finished(token)
     seconds = time.perf_counter() - begun
@@ -182,16 +187,22 @@ def batch_payload(names: Sequence[str], tokens: Sequence[str], calls: bytes) -> 
     return pickle.dumps((list(names), list(tokens), calls), pickle.HIGHEST_PROTOCOL)
 
 
-def run_batch_task(payload: bytes, capture: Optional[Tuple[int, bool]]) -> Any:
+def run_batch_task(
+    payload: bytes,
+    capture: Optional[Tuple[int, bool]],
+    shared: Optional[List[Tuple[str, str, Any]]] = None,
+) -> Any:
     """What Dask runs for a batch: its calls in order, each to its State and seconds.
 
     A call cancelled before it started here is skipped (its State is the
     cancellation, its seconds 0); a call that raises or crashes takes no other call
     of the batch with it. With ``capture`` (see :func:`run_task`) the value is the
     States, seconds and log records pickled here (else the list of (State, seconds)).
+    ``shared``: the large values its calls take (see ``dask.scattered``).
     """
     names, tokens, calls_payload = pickle.loads(payload)
-    calls, unloadable = _load_batch(calls_payload, names)
+    with placed(payloads_here(shared)):
+        calls, unloadable = _load_batch(calls_payload, names)
     if unloadable is not None:
         outcomes = [(unloadable, 0.0)] * len(names)
         return outcomes if capture is None else encode_batch(names, outcomes, [], WHERE)

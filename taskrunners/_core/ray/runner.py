@@ -65,7 +65,9 @@ from taskrunners._core.ray.options import ResourceCheck, call_options, ray_optio
 from taskrunners._core.ray.sending import RaySender
 from taskrunners._core.ray.worker import RemoteFunctions, check_remote_options
 from taskrunners._core.remote.protocol import with_upstream
-from taskrunners._core.settings import BATCH_SIZE_DOC, Setting
+from taskrunners._core.ray.placed import PutValues
+from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
+from taskrunners._core.settings import BATCH_SIZE_DOC, LARGE_VALUE_BYTES_DOC, Setting
 from taskrunners._core.futures import TaskRun
 from taskrunners.states import exception_to_crashed_state
 
@@ -98,6 +100,9 @@ class RayTaskRunner(BlockingTaskRunner):
         dies is Crashed rather than run twice. Per-call resources: :func:`ray_options`.
     :param batch_size: calls per Ray task: ``"auto"`` gathers calls of one task while
         the workers are busy, as many as take about 0.1 s; a number fixes the size
+    :param large_value_bytes: an argument that pickles to this many bytes or more is
+        put in Ray's object store once and read from there by every call that takes
+        it; None sends it with every call
     :raises TypeError: for an ``address`` that is not a string, ``init_kwargs`` or
         ``remote_options`` that are not dicts, or a key ``ray.init`` does not take,
         naming the closest valid key (checked by ``start()`` if ``ray`` is not imported yet)
@@ -123,8 +128,9 @@ class RayTaskRunner(BlockingTaskRunner):
         "Ray remote options for every call (``max_retries`` defaults to 0)."
     )
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
+    large_value_bytes: Setting[Optional[int]] = Setting(LARGE_VALUE_BYTES_DOC)
 
-    _handles = ("_ray", "_sender")
+    _handles = ("_ray", "_sender", "_shared")
     _snapshots_arguments = True
 
     def __init__(
@@ -134,6 +140,7 @@ class RayTaskRunner(BlockingTaskRunner):
         *,
         remote_options: Optional[Dict[str, Any]] = None,
         batch_size: BatchSize = "auto",
+        large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
     ) -> None:
         if address is not None and not isinstance(address, str):
             raise TypeError(
@@ -159,6 +166,7 @@ class RayTaskRunner(BlockingTaskRunner):
         self.init_kwargs.setdefault("namespace", "prefect")
         self.remote_options = {**DEFAULT_REMOTE_OPTIONS, **(remote_options or {})}
         self.batch_size = check_batch_size(batch_size)
+        self.large_value_bytes = check_large_value_bytes(large_value_bytes)
         #: How this runner holds Ray while started; None when it is not.
         self.connection: Optional[Connection] = None
         self._ray: Any = None
@@ -199,6 +207,8 @@ class RayTaskRunner(BlockingTaskRunner):
             self.batch_size,
             f"{self}-submit",
         )
+        if self.large_value_bytes is not None:
+            self._shared = self._sender.shared = PutValues(self.large_value_bytes, ray)
 
     def _close(self) -> None:
         self._release()
@@ -223,6 +233,7 @@ class RayTaskRunner(BlockingTaskRunner):
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.close()
+        self._close_shared()
         ray_connection.disconnect(self._ray, connection)
 
     # -- submission ----------------------------------------------------------------------

@@ -48,6 +48,7 @@ from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Duratio
 from taskrunners._core.ray import outcomes as ray_outcomes, ray_private
 from taskrunners._core.ray.calls import RayCall, RayEntry, stopped_state
 from taskrunners._core.ray.options import ResourceCheck
+from taskrunners._core.ray.placed import PutValues, pickled_call
 from taskrunners._core.ray.worker import BatchPayload, RemoteFunction, RemoteFunctions, unpacked
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners._core.remote.slots import SlotTable
@@ -135,6 +136,8 @@ class RaySender:
         self.batch_size = batch_size
         #: Set when the block ends: nothing more is handed to Ray.
         self.closing = False
+        #: Where the block's large values are put (see ``ray.placed``), if it shares them.
+        self.shared: Optional[PutValues] = None
         self.dispatcher: Dispatcher[RayEntry] = Dispatcher(limit, self._send, Durations(batch_size))
         #: A run of slots for each batch that may be out, twice over (expedited batches
         #: go beyond the limit); a call without a slot is never run again.
@@ -146,6 +149,11 @@ class RaySender:
         self._slots_lock = threading.Lock()
         self._thread = SenderThread(self, name)
         self._thread.start()
+
+    def sharing(self) -> bool:
+        """Whether the block holds large values now: calls are then pickled here."""
+        shared = self.shared
+        return shared is not None and len(shared) > 0
 
     def close(self) -> None:
         """Hand nothing more to Ray; stop the thread and remove the slot table."""
@@ -209,6 +217,7 @@ class RaySender:
             return
         if (
             len(live) == 1
+            and not self.sharing()
             and remote.holds_run_fn
             and call.run_fn is first.key
             and all(held.position is None for held in call.held)
@@ -237,19 +246,31 @@ class RaySender:
         refs: List[Any] = []
         ref_index: Dict[Any, int] = {}
         calls: List[Tuple[Any, Any, Optional[List[Tuple[int, Optional[int]]]]]] = []
+
+        def index_of(ref: Any) -> int:
+            index = ref_index.get(ref)
+            if index is None:
+                index = ref_index[ref] = len(refs)
+                refs.append(ref)
+            return index
+
+        sharing = self.sharing()
         for entry in live:
             call: RayCall = entry.call
             places: Optional[List[Tuple[int, Optional[int]]]] = None
             if call.held:
                 places = []
                 for held in call.held:  # one argument per ref, for the whole batch
-                    index = ref_index.get(held.ref)
-                    if index is None:
-                        index = ref_index[held.ref] = len(refs)
-                        refs.append(held.ref)
-                    places.append((index, held.position))
+                    places.append((index_of(held.ref), held.position))
             own = remote.holds_run_fn and call.run_fn is entry.key
-            calls.append((None if own else call.run_fn, call.run_kwargs, places))
+            run_fn: Any = None if own else call.run_fn
+            run_kwargs: Any = call.run_kwargs
+            if sharing:
+                try:
+                    run_fn, run_kwargs = None, pickled_call(run_fn, run_kwargs, index_of)
+                except Exception:  # Ray refuses it below, as it would have
+                    pass
+            calls.append((run_fn, run_kwargs, places))
         table, slots = self._take_slots(len(live))
         payload = BatchPayload(
             [entry.call.task_run.name for entry in live],

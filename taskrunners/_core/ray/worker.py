@@ -37,6 +37,7 @@ from typing import (
     cast,
 )
 
+from taskrunners._core.ray.placed import PickledCall, unpickled_call
 from taskrunners._core.remote import slots as slot_marks
 from taskrunners._core.remote.protocol import decode_batch, encode_batch, run_batch, run_in_worker, substitute
 from taskrunners.states import Crashed, State
@@ -122,7 +123,8 @@ class BatchPayload:
 
     :param names: each call's task run name, for messages
     :param calls: each call's ``(run_fn or None for the remote function's own,
-        run_kwargs, places of its Upstream(n) placeholders or None)``
+        run_kwargs, places of its Upstream(n) placeholders or None)``; or ``(None,
+        PickledCall, places)`` for a call the sender pickled (see ``ray.placed``)
     :param table: the runner's slot table, or None
     :param slots: the calls' slots in it, one each, or None
     """
@@ -164,8 +166,10 @@ def run_batch_call(
             outcomes = batches[index] = decode_batch([f"upstream {index}"], upstream[index])[0]
         return outcomes[position][0]
 
-    def prepared(run_fn: Any, run_kwargs: Dict[str, Any], places: Optional[List[Place]]) -> Any:
+    def prepared(run_fn: Any, run_kwargs: Any, places: Optional[List[Place]]) -> Any:
         try:
+            if type(run_kwargs) is PickledCall:
+                run_fn, run_kwargs = unpickled_call(run_kwargs, upstream)
             if run_fn is None:
                 assert own_run_fn is not None, "a batch without its run_fns"
                 run_fn = own_run_fn()

@@ -42,7 +42,11 @@ __all__ = [
     "SharedValues",
     "Payload",
     "check_large_value_bytes",
+    "collecting",
+    "collect",
+    "placed",
     "load",
+    "load_placed",
 ]
 
 #: Values whose pickle and buffers weigh this many bytes or more are shared.
@@ -189,9 +193,14 @@ class SharedValues:
         return Payload(copy.header, copy.buffers())
 
     def close(self) -> None:
-        """Release every copy left (the block has ended); later shares are refused."""
+        """Release every copy left, and what the engine holds them by (the block has
+        ended); later shares are refused."""
         with self._lock:
             self._closed = True
+            for _, ref in self._by_id.values():
+                shared = ref()
+                if shared is not None:
+                    shared.reference = None
             for key in list(self._copies):
                 self._release(key, None)
             self._by_id.clear()
@@ -303,6 +312,39 @@ def _same_bytes(a: memoryview, b: memoryview, a_owner: Any = None) -> bool:
     return a.tobytes() == b.tobytes()
 
 
+class _Collected(threading.local):
+    shared: Optional[List[Shared]] = None
+
+
+_collected = _Collected()
+
+
+class collecting:
+    """While active in this thread, the :class:`Shared` values pickled are listed in it
+    (an engine then hands their references over with the task: see :func:`placed`)."""
+
+    def __init__(self) -> None:
+        self.shared: List[Shared] = []
+
+    def __enter__(self) -> List[Shared]:
+        self._outer = _collected.shared
+        _collected.shared = self.shared
+        return self.shared
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _collected.shared = self._outer
+
+
+def collect(shared: Shared) -> bool:
+    """List ``shared`` in this thread's :class:`collecting`; False if none is active."""
+    listed = _collected.shared
+    if listed is None:
+        return False
+    if all(item is not shared for item in listed):
+        listed.append(shared)
+    return True
+
+
 def _loads(header: bytes, buffers: List[Any]) -> Any:
     return pickle.loads(header, buffers=[memoryview(b).toreadonly() for b in buffers])
 
@@ -341,6 +383,39 @@ def _forget_unused(now: float) -> None:
     for key, (_, alive, used) in list(_loaded.items()):
         if (alive is _idle and now - used > IDLE_SECONDS) or (alive is not _idle and not alive()):
             del _loaded[key]
+
+
+class _Placed(threading.local):
+    payloads: Optional[Dict[str, Tuple[Any, Optional[Callable[[], bool]]]]] = None
+
+
+_placed = _Placed()
+
+
+class placed:
+    """While active in this thread, :func:`load_placed` finds each key's payload here:
+    ``{key: (payload, whether the engine still holds it)}``."""
+
+    def __init__(self, payloads: Optional[Dict[str, Tuple[Any, Optional[Callable[[], bool]]]]]) -> None:
+        self.payloads = payloads
+
+    def __enter__(self) -> None:
+        self._outer = _placed.payloads
+        if self.payloads:
+            _placed.payloads = self.payloads
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _placed.payloads = self._outer
+
+
+def load_placed(key: str) -> Any:
+    """The value shared under ``key``, from the payload the engine handed over with the
+    task (see :class:`placed`), loaded once in this process."""
+    payloads = _placed.payloads
+    if payloads is None or key not in payloads:
+        raise RuntimeError(f"The large value {key} did not reach this worker with its task.")
+    payload, alive = payloads[key]
+    return load(key, payload.value, alive)
 
 
 def loaded_keys() -> List[str]:

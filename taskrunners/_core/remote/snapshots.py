@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import pickle
 import sys
+import threading
 import types
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
@@ -49,14 +51,25 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 class Frozen:
-    """A value pickled at submit; it unpickles as the value it was."""
+    """A value pickled at submit; it unpickles as the value it was.
 
-    __slots__ = ("data",)
+    ``shared``: the large values found inside it, each pickled as its runner shares it
+    (see :class:`_SharingPickler`), in the order the pickle refers to them;
+    ``buffers``: the (small) buffers the pickle left out of band, copied.
+    """
 
-    def __init__(self, data: bytes) -> None:
+    __slots__ = ("data", "shared", "buffers")
+
+    def __init__(
+        self, data: bytes, shared: Tuple[Shared, ...] = (), buffers: Tuple[bytes, ...] = ()
+    ) -> None:
         self.data = data
+        self.shared = shared
+        self.buffers = buffers
 
-    def __reduce__(self) -> Tuple[Callable[[bytes], Any], Tuple[bytes]]:
+    def __reduce__(self) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
+        if self.shared or self.buffers:
+            return (_loads_with, (self.data, self.shared, self.buffers))
         return (pickle.loads, (self.data,))
 
     def __sizeof__(self) -> int:
@@ -65,6 +78,60 @@ class Frozen:
 
     def __repr__(self) -> str:
         return f"Frozen({len(self.data)} bytes)"
+
+
+class _Inner(threading.local):
+    values: Sequence[Any] = ()
+
+
+_inner = _Inner()
+
+
+def _loads_with(data: bytes, values: Sequence[Any], buffers: Sequence[bytes]) -> Any:
+    """``data`` unpickled, the large values inside it being ``values`` (loaded first)."""
+    outer, _inner.values = _inner.values, values
+    try:
+        return pickle.loads(data, buffers=buffers)
+    finally:
+        _inner.values = outer
+
+
+def _inner_value(index: int) -> Any:
+    return _inner.values[index]
+
+
+class _SharingPickler(cloudpickle.Pickler):
+    """Pickles a value for a snapshot, sharing the large arrays inside it (anything with
+    ``nbytes`` of the runner's threshold or more): each becomes a reference to its
+    :class:`Shared`, listed in :attr:`shared`. The buffers of the value itself go out
+    of band, to ``buffer_callback``."""
+
+    def __init__(
+        self, file: Any, sharing: SharedValues, top: Any, buffer_callback: Any, memo: Optional[Memo]
+    ) -> None:
+        super().__init__(file, 5, buffer_callback=buffer_callback)
+        self.sharing = sharing
+        self.top = top
+        self.memo = memo
+        self.shared: List[Shared] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Not called for numbers, strings, bytes, lists, tuples, dicts and sets.
+        nbytes = getattr(obj, "nbytes", None)
+        if type(nbytes) is int and nbytes >= self.sharing.threshold and obj is not self.top:
+            taken = None if self.memo is None else self.memo.get(id(obj))
+            if taken is not None and type(taken[1]) is Shared:
+                shared: Optional[Shared] = taken[1]
+            else:
+                buffers: List[pickle.PickleBuffer] = []
+                data = cloudpickle.dumps(obj, 5, buffer_callback=buffers.append)
+                shared = self.sharing.share(obj, data, buffers)
+                if shared is not None and self.memo is not None:
+                    self.memo[id(obj)] = (obj, shared)
+            if shared is not None:
+                self.shared.append(shared)
+                return (_inner_value, (len(self.shared) - 1,))
+        return super().reducer_override(obj)
 
 
 # Kept as they are: they do not change once made (a future is replaced by the runner);
@@ -218,15 +285,34 @@ def _take(value: Any, kind: type, memo: Optional[Memo]) -> Any:
     try:
         if sharing is None:
             return Frozen(cloudpickle.dumps(value, _PROTOCOL))
-        buffers: List[pickle.PickleBuffer] = []
-        data = cloudpickle.dumps(value, 5, buffer_callback=buffers.append)
-        if len(data) + sum(buffer.raw().nbytes for buffer in buffers) >= sharing.threshold:
-            shared = sharing.share(value, data, buffers)
-            if shared is not None:
-                return shared
-        return Frozen(cloudpickle.dumps(value, _PROTOCOL) if buffers else data)
+        return _shared_or_frozen(value, sharing, memo)
     except Exception:
         return value  # sent as it is: the runner reports the pickling error then
+
+
+def _shared_or_frozen(value: Any, sharing: SharedValues, memo: Optional[Memo]) -> Any:
+    """``value`` frozen, its large parts shared: itself if it is large, else the large
+    items of a large list, tuple or dict (a new one may hold the same item each call),
+    else the large arrays inside it."""
+    buffers: List[pickle.PickleBuffer] = []
+    file = io.BytesIO()
+    pickler = _SharingPickler(file, sharing, value, buffers.append, memo)
+    pickler.dump(value)
+    data = file.getvalue()
+    if not pickler.shared and len(data) + sum(b.raw().nbytes for b in buffers) >= sharing.threshold:
+        kind = type(value)
+        if kind is list or kind is tuple:
+            items = [snapshot(item, memo) for item in value]
+            if any(type(item) is Shared for item in items):
+                return kind(items)
+        elif kind is dict:
+            items = [snapshot(item, memo) for item in value.values()]
+            if any(type(item) is Shared for item in items):
+                return dict(zip(value, items))
+        shared = sharing.share(value, data, buffers)
+        if shared is not None:
+            return shared
+    return Frozen(data, tuple(pickler.shared), tuple(b.raw().tobytes() for b in buffers))
 
 
 def _holds_future(value: Any) -> bool:
