@@ -17,6 +17,9 @@ from benchmarks.families import FAMILIES, has_batch_size
 from benchmarks.sessions import LONG_REPEATS, Config, plan_sessions
 from benchmarks.workloads import WORKLOAD_GROUPS, WORKLOADS
 
+#: The workload measured apart, in benchmarks/large.py.
+LARGE = "large"
+
 __all__ = ["main", "parse_args"]
 
 DEFAULT_OUTPUT = pathlib.Path("benchmark-results")
@@ -75,9 +78,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
-        "--workloads", type=_names("workload", list(WORKLOADS), WORKLOAD_GROUPS),
-        default=list(WORKLOADS), metavar="NAMES",
-        help=f"comma-separated, of {','.join([*WORKLOAD_GROUPS, *WORKLOADS])} (default: all)",
+        "--workloads", type=_names("workload", [*WORKLOADS, LARGE], WORKLOAD_GROUPS),
+        default=[*WORKLOADS, LARGE], metavar="NAMES",
+        help=f"comma-separated, of {','.join([*WORKLOAD_GROUPS, *WORKLOADS, LARGE])} (default: "
+        f"all; {LARGE}: calls sharing one large array, see benchmarks/large.py)",
     )
     parser.add_argument(
         "--runners", type=_names("runner", list(FAMILIES)), default=list(FAMILIES),
@@ -174,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results, interrupted = measure(args, console, environment, command)
     _print_tables(results, console, args.markdown)
     written = charts.chart_and_json(results, args.output)
+    if LARGE in args.workloads and not interrupted:
+        written.append(_measure_large(args, console))
     console.print(f"wrote {', '.join(map(str, written))}")
     if interrupted:
         return 130
@@ -184,6 +190,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 1
     return 0
+
+
+def _measure_large(args: argparse.Namespace, console) -> pathlib.Path:
+    """The ``large`` workload (benchmarks/large.py): its table printed, its rounds saved."""
+    import json
+
+    from benchmarks.large import LargeConfig, run_large, summary
+
+    with console.status("large: calls sharing one large array, each runner beside its idiom"):
+        result = run_large(LargeConfig(quick=args.quick), args.runners)
+    console.print("\n".join(summary(result)))
+    path = args.output / "large.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
 
 
 def _print_tables(results, console, markdown: bool) -> None:
@@ -217,7 +237,7 @@ def measure(args: argparse.Namespace, console, environment, command: str):
             spin_iterations, spin_seconds = calibrate_spin(CPU_SECONDS)
     peers = not args.no_peers and prefect_importable()
     config = Config(
-        workloads=tuple(args.workloads),
+        workloads=tuple(name for name in args.workloads if name in WORKLOADS),
         families=tuple(key for key in FAMILIES if key in args.runners),
         repeats=args.repeats,
         quick=args.quick,

@@ -661,3 +661,20 @@ def test_no_crossover_series_hides_another():
         assert hollow
     finally:
         plt.close(figure)
+
+
+def test_the_large_workload_times_every_runner_beside_its_idiom(tmp_path):
+    """``benchmarks.large`` (part of ``python -m benchmarks``): both points, every contender."""
+    path = tmp_path / "large.json"
+    process = run_python(
+        "-m", "benchmarks.large", "--quick", "--runners", "parallel", "--rounds", "1",
+        "--json", path, timeout=150,
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    data = json.loads(path.read_text())
+    contenders = {"plain loop", "Parallel twin", "Parallel flow task.map", "joblib.Parallel"}
+    for point in ("sum", "work"):
+        assert set(data["seconds"][point]) == contenders
+        assert all(len(rounds) == 1 and rounds[0] > 0 for rounds in data["seconds"][point].values())
+    assert "x the idiom" in process.stdout
+    assert "large" in parse_args([]).workloads

@@ -174,8 +174,11 @@ def cancel_pending(core: BlockingTaskRunner) -> None:
 async def drain(core: BlockingTaskRunner) -> None:
     """Wait, holding no thread, until every call of the core's current block is done."""
     pending: Collection[CallHandle] = core._pending
-    while pending:
-        await wait_until_done(next(iter(pending)), None)
+    while True:
+        calls = list(pending)  # taken at once: other threads remove calls meanwhile
+        if not calls:
+            return
+        await wait_until_done(calls[0], None)
 
 
 async def state_when_done(

@@ -11,6 +11,7 @@ PAYLOAD_MODULES = (
     "tests.support.parallel_payloads",
     "tests.support.dask_payloads",
     "tests.support.ray_payloads",
+    "tests.support.large_payloads",
     "tests.support.waiting",
 )
 

@@ -52,7 +52,8 @@ from taskrunners._core.remote.protocol import (
     substitute,
 )
 from taskrunners._core.remote.records import captured_records
-from taskrunners._core.remote.sharing import placed
+from taskrunners._core.remote import sharing
+from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, placed
 from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = [
@@ -245,10 +246,24 @@ def _run_call(
         return run_kwargs, None
     if upstream:
         states: Dict[Hashable, State] = {
-            index: decoded(name, outcome)[0] for index, (name, outcome) in enumerate(upstream)
+            index: _upstream_state(name, outcome) for index, (name, outcome) in enumerate(upstream)
         }
         run_kwargs = substitute(run_kwargs, states.__getitem__)
     return run_in_worker(run_fn, run_kwargs, watch=_registered(token))
+
+
+def _upstream_state(name: str, outcome: Any) -> State:
+    """An upstream call's State; a large one is decoded once in this worker, for every
+    call here that takes it (as Dask hands one object to every task that depends on a
+    key), while the worker holds the key."""
+    if not isinstance(outcome, bytes) or len(outcome) < DEFAULT_LARGE_VALUE_BYTES:
+        return decoded(name, outcome)[0]
+    import distributed
+
+    data = distributed.get_worker().data
+    return sharing.load(
+        f"upstream-{name}", lambda: decoded(name, outcome)[0], lambda: name in data
+    )
 
 
 def decoded(name: str, value: Any) -> Tuple[State, Optional[List[Any]], Optional[str]]:

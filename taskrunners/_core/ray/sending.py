@@ -245,7 +245,7 @@ class RaySender:
     def _submit_batch(self, live: List[RayEntry], remote: RemoteFunction) -> None:
         refs: List[Any] = []
         ref_index: Dict[Any, int] = {}
-        calls: List[Tuple[Any, Any, Optional[List[Tuple[int, Optional[int]]]]]] = []
+        calls: List[Tuple[Any, Any, Optional[List[Tuple[Any, ...]]]]] = []
 
         def index_of(ref: Any) -> int:
             index = ref_index.get(ref)
@@ -257,11 +257,15 @@ class RaySender:
         sharing = self.sharing()
         for entry in live:
             call: RayCall = entry.call
-            places: Optional[List[Tuple[int, Optional[int]]]] = None
+            places: Optional[List[Tuple[Any, ...]]] = None
             if call.held:
                 places = []
                 for held in call.held:  # one argument per ref, for the whole batch
-                    places.append((index_of(held.ref), held.position))
+                    index = index_of(held.ref)
+                    if held.position is None:
+                        places.append((index, None))
+                    else:  # the ref's id: a worker decodes a large batch once
+                        places.append((index, held.position, held.ref.hex()))
             own = remote.holds_run_fn and call.run_fn is entry.key
             run_fn: Any = None if own else call.run_fn
             run_kwargs: Any = call.run_kwargs

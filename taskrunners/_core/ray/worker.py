@@ -38,7 +38,8 @@ from typing import (
 )
 
 from taskrunners._core.ray.placed import PickledCall, unpickled_call
-from taskrunners._core.remote import slots as slot_marks
+from taskrunners._core.remote import sharing, slots as slot_marks
+from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES
 from taskrunners._core.remote.protocol import decode_batch, encode_batch, run_batch, run_in_worker, substitute
 from taskrunners.states import Crashed, State
 
@@ -114,8 +115,8 @@ def run_call(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], upstream: t
 
 
 #: Where an upstream State is: (index of its ref among the task's arguments, its place
-#: in that ref's batch, or None for a ref holding one packed State).
-Place = Tuple[int, Optional[int]]
+#: in that ref's batch, or None for a ref holding one packed State[, the ref's id]).
+Place = Tuple[Any, ...]
 
 
 class BatchPayload:
@@ -158,12 +159,12 @@ def run_batch_call(
     batches: Dict[int, List[Tuple[State, float]]] = {}
 
     def upstream_state(place: Place) -> State:
-        index, position = place
+        index, position = place[0], place[1]
         if position is None:
             return unpacked(upstream[index])[0]
         outcomes = batches.get(index)
         if outcomes is None:
-            outcomes = batches[index] = decode_batch([f"upstream {index}"], upstream[index])[0]
+            outcomes = batches[index] = _decoded_batch(place, upstream[index])
         return outcomes[position][0]
 
     def prepared(run_fn: Any, run_kwargs: Any, places: Optional[List[Place]]) -> Any:
@@ -197,6 +198,15 @@ def run_batch_call(
     calls = (prepared(*call) for call in batch.calls)
     outcomes = run_batch(list(calls), interrupt_tick, starting, marks.finished)
     return encode_batch(batch.names, [(state, seconds) for state, seconds, _ in outcomes], [], WHERE)
+
+
+def _decoded_batch(place: Place, value: Any) -> List[Tuple[State, float]]:
+    """An upstream batch's outcomes; large ones decoded once in this worker (kept until
+    unused a while), for every call here that takes them."""
+    decode = lambda: decode_batch([f"upstream {place[0]}"], value)[0]  # noqa: E731
+    if len(place) < 3 or not isinstance(value, bytes) or len(value) < DEFAULT_LARGE_VALUE_BYTES:
+        return decode()
+    return sharing.load(f"upstream-{place[2]}", decode)
 
 
 def _cancel_check() -> Callable[[], bool]:

@@ -156,10 +156,11 @@ class SharedValues:
         """The :class:`Shared` standing for ``value`` as it is now (pickled to ``header``
         and ``buffers``), or None once the block has ended."""
         raw = [buffer.raw() for buffer in buffers]
+        vid = id(value)
         with self._lock:
             if self._closed:
                 return None
-            known = self._by_id.get(id(value))
+            known = self._by_id.get(vid)
             if known is not None and known[0] is value:
                 shared = known[1]()
                 if shared is not None and (
@@ -167,18 +168,25 @@ class SharedValues:
                 ):
                     return shared
             key = f"{self._token}-{next(self._numbers)}"
-            copy = self._copy(key, header, raw)
+        # Copied and placed without the lock: placing may wait for an engine's thread,
+        # which may be releasing another value meanwhile.
+        copy = self._copy(key, header, raw)
+        shared = Shared(key, len(header) + sum(b.nbytes for b in raw), self)
+        with self._lock:
             self._copies[key] = copy
-            shared = Shared(key, len(header) + sum(b.nbytes for b in raw), self)
-            try:
-                self._place(shared, copy)
-            except BaseException:
+        try:
+            self._place(shared, copy)
+        except BaseException:
+            self._release(key, None)
+            raise
+        with self._lock:
+            if self._closed:  # the block ended meanwhile
+                shared.reference = None
                 self._release(key, None)
-                raise
-            vid = id(value)
+                return None
             released = functools.partial(self._released, key, vid)
             self._by_id[vid] = (value, weakref.ref(shared, released))
-            return shared
+        return shared
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
         """How ``shared`` pickles to travel to a worker (by default: the value itself)."""

@@ -91,7 +91,7 @@ def _loads_with(data: bytes, values: Sequence[Any], buffers: Sequence[bytes]) ->
     """``data`` unpickled, the large values inside it being ``values`` (loaded first)."""
     outer, _inner.values = _inner.values, values
     try:
-        return pickle.loads(data, buffers=buffers)
+        return pickle.loads(data, buffers=[bytearray(buffer) for buffer in buffers])
     finally:
         _inner.values = outer
 
@@ -253,7 +253,8 @@ def shared_state(state: State, sharing: SharedValues) -> State:
     return State(state.type, state.name, state.message, taken)
 
 
-def _maybe_large(value: Any, threshold: int) -> bool:
+def _maybe_large(value: Any, threshold: int, depth: int = 2) -> bool:
+    """A cheap guess at whether ``value`` pickles to ``threshold`` bytes or more."""
     if isinstance(value, (bytes, bytearray, str)):
         return len(value) >= threshold
     nbytes = getattr(value, "nbytes", None)  # arrays
@@ -261,7 +262,12 @@ def _maybe_large(value: Any, threshold: int) -> bool:
         return nbytes >= threshold
     if isinstance(value, (list, tuple, dict, set, frozenset)):
         return len(value) * 128 >= threshold  # a guess: the pickle tells
-    return sys.getsizeof(value) >= threshold  # deep for some (pandas)
+    if sys.getsizeof(value) >= threshold:  # deep for some (pandas)
+        return True
+    attributes = getattr(value, "__dict__", None)
+    if depth and type(attributes) is dict:  # an object holding a large value
+        return any(_maybe_large(item, threshold, depth - 1) for item in attributes.values())
+    return False
 
 
 def snapshot_each(values: Sequence[Any], memo: Optional[Memo]) -> List[Any]:
@@ -303,16 +309,31 @@ def _shared_or_frozen(value: Any, sharing: SharedValues, memo: Optional[Memo]) -
         kind = type(value)
         if kind is list or kind is tuple:
             items = [snapshot(item, memo) for item in value]
-            if any(type(item) is Shared for item in items):
+            if any(map(_holds_shared, items)):
                 return kind(items)
         elif kind is dict:
             items = [snapshot(item, memo) for item in value.values()]
-            if any(type(item) is Shared for item in items):
+            if any(map(_holds_shared, items)):
                 return dict(zip(value, items))
         shared = sharing.share(value, data, buffers)
         if shared is not None:
             return shared
+    if not pickler.shared:
+        # Small after all: as without sharing (its buffers in band, writable arrays).
+        return Frozen(cloudpickle.dumps(value, _PROTOCOL) if buffers else data)
     return Frozen(data, tuple(pickler.shared), tuple(b.raw().tobytes() for b in buffers))
+
+
+def _holds_shared(taken: Any) -> bool:
+    """Whether a snapshot is, or is a list, tuple or dict holding, a shared value."""
+    kind = type(taken)
+    if kind is Shared:
+        return True
+    if kind is list or kind is tuple:
+        return any(map(_holds_shared, taken))
+    if kind is dict:
+        return any(map(_holds_shared, taken.values()))
+    return False
 
 
 def _holds_future(value: Any) -> bool:

@@ -1,0 +1,280 @@
+"""The ``large`` workload: many calls sharing one large array, each runner beside its engine's idiom.
+
+N calls each take the same M MB float64 array. Two points: each call sums the array
+(the cost of moving it dominates), and each call does about 50 ms of work on it (where
+parallel starts paying). For each point, rounds run the contenders one after the
+other (interleaved), so that the machine's noise falls on all of them alike:
+
+- a plain loop in this process;
+- the Parallel runner (blocking twin, ``submit`` then ``wait``), a flow's
+  ``task.map(unmapped(array), ...)`` on it (timed inside the flow: its pool start
+  is not counted), and ``joblib.Parallel(n_jobs=2)``, which memmaps arrays over 1 MB;
+- the Dask runner and ``client.scatter`` then ``client.submit``, on one cluster of 2
+  worker processes;
+- the Ray runner and ``ray.put`` then ``f.remote(ref)``, on one local Ray of 2 CPUs.
+
+Run alone with ``python -m benchmarks.large [--quick] [--json FILE]``; ``python -m
+benchmarks`` runs it as its ``large`` workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["LargeConfig", "run_large", "main"]
+
+
+class LargeConfig:
+    """Sizes: ``calls`` calls sharing an array of ``megabytes`` MB, ``rounds`` rounds."""
+
+    def __init__(self, quick: bool = False, rounds: Optional[int] = None) -> None:
+        self.calls = 16
+        self.megabytes = 8 if quick else 80
+        self.rounds = rounds or (2 if quick else 3)
+        self.work_seconds = 0.05
+        self.workers = 2
+
+
+def total(array: Any) -> float:
+    return float(array.sum())
+
+
+def worked(array: Any, repeats: int) -> float:
+    """About 50 ms of work on ``array`` (``repeats`` is calibrated)."""
+    result = 0.0
+    for _ in range(repeats):
+        result = float(array.sum())
+    return result
+
+
+def total_state(array: Any) -> Any:
+    from taskrunners.states import Completed
+
+    return Completed(data=total(array))
+
+
+def worked_state(array: Any, repeats: int) -> Any:
+    from taskrunners.states import Completed
+
+    return Completed(data=worked(array, repeats))
+
+
+def _calibrate(array: Any, seconds: float) -> int:
+    begun = time.perf_counter()
+    worked(array, 3)
+    per = (time.perf_counter() - begun) / 3
+    return max(1, round(seconds / per))
+
+
+def run_large(config: LargeConfig, runners: Sequence[str] = ("parallel", "dask", "ray")) -> Dict[str, Any]:
+    """Measure every contender; the seconds of each round, by point and contender."""
+    import numpy as np
+
+    array = np.random.default_rng(0).random(config.megabytes * 2**20 // 8)
+    repeats = _calibrate(array, config.work_seconds)
+    points = {"sum": ({}, total, total_state), "work": ({"repeats": repeats}, worked, worked_state)}
+    contenders: Dict[str, Callable[[Dict[str, Any], Callable[..., Any], Callable[..., Any]], float]] = {}
+    closers: List[Callable[[], None]] = []
+    n = config.calls
+
+    def plain(extra: Dict[str, Any], fn: Callable[..., Any], state_fn: Callable[..., Any]) -> float:
+        begun = time.perf_counter()
+        [fn(array, **extra) for _ in range(n)]
+        return time.perf_counter() - begun
+
+    contenders["plain loop"] = plain
+    try:
+        if "parallel" in runners:
+            _parallel(contenders, closers, array, config)
+        if "dask" in runners and importlib.util.find_spec("distributed") is not None:
+            _dask(contenders, closers, array, config)
+        if "ray" in runners and importlib.util.find_spec("ray") is not None:
+            _ray(contenders, closers, array, config)
+        seconds: Dict[str, Dict[str, List[float]]] = {
+            point: {name: [] for name in contenders} for point in points
+        }
+        for point, (extra, fn, state_fn) in points.items():
+            for contender in contenders.values():  # warm up
+                contender(extra, fn, state_fn)
+            for _ in range(config.rounds):
+                for name, contender in contenders.items():
+                    seconds[point][name].append(contender(extra, fn, state_fn))
+    finally:
+        for close in reversed(closers):
+            close()
+    return {
+        "calls": n,
+        "megabytes": config.megabytes,
+        "work_repeats": repeats,
+        "rounds": config.rounds,
+        "seconds": seconds,
+    }
+
+
+def _parallel(contenders: Dict[str, Any], closers: List[Any], array: Any, config: LargeConfig) -> None:
+    import joblib
+
+    import taskrunners
+    from taskrunners import flow, task, unmapped
+    from taskrunners.sync import ParallelTaskRunner
+    from taskrunners.task_runners import ParallelTaskRunner as FacadeParallel
+
+    n = config.calls
+    runner = ParallelTaskRunner(max_workers=config.workers)
+    block = runner.start()
+    block.__enter__()
+    closers.append(lambda: block.__exit__(None, None, None))
+
+    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        begun = time.perf_counter()
+        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
+        for future in futures:
+            runner.wait(future).result()
+        return time.perf_counter() - begun
+
+    def with_joblib(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        begun = time.perf_counter()
+        joblib.Parallel(n_jobs=config.workers)(joblib.delayed(fn)(array, **extra) for _ in range(n))
+        return time.perf_counter() - begun
+
+    @task
+    def mapped_task(array: Any, index: int, extra: Dict[str, Any], fn: Any) -> float:
+        return float(fn(array, **extra))
+
+    def flow_map(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        @flow(task_runner=FacadeParallel(max_workers=config.workers))
+        def timed() -> float:
+            begun = time.perf_counter()
+            futures = mapped_task.map(unmapped(array), range(n), unmapped(extra), unmapped(fn))
+            [future.result() for future in futures]
+            return time.perf_counter() - begun
+
+        return float(timed().result())
+
+    contenders["Parallel twin"] = twin
+    contenders["Parallel flow task.map"] = flow_map
+    contenders["joblib.Parallel"] = with_joblib
+
+
+def _dask(contenders: Dict[str, Any], closers: List[Any], array: Any, config: LargeConfig) -> None:
+    import distributed
+
+    import taskrunners
+    from taskrunners.sync import DaskTaskRunner
+
+    n = config.calls
+    cluster = distributed.LocalCluster(
+        n_workers=config.workers, threads_per_worker=1, processes=True,
+        host="127.0.0.1", dashboard_address=None,
+    )
+    closers.append(cluster.close)
+    client = distributed.Client(cluster)
+    closers.append(client.close)
+    runner = DaskTaskRunner(address=cluster.scheduler_address)
+    block = runner.start()
+    block.__enter__()
+    closers.append(lambda: block.__exit__(None, None, None))
+
+    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        begun = time.perf_counter()
+        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
+        for future in futures:
+            runner.wait(future).result()
+        return time.perf_counter() - begun
+
+    def scatter_submit(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        begun = time.perf_counter()
+        scattered = client.scatter(array)
+        futures = [client.submit(fn, scattered, pure=False, **extra) for _ in range(n)]
+        client.gather(futures)
+        return time.perf_counter() - begun
+
+    contenders["Dask twin"] = twin
+    contenders["Dask scatter+submit"] = scatter_submit
+
+
+def _ray(contenders: Dict[str, Any], closers: List[Any], array: Any, config: LargeConfig) -> None:
+    import ray
+
+    import taskrunners
+    from taskrunners.sync import RayTaskRunner
+
+    n = config.calls
+    ray.init(num_cpus=config.workers, include_dashboard=False, logging_level="ERROR")
+    closers.append(ray.shutdown)
+    runner = RayTaskRunner()  # joins the instance started above
+    block = runner.start()
+    block.__enter__()
+    closers.append(lambda: block.__exit__(None, None, None))
+    remotes: Dict[Any, Any] = {}
+
+    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        begun = time.perf_counter()
+        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
+        for future in futures:
+            runner.wait(future).result()
+        return time.perf_counter() - begun
+
+    def put_remote(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        remote = remotes.get(fn) or remotes.setdefault(fn, ray.remote(fn))
+        begun = time.perf_counter()
+        ref = ray.put(array)
+        ray.get([remote.remote(ref, **extra) for _ in range(n)])
+        return time.perf_counter() - begun
+
+    contenders["Ray twin"] = twin
+    contenders["Ray put+remote"] = put_remote
+
+
+#: Each runner's row, its idiom's row.
+PAIRS = (
+    ("Parallel twin", "joblib.Parallel"),
+    ("Parallel flow task.map", "joblib.Parallel"),
+    ("Dask twin", "Dask scatter+submit"),
+    ("Ray twin", "Ray put+remote"),
+)
+
+
+def summary(result: Dict[str, Any]) -> List[str]:
+    """Lines of a table: best and median seconds, the ratio to the idiom and to the loop."""
+    lines = [
+        f"large: {result['calls']} calls sharing one {result['megabytes']} MB array, "
+        f"best of {result['rounds']} interleaved rounds"
+    ]
+    for point, by_name in result["seconds"].items():
+        loop = min(by_name["plain loop"])
+        lines.append(f"  {point}: plain loop {loop:.3f} s")
+        for name, idiom in PAIRS:
+            if name not in by_name or idiom not in by_name:
+                continue
+            best, peer = min(by_name[name]), min(by_name[idiom])
+            median = statistics.median(by_name[name])
+            lines.append(
+                f"    {name:<24} {best:7.3f} s (median {median:.3f})  {idiom} {peer:.3f} s  "
+                f"= {best / peer:5.2f}x the idiom, {loop / best:5.2f}x faster than the loop"
+            )
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.large", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="an 8 MB array, 2 rounds")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--runners", default="parallel,dask,ray")
+    parser.add_argument("--json", default=None, help="write the seconds of every round here")
+    args = parser.parse_args(argv)
+    result = run_large(LargeConfig(args.quick, args.rounds), args.runners.split(","))
+    print("\n".join(summary(result)))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(result, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
