@@ -50,7 +50,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import cloudpickle
 
-from taskrunners._core.arguments import may_hold_futures
+from taskrunners._collections import visit_collection
+from taskrunners._core.arguments import is_future, may_hold_futures
 from taskrunners._core.batching import Dispatcher, Durations, Entry, batch_key_of
 from taskrunners._core.calls import state_of_done
 from taskrunners._core.dask import dask_private, worker as dask_worker
@@ -77,22 +78,18 @@ class DaskBatches:
     :param submitter: the block's :class:`DaskSubmitter`, which sends a call alone,
         settles one, and watches a batch's Dask future
     :param durations: how long each task's calls take, kept by the runner across blocks
-    :param resolve_futures: replaces the futures in a call's arguments with their
-        States (all done)
     """
 
     def __init__(
         self,
         submitter: DaskSubmitter,
         durations: Durations,
-        resolve_futures: Callable[[Any], Any],
     ) -> None:
         import dask
 
         self.submitter = submitter
         self.client = submitter.client
         self.durations = durations
-        self._resolve_futures = resolve_futures
         self.dispatcher: Dispatcher[Entry[Submission]] = Dispatcher(2, self.send, durations)
         self.refresh_limit()
         self.current_annotations: Callable[[], Dict[str, Any]] = dask.get_annotations
@@ -224,8 +221,8 @@ class DaskBatches:
                 else:
                     refused = None
                     batch.dask_future = dask_future
-                    for call, token in zip(batch.calls, tokens):
-                        call.token, call.dask_future = token, dask_future
+                    for position, (call, token) in enumerate(zip(batch.calls, tokens)):
+                        call.token, call.dask_future, call.position = token, dask_future, position
             finally:
                 for lock in locks:
                     lock.release()
@@ -241,7 +238,12 @@ class DaskBatches:
     def _by_value(self, run_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         if not any(may_hold_futures(value) for value in run_kwargs.values()):
             return run_kwargs
-        result: Dict[str, Any] = self._resolve_futures(run_kwargs)
+        result: Dict[str, Any] = visit_collection(
+            run_kwargs,
+            lambda value: self.submitter.by_value(self.submitter.call_of(value))
+            if is_future(value)
+            else value,
+        )
         return result
 
     def _picklable(self, live: List[Entry[Submission]], pairs: List[Any]) -> List[Entry[Submission]]:

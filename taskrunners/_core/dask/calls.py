@@ -40,6 +40,7 @@ __all__ = [
     "DaskBatch",
     "Submission",
     "dask_future_to_hand_off",
+    "handed_off",
     "forget_token",
     "failure_state",
     "unpicklable_call_state",
@@ -61,7 +62,7 @@ class DaskCall(Call):
 
     __slots__ = (
         "client", "dispatcher", "canceller", "key", "token", "dask_future", "handover", "rerun",
-        "waiting_on", "shared",
+        "waiting_on", "shared", "position",
     )
 
     def __init__(
@@ -89,6 +90,8 @@ class DaskCall(Call):
         self.waiting_on: Optional[List[Any]] = None
         # The large values its task takes (``dask.scattered``): kept until it is done.
         self.shared: Optional[List[Any]] = None
+        # Its place in its batch's outcomes, when it is in one.
+        self.position: Optional[int] = None
 
     def _ended(self) -> None:
         self.shared = None
@@ -201,6 +204,17 @@ def dask_future_to_hand_off(call: Any, client: Any) -> Any:
     if call.done() and dask_future.status in ("error", "cancelled"):
         return None
     return dask_future
+
+
+def handed_off(call: Any, client: Any) -> Any:
+    """A done upstream call's State left where Dask holds it, for a call that takes it
+    (a :class:`~taskrunners._core.dask.worker.HandedOff`), or None if Dask holds none."""
+    if type(call) is not DaskCall or call.client is not client:
+        return None
+    dask_future = call.dask_future
+    if dask_future is None or dask_future.status in ("error", "cancelled"):
+        return None
+    return dask_worker.HandedOff(dask_future, call.position if call.in_batch else None)
 
 
 def unpicklable_call_state(exc: BaseException) -> State:

@@ -220,7 +220,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._batches = (
             None
             if self.batch_size == 1
-            else DaskBatches(submitter, self._durations, self._resolve_futures)
+            else DaskBatches(submitter, self._durations)
         )
 
     def _close(self) -> None:

@@ -10,6 +10,7 @@ pending call needs the value its Dask future is dropped, which releases the key.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -31,13 +32,24 @@ class ScatteredValues(SharedValues):
         super().__init__(threshold)
         self._client = client
 
-    def _place(self, shared: Shared, copy: _Copy) -> None:
+    def _place(self, shared: Shared, copy: _Copy) -> bool:
+        if _on_loop(self._client):  # a call started by a callback: scatter would wait on itself
+            return False
         shared.reference = self._client.scatter(self.payload(shared), hash=False)
+        return True
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
         if shared.reference is not None and collect(shared):
             return (load_placed, (shared.key,))
         return super().reduce(shared)  # not on its way to a task: the value itself
+
+
+def _on_loop(client: Any) -> bool:
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return running is getattr(client.loop, "asyncio_loop", None)
 
 
 def dependencies(collected: List[Shared]) -> Optional[List[Tuple[str, str, Any]]]:

@@ -32,6 +32,7 @@ from taskrunners._core.dask.calls import (
     Submission,
     cancel_unstarted,
     dask_future_to_hand_off,
+    handed_off,
     failure_state,
     forget_token,
     unpicklable_call_state,
@@ -41,7 +42,7 @@ from taskrunners._core.dask.cluster import RecordForwarder
 from taskrunners._core.dask.scattered import ScatteredValues, dependencies
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners._core.remote.sharing import collecting
-from taskrunners._core.remote.snapshots import shared_state
+from taskrunners._core.remote.snapshots import maybe_large, shared_state
 from taskrunners.states import Crashed, exception_to_crashed_state
 
 __all__ = ["DaskSubmitter", "start_after"]
@@ -68,7 +69,7 @@ class DaskSubmitter:
         self.client = client
         self.capture = capture
         self.forwarder = forwarder
-        self._call_of = call_of
+        self.call_of = call_of
         self._logger = logger
         #: The token of the Dask task each key in flight names: a call submitted under
         #: a key Dask already holds shares that task, so it must share its token.
@@ -77,10 +78,19 @@ class DaskSubmitter:
         #: Where the block's large values are scattered (see ``dask.scattered``), if it is.
         self.shared: Optional[ScatteredValues] = None
 
-    def _state_of(self, call: CallHandle) -> Any:
-        """The State of a done upstream call, to go by value (a large result shared)."""
+    def by_value(self, call: CallHandle) -> Any:
+        """What stands for a done upstream call in the arguments of a call that takes it
+        by value: a large State Dask holds stays there (:class:`~taskrunners._core.dask.
+        worker.HandedOff`); any other goes as it is, its large data shared."""
         state = state_of_done(call)
-        return state if self.shared is None else shared_state(state, self.shared)
+        shared = self.shared
+        if shared is None:
+            return state
+        if maybe_large(state.data, shared.threshold):
+            handed = handed_off(call, self.client)
+            if handed is not None:
+                return handed
+        return shared_state(state, shared)
 
     def watch(self, watched: Any, dask_future: Any) -> None:
         """Settle ``watched`` (a call, or a batch) once ``dask_future`` is done."""
@@ -114,7 +124,7 @@ class DaskSubmitter:
 
         kwargs = run_kwargs
         if any(may_hold_futures(value) for value in run_kwargs.values()):
-            kwargs, _ = with_upstream(run_kwargs, self._call_of, self._state_of, hand_off)
+            kwargs, _ = with_upstream(run_kwargs, self.call_of, self.by_value, hand_off)
         upstream = [(dask_future.key, dask_future) for _, dask_future in handed_off.values()]
         try:
             with collecting() as collected:

@@ -37,11 +37,12 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from taskrunners._core.dask import dask_private
 from taskrunners._core.dask.scattered import payloads_here
 from taskrunners._core.remote.protocol import (
+    decode_batch,
     CoroutineWatch,
     decode_outcome,
     encode_batch,
@@ -252,18 +253,51 @@ def _run_call(
     return run_in_worker(run_fn, run_kwargs, watch=_registered(token))
 
 
+class HandedOff:
+    """In a call's arguments: an upstream call's large State, left where Dask holds it
+    (its own task's value, or its batch's at ``position``). The call's task depends on
+    that key (see ``dask.scattered``), and the worker decodes the State once for every
+    call there that takes it."""
+
+    __slots__ = ("key", "reference", "position")
+
+    def __init__(self, dask_future: Any, position: Optional[int]) -> None:
+        self.key = f"upstream-{dask_future.key}"
+        self.reference = dask_future
+        self.position = position
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        if not sharing.collect(self):
+            raise pickle.PicklingError("An upstream State left in Dask travels only with a task.")
+        return (_handed_off_state, (self.reference.key, self.position))
+
+
+def _handed_off_state(name: str, position: Optional[int]) -> State:
+    outcome = sharing.placed_payload(f"upstream-{name}")
+    if position is None:
+        return _upstream_state(name, outcome)
+    if not isinstance(outcome, bytes):  # a batch in this process: its outcomes as they are
+        return outcome[position][0]
+    outcomes = _decoded_once(name, outcome, lambda: decode_batch([name], outcome)[0])
+    return outcomes[position][0]
+
+
 def _upstream_state(name: str, outcome: Any) -> State:
     """An upstream call's State; a large one is decoded once in this worker, for every
     call here that takes it (as Dask hands one object to every task that depends on a
     key), while the worker holds the key."""
-    if not isinstance(outcome, bytes) or len(outcome) < DEFAULT_LARGE_VALUE_BYTES:
+    if not isinstance(outcome, bytes):
         return decoded(name, outcome)[0]
+    return _decoded_once(name, outcome, lambda: decoded(name, outcome)[0])
+
+
+def _decoded_once(name: str, outcome: bytes, decode: Callable[[], Any]) -> Any:
+    if len(outcome) < DEFAULT_LARGE_VALUE_BYTES:
+        return decode()
     import distributed
 
     data = distributed.get_worker().data
-    return sharing.load(
-        f"upstream-{name}", lambda: decoded(name, outcome)[0], lambda: name in data
-    )
+    return sharing.load(f"upstream-{name}", decode, lambda: name in data)
 
 
 def decoded(name: str, value: Any) -> Tuple[State, Optional[List[Any]], Optional[str]]:

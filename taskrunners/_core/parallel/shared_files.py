@@ -34,7 +34,7 @@ class SharedFiles(SharedValues):
     def __init__(self, threshold: int) -> None:
         super().__init__(threshold)
         where = _SHARED_MEMORY if os.access(_SHARED_MEMORY, os.W_OK) else None
-        self.folder = tempfile.mkdtemp(prefix="taskrunners-shared-", dir=where)
+        self.folder = tempfile.mkdtemp(prefix=f"taskrunners-shared-{os.getpid()}-", dir=where)
         resource_tracker.register(self.folder, "folder")
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:

@@ -22,6 +22,9 @@ class Held(NamedTuple):
     ref: Any
     #: Its place among the outcomes of a batch; None for a ref holding one packed State.
     position: Optional[int]
+    #: Whether that one State holds a large value: the worker then fetches it from the
+    #: ref once, for every call there that takes it (see ``ray.worker``).
+    large: bool = False
 
 
 class RayCall(Call, OwnEntry):

@@ -35,8 +35,9 @@ class PutValues(SharedValues):
         super().__init__(threshold)
         self._ray = ray
 
-    def _place(self, shared: Shared, copy: _Copy) -> None:
+    def _place(self, shared: Shared, copy: _Copy) -> bool:
         shared.reference = self._ray.put(self.payload(shared))
+        return True
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
         if shared.reference is not None and collect(shared):

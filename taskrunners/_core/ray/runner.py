@@ -66,6 +66,7 @@ from taskrunners._core.ray.sending import RaySender
 from taskrunners._core.ray.worker import RemoteFunctions, check_remote_options
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners._core.ray.placed import PutValues
+from taskrunners._core.remote.snapshots import maybe_large
 from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
 from taskrunners._core.settings import BATCH_SIZE_DOC, LARGE_VALUE_BYTES_DOC, Setting
 from taskrunners._core.futures import TaskRun
@@ -313,7 +314,13 @@ class RayTaskRunner(BlockingTaskRunner):
         """Where Ray holds the State of a call of this runner whose task gave one, else None
         (a call cancelled before it was sent has no task)."""
         if type(call) is RayCall and call.runner is self and call.ref is not None and not call.failed:
-            return Held(call.ref, call.position)
+            threshold = self.large_value_bytes
+            large = (
+                call.position is None
+                and threshold is not None
+                and maybe_large(state_of_done(call).data, threshold)
+            )
+            return Held(call.ref, call.position, large)
         return None
 
     def _cancel_ref(self, ref: Any) -> None:

@@ -220,7 +220,7 @@ class RaySender:
             and not self.sharing()
             and remote.holds_run_fn
             and call.run_fn is first.key
-            and all(held.position is None for held in call.held)
+            and all(held.position is None and not held.large for held in call.held)
         ):
             self._submit_alone(first, remote)
         else:
@@ -261,11 +261,12 @@ class RaySender:
             if call.held:
                 places = []
                 for held in call.held:  # one argument per ref, for the whole batch
-                    index = index_of(held.ref)
-                    if held.position is None:
-                        places.append((index, None))
+                    if held.large:  # in a tuple: Ray leaves it to the worker to fetch
+                        places.append((index_of((held.ref,)), None, held.ref.hex()))
+                    elif held.position is None:
+                        places.append((index_of(held.ref), None))
                     else:  # the ref's id: a worker decodes a large batch once
-                        places.append((index, held.position, held.ref.hex()))
+                        places.append((index_of(held.ref), held.position, held.ref.hex()))
             own = remote.holds_run_fn and call.run_fn is entry.key
             run_fn: Any = None if own else call.run_fn
             run_kwargs: Any = call.run_kwargs

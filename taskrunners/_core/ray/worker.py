@@ -161,6 +161,8 @@ def run_batch_call(
     def upstream_state(place: Place) -> State:
         index, position = place[0], place[1]
         if position is None:
+            if len(place) > 2:  # a large value: fetched here once (see sending)
+                return sharing.load(f"upstream-{place[2]}", lambda: _fetched(upstream[index]))
             return unpacked(upstream[index])[0]
         outcomes = batches.get(index)
         if outcomes is None:
@@ -198,6 +200,12 @@ def run_batch_call(
     calls = (prepared(*call) for call in batch.calls)
     outcomes = run_batch(list(calls), interrupt_tick, starting, marks.finished)
     return encode_batch(batch.names, [(state, seconds) for state, seconds, _ in outcomes], [], WHERE)
+
+
+def _fetched(nested: Tuple[Any]) -> State:
+    import ray
+
+    return unpacked(ray.get(nested[0]))[0]
 
 
 def _decoded_batch(place: Place, value: Any) -> List[Tuple[State, float]]:

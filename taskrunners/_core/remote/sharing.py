@@ -134,9 +134,9 @@ class Payload:
 class SharedValues:
     """One runner block's large values: a copy of each, released when no call needs it.
 
-    This base keeps each copy in an anonymous memory map; a runner's subclass says
-    where the copy is placed for its workers (:meth:`_place`) and how a :class:`Shared`
-    pickles on its way there (:meth:`reduce`).
+    This base keeps each copy in an unnamed file in memory, mapped; a runner's
+    subclass says where the copy is kept (:meth:`_open`), placed for its workers
+    (:meth:`_place`), and how a :class:`Shared` pickles on its way there (:meth:`reduce`).
     """
 
     def __init__(self, threshold: int) -> None:
@@ -175,10 +175,13 @@ class SharedValues:
         with self._lock:
             self._copies[key] = copy
         try:
-            self._place(shared, copy)
+            placed = self._place(shared, copy)
         except BaseException:
             self._release(key, None)
             raise
+        if not placed:  # not from this thread: the value goes with each call
+            self._release(key, None)
+            return None
         with self._lock:
             if self._closed:  # the block ended meanwhile
                 shared.reference = None
@@ -193,7 +196,7 @@ class SharedValues:
         copy = self._copies.get(shared.key)
         if copy is None:
             raise RuntimeError(f"The large value {shared.key} was released with its runner's block.")
-        return (_loads, (bytes(copy.header), copy.buffers()))
+        return (_loads, (bytes(copy.header), [pickle.PickleBuffer(b) for b in copy.buffers()]))
 
     def payload(self, shared: Shared) -> Payload:
         """What an engine is given to hold ``shared`` for its workers."""
@@ -224,8 +227,10 @@ class SharedValues:
         os.unlink(path)
         return handle, None
 
-    def _place(self, shared: Shared, copy: _Copy) -> None:
-        """Make ``copy`` reachable from the workers (set ``shared.reference`` if need be)."""
+    def _place(self, shared: Shared, copy: _Copy) -> bool:
+        """Make ``copy`` reachable from the workers (set ``shared.reference`` if need be);
+        False if that cannot be done from this thread."""
+        return True
 
     def _dropped(self, copy: _Copy) -> None:
         """``copy`` is no longer needed: release what :meth:`_open` made."""
@@ -343,9 +348,9 @@ class collecting:
         _collected.shared = self._outer
 
 
-def collect(shared: Shared) -> bool:
+def collect(shared: Any) -> bool:
     """List ``shared`` in this thread's :class:`collecting`; False if none is active."""
-    listed = _collected.shared
+    listed: Optional[List[Any]] = _collected.shared
     if listed is None:
         return False
     if all(item is not shared for item in listed):
@@ -416,14 +421,19 @@ class placed:
         _placed.payloads = self._outer
 
 
-def load_placed(key: str) -> Any:
-    """The value shared under ``key``, from the payload the engine handed over with the
-    task (see :class:`placed`), loaded once in this process."""
+def placed_payload(key: str) -> Any:
+    """What the engine handed over with the task for ``key`` (see :class:`placed`)."""
     payloads = _placed.payloads
     if payloads is None or key not in payloads:
         raise RuntimeError(f"The large value {key} did not reach this worker with its task.")
-    payload, alive = payloads[key]
-    return load(key, payload.value, alive)
+    return payloads[key][0]
+
+
+def load_placed(key: str) -> Any:
+    """The value shared under ``key``, from the payload the engine handed over with the
+    task (see :class:`placed`), loaded once in this process."""
+    payload = placed_payload(key)
+    return load(key, payload.value, _placed.payloads[key][1])  # type: ignore[index]
 
 
 def loaded_keys() -> List[str]:

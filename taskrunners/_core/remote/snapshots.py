@@ -44,7 +44,7 @@ from taskrunners.states import State
 
 __all__ = [
     "Frozen", "Memo", "snapshot", "snapshot_each", "snapshot_call", "snapshot_kwargs",
-    "shared_state", "unchanging", "all_unchanging",
+    "shared_state", "maybe_large", "unchanging", "all_unchanging",
 ]  # fmt: skip
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -245,7 +245,7 @@ def shared_state(state: State, sharing: SharedValues) -> State:
     data = state.data
     if type(data) in _UNCHANGING and not isinstance(data, (bytes, str)):
         return state
-    if not _maybe_large(data, sharing.threshold):
+    if not maybe_large(data, sharing.threshold):
         return state
     taken = snapshot(data, Memo(sharing))
     if type(taken) is not Shared:
@@ -253,7 +253,7 @@ def shared_state(state: State, sharing: SharedValues) -> State:
     return State(state.type, state.name, state.message, taken)
 
 
-def _maybe_large(value: Any, threshold: int, depth: int = 2) -> bool:
+def maybe_large(value: Any, threshold: int, depth: int = 2) -> bool:
     """A cheap guess at whether ``value`` pickles to ``threshold`` bytes or more."""
     if isinstance(value, (bytes, bytearray, str)):
         return len(value) >= threshold
@@ -266,7 +266,7 @@ def _maybe_large(value: Any, threshold: int, depth: int = 2) -> bool:
         return True
     attributes = getattr(value, "__dict__", None)
     if depth and type(attributes) is dict:  # an object holding a large value
-        return any(_maybe_large(item, threshold, depth - 1) for item in attributes.values())
+        return any(maybe_large(item, threshold, depth - 1) for item in attributes.values())
     return False
 
 
