@@ -42,12 +42,12 @@ MAX_ITEMS = 4096
 def check_sizes(chunksize: Any, buffersize: Any) -> None:
     """:raises TypeError, ValueError: as the standard library's ``map`` does"""
     if buffersize is not None:
-        if not isinstance(buffersize, int) or isinstance(buffersize, bool):
+        if not isinstance(buffersize, int):
             raise TypeError(f"buffersize must be an integer or None, got {buffersize!r}")
         if buffersize < 1:
             raise ValueError(f"buffersize must be None or > 0, got {buffersize!r}")
     if chunksize is not None:
-        if not isinstance(chunksize, int) or isinstance(chunksize, bool):
+        if not isinstance(chunksize, int):
             raise TypeError(f"chunksize must be an integer or None, got {chunksize!r}")
         if chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize!r}")
@@ -157,7 +157,7 @@ class MapRun:
         self._core = core
         self._fn = fn
         self._chunk_type = _AsyncChunk if is_coroutine_function(fn) else _Chunk
-        self._task_run = TaskRun(name=getattr(fn, "__name__", type(fn).__name__))
+        self._name = getattr(fn, "__name__", type(fn).__name__)
         self._buffersize = buffersize
         # Counted in chunks with an int chunksize (as the standard library), else items.
         self._count_items = chunksize is None
@@ -198,7 +198,7 @@ class MapRun:
 
     def _submit(self, items: List[tuple]) -> None:
         run_fn = self._chunk_type(self._fn, items, self)
-        call = seam.call_of(seam.submit(self._core, self._task_run, run_fn, {}))
+        call = seam.call_of(seam.submit(self._core, TaskRun(name=self._name), run_fn, {}))
         with self._lock:
             self._chunks.append((call, len(items)))
             self._lock.notify_all()
