@@ -15,6 +15,7 @@ from taskrunners.sync import SequentialTaskRunner
 from tests.support.kinds import all_kinds, parametrize_kinds
 from tests.support.map_payloads import calls_recorded, fail_at, identity, record_call, where
 from tests.support.payloads import async_double, divide
+from tests.support.processes import run_python
 from tests.support.waiting import wait_for_path
 
 pytestmark = pytest.mark.timeout(300)
@@ -202,3 +203,16 @@ async def test_amap_on_asyncio_and_trio(kind, request, runner_form, tmp_path, an
         await results.aclose()
     ran = calls_recorded(tmp_path)
     assert ran == list(range(len(ran))) and 3 <= len(ran) <= 3 + 2 + 1
+
+
+@pytest.mark.parametrize(
+    "runner_class", ["SequentialTaskRunner", "ConcurrentTaskRunner", "ParallelTaskRunner"]
+)
+def test_ctrl_c_cancels_the_items_not_started(runner_class, tmp_path):
+    done = run_python(
+        "-m", "tests.support.map_interrupt_script", runner_class, tmp_path, timeout=240, check=True
+    )
+    assert "interrupted" in done.stdout, done.stderr
+    ran = calls_recorded(tmp_path)
+    # 200 items of 0.2 s each: those past the few in flight at the Ctrl-C never ran.
+    assert ran == list(range(len(ran))) and 4 <= len(ran) < 20, done.stdout
