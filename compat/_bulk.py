@@ -23,7 +23,7 @@ import itertools
 import os
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Deque, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Optional, Tuple
 
 import anyio
 
@@ -54,28 +54,33 @@ def check_sizes(chunksize: Any, buffersize: Any) -> None:
 
 
 class _Chunk:
-    """Runs ``fn(*args)`` for each item in order; its State holds ``(values, error,
-    seconds)``: the values before the first exception, that exception (or None), and
-    the time the items took in the worker."""
+    """Runs ``fn(*args)`` for each item in order (``fn(item)`` for the items of one
+    iterable, kept bare); its State holds ``(values, error, seconds)``: the values
+    before the first exception, that exception (or None), and the time the items took
+    in the worker."""
 
-    __slots__ = ("fn", "items", "key")
+    __slots__ = ("fn", "items", "spread", "key")
 
-    def __init__(self, fn: Callable[..., Any], items: List[tuple], key: Any) -> None:
-        self.fn, self.items, self.key = fn, items, key
+    def __init__(self, fn: Callable[..., Any], items: List[Any], spread: bool, key: Any) -> None:
+        self.fn, self.items, self.spread, self.key = fn, items, spread, key
 
     def __getstate__(self) -> tuple:
-        return (self.fn, self.items)
+        return (self.fn, self.items, self.spread)
 
     def __setstate__(self, state: tuple) -> None:
-        self.fn, self.items = state
+        self.fn, self.items, self.spread = state
         self.key = None
 
     def __snapshot__(self, memo: Optional[Memo]) -> "_Chunk":
         # For runners that send calls later: the arguments as they are at submit.
+        if not self.spread:
+            if all_unchanging(self.items):
+                return self
+            return type(self)(self.fn, snapshot_each(self.items, memo), False, self.key)
         if all(all_unchanging(args) for args in self.items):
             return self
         items = [tuple(snapshot_each(args, memo)) for args in self.items]
-        return type(self)(self.fn, items, self.key)
+        return type(self)(self.fn, items, True, self.key)
 
     def __batch_key__(self, run_kwargs: Any) -> Any:
         return self.key  # the map: its chunks are timed apart from other calls of fn
@@ -85,8 +90,12 @@ class _Chunk:
         append, fn = values.append, self.fn
         start = time.perf_counter()
         try:
-            for args in self.items:
-                append(fn(*args))
+            if self.spread:
+                for args in self.items:
+                    append(fn(*args))
+            else:
+                for item in self.items:
+                    append(fn(item))
         except Exception as exc:
             return Completed(data=(values, exc, time.perf_counter() - start))
         return Completed(data=(values, None, time.perf_counter() - start))
@@ -99,7 +108,7 @@ class _AsyncChunk(_Chunk):
         values: List[Any] = []
         start = time.perf_counter()
         try:
-            for args in self.items:
+            for args in self.items if self.spread else ((item,) for item in self.items):
                 values.append(await self.fn(*args))
         except Exception as exc:
             return Completed(data=(values, exc, time.perf_counter() - start))
@@ -149,7 +158,7 @@ class MapRun:
         self,
         core: Any,
         fn: Callable[..., Any],
-        items: Iterator[tuple],
+        iterables: Tuple[Iterable[Any], ...],
         chunksize: Optional[int],
         buffersize: Optional[int],
         refuse: Callable[[], Optional[str]],
@@ -176,8 +185,11 @@ class MapRun:
         self._error: Optional[BaseException] = None
         #: Set once no chunk will be submitted by a callback any more.
         self.fed = threading.Event()
+        # The items of one iterable are kept bare: no tuple each.
+        self._spread = len(iterables) != 1
+        items: Iterator[Any] = zip(*iterables) if self._spread else iter(iterables[0])
         if buffersize is None:
-            self._items: Iterator[tuple] = iter(list(items))
+            self._items: Iterator[Any] = iter(list(items))
             self._feed()
         else:
             self.fed.set()
@@ -186,7 +198,7 @@ class MapRun:
 
     # -- submitting --------------------------------------------------------------------
 
-    def _take(self, limit: int = 0) -> Optional[List[tuple]]:
+    def _take(self, limit: int = 0) -> Optional[List[Any]]:
         size = self._sizes.next()
         if limit and self._count_items:
             size = min(size, max(1, limit - self._ahead))
@@ -196,8 +208,8 @@ class MapRun:
             return None
         return items
 
-    def _submit(self, items: List[tuple]) -> None:
-        run_fn = self._chunk_type(self._fn, items, self)
+    def _submit(self, items: List[Any]) -> None:
+        run_fn = self._chunk_type(self._fn, items, self._spread, self)
         call = seam.call_of(seam.submit(self._core, TaskRun(name=self._name), run_fn, {}))
         with self._lock:
             self._chunks.append((call, len(items)))
@@ -237,6 +249,8 @@ class MapRun:
     def _refill(self, limit: int) -> None:
         # Buffer mode, in the consumer's thread: submit until ``limit`` are ahead.
         while not self._closed and not self._exhausted and self._ahead < limit:
+            if self._count_items and len(self._chunks) >= self._limit:
+                return  # a few chunks at a time, so that each is sized from the last
             reason = self._refuse()
             if reason is not None:
                 raise RuntimeError(reason)

@@ -347,7 +347,7 @@ class RunnerExecutor(concurrent.futures.Executor):
     ) -> _bulk.MapRun:
         _bulk.check_sizes(chunksize, buffersize)
         self._ensure_started()
-        run = _bulk.MapRun(self._core, fn, zip(*iterables), chunksize, buffersize, self._refusal)
+        run = _bulk.MapRun(self._core, fn, iterables, chunksize, buffersize, self._refusal)
         self._maps.add(run)
         return run
 
