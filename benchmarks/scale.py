@@ -40,17 +40,14 @@ def _peak_bytes() -> int:
 
 
 def _twin(workers: int, calls: int) -> Callable[[Callable[[], None]], None]:
+    from benchmarks.workloads import noop
     from taskrunners.futures import TaskRun
-    from taskrunners.states import Completed
     from taskrunners.sync import ParallelTaskRunner
 
     def run(timed: Callable[[], None]) -> None:
         with ParallelTaskRunner(max_workers=workers).start() as runner:
-            state = Completed()
-            task_run = TaskRun()
-
             def batch(count: int) -> None:
-                futures = [runner.submit(task_run, _completed, {"state": state}) for _ in range(count)]
+                futures = [runner.submit(TaskRun(), noop, {}) for _ in range(count)]
                 for future in futures:
                     runner.wait(future)
 
@@ -58,10 +55,6 @@ def _twin(workers: int, calls: int) -> Callable[[Callable[[], None]], None]:
             timed(lambda: batch(calls))
 
     return run
-
-
-def _completed(state: Any) -> Any:
-    return state
 
 
 def _task_map(workers: int, calls: int) -> Callable[[Callable[[], None]], None]:
