@@ -1,7 +1,7 @@
 """``RunnerExecutor.map`` and ``amap``: many items as a few runner calls, no future per item.
 
-The path an item travels: ``map`` zips the iterables; a :class:`MapRun` cuts the
-items into chunks (an int ``chunksize``, or sized from how long items took, as
+The path an item travels: ``map`` zips the iterables (the items of one iterable stay
+bare, no tuple each); a :class:`MapRun` cuts the items into chunks (an int ``chunksize``, or sized from how long items took, as
 ``batch_size="auto"`` sizes batches) and submits each chunk as one call of a
 :class:`_Chunk`; the worker runs the chunk's items in order and returns their
 values, stopping at the first exception; the consumer waits for each chunk in turn,
