@@ -9,7 +9,12 @@ Ray) on three kinds of workload:
   ``Client.submit``, Ray's ``remote()``);
 - ``tiny``, 10,000 no-op calls, and a sweep of calls of 0 to 100 ms of CPU work:
   ``batch_size=1`` and ``batch_size="auto"`` against the raw engine and against the
-  engine's own bulk map (``joblib.Parallel``, ``dask.bag``, Ray's ``Pool.map``).
+  engine's own bulk map (``joblib.Parallel``, ``dask.bag``, Ray's ``Pool.map``);
+  ``tiny`` also through ``RunnerExecutor.map``.
+
+``python -m benchmarks.scale`` times 10^4 to 10^6 no-op calls, with the memory each
+call adds, through the twin, ``task.map``, ``RunnerExecutor.map`` and joblib;
+``python -m benchmarks.goals`` prints the numbers the issues set goals for.
 
 All engines of one runner are open at once and take turns, one batch each per round,
 so load from other processes hits them alike. Prints the tables, writes

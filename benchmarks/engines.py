@@ -17,11 +17,13 @@ import concurrent.futures
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, AsyncContextManager, AsyncIterator, Callable, Dict, List, Optional
 
 import anyio.from_thread
 
+from benchmarks.workloads import call_ignoring_item
 from taskrunners import TaskRun
 from taskrunners.states import State
 
@@ -255,6 +257,39 @@ class Twin(SyncEngine):
         block, self._block = self._block, None
         if block is not None:
             block.__exit__(type(exc), exc, exc.__traceback__)
+
+
+class ExecutorMap(SyncEngine):
+    """``RunnerExecutor(twin).map`` over the calls: chunks sized by the executor, no
+    future per call; the executor (and the twin's ``start()`` block) lives as long as
+    the engine is open."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.name = f"RunnerExecutor({type(runner).__name__}).map"
+        self._executor: Any = None
+
+    def open(self):
+        from taskrunners.compat.futures import RunnerExecutor
+
+        self._executor = RunnerExecutor(self.runner)
+
+    def run_batch(self, fn, kwargs, calls, timeout):
+        results = self._executor.map(partial(call_ignoring_item, fn, kwargs), range(calls), timeout=timeout)
+        try:
+            return list(results)
+        except concurrent.futures.TimeoutError:
+            raise BatchTimeout.after(calls, timeout) from None
+
+    def close(self):
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def abort(self, exc):
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 class Facade(AsyncEngine):

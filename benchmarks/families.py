@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
 
 from benchmarks.clusters import SharedCluster
-from benchmarks.engines import AsyncEngine, EngineSettings, Facade, OnEventLoop, SyncEngine, Twin
+from benchmarks.engines import (
+    AsyncEngine,
+    EngineSettings,
+    ExecutorMap,
+    Facade,
+    OnEventLoop,
+    SyncEngine,
+    Twin,
+)
 from benchmarks.raw_engines import (
     AwaitLoop,
     DaskClient,
@@ -100,7 +108,7 @@ class Family:
 
     def has_mode(self, mode: str) -> bool:
         """Whether this runner is measured in ``mode`` at all."""
-        if mode in ("auto", "bulk"):
+        if mode in ("auto", "map", "bulk"):
             return self.batching
         if mode == "prefect":
             return self.peer is not None
@@ -123,7 +131,8 @@ class Family:
         The modes of the family's own engine and runner: "raw", "twin", "facade",
         "auto" (the peers of "bulk" and "prefect" sit above, in bulk.py and peers.py).
         The runner modes pin ``batch_size`` where the runner has it: 1 for "twin" and
-        "facade" (what the raw engine is compared with), "auto" for "auto".
+        "facade" (what the raw engine is compared with), "auto" for "auto"; "map" is
+        ``RunnerExecutor.map`` over the twin as it is by default.
         """
         if mode == "raw":
             return self.raw_engine(settings, is_async, shared)
@@ -133,6 +142,8 @@ class Family:
             return OnEventLoop(self.facade(settings, shared, batch_size=1))
         if mode == "auto":
             return self.twin(settings, shared, batch_size="auto")
+        if mode == "map":
+            return ExecutorMap(self.twin(settings, shared).runner)
         raise ValueError(
             f"mode={mode!r} has no engine here; the bulk peers are in bulk.py (bulk_engine), "
             "Prefect's runners in peers.py (peer_engine)"

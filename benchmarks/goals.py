@@ -4,7 +4,8 @@ For the Parallel, Dask and Ray runners on 2 workers, each measured against its r
 engine and its bulk peer (``joblib.Parallel``, ``dask.bag`` map, Ray's ``Pool.map``)
 with the engines of one runner taking turns, median of ``--repeats`` rounds:
 
-- ``tiny``: 10,000 no-op calls with ``batch_size="auto"``, against the peer; and the
+- ``tiny``: 10,000 no-op calls with ``batch_size="auto"`` and through
+  ``RunnerExecutor.map``, against the peer; and the
   cost of one call with ``batch_size=1`` against the raw engine and against "auto"
   (measured on fewer calls: 2,000, or 500 on Dask, where one call costs milliseconds);
 - ``cpu``: 200 calls of 20 ms of pure-Python work, "auto" and 1 against a plain loop;
@@ -13,7 +14,8 @@ with the engines of one runner taking turns, median of ``--repeats`` rounds:
   the map to the last result once a first map has started the workers (the whole
   flow, the pool's start included, is shown apart), against joblib on the same calls.
 
-Prints one table of medians and ratios; ``--json PATH`` also writes them.
+Prints one table of medians and ratios; ``--json PATH`` also writes them. A million
+calls, and memory per call, are measured apart: ``python -m benchmarks.scale``.
 """
 
 from __future__ import annotations
@@ -70,18 +72,19 @@ def _measure_family(key: str, settings: EngineSettings, iterations: int, repeats
     shared = SharedCluster(key, settings) if family.shares_cluster else None
     if shared is not None:
         shared.open()
-    engines = {mode: family.engine(mode, settings, shared) for mode in ("raw", "twin", "auto")}
+    engines = {mode: family.engine(mode, settings, shared) for mode in ("raw", "twin", "auto", "map")}
     engines["bulk"] = bulk_engine(family, settings, shared)
     opened: List[SyncEngine] = []
     try:
         for engine in engines.values():
             engine.open()
             opened.append(engine)
-        raw, one, auto, bulk = (engines[m] for m in ("raw", "twin", "auto", "bulk"))
+        raw, one, auto, mapped, bulk = (engines[m] for m in ("raw", "twin", "auto", "map", "bulk"))
         single = SINGLE_CALLS[key]
         tiny = _take_turns(
             {
                 "auto": lambda: auto.run_batch(noop, {}, TINY_CALLS, 600.0),
+                "map": lambda: mapped.run_batch(noop, {}, TINY_CALLS, 600.0),
                 "bulk": lambda: bulk.run_batch(noop, {}, TINY_CALLS, 600.0),
                 "auto-short": lambda: auto.run_batch(noop, {}, single, 600.0),
                 "one": lambda: one.run_batch(noop, {}, single, 600.0),
@@ -100,6 +103,8 @@ def _measure_family(key: str, settings: EngineSettings, iterations: int, repeats
         return {
             "tiny auto / bulk": tiny["auto"] / tiny["bulk"],
             "tiny auto µs/call": tiny["auto"] / TINY_CALLS * 1e6,
+            "tiny executor map / bulk": tiny["map"] / tiny["bulk"],
+            "tiny executor map µs/call": tiny["map"] / TINY_CALLS * 1e6,
             "tiny bulk µs/call": tiny["bulk"] / TINY_CALLS * 1e6,
             "batch_size=1 µs/call": tiny["one"] / single * 1e6,
             "raw µs/call": tiny["raw"] / single * 1e6,

@@ -20,10 +20,11 @@ __all__ = [
 ]
 
 #: Every mode, in the order columns are shown (see ``workloads.MODES_OF_KIND``).
-MODES = ("raw", "twin", "facade", "auto", "bulk", "prefect")
+MODES = ("raw", "twin", "facade", "auto", "map", "bulk", "prefect")
 
 MODE_TITLES = {"raw": "raw engine", "twin": "blocking twin", "facade": "async facade",
-                "auto": 'twin, batch_size="auto"', "bulk": "bulk peer", "prefect": "Prefect 3",
+                "auto": 'twin, batch_size="auto"',
+                "map": "RunnerExecutor.map", "bulk": "bulk peer", "prefect": "Prefect 3",
                 "cluster": "shared cluster"}
 
 FORMAT = "taskrunners-benchmarks/2"

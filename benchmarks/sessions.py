@@ -95,7 +95,7 @@ class Config:
         dispatch = family.seconds_per_dispatch
         if mode == "prefect":
             dispatch = max(dispatch, family.peer_seconds_per_dispatch)
-        elif mode in ("auto", "bulk"):
+        elif mode in ("auto", "map", "bulk"):
             dispatch = family.bulk_seconds_per_dispatch
         return max(dispatch, workload.seconds_per_call / at_once)
 

@@ -81,7 +81,8 @@ def _notes(by_mode: Dict[str, Optional[Cell]], said: tuple = ()) -> List[str]:
 _RATIO_COLUMNS = {"twin_vs_raw": "twin ×", "facade_vs_raw": "facade ×",
                   "twin_vs_prefect": "twin vs Prefect"}
 _SMALL_RATIO_COLUMNS = {"twin_vs_raw": "bs=1 ×", "auto_vs_twin": "auto vs bs=1",
-                        "bulk_vs_twin": "peer vs bs=1", "auto_vs_bulk": "auto vs peer"}
+                        "bulk_vs_twin": "peer vs bs=1", "auto_vs_bulk": "auto vs peer",
+                        "map_vs_bulk": "map vs peer"}
 
 
 def _noise_notes(noisy: Dict[str, str], columns: Dict[str, str]) -> List[str]:
@@ -135,6 +136,7 @@ def small_call_rows(results: Results) -> List[Dict[str, Any]]:
     for workload in run_workloads(results, ("tiny", "sweep")):
         for family in run_families(results):
             by_mode = {mode: results.cell(workload, family, mode) for mode in SMALL_CALL_MODES}
+            by_mode["map"] = mapped = results.cell(workload, family, "map")
             if not any(by_mode.values()):
                 continue
             raw, twin, auto, bulk = (by_mode[m] for m in SMALL_CALL_MODES)
@@ -146,7 +148,8 @@ def small_call_rows(results: Results) -> List[Dict[str, Any]]:
             noisy = {"twin_vs_raw": results.noise(twin, raw),
                      "auto_vs_twin": results.noise(auto, twin),
                      "bulk_vs_twin": results.noise(bulk, twin),
-                     "auto_vs_bulk": results.noise(auto, bulk)}
+                     "auto_vs_bulk": results.noise(auto, bulk),
+                     "map_vs_bulk": results.noise(mapped, bulk)}
             rows.append({
                 "workload": workload,
                 "runner": FAMILIES[family].title,
@@ -160,6 +163,8 @@ def small_call_rows(results: Results) -> List[Dict[str, Any]]:
                 "bulk_rate": bulk.calls_per_second if bulk else None,
                 "bulk_vs_twin": results.time_ratio(bulk, twin),
                 "auto_vs_bulk": results.time_ratio(auto, bulk),
+                "map_rate": mapped.calls_per_second if mapped else None,
+                "map_vs_bulk": results.time_ratio(mapped, bulk),
                 "noisy": noisy,
                 "notes": _notes(by_mode, said=(_NO_BATCH_SIZE,))
                 + _noise_notes(noisy, _SMALL_RATIO_COLUMNS),
@@ -274,6 +279,8 @@ def render_tables(results: Results, console: Any) -> None:
                 _rate(row["bulk_rate"]),
                 _speedup(row["bulk_vs_twin"], row["noisy"]["bulk_vs_twin"]),
                 _speedup(row["auto_vs_bulk"], row["noisy"]["auto_vs_bulk"]),
+                _rate(row["map_rate"]),
+                _speedup(row["map_vs_bulk"], row["noisy"]["map_vs_bulk"]),
                 "; ".join(row["notes"]),
             )
             previous = row["workload"]
@@ -316,7 +323,7 @@ def _noise_note(rows: List[Dict[str, Any]]) -> Optional[str]:
 
 _SMALL_CALL_HEADER = ("workload", "runner", "calls", "raw /s", "bs=1 /s", "bs=1 ×", "auto /s",
                       "auto vs bs=1", "bulk peer", "peer /s", "peer vs bs=1", "auto vs peer",
-                      "note")
+                      "map /s", "map vs peer", "note")
 #: Columns of words, aligned left; numbers go right.
 _LEFT = ("workload", "runner", "raw engine", "bulk peer", "note")
 
@@ -374,7 +381,8 @@ def markdown_tables(results: Results) -> str:
                 _ratio(row["twin_vs_raw"], noisy["twin_vs_raw"]), _rate(row["auto_rate"]),
                 _speedup(row["auto_vs_twin"], noisy["auto_vs_twin"]), row["bulk_engine"],
                 _rate(row["bulk_rate"]), _speedup(row["bulk_vs_twin"], noisy["bulk_vs_twin"]),
-                _speedup(row["auto_vs_bulk"], noisy["auto_vs_bulk"]), "; ".join(row["notes"]),
+                _speedup(row["auto_vs_bulk"], noisy["auto_vs_bulk"]), _rate(row["map_rate"]),
+                _speedup(row["map_vs_bulk"], noisy["map_vs_bulk"]), "; ".join(row["notes"]),
             ])
             previous = row["workload"]
         lines += [f"Many small calls, {repeats_text(results, 'long_repeats')}; "

@@ -92,11 +92,12 @@ CPU_SECONDS = 0.02
 #: What each kind of workload is measured on, in the order the columns are shown.
 #: "raw": the engine under the runner; "twin" and "facade": the runner with
 #: ``batch_size=1`` (one engine task per call); "auto": the blocking twin with
-#: ``batch_size="auto"``; "bulk": the engine's own bulk map (joblib, dask.bag, Ray's
-#: Pool); "prefect": Prefect 3's matching runner.
+#: ``batch_size="auto"``; "map": ``RunnerExecutor(twin).map`` (chunks, no future per
+#: call); "bulk": the engine's own bulk map (joblib, dask.bag, Ray's Pool); "prefect":
+#: Prefect 3's matching runner.
 MODES_OF_KIND = {
     "classic": ("raw", "twin", "facade", "prefect"),
-    "tiny": ("raw", "twin", "auto", "bulk"),
+    "tiny": ("raw", "twin", "auto", "map", "bulk"),
     "sweep": ("raw", "twin", "auto", "bulk"),
 }
 

@@ -17,12 +17,25 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
+import time
 import weakref
-from typing import Any, Callable, Coroutine, Dict, Optional, TypeVar, overload
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Dict,
+    Iterable,
+    Iterator,
+    Optional,
+    TypeVar,
+    overload,
+)
 
 from typing_extensions import ParamSpec
 
 from taskrunners._core import seam
+from taskrunners.compat import _bulk
 from taskrunners._core.seam import Memo, TaskRun, all_unchanging, is_coroutine_function, snapshot_each
 from taskrunners.states import Completed, Failed, State
 
@@ -76,6 +89,10 @@ class _AsyncFunctionCall(_FunctionCall):
         except Exception as exc:
             return Failed(data=exc, message=f"{type(exc).__name__}: {exc}")
 
+
+# The keyword arguments of a call that has none, and every call's run_kwargs: one
+# dict, never changed (``fn`` gets its own from ``**``), not an empty one per call.
+_NO_KWARGS: Dict[str, Any] = {}
 
 # Executors whose runner is started, kept until shutdown so that their calls still
 # pending at interpreter exit finish first, as concurrent.futures promises; and
@@ -144,6 +161,10 @@ class _Future(concurrent.futures.Future):
         if call is not None:  # waited for: it must not wait to fill a batch
             call.expedite()
 
+    def __call__(self, call: Any) -> None:
+        # The call's done callback: one object less per pending call than a closure.
+        _deliver(call, self)
+
 
 class RunnerExecutor(concurrent.futures.Executor):
     """Submit plain calls to a runner through the ``concurrent.futures`` interface.
@@ -177,6 +198,27 @@ class RunnerExecutor(concurrent.futures.Executor):
         self._block: Optional[contextlib.ExitStack] = None
         self._closing: Optional[threading.Thread] = None
         self._shutdown = False
+        self._maps: "weakref.WeakSet[_bulk.MapRun]" = weakref.WeakSet()
+
+    def _refusal(self) -> Optional[str]:
+        if _exiting:
+            return "cannot schedule new futures after interpreter shutdown"
+        if self._shutdown:
+            return "cannot schedule new futures after shutdown"
+        return None
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            reason = self._refusal()
+            if reason is not None:
+                raise RuntimeError(reason)
+            if self._block is None:
+                block = contextlib.ExitStack()
+                block.enter_context(self._core.start())
+                self._block = block
+                _open_executors.add(self)
+                with contextlib.suppress(RuntimeError):  # the interpreter is exiting already
+                    _register_atexit(functools.partial(_finish_at_exit, weakref.ref(self)))
 
     # A coroutine function's call is awaited on the runner: its future holds the value.
     @overload
@@ -196,27 +238,126 @@ class RunnerExecutor(concurrent.futures.Executor):
 
         :raises RuntimeError: after :meth:`shutdown`
         """
-        with self._lock:
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if self._block is None:
-                block = contextlib.ExitStack()
-                block.enter_context(self._core.start())
-                self._block = block
-                _open_executors.add(self)
-                with contextlib.suppress(RuntimeError):  # the interpreter is exiting already
-                    _register_atexit(functools.partial(_finish_at_exit, weakref.ref(self)))
+        self._ensure_started()
         run_fn = (_AsyncFunctionCall if is_coroutine_function(fn) else _FunctionCall)(
-            fn, args, kwargs
+            fn, args, kwargs or _NO_KWARGS
         )
         name = getattr(fn, "__name__", type(fn).__name__)
-        call = seam.call_of(seam.submit(self._core, TaskRun(name=name), run_fn, {}))
+        call = seam.call_of(seam.submit(self._core, TaskRun(name=name), run_fn, _NO_KWARGS))
         future = _Future()
         future.call = call
-        call.add_done_callback(lambda done: _deliver(done, future))
+        call.add_done_callback(future)  # the future is its call's done callback
         return future
+
+    # A coroutine function's calls are awaited on the runner: the results are the values.
+    @overload
+    def map(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+    ) -> Iterator[T]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+    ) -> Iterator[T]: ...
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+    ) -> Iterator[Any]:
+        """``fn(*args)`` for each ``args`` of ``zip(*iterables)``; the values in order.
+
+        As the standard library's ``Executor.map``, but items go to the runner in
+        chunks, one runner call each, with no future per item. Leaving the iteration
+        early (or an exception) cancels the chunks that have not started.
+
+        :param timeout: seconds from this call after which getting the next value
+            raises ``concurrent.futures.TimeoutError``; None for no limit
+        :param chunksize: items per runner call; None sizes chunks from how long items
+            take (about 0.1 s each, starting with one item), as ``batch_size="auto"``
+        :param buffersize: read the iterables lazily, keeping at most this many chunks
+            (with an int ``chunksize``) or items (with None) submitted ahead of the
+            consumer, as Python 3.14's ``buffersize``; None reads every item now
+        :return: an iterator over the values; an item's exception is raised when its
+            turn comes, after the values of the items before it
+        :raises RuntimeError: after :meth:`shutdown`
+        :raises TypeError, ValueError: for a ``chunksize`` or ``buffersize`` not an
+            integer of 1 or more
+        """
+        end_time = None if timeout is None else timeout + time.monotonic()
+        return _bulk.results(self._map_run(fn, iterables, chunksize, buffersize), end_time)
+
+    # A coroutine function's calls are awaited on the runner: the results are the values.
+    @overload
+    def amap(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+    ) -> AsyncIterator[T]: ...
+
+    @overload
+    def amap(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+    ) -> AsyncIterator[T]: ...
+
+    def amap(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: Optional[int] = None,
+        buffersize: Optional[int] = None,
+    ) -> AsyncIterator[Any]:
+        """:meth:`map` for async code (asyncio or trio): ``async for`` over the values.
+
+        Waiting for a chunk holds no thread; the arguments and the rules are those of
+        :meth:`map`. Submitting happens in the caller's thread (on the Sequential
+        runner, items then run there).
+
+        >>> import anyio
+        >>> from taskrunners.sync import ConcurrentTaskRunner
+        >>> async def main():
+        ...     with RunnerExecutor(ConcurrentTaskRunner(max_workers=2)) as executor:
+        ...         return [value async for value in executor.amap(pow, [2, 3], [5, 2])]
+        >>> anyio.run(main)
+        [32, 9]
+        """
+        end_time = None if timeout is None else timeout + time.monotonic()
+        return _bulk.aresults(self._map_run(fn, iterables, chunksize, buffersize), end_time)
+
+    def _map_run(
+        self,
+        fn: Callable[..., Any],
+        iterables: tuple,
+        chunksize: Optional[int],
+        buffersize: Optional[int],
+    ) -> _bulk.MapRun:
+        _bulk.check_sizes(chunksize, buffersize)
+        self._ensure_started()
+        run = _bulk.MapRun(self._core, fn, iterables, chunksize, buffersize, self._refusal)
+        self._maps.add(run)
+        return run
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """End the runner's ``start()`` block.
@@ -230,6 +371,8 @@ class RunnerExecutor(concurrent.futures.Executor):
         if block is None:
             return
         if cancel_futures:
+            for run in list(self._maps):
+                run.close()
             seam.cancel_pending(self._core)
         if wait:
             self._close(block)
@@ -242,6 +385,8 @@ class RunnerExecutor(concurrent.futures.Executor):
 
     def _close(self, block: contextlib.ExitStack) -> None:
         try:
+            for run in list(self._maps):  # a map's chunks not sent yet are submitted first
+                run.fed.wait()
             block.close()
         finally:
             _open_executors.discard(self)

@@ -358,7 +358,12 @@ def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> List[Tuple[tuple,
     return [
         (
             next(arg_rows) if arg_rows is not None else (),
-            dict(zip(names, next(kwarg_rows))) if kwarg_rows is not None else {},
+            dict(zip(names, next(kwarg_rows))) if kwarg_rows is not None else _NO_KWARGS,
         )
         for _ in range(count)
     ]
+
+
+# The keyword arguments of a mapped run that has none: one dict for all, never changed
+# (a run's body gets its own, from ``**``).
+_NO_KWARGS: Dict[str, Any] = {}

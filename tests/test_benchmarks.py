@@ -279,10 +279,11 @@ def test_the_plan_puts_every_engine_of_a_runner_in_one_session():
     sessions = plan_sessions(config)
     assert [s.family.key for s in sessions] == ["sequential", "parallel"]
     parallel = sessions[1]
-    assert [c.mode for c in parallel.contenders] == ["raw", "twin", "facade", "auto", "bulk"]
+    assert [c.mode for c in parallel.contenders] == ["raw", "twin", "facade", "auto", "map", "bulk"]
     by_mode = {c.mode: c for c in parallel.contenders}
     assert set(by_mode["facade"].cells) == {"noop"}
     assert set(by_mode["auto"].cells) == set(by_mode["bulk"].cells) == {"tiny", "sweep-1ms"}
+    assert set(by_mode["map"].cells) == {"tiny"}
     assert {cell.session for cell in parallel.cells} == {1}
     assert [c.mode for c in sessions[0].contenders] == ["raw", "twin", "facade"]
 
@@ -678,3 +679,13 @@ def test_the_large_workload_times_every_runner_beside_its_idiom(tmp_path):
         assert all(len(rounds) == 1 and rounds[0] > 0 for rounds in data["seconds"][point].values())
     assert "x the idiom" in process.stdout
     assert "large" in parse_args([]).workloads
+
+
+def test_scale_measures_every_way_in_a_fresh_process(tmp_path):
+    from benchmarks import scale
+
+    out = tmp_path / "scale.json"
+    assert scale.main(["--sizes", "300", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["way"] for row in rows] == list(scale.WAYS)
+    assert all(row["calls"] == 300 and row["seconds"] > 0 and row["growth_bytes"] >= 0 for row in rows)

@@ -107,3 +107,16 @@ def executor_results(twin: taskrunners.sync.ConcurrentTaskRunner) -> None:
         executor.submit(count, 4)  # E: call-overload
         for value in executor.map(count, ["four"]):
             value.upper()  # E: attr-defined
+
+
+async def async_count(word: str) -> int:
+    return len(word)
+
+
+async def executor_map_results(twin: taskrunners.sync.ParallelTaskRunner) -> None:
+    with RunnerExecutor(twin) as executor:
+        for number in executor.map(async_count, ["four"], chunksize=2, buffersize=4):
+            number.upper()  # E: attr-defined
+        async for value in executor.amap(count, ["four"]):
+            value.upper()  # E: attr-defined
+        executor.map(count, ["four"], chunksize="auto")  # E: call-overload
