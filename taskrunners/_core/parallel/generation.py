@@ -159,17 +159,18 @@ class Generation:
         """Which workers died and how, for messages."""
         return pool_cause(self.dead, self.broken)
 
-    def retire(self) -> None:
-        """Let the worker exit once its batches are done, without waiting for it."""
-        self._manager = loky_private.manager_thread(self.executor)
-        self.executor.shutdown(wait=False)
+    def retire(self, kill_workers: bool = False) -> None:
+        """Let the worker exit once its batches are done (or kill it), without waiting."""
+        self._manager = self._manager or loky_private.manager_thread(self.executor)
+        self.executor.shutdown(wait=False, kill_workers=kill_workers)
 
     def retired(self) -> bool:
         """Whether, once retired, its worker and loky's manager thread are gone."""
         return self._manager is None or not self._manager.is_alive()
 
-    def shutdown(self, kill_workers: bool) -> None:
-        """Join loky's manager thread, which joins (or first kills) the worker."""
-        self.executor.shutdown(wait=True, kill_workers=kill_workers)
-        if self._manager is not None:  # retired before
+    def join(self) -> None:
+        """Wait for loky's manager thread (retired), which joins (or first kills) the worker."""
+        if self._manager is not None:
             self._manager.join()
+        else:  # loky lacks what manager_thread reads
+            self.executor.shutdown(wait=True)

@@ -466,8 +466,11 @@ class ProcessPool:
         with self._cond:
             generations = self._workers + self._retired
         try:
+            # All at once: each worker exits while the others do.
             for generation in generations:
-                generation.shutdown(kill_workers=reason is not None)
+                generation.retire(kill_workers=reason is not None)
+            for generation in generations:
+                generation.join()
         finally:
             self._slots.close()
             shutil.rmtree(self._directory, ignore_errors=True)
