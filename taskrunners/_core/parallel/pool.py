@@ -37,15 +37,15 @@ Hazards this module exists to handle, each with its own State and message:
   exception on each future it still holds, and fails on one already cancelled: its
   manager thread prints an ``InvalidStateError`` traceback and breaks the pool. So
   loky's futures are never cancelled. Calls wait in this process, gathered by the
-  dispatcher, where they can be cancelled; loky holds at most as many batches as
-  its call queue, which it moves to its workers' queue at once. From the moment its
-  batch is sent a call is running and cannot be cancelled, as in
+  dispatcher, where they can be cancelled; each executor holds fewer batches than
+  its call queue, which it moves to its worker's queue at once. From the moment
+  its batch is sent a call is running and cannot be cancelled, as in
   ProcessPoolExecutor.
-- Loky's manager thread. Batches are handed to loky by a feeder thread, and by
-  loky's manager thread in place of each batch it settles, one for one. Calls made
-  ready inside a callback on that thread (dependent calls, calls to retry after a
-  break) are never submitted from it in a burst: a burst would fill its own wake-up
-  pipe and deadlock it.
+- Loky's manager threads. Batches are handed over by a feeder thread, and by an
+  executor's manager thread to its own worker in place of each batch it settles,
+  one for one. Calls made ready inside a callback on that thread (dependent calls,
+  calls to retry after a death) are never submitted from it in a burst: a burst
+  would fill its own wake-up pipe and deadlock it.
 - Leaving the ``start()`` block with an exception: gathered calls and calls not
   started are cancelled and the workers are killed, without waiting for running
   calls.
@@ -86,7 +86,7 @@ from taskrunners.states import State, exception_to_crashed_state
 
 __all__ = ["ProcessPool"]
 
-# What became of a batch given a place in loky.
+# What became of a batch given a place in a worker.
 _SENT, _REQUEUED, _SETTLED = "sent", "requeued", "settled"
 
 #: Batches a worker holds at most: the one it runs, and the next, so that it never
@@ -99,13 +99,11 @@ class ProcessPool:
 
     Calls go to a :class:`~taskrunners._core.batching.Dispatcher`, which keeps at
     most :data:`PLACES_PER_WORKER` batches out per worker and gathers calls by task
-    while that many are out. A batch it sends is pickled at once, on the thread that
-    sends it, then handed to a worker's loky executor: by that executor's manager
-    thread in place of a batch it settled, or else by the :class:`Feeder`, to the
-    worker that holds the fewest batches. Two hazards make the feeder worth its cost:
-    see the module's notes on loky's manager thread, and a caller that submits in a
-    loop would wake loky's manager (a syscall) for every call, so the manager would
-    keep waiting for the GIL and the workers would starve.
+    while that many are out. A batch it sends is pickled at once, then handed to a
+    worker's executor: by its manager thread in place of a batch it settled, or by
+    the :class:`Feeder`, to the worker holding fewest batches. The feeder is worth
+    its cost (see the module's notes; and a caller submitting in a loop would wake a
+    manager for every call, starving the workers while it waits for the GIL).
     """
 
     def __init__(
@@ -265,8 +263,7 @@ class ProcessPool:
 
     def _choose(self, calls: int) -> Optional[int]:
         # With the lock held: the place holding fewest batches that can take ``calls``
-        # calls; a worker that cannot (it retires, or broke) only once it holds none,
-        # to be replaced.
+        # calls; one that cannot (it retires, or broke) once it holds none, renewed.
         chosen, least = None, PLACES_PER_WORKER
         for index, generation in enumerate(self._workers):
             load = self._load[index]
@@ -326,17 +323,18 @@ class ProcessPool:
         calls = len(batch.entries)
         for _ in range(MAX_HANDOVERS):
             with self._cond:
-                generation: Optional[Generation] = self._workers[index]
-                if self._stopping:
-                    generation = None
-                elif generation is not None and not generation.takes(calls):
-                    if manager_of is not None or self._load[index] > 1:
-                        self._ready.appendleft(batch)
-                        return _REQUEUED
-                    if generation.broken is not None and self._initializer_failed():
-                        generation = None  # a fresh worker would fail the same way
-                    else:
-                        generation = self._renew(index)
+                generation: Optional[Generation] = None
+                if not self._stopping:
+                    generation = self._workers[index]
+                    moved = manager_of is not None and manager_of is not generation
+                    if moved or not generation.takes(calls):
+                        if manager_of is not None or self._load[index] > 1:
+                            self._ready.appendleft(batch)
+                            return _REQUEUED
+                        if generation.broken is not None and self._initializer_failed():
+                            generation = None  # a fresh worker would fail the same way
+                        else:
+                            generation = self._renew(index)
             if generation is None:
                 if self._stopping:
                     batch.cancel()
@@ -484,8 +482,7 @@ class ProcessPool:
 
 class Feeder(threading.Thread):
     """The pool's own thread: hands each ready batch to a worker as soon as one has a
-    place for it, until the pool stops (loky's manager threads also hand batches
-    over, one in place of each batch they settle)."""
+    place for it, until the pool stops (manager threads hand batches over too)."""
 
     def __init__(self, pool: ProcessPool) -> None:
         super().__init__(name="ParallelTaskRunner-feeder", daemon=True)
