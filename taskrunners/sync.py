@@ -11,6 +11,21 @@ needed. Futures they return have ``asynchronous=False``.
 ...     future = runner.submit(TaskRun(), lambda: Completed(data="hi"), {})
 ...     future.result()
 'hi'
+
+What a worker process that dies mid-call (a segfault, the out-of-memory killer,
+``os._exit()``) costs on each runner; no runner but Dask runs a call twice:
+
+========  ====================  =====================  ===============================
+runner    the call it ran       calls in other         its batch's finished / unstarted
+                                workers                calls
+========  ====================  =====================  ===============================
+Parallel  Crashed               go on                  Crashed (result lost) / run again
+Dask      run again, then       go on                  the whole batch runs again
+          Crashed
+Ray       Crashed               go on                  Crashed (result lost) / run again
+========  ====================  =====================  ===============================
+
+Sequential and Concurrent run calls in this process: a segfault there ends it.
 """
 
 from taskrunners._core.seam import (

@@ -424,6 +424,8 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
     env = sync.ParallelTaskRunner.env.forwarded()
     batch_size = sync.ParallelTaskRunner.batch_size.forwarded()
     large_value_bytes = sync.ParallelTaskRunner.large_value_bytes.forwarded()
+    max_calls_per_worker = sync.ParallelTaskRunner.max_calls_per_worker.forwarded()
+    worker_memory_limit = sync.ParallelTaskRunner.worker_memory_limit.forwarded()
 
     def __init__(
         self,
@@ -434,11 +436,19 @@ class ParallelTaskRunner(_FacadeRunner[sync.ParallelTaskRunner]):
         env: Optional[Mapping[str, str]] = None,
         batch_size: BatchSize = "auto",
         large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
+        max_calls_per_worker: Optional[int] = None,
+        worker_memory_limit: Union[int, str, None] = None,
     ) -> None:
         super().__init__(
             sync.ParallelTaskRunner(
-                max_workers, initializer=initializer, initargs=initargs, env=env,
-                batch_size=batch_size, large_value_bytes=large_value_bytes,
+                max_workers,
+                initializer=initializer,
+                initargs=initargs,
+                env=env,
+                batch_size=batch_size,
+                large_value_bytes=large_value_bytes,
+                max_calls_per_worker=max_calls_per_worker,
+                worker_memory_limit=worker_memory_limit,
             )
         )
 

@@ -1439,3 +1439,17 @@ def test_a_worker_killed_mid_batch_dask_runs_the_batch_again(tmp_path, few_allow
             assert type(state.result(raise_on_failure=False)).__name__ == "KilledWorker"
         # The runner keeps working.
         assert runner.wait(runner.submit(TaskRun(), payloads.return_value, {"value": "ok"})).result() == "ok"
+
+
+# -- recycling workers: Dask's own lifetime and memory_limit (see the README) ----------------
+
+
+def test_a_worker_lifetime_in_cluster_kwargs_replaces_dask_workers():
+    cluster_kwargs = {**PROCESSES_CLUSTER, "n_workers": 1, "lifetime": "2s", "lifetime_restart": True}
+    pids = set()
+    with SyncDask(cluster_kwargs=cluster_kwargs).start() as runner:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(runner.wait(runner.submit(TaskRun(), payloads.return_pid, {})).result())
+            time.sleep(0.5)
+    assert len(pids) >= 2, pids

@@ -21,7 +21,7 @@ import pytest
 
 import taskrunners
 from taskrunners import TaskRun, flow, task
-from taskrunners._core.parallel.pool import ProcessPool
+from taskrunners._core.parallel.pool import PLACES_PER_WORKER, ProcessPool
 from taskrunners.states import Completed
 from taskrunners.sync import ParallelTaskRunner
 from taskrunners._core.seam import call_of
@@ -37,8 +37,8 @@ def handed_over(monkeypatch):
     batches = []
     hand_over = ProcessPool._hand_over
 
-    def spy(self, batch, manager_of):
-        outcome = hand_over(self, batch, manager_of)
+    def spy(self, batch, index, manager_of):
+        outcome = hand_over(self, batch, index, manager_of)
         if outcome == "sent":
             batches.append(list(batch.names))
         return outcome
@@ -53,8 +53,8 @@ def batch_of(batches, name):
 
 @contextlib.contextmanager
 def busy_pool(tmp_path, batch_size=10):
-    """A started runner whose one worker is held until ``open_gate()``, and loky's call
-    queue full behind it: calls submitted meanwhile are gathered."""
+    """A started runner whose one worker is held until ``open_gate()``, and its places
+    full behind it: calls submitted meanwhile are gathered."""
     gate, marker = tmp_path / "gate", tmp_path / "held"
     with ParallelTaskRunner(max_workers=1, batch_size=batch_size).start() as runner:
         runner.submit(
@@ -62,7 +62,7 @@ def busy_pool(tmp_path, batch_size=10):
             payloads.run_once_gate_opens,
             {"marker": str(marker), "gate": str(gate)},
         )
-        for i in range(2):  # loky's call queue: 2 * max_workers + 1
+        for i in range(PLACES_PER_WORKER - 1):
             runner.submit(TaskRun(name=f"filler-{i}"), payloads.return_value, {"value": i})
         wait_for_path(marker)
         try:

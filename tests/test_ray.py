@@ -641,3 +641,13 @@ def test_a_runner_given_a_ray_client_address_connects_and_leaves_it_running(ray_
     assert not report["initialized_after"]
     assert f"Connecting to an existing Ray instance at {ray_head.client_address}" in report["log"]
     assert ray_head.alive()
+
+
+# -- recycling workers: Ray's own max_calls (see the README) ---------------------------------
+
+
+def test_max_calls_in_remote_options_replaces_ray_workers(ray_session):
+    ray_session.shared()
+    with taskrunners.sync.RayTaskRunner(remote_options={"max_calls": 1}, batch_size=1).start() as runner:
+        pids = [runner.wait(runner.submit(TaskRun(), payloads.return_pid, {})).result() for _ in range(3)]
+    assert len(set(pids)) == 3, pids

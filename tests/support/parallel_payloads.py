@@ -53,6 +53,12 @@ def die_once_marker_exists(log, tag, marker, how):
     """Wait until the other worker is busy (``marker``), then kill this worker."""
     note_start(log, tag)
     wait_for_path(marker)
+    die(how)
+    return Completed(data="survived")
+
+
+def die(how):
+    """Kill this worker: ``os._exit(3)``, SIGKILL, or a segfault."""
     if how == "exit":
         os._exit(3)
     elif how == "sigkill":
@@ -62,7 +68,55 @@ def die_once_marker_exists(log, tag, marker, how):
 
         ctypes.string_at(0)
     time.sleep(60)
+
+
+def sleep_and_return(seconds, value):
+    """Sleep, then return ``value`` and this worker's pid."""
+    time.sleep(seconds)
+    return Completed(data=(value, os.getpid()))
+
+
+def die_after(seconds, how):
+    """Sleep, then kill this worker (see :func:`die`)."""
+    time.sleep(seconds)
+    die(how)
     return Completed(data="survived")
+
+
+def record_and_return_pid(log, tag):
+    """Note the start, then return this worker's pid."""
+    note_start(log, tag)
+    return Completed(data=os.getpid())
+
+
+def record_then_die_once(log, tag, marker, die_here=False):
+    """Note the start; return ``tag`` and the pid, or, if ``die_here``, exit (code 3)
+    once ``marker`` exists (another worker is running)."""
+    note_start(log, tag)
+    if die_here:
+        wait_for_path(marker)
+        os._exit(3)
+    return Completed(data=(tag, os.getpid()))
+
+
+def record_mark_and_sleep(log, tag, marker, seconds):
+    """Note the start, leave ``marker``, sleep, then return ``tag`` and the pid."""
+    note_start(log, tag)
+    pathlib.Path(marker).touch()
+    time.sleep(seconds)
+    return Completed(data=(tag, os.getpid()))
+
+
+def keep_megabytes(megabytes):
+    """Allocate ``megabytes`` MB and keep them in this worker (touched: resident); the pid."""
+    import sys
+
+    kept = sys.__dict__.setdefault("_taskrunners_tests_kept", [])
+    block = bytearray(megabytes * 10**6)
+    for index in range(0, len(block), 4096):
+        block[index] = 1
+    kept.append(block)
+    return Completed(data=os.getpid())
 
 
 def pid_and_environment(*names):

@@ -106,7 +106,8 @@ class DaskTaskRunner(BlockingTaskRunner):
     applies to that call; what a call logs on a worker reaches this process's loggers.
     A call whose worker dies is run again by Dask, up to
     ``distributed.scheduler.allowed-failures`` times, then Crashed (a lost batch runs
-    again whole).
+    again whole). Workers are recycled by Dask's own settings, through
+    ``cluster_kwargs``: ``memory_limit``, ``lifetime`` with ``lifetime_restart=True``.
     """
 
     address: Setting[Optional[str]] = Setting("The scheduler to connect to; None for a temporary cluster.")

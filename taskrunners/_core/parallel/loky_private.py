@@ -13,6 +13,7 @@ function                          private name of loky it reads
 :func:`is_shutdown_error`         ``loky.process_executor.ShutdownExecutorError``
 :func:`stopped_workers`           ``ProcessPoolExecutor._processes``
 :func:`no_wakeup`                 ``ProcessPoolExecutor._executor_manager_thread_wakeup``
+:func:`manager_thread`            ``ProcessPoolExecutor._executor_manager_thread``
 :func:`track_folder`,             ``loky.backend.resource_tracker``
 :func:`untrack_folder`
 ================================  ==============================================
@@ -29,6 +30,7 @@ only logs an ``initializer`` that raises, then lets the worker exit.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import loky
@@ -40,6 +42,7 @@ __all__ = [
     "is_shutdown_error",
     "stopped_workers",
     "no_wakeup",
+    "manager_thread",
     "break_summary",
     "track_folder",
     "untrack_folder",
@@ -121,6 +124,16 @@ def no_wakeup(executor: Any) -> Iterator[None]:
         executor._executor_manager_thread_wakeup = wakeup
 
 
+def manager_thread(executor: Any) -> Optional[threading.Thread]:
+    """The executor's manager thread, if it started: it joins the workers on shutdown.
+
+    Read before a ``shutdown(wait=False)``, which forgets it, to join it later.
+    Fallback: None; the runner's block then does not wait for retired workers to exit.
+    """
+    thread = getattr(executor, "_executor_manager_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None
+
+
 def break_summary(error: Optional[BaseException]) -> str:
     """One line of loky's error for a broken pool: the one with the exit codes, if any."""
     lines = str(error or "").strip().splitlines()
@@ -153,12 +166,15 @@ def _resource_tracker_function(name: str) -> Optional[Callable[[str, str], None]
     return getattr(resource_tracker, name, None)
 
 
+_MISSING = object()
+
+
 def _has_attribute(name: str, check: Callable[[Any], bool]) -> Callable[[], bool]:
     def has() -> bool:
         # Made in __init__; an executor that never ran starts no process.
         executor = loky.ProcessPoolExecutor(max_workers=1)
         try:
-            return check(vars(executor).get(name))
+            return check(vars(executor).get(name, _MISSING))
         finally:
             executor.shutdown(wait=True)
 
@@ -173,6 +189,7 @@ _CHECKS: Dict[str, Callable[[], bool]] = {
     "no_wakeup": _has_attribute(
         "_executor_manager_thread_wakeup", lambda value: hasattr(value, "wakeup")
     ),
+    "manager_thread": _has_attribute("_executor_manager_thread", lambda value: value is None),  # until it runs
     "track_folder": lambda: _resource_tracker_function("register") is not None,
     "untrack_folder": lambda: _resource_tracker_function("unregister") is not None,
 }

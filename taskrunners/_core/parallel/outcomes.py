@@ -1,9 +1,10 @@
 """What a batch's outcome in loky means for each of its calls (on loky's manager thread).
 
 A batch comes back as its calls' States, as unrun (the worker could not unpickle it),
-or as an error: the pool shutting down, a broken pool (a worker died: the slot table
-tells which calls had started), or anything else loky raises. :func:`settle_batch`
-settles each call it can and names those to send again.
+with some calls unrun (the worker went above ``worker_memory_limit``: the slot table
+tells which started), or as an error: the pool shutting down, a broken executor (its
+worker died: the slot table tells which calls had started), or anything else loky
+raises. :func:`settle_batch` settles each call it can and names those to send again.
 """
 
 from __future__ import annotations
@@ -54,17 +55,20 @@ def settle_batch(
     :param directory: the pool's folder (where a failed initializer leaves its error)
     """
     try:
-        data = submitted.result(0)
+        data, over_memory = submitted.result(0)
     except BaseException as exc:
         error = exc
     else:
+        if over_memory:
+            generation.over_memory()  # replaced before it takes another batch
         if data is None:
+            if over_memory:  # it ran none of them: another worker will
+                return list(batch.entries)
             # The worker could not unpickle the batch, and ran none of it: each call
             # goes again in a batch of its own (a group of its own), to find the one
             # at fault.
             return [Entry(entry.call, entry.key, ("apart", entry.call), None) for entry in batch.entries]
-        _deliver(batch, data, durations)
-        return []
+        return _deliver(batch, data, durations, generation, slots if over_memory else None)
     if loky_private.is_shutdown_error(error) or abort_reason is not None:
         for entry, slot in zip(batch.entries, slots):
             started, finished = generation.marks(slot)
@@ -80,7 +84,11 @@ def settle_batch(
     return _after_break(batch, generation, slots, error, directory)
 
 
-def _deliver(batch: Batch, data: bytes, durations: Durations) -> None:
+def _deliver(
+    batch: Batch, data: bytes, durations: Durations, generation: Generation, unrun: Optional[range]
+) -> List[Sendable[None]]:
+    # ``unrun``: the slots of a batch whose worker went above its memory limit, and
+    # then started none of the calls left: those go again.
     outcomes, records = decode_batch(batch.names, data)
     if records:
         emit(records)
@@ -88,8 +96,17 @@ def _deliver(batch: Batch, data: bytes, durations: Durations) -> None:
     seconds = [spent for _, spent in outcomes if spent > 0]
     if seconds:
         durations.record(batch.entries[0].key, sum(seconds), len(seconds))
-    for entry, (state, _) in zip(batch.entries, outcomes):
-        entry.call.set_result(state)
+    if unrun is None:
+        for entry, (state, _) in zip(batch.entries, outcomes):
+            entry.call.set_result(state)
+        return []
+    again: List[Sendable[None]] = []
+    for entry, (state, _), slot in zip(batch.entries, outcomes, unrun):
+        if generation.marks(slot)[0]:
+            entry.call.set_result(state)
+        else:
+            again.append(entry)
+    return again
 
 
 def _after_break(

@@ -14,11 +14,12 @@ How a call travels::
        │               pickled together, once (an unpicklable call is Crashed alone)
        ▼
     loky's manager     in place of a batch just settled (or the feeder thread, when
-    thread, or the     loky has room): a slot per call in the pool's slot table, then
-    feeder thread      run_batch_call() is submitted to the current loky executor
+    thread, or the     a worker has room): a slot per call in the pool's slot table,
+    feeder thread      then run_batch_call() is submitted to that worker's executor
        │
        ▼
-    loky ──▶ worker    run_batch_call() runs the calls in order, marking each one
+    loky ──▶ worker    (one loky executor per worker: a death or a recycling ends
+       │               that one only) run_batch_call() runs the calls in order, marking each one
        │               started and finished in its slot, and pickles their States,
        │               durations and log records together
        ▼
@@ -27,12 +28,12 @@ How a call travels::
                        after a break, the slot table tells, call by call, which
                        started (Crashed), which finished (Crashed: the result was
                        lost with the batch) and which never did (gathered again, for
-                       a fresh pool)
+                       another worker)
 
 Modules: this one holds the public class; :mod:`~taskrunners._core.parallel.pool`
 the pool and the hazards it handles; :mod:`~taskrunners._core.parallel.calls` the
 call handles and how a batch is pickled; :mod:`~taskrunners._core.parallel.generation`
-one loky executor and its slot table; :mod:`~taskrunners._core.parallel.crashes` the
+one worker in a loky executor of its own; :mod:`~taskrunners._core.parallel.crashes` the
 Crashed states and their messages; :mod:`~taskrunners._core.parallel.worker` what
 runs in the workers; :mod:`~taskrunners._core.parallel.loky_private` what is read of loky
 beyond its public API.
@@ -40,7 +41,7 @@ beyond its public API.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import loky
 
@@ -49,6 +50,10 @@ from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize, check_batch_size
 from taskrunners._core.calls import CallHandle
 from taskrunners._core.parallel.pool import ProcessPool
+from taskrunners._core.parallel.recycling import (
+    check_max_calls_per_worker,
+    check_worker_memory_limit,
+)
 from taskrunners._core.parallel.shared_files import SharedFiles
 from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
 from taskrunners._core.settings import BATCH_SIZE_DOC, LARGE_VALUE_BYTES_DOC, Setting
@@ -77,9 +82,15 @@ class ParallelTaskRunner(BlockingTaskRunner):
     :param large_value_bytes: an argument that pickles to this many bytes or more
         (numpy arrays, bytes, a big dict) goes to each worker once, through a file in
         shared memory, however many calls take it; None sends it with every call
+    :param max_calls_per_worker: a worker process is replaced, between calls, after
+        running this many calls; None keeps it
+    :param worker_memory_limit: a worker process whose resident memory is above this
+        after a call is replaced before it takes another: bytes, or a string such as
+        ``"200MB"``, ``"2GB"`` or ``"1.5GiB"``; None for no limit
     :raises ValueError: if ``max_workers`` is not a positive integer or None, ``env``
-        is not a mapping of strings to strings, or ``batch_size`` is neither "auto" nor
-        a positive integer
+        is not a mapping of strings to strings, ``batch_size`` is neither "auto" nor
+        a positive integer, ``max_calls_per_worker`` is not a positive integer or
+        None, or ``worker_memory_limit`` is not a positive size or None
     :raises TypeError: if ``initializer`` is not callable or ``initargs`` not a tuple
 
     The ``start()`` block starts the worker processes and stops them when it ends.
@@ -89,10 +100,16 @@ class ParallelTaskRunner(BlockingTaskRunner):
     call logs reaches this process's loggers. A call can be cancelled until its batch
     is handed to loky.
 
-    A worker that dies mid-call gives that call a Crashed state naming the exit code
-    or signal; loky then stops the pool, and calls running in the other workers are
-    Crashed too, saying so; calls not started run on a fresh pool. No call runs twice.
-    A ``run_fn``, argument or result that cannot be pickled Crashes that call alone.
+    Each worker process runs in a loky executor of its own, so a worker that dies
+    (a segfault, ``os._exit``, the out-of-memory killer) costs only the calls it held:
+    the call it ran is Crashed, naming the exit code or signal; calls of its batch
+    that had finished are Crashed too (their results were lost with it); calls it
+    had not started run in another worker. Calls in the other workers go on, and a
+    fresh worker takes the dead one's place. No call runs twice. Recycled workers
+    (``max_calls_per_worker``, ``worker_memory_limit``) lose nothing: they are
+    replaced between calls; a call that takes a fresh worker past
+    ``worker_memory_limit`` on its own is Crashed, naming the limit. A ``run_fn``,
+    argument or result that cannot be pickled Crashes that call alone.
     """
 
     max_workers: Setting[Optional[int]] = Setting("The number of worker processes; None for one per CPU.")
@@ -103,6 +120,12 @@ class ParallelTaskRunner(BlockingTaskRunner):
     env: Setting[Optional[Dict[str, str]]] = Setting("Environment variables set in the worker processes.")
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
     large_value_bytes: Setting[Optional[int]] = Setting(LARGE_VALUE_BYTES_DOC)
+    max_calls_per_worker: Setting[Optional[int]] = Setting(
+        "Calls a worker process runs before it is replaced; None keeps it."
+    )
+    worker_memory_limit: Setting[Optional[int]] = Setting(
+        "Resident memory (bytes) above which a worker process is replaced after a call; None for no limit."
+    )
 
     _handles = ("_pool", "_shared")
     _snapshots_arguments = True
@@ -116,6 +139,8 @@ class ParallelTaskRunner(BlockingTaskRunner):
         env: Optional[Mapping[str, str]] = None,
         batch_size: BatchSize = "auto",
         large_value_bytes: Optional[int] = DEFAULT_LARGE_VALUE_BYTES,
+        max_calls_per_worker: Optional[int] = None,
+        worker_memory_limit: Union[int, str, None] = None,
     ) -> None:
         check_max_workers(max_workers)
         if initializer is not None and not callable(initializer):
@@ -138,6 +163,8 @@ class ParallelTaskRunner(BlockingTaskRunner):
         self.env = dict(env) if env is not None else None
         self.batch_size = check_batch_size(batch_size)
         self.large_value_bytes = check_large_value_bytes(large_value_bytes)
+        self.max_calls_per_worker = check_max_calls_per_worker(max_calls_per_worker)
+        self.worker_memory_limit = check_worker_memory_limit(worker_memory_limit)
         self._pool: Optional[ProcessPool] = None
         super().__init__()
 
@@ -155,6 +182,8 @@ class ParallelTaskRunner(BlockingTaskRunner):
             self.initargs,
             self.env,
             self.batch_size,
+            self.max_calls_per_worker,
+            self.worker_memory_limit,
         )
 
     def _close(self) -> None:

@@ -116,7 +116,9 @@ class RayTaskRunner(BlockingTaskRunner):
     ``submit``; ``taskrunners`` must be importable on the workers. A call whose
     resource request no live node can meet is Crashed at once. A worker that dies
     mid-call gives that call a Crashed state naming the cause; calls in other workers
-    go on. A started runner, pickled and unpickled, refuses to submit and wait.
+    go on. Workers are recycled by Ray's own ``max_calls``, through ``remote_options``
+    (it counts Ray tasks, and a batch is one). A started runner, pickled and
+    unpickled, refuses to submit and wait.
     """
 
     address: Setting[Optional[str]] = Setting(
