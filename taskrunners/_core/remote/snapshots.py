@@ -112,22 +112,22 @@ class _SharingPickler(cloudpickle.Pickler):
         super().__init__(file, 5, buffer_callback=buffer_callback)
         self.sharing = sharing
         self.top = top
-        self.memo = memo
+        self.taken = memo  # not "memo": the pickler has its own
         self.shared: List[Shared] = []
 
     def reducer_override(self, obj: Any) -> Any:
         # Not called for numbers, strings, bytes, lists, tuples, dicts and sets.
         nbytes = getattr(obj, "nbytes", None)
         if type(nbytes) is int and nbytes >= self.sharing.threshold and obj is not self.top:
-            taken = None if self.memo is None else self.memo.get(id(obj))
+            taken = None if self.taken is None else self.taken.get(id(obj))
             if taken is not None and type(taken[1]) is Shared:
                 shared: Optional[Shared] = taken[1]
             else:
                 buffers: List[pickle.PickleBuffer] = []
                 data = cloudpickle.dumps(obj, 5, buffer_callback=buffers.append)
                 shared = self.sharing.share(obj, data, buffers)
-                if shared is not None and self.memo is not None:
-                    self.memo[id(obj)] = (obj, shared)
+                if shared is not None and self.taken is not None:
+                    self.taken[id(obj)] = (obj, shared)
             if shared is not None:
                 self.shared.append(shared)
                 return (_inner_value, (len(self.shared) - 1,))
