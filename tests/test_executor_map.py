@@ -178,12 +178,9 @@ async def test_amap_on_asyncio_and_trio(kind, request, runner_form, tmp_path, an
     with RunnerExecutor(kind.make(request, blocking=runner_form == "twin")) as executor:
         values = [value async for value in executor.amap(divide, range(20), [2] * 20)]
         assert values == [n / 2 for n in range(20)]
-        # (A runner that runs coroutines in this process does so on a loop of its own
-        # that sees the caller's context, where anyio's pytest plugin marks trio: a
-        # limit of submit() as well.)
-        threads = kind.kwargs(request).get("cluster_kwargs", {}).get("processes") is False
-        if not ((kind.in_process or threads) and anyio_backend == "trio"):
-            assert [v async for v in executor.amap(async_double, [1, 2], chunksize=1)] == [2, 4]
+        # Coroutine functions too, also on a runner that runs them on a loop of its own
+        # in this process while the caller runs trio.
+        assert [v async for v in executor.amap(async_double, [1, 2], chunksize=1)] == [2, 4]
         got = []
         with pytest.raises(ValueError):
             async for value in executor.amap(fail_at, range(10), [3] * 10, chunksize=2):

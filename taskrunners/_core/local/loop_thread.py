@@ -6,6 +6,8 @@ import asyncio
 import threading
 from typing import Any, Callable, Dict
 
+import sniffio
+
 from taskrunners._core.calls import Call
 from taskrunners._core.running import arun_to_state
 
@@ -56,6 +58,8 @@ class LoopThread:
 
     @staticmethod
     async def _run(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+        # The copied context may say that the caller runs trio; this loop is asyncio.
+        sniffio.current_async_library_cvar.set(None)
         call.set_result(await arun_to_state(run_fn, run_kwargs))
 
     def stop(self, cancel: bool, timeout: float = 10.0) -> None:

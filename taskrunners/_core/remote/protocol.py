@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import cloudpickle
+import sniffio
 
 from taskrunners._collections import visit_collection
 from taskrunners._core.calls import CallHandle, cancelled_state
@@ -130,6 +131,7 @@ def run_in_worker(
     raised: List[BaseException] = []
 
     async def run() -> State:
+        sniffio.current_async_library_cvar.set(None)  # asyncio here, whatever the caller ran
         try:
             value = await run_fn(**run_kwargs)
         except BaseException as exc:
