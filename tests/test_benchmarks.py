@@ -175,7 +175,7 @@ def test_workload_groups_expand_in_the_order_of_the_workloads():
     assert parse_args(["--workloads", "sweep"]).workloads == list(WORKLOAD_GROUPS["sweep"])
     assert parse_args(["--workloads", "tiny,classic"]).workloads == ["noop", "cpu", "sleep",
                                                                       "async-sleep", "tiny"]
-    assert parse_args([]).workloads == list(WORKLOADS)
+    assert parse_args([]).workloads == [*WORKLOADS, "large"]
     assert [WORKLOADS[name].seconds_per_call for name in WORKLOAD_GROUPS["sweep"]] == [
         0.0, 0.0001, 0.001, 0.01, 0.1
     ]

@@ -479,7 +479,7 @@ def test_upstream_futures_reach_ray_as_object_refs(ray_session, monkeypatch):
         # with the upstream's ObjectRef as an argument, read from the object store.
         assert call_of(downstream).ref is None and not call_of(downstream).running()
         assert runner.wait(downstream).result() == 42
-    assert sent == [[(call_of(upstream).ref, None)]]  # the ref, and no place in a batch
+    assert sent == [[(call_of(upstream).ref, None, False)]]  # the ref, no place in a batch, small
 
 
 def test_a_dead_upstream_reaches_its_downstream_as_a_crashed_state(ray_session, tmp_path):
