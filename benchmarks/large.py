@@ -116,10 +116,23 @@ def run_large(config: LargeConfig, runners: Sequence[str] = ("parallel", "dask",
     }
 
 
+def _twin(runner: Any, array: Any, n: int) -> Callable[[Dict[str, Any], Any, Any], float]:
+    """A started blocking twin: ``n`` calls submitted, then waited for."""
+    import taskrunners
+
+    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
+        begun = time.perf_counter()
+        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
+        for future in futures:
+            runner.wait(future).result()
+        return time.perf_counter() - begun
+
+    return twin
+
+
 def _parallel(contenders: Dict[str, Any], closers: List[Any], array: Any, config: LargeConfig) -> None:
     import joblib
 
-    import taskrunners
     from taskrunners import flow, task, unmapped
     from taskrunners.sync import ParallelTaskRunner
     from taskrunners.task_runners import ParallelTaskRunner as FacadeParallel
@@ -129,13 +142,6 @@ def _parallel(contenders: Dict[str, Any], closers: List[Any], array: Any, config
     block = runner.start()
     block.__enter__()
     closers.append(lambda: block.__exit__(None, None, None))
-
-    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
-        begun = time.perf_counter()
-        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
-        for future in futures:
-            runner.wait(future).result()
-        return time.perf_counter() - begun
 
     def with_joblib(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
         begun = time.perf_counter()
@@ -149,6 +155,8 @@ def _parallel(contenders: Dict[str, Any], closers: List[Any], array: Any, config
     def flow_map(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
         @flow(task_runner=FacadeParallel(max_workers=config.workers))
         def timed() -> float:
+            # The workers' first call (imports) is not timed, as joblib's are warm.
+            mapped_task.map(unmapped(array[:1]), range(2), unmapped(extra), unmapped(fn))[0].result()
             begun = time.perf_counter()
             futures = mapped_task.map(unmapped(array), range(n), unmapped(extra), unmapped(fn))
             [future.result() for future in futures]
@@ -156,7 +164,7 @@ def _parallel(contenders: Dict[str, Any], closers: List[Any], array: Any, config
 
         return float(timed().result())
 
-    contenders["Parallel twin"] = twin
+    contenders["Parallel twin"] = _twin(runner, array, n)
     contenders["Parallel flow task.map"] = flow_map
     contenders["joblib.Parallel"] = with_joblib
 
@@ -164,7 +172,6 @@ def _parallel(contenders: Dict[str, Any], closers: List[Any], array: Any, config
 def _dask(contenders: Dict[str, Any], closers: List[Any], array: Any, config: LargeConfig) -> None:
     import distributed
 
-    import taskrunners
     from taskrunners.sync import DaskTaskRunner
 
     n = config.calls
@@ -180,13 +187,6 @@ def _dask(contenders: Dict[str, Any], closers: List[Any], array: Any, config: La
     block.__enter__()
     closers.append(lambda: block.__exit__(None, None, None))
 
-    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
-        begun = time.perf_counter()
-        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
-        for future in futures:
-            runner.wait(future).result()
-        return time.perf_counter() - begun
-
     def scatter_submit(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
         begun = time.perf_counter()
         scattered = client.scatter(array)
@@ -194,14 +194,13 @@ def _dask(contenders: Dict[str, Any], closers: List[Any], array: Any, config: La
         client.gather(futures)
         return time.perf_counter() - begun
 
-    contenders["Dask twin"] = twin
+    contenders["Dask twin"] = _twin(runner, array, n)
     contenders["Dask scatter+submit"] = scatter_submit
 
 
 def _ray(contenders: Dict[str, Any], closers: List[Any], array: Any, config: LargeConfig) -> None:
     import ray
 
-    import taskrunners
     from taskrunners.sync import RayTaskRunner
 
     n = config.calls
@@ -213,13 +212,6 @@ def _ray(contenders: Dict[str, Any], closers: List[Any], array: Any, config: Lar
     closers.append(lambda: block.__exit__(None, None, None))
     remotes: Dict[Any, Any] = {}
 
-    def twin(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
-        begun = time.perf_counter()
-        futures = [runner.submit(taskrunners.TaskRun(), state_fn, {"array": array, **extra}) for _ in range(n)]
-        for future in futures:
-            runner.wait(future).result()
-        return time.perf_counter() - begun
-
     def put_remote(extra: Dict[str, Any], fn: Any, state_fn: Any) -> float:
         remote = remotes.get(fn) or remotes.setdefault(fn, ray.remote(fn))
         begun = time.perf_counter()
@@ -227,7 +219,7 @@ def _ray(contenders: Dict[str, Any], closers: List[Any], array: Any, config: Lar
         ray.get([remote.remote(ref, **extra) for _ in range(n)])
         return time.perf_counter() - begun
 
-    contenders["Ray twin"] = twin
+    contenders["Ray twin"] = _twin(runner, array, n)
     contenders["Ray put+remote"] = put_remote
 
 
