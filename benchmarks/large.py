@@ -1,8 +1,9 @@
 """The ``large`` workload: many calls sharing one large array, each runner beside its engine's idiom.
 
 N calls each take the same M MB float64 array. Two points: each call sums the array
-(the cost of moving it dominates), and each call does about 50 ms of work on it (where
-parallel starts paying). For each point, rounds run the contenders one after the
+(the cost of moving it dominates), and each call does about 50 ms of arithmetic on
+parts of it that stay in the CPU's cache (where parallel starts paying: summing the
+whole array again and again would only share the memory's bandwidth). For each point, rounds run the contenders one after the
 other (interleaved), so that the machine's noise falls on all of them alike:
 
 - a plain loop in this process;
@@ -45,10 +46,16 @@ def total(array: Any) -> float:
 
 
 def worked(array: Any, repeats: int) -> float:
-    """About 50 ms of work on ``array`` (``repeats`` is calibrated)."""
+    """About 50 ms of work on ``array`` (``repeats`` is calibrated): arithmetic on
+    slices that stay in the CPU's cache, so that two workers do not just share the
+    memory's bandwidth, as summing the whole array would."""
+    import numpy as np
+
+    step = 32_768
     result = 0.0
-    for _ in range(repeats):
-        result = float(array.sum())
+    for index in range(repeats):
+        start = (index % 8) * step % max(1, array.size - step)
+        result += float(np.sqrt(array[start : start + step]).sum())
     return result
 
 
@@ -65,9 +72,10 @@ def worked_state(array: Any, repeats: int) -> Any:
 
 
 def _calibrate(array: Any, seconds: float) -> int:
+    worked(array, 50)
     begun = time.perf_counter()
-    worked(array, 3)
-    per = (time.perf_counter() - begun) / 3
+    worked(array, 200)
+    per = (time.perf_counter() - begun) / 200
     return max(1, round(seconds / per))
 
 
