@@ -3,8 +3,9 @@
 N calls each take the same M MB float64 array. Two points: each call sums the array
 (the cost of moving it dominates), and each call does about 50 ms of arithmetic on
 parts of it that stay in the CPU's cache (where parallel starts paying: summing the
-whole array again and again would only share the memory's bandwidth). For each point, rounds run the contenders one after the
-other (interleaved), so that the machine's noise falls on all of them alike:
+whole array again and again would only share the memory's bandwidth). One runner at a time, rounds run its contenders and a
+plain loop one after the other (interleaved), so that the machine's noise falls on
+all of them alike:
 
 - a plain loop in this process;
 - the Parallel runner (blocking twin, ``submit`` then ``wait``), a flow's
@@ -80,41 +81,42 @@ def _calibrate(array: Any, seconds: float) -> int:
 
 
 def run_large(config: LargeConfig, runners: Sequence[str] = ("parallel", "dask", "ray")) -> Dict[str, Any]:
-    """Measure every contender; the seconds of each round, by point and contender."""
+    """Measure every contender; the seconds of each round, by point and contender.
+
+    One runner at a time, with its engine's idiom and a plain loop: on 2 cores the
+    idle processes of the other engines (Ray's, Dask's) would slow every contender.
+    """
     import numpy as np
 
     array = np.random.default_rng(0).random(config.megabytes * 2**20 // 8)
     repeats = _calibrate(array, config.work_seconds)
     points = {"sum": ({}, total, total_state), "work": ({"repeats": repeats}, worked, worked_state)}
-    contenders: Dict[str, Callable[[Dict[str, Any], Callable[..., Any], Callable[..., Any]], float]] = {}
-    closers: List[Callable[[], None]] = []
     n = config.calls
+    seconds: Dict[str, Dict[str, List[float]]] = {point: {} for point in points}
 
     def plain(extra: Dict[str, Any], fn: Callable[..., Any], state_fn: Callable[..., Any]) -> float:
         begun = time.perf_counter()
         [fn(array, **extra) for _ in range(n)]
         return time.perf_counter() - begun
 
-    contenders["plain loop"] = plain
-    try:
-        if "parallel" in runners:
-            _parallel(contenders, closers, array, config)
-        if "dask" in runners and importlib.util.find_spec("distributed") is not None:
-            _dask(contenders, closers, array, config)
-        if "ray" in runners and importlib.util.find_spec("ray") is not None:
-            _ray(contenders, closers, array, config)
-        seconds: Dict[str, Dict[str, List[float]]] = {
-            point: {name: [] for name in contenders} for point in points
-        }
-        for point, (extra, fn, state_fn) in points.items():
-            for contender in contenders.values():  # warm up
-                contender(extra, fn, state_fn)
-            for _ in range(config.rounds):
-                for name, contender in contenders.items():
-                    seconds[point][name].append(contender(extra, fn, state_fn))
-    finally:
-        for close in reversed(closers):
-            close()
+    phases = [("parallel", _parallel), ("dask", _dask), ("ray", _ray)]
+    engines = {"parallel": "joblib", "dask": "distributed", "ray": "ray"}
+    for key, open_phase in phases:
+        if key not in runners or importlib.util.find_spec(engines[key]) is None:
+            continue
+        contenders: Dict[str, Callable[[Dict[str, Any], Any, Any], float]] = {"plain loop": plain}
+        closers: List[Callable[[], None]] = []
+        try:
+            open_phase(contenders, closers, array, config)
+            for point, (extra, fn, state_fn) in points.items():
+                for contender in contenders.values():  # warm up
+                    contender(extra, fn, state_fn)
+                for _ in range(config.rounds):
+                    for name, contender in contenders.items():
+                        seconds[point].setdefault(name, []).append(contender(extra, fn, state_fn))
+        finally:
+            for close in reversed(closers):
+                close()
     return {
         "calls": n,
         "megabytes": config.megabytes,
