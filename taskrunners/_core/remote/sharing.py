@@ -434,8 +434,3 @@ def load_placed(key: str) -> Any:
     task (see :class:`placed`), loaded once in this process."""
     payload = placed_payload(key)
     return load(key, payload.value, _placed.payloads[key][1])  # type: ignore[index]
-
-
-def loaded_keys() -> List[str]:
-    """The keys of the values this process holds (for tests)."""
-    return list(_loaded)
