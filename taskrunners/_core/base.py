@@ -295,10 +295,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         if not self._started or self._detached:
             self._ensure_usable("submit work")
         if self._snapshots_arguments:
-            shared = self._shared
-            run_fn, run_kwargs = snapshot_call(
-                run_fn, run_kwargs, None if shared is None else Memo(shared)
-            )
+            run_fn, run_kwargs = snapshot_call(run_fn, run_kwargs, sharing=self._shared)
         upstream = self._upstream_calls(run_kwargs)
         if upstream:
             call = self._dispatch_after(upstream, task_run, run_fn, run_kwargs)
@@ -320,7 +317,9 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
             # Submitted together: a value the calls share is taken once for all of them.
             memo = Memo(self._shared)
             run_fn, _ = snapshot_call(run_fn, {}, memo)
-            run_kwargs_list = [snapshot_kwargs(run_kwargs, memo) for run_kwargs in run_kwargs_list]
+            run_kwargs_list = [
+                snapshot_kwargs(run_kwargs, memo, self._shared) for run_kwargs in run_kwargs_list
+            ]
         calls: List[Optional[CallHandle]] = [None] * len(task_runs)
         ready: List[int] = []
         for index, (task_run, run_kwargs) in enumerate(zip(task_runs, run_kwargs_list)):

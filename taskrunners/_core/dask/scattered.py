@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from taskrunners._core.remote.sharing import (
     Shared,
     SharedValues,
-    _Copy,
     collect,
     load_placed,
 )
@@ -32,7 +31,7 @@ class ScatteredValues(SharedValues):
         super().__init__(threshold)
         self._client = client
 
-    def _place(self, shared: Shared, copy: _Copy) -> bool:
+    def _place(self, shared: Shared) -> bool:
         if _on_loop(self._client):  # a call started by a callback: scatter would wait on itself
             return False
         shared.reference = self._client.scatter(self.payload(shared), hash=False)

@@ -38,9 +38,7 @@ class SharedFiles(SharedValues):
         resource_tracker.register(self.folder, "folder")
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
-        copy = self._copies.get(shared.key)
-        if copy is None:
-            raise RuntimeError(f"The large value {shared.key} was released with its runner's block.")
+        copy = self._copy_of(shared)
         return (load_file, (shared.key, copy.path, copy.header_size, copy.spans))
 
     def close(self) -> None:

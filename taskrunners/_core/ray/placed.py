@@ -18,7 +18,6 @@ import cloudpickle
 from taskrunners._core.remote.sharing import (
     Shared,
     SharedValues,
-    _Copy,
     collect,
     collecting,
     load_placed,
@@ -35,7 +34,7 @@ class PutValues(SharedValues):
         super().__init__(threshold)
         self._ray = ray
 
-    def _place(self, shared: Shared, copy: _Copy) -> bool:
+    def _place(self, shared: Shared) -> bool:
         shared.reference = self._ray.put(self.payload(shared))
         return True
 

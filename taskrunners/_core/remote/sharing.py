@@ -175,7 +175,7 @@ class SharedValues:
         with self._lock:
             self._copies[key] = copy
         try:
-            placed = self._place(shared, copy)
+            placed = self._place(shared)
         except BaseException:
             self._release(key, None)
             raise
@@ -193,9 +193,7 @@ class SharedValues:
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
         """How ``shared`` pickles to travel to a worker (by default: the value itself)."""
-        copy = self._copies.get(shared.key)
-        if copy is None:
-            raise RuntimeError(f"The large value {shared.key} was released with its runner's block.")
+        copy = self._copy_of(shared)
         return (_loads, (bytes(copy.header), [pickle.PickleBuffer(b) for b in copy.buffers()]))
 
     def payload(self, shared: Shared) -> Payload:
@@ -227,8 +225,14 @@ class SharedValues:
         os.unlink(path)
         return handle, None
 
-    def _place(self, shared: Shared, copy: _Copy) -> bool:
-        """Make ``copy`` reachable from the workers (set ``shared.reference`` if need be);
+    def _copy_of(self, shared: Shared) -> _Copy:
+        copy = self._copies.get(shared.key)
+        if copy is None:
+            raise RuntimeError(f"The large value {shared.key} was released with its runner's block.")
+        return copy
+
+    def _place(self, shared: Shared) -> bool:
+        """Make ``shared``'s copy reachable from the workers (set ``shared.reference`` if need be);
         False if that cannot be done from this thread."""
         return True
 
@@ -365,7 +369,7 @@ def _loads(header: bytes, buffers: List[Any]) -> Any:
 # -- in a worker --------------------------------------------------------------------------
 
 #: Values loaded in this process, by key: (value, whether it is still in use, last use).
-_loaded: Dict[str, Tuple[Any, Callable[[], bool], float]] = {}
+_loaded: Dict[str, Tuple[Any, Optional[Callable[[], bool]], float]] = {}
 _loaded_lock = threading.Lock()
 #: A loaded value whose runner cannot be asked is dropped when unused this long (seconds).
 IDLE_SECONDS = 30.0
@@ -384,17 +388,14 @@ def load(key: str, source: Callable[[], Any], alive: Optional[Callable[[], bool]
         _forget_unused(now)
     value = source()
     with _loaded_lock:
-        _loaded[key] = (value, alive or _idle, now)
+        _loaded[key] = (value, alive, now)
     return value
 
-
-def _idle() -> bool:
-    return True
 
 
 def _forget_unused(now: float) -> None:
     for key, (_, alive, used) in list(_loaded.items()):
-        if (alive is _idle and now - used > IDLE_SECONDS) or (alive is not _idle and not alive()):
+        if now - used > IDLE_SECONDS if alive is None else not alive():
             del _loaded[key]
 
 
@@ -421,16 +422,20 @@ class placed:
         _placed.payloads = self._outer
 
 
-def placed_payload(key: str) -> Any:
-    """What the engine handed over with the task for ``key`` (see :class:`placed`)."""
+def _placed_entry(key: str) -> Tuple[Any, Optional[Callable[[], bool]]]:
     payloads = _placed.payloads
     if payloads is None or key not in payloads:
         raise RuntimeError(f"The large value {key} did not reach this worker with its task.")
-    return payloads[key][0]
+    return payloads[key]
+
+
+def placed_payload(key: str) -> Any:
+    """What the engine handed over with the task for ``key`` (see :class:`placed`)."""
+    return _placed_entry(key)[0]
 
 
 def load_placed(key: str) -> Any:
     """The value shared under ``key``, from the payload the engine handed over with the
     task (see :class:`placed`), loaded once in this process."""
-    payload = placed_payload(key)
-    return load(key, payload.value, _placed.payloads[key][1])  # type: ignore[index]
+    payload, alive = _placed_entry(key)
+    return load(key, payload.value, alive)

@@ -174,31 +174,38 @@ class Memo(Dict[int, Tuple[Any, Any]]):
         self.sharing = sharing
 
 
-def _large_bytes(value: Any, memo: Optional[Memo]) -> bool:
+def _large_bytes(value: Any, sharing: Optional[SharedValues]) -> bool:
     # Bytes cannot change, so they are kept as they are, unless they are large enough
     # to be shared.
-    if type(value) is not bytes or memo is None:
-        return False
-    sharing = memo.sharing
-    return sharing is not None and len(value) >= sharing.threshold
+    return type(value) is bytes and sharing is not None and len(value) >= sharing.threshold
 
 
 def snapshot_call(
-    run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], memo: Optional[Memo] = None
+    run_fn: Callable[..., Any],
+    run_kwargs: Dict[str, Any],
+    memo: Optional[Memo] = None,
+    sharing: Optional[SharedValues] = None,
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
-    """``run_fn`` and ``run_kwargs`` as they are now, for a call that is sent later."""
+    """``run_fn`` and ``run_kwargs`` as they are now, for a call that is sent later;
+    with ``sharing`` (and no ``memo``), a memo is made only if a value needs one."""
     own = _own_snapshot(type(run_fn))
     if own is not None:
+        if memo is None and sharing is not None:
+            memo = Memo(sharing)
         run_fn = own(run_fn, memo)
-    return run_fn, snapshot_kwargs(run_kwargs, memo)
+    return run_fn, snapshot_kwargs(run_kwargs, memo, sharing if memo is None else memo.sharing)
 
 
-def snapshot_kwargs(run_kwargs: Dict[str, Any], memo: Optional[Memo] = None) -> Dict[str, Any]:
+def snapshot_kwargs(
+    run_kwargs: Dict[str, Any], memo: Optional[Memo] = None, sharing: Optional[SharedValues] = None
+) -> Dict[str, Any]:
     """``run_kwargs`` as they are now (themselves, if none of them can change)."""
     taken: Optional[Dict[str, Any]] = None
     for name, value in run_kwargs.items():
-        if type(value) in _UNCHANGING and not _large_bytes(value, memo):
+        if type(value) in _UNCHANGING and not _large_bytes(value, sharing):
             continue
+        if memo is None and sharing is not None:  # made only when a value needs it
+            memo = Memo(sharing)
         now = snapshot(value, memo)
         if now is not value:
             if taken is None:
@@ -210,7 +217,7 @@ def snapshot_kwargs(run_kwargs: Dict[str, Any], memo: Optional[Memo] = None) -> 
 def snapshot(value: Any, memo: Optional[Memo] = None) -> Any:
     """``value`` as it is now (see the module's docstring for what that takes)."""
     kind = type(value)
-    if kind in _UNCHANGING and not _large_bytes(value, memo):
+    if kind in _UNCHANGING and not _large_bytes(value, None if memo is None else memo.sharing):
         return value
     own = _own_snapshot(kind)
     if own is not None:
