@@ -105,8 +105,11 @@ class BaseTaskRunner(RunnerIdentity, metaclass=abc.ABCMeta):
         run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
+        *,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture[R]:
-        """Submit ``run_fn(**run_kwargs)`` and return a future for its State."""
+        """Submit ``run_fn(**run_kwargs)`` and return a future for its State; past
+        ``timeout_seconds`` of running, the call is stopped and its State is TimedOut."""
 
     @overload
     async def wait(self, prefect_future: PrefectFuture[R], timeout: None = None) -> State[R]: ...
@@ -244,6 +247,8 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: Literal[True] = True,
+        *,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture[R, Async]: ...
 
     @overload
@@ -253,6 +258,8 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: Literal[False],
+        *,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture[R, Sync]: ...
 
     @overload
@@ -262,6 +269,8 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         run_fn: RunFn[R],
         run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
+        *,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture[R]: ...
 
     async def submit(
@@ -270,6 +279,8 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         run_fn: Callable[..., Any],
         run_kwargs: Mapping[str, Any],
         asynchronous: bool = True,
+        *,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture[Any]:
         """Submit ``run_fn(**run_kwargs)`` and return a future for its State.
 
@@ -277,18 +288,25 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
 
         :param asynchronous: whether the future's ``wait()`` and ``result()`` are
             awaited (the default) or block
+        :param timeout_seconds: the most seconds the call may run (from its start, not
+            from submit); past it the work is stopped and the State is Failed, named
+            "TimedOut" (its ``result()`` raises TimeoutError). None: no limit
         :raises RuntimeError: if the runner is not started, or was unpickled
-        :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
+        :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a
+            mapping, or ``timeout_seconds`` not a number
+        :raises ValueError: if ``timeout_seconds`` is not positive
         """
         check_submission(run_fn, run_kwargs)
+        if timeout_seconds is not None:
+            run_fn = seam.with_limit(run_fn, seam.check_timeout(timeout_seconds, "timeout_seconds"))
         if self._coroutines_on_caller_loop and is_coroutine_function(run_fn):
             # The task group sees these calls to their end: no tracking needed.
-            call = await self._start_coroutine_call(run_fn, _as_dict(run_kwargs))
+            call = await self._start_coroutine_call(task_run, run_fn, _as_dict(run_kwargs))
             return seam.future_for(call, task_run, self, asynchronous)
         return seam.submit(self._core, task_run, run_fn, _as_dict(run_kwargs), self, asynchronous)
 
     async def _start_coroutine_call(
-        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> Call:
         upstream = seam.admit_coroutine_call(self._core, run_kwargs)
         if self._task_group is None:  # unpickled: the task group stayed behind
@@ -296,13 +314,16 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
                 f"The {self.name} task runner cannot be used to submit work after serialization."
             )
         call = Call()
-        self._task_group.start_soon(self._run_coroutine_call, call, upstream, run_fn, run_kwargs)
+        self._task_group.start_soon(
+            self._run_coroutine_call, call, upstream, task_run, run_fn, run_kwargs
+        )
         return call
 
     async def _run_coroutine_call(
         self,
         call: Call,
         upstream: List[CallHandle],
+        task_run: TaskRun,
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
     ) -> None:
@@ -311,7 +332,7 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         except BaseException as exc:  # cancelled while waiting: it never ran
             call.set_result(exception_to_crashed_state(exc))
             raise
-        await _await_call(call, run_fn, run_kwargs)
+        await _await_call(call, task_run, run_fn, run_kwargs)
 
     @overload
     async def wait(self, prefect_future: PrefectFuture[R], timeout: None = None) -> State[R]: ...
@@ -346,16 +367,27 @@ class _FacadeRunner(BaseTaskRunner, Generic[C]):
         self.__dict__.update(data)
 
 
-async def _await_call(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+async def _await_call(
+    call: Call, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+) -> None:
     """Await a coroutine call on the caller's event loop and set its State.
 
     Whatever the call raises, it ends Crashed. A cancellation of the caller (asyncio's
     answer to Ctrl-C among them) and a Ctrl-C itself then go on, so the script stops;
-    a KeyboardInterrupt the call raised on its own does not.
+    a KeyboardInterrupt the call raised on its own does not. A call with a time limit
+    is cancelled once it passes, and is TimedOut.
     """
     signals = sigint_watch.signals if sigint_watch.watching else None
+    run_fn, seconds = seam.split_limit(run_fn)
     try:
-        value = await run_fn(**run_kwargs)
+        if seconds is not None:
+            with anyio.move_on_after(seconds) as scope:
+                value = await run_fn(**run_kwargs)
+            if scope.cancelled_caught:
+                call.set_result(seam.timed_out_state(task_run.name, seconds))
+                return
+        else:
+            value = await run_fn(**run_kwargs)
     except BaseException as exc:
         call.set_result(exception_to_crashed_state(exc))
         if isinstance(exc, anyio.get_cancelled_exc_class()) or interrupted_since(signals):
@@ -392,10 +424,12 @@ class SequentialTaskRunner(_FacadeRunner[sync.SequentialTaskRunner]):
     def __init__(self) -> None:
         super().__init__(sync.SequentialTaskRunner())
 
-    async def _start_coroutine_call(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
+    async def _start_coroutine_call(
+        self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
+    ) -> Call:
         upstream = seam.admit_coroutine_call(self._core, run_kwargs)
         call = Call()
-        await _await_call(call, run_fn, await seam.resolved(self._core, run_kwargs, upstream))
+        await _await_call(call, task_run, run_fn, await seam.resolved(self._core, run_kwargs, upstream))
         return call
 
 

@@ -34,6 +34,7 @@ from taskrunners._core.calls import (
     wait_for_state,
     when_all_done,
 )
+from taskrunners._core.limits import check_timeout, with_limit
 from taskrunners._core.remote.sharing import SharedValues
 from taskrunners._core.remote.snapshots import Memo, shared_state, snapshot_call, snapshot_kwargs
 from taskrunners._core.futures import PrefectFuture, RunFn, Sync, TaskRun
@@ -271,20 +272,32 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
     # -- submission ----------------------------------------------------------------
 
     def submit(
-        self, task_run: TaskRun, run_fn: RunFn[R], run_kwargs: Mapping[str, Any]
+        self,
+        task_run: TaskRun,
+        run_fn: RunFn[R],
+        run_kwargs: Mapping[str, Any],
+        *,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture[R, Sync]:
         """Submit ``run_fn(**run_kwargs)``; returns a blocking :class:`PrefectFuture`.
 
         Futures anywhere in ``run_kwargs`` reach ``run_fn`` as their final States.
 
+        :param timeout_seconds: the most seconds the call may run (from its start, not
+            from submit); past it the work is stopped and the State is Failed, named
+            "TimedOut" (its ``result()`` raises TimeoutError). None: no limit
         :raises RuntimeError: if the runner is not started
-        :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a mapping
+        :raises TypeError: if ``run_fn`` is not callable or ``run_kwargs`` not a
+            mapping, or ``timeout_seconds`` not a number
+        :raises ValueError: if ``timeout_seconds`` is not positive
         """
         if type(run_kwargs) is dict and callable(run_fn):
             kwargs = run_kwargs
         else:
             check_submission(run_fn, run_kwargs)
             kwargs = dict(run_kwargs)
+        if timeout_seconds is not None:
+            run_fn = with_limit(run_fn, check_timeout(timeout_seconds, "timeout_seconds"))
         future: PrefectFuture[R, Sync] = PrefectFuture(task_run, self, asynchronous=False)
         future._call = self._submit_call(task_run, run_fn, kwargs)
         return future

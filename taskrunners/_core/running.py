@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict
 
+from taskrunners._core.limits import Limited
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
 __all__ = ["is_coroutine_function", "checked_state", "run_to_state", "arun_to_state"]
@@ -12,6 +13,8 @@ __all__ = ["is_coroutine_function", "checked_state", "run_to_state", "arun_to_st
 
 def is_coroutine_function(fn: Any) -> bool:
     """Whether calling ``fn`` gives a coroutine (functions and callable objects)."""
+    if type(fn) is Limited:
+        fn = fn.run_fn
     code = getattr(fn, "__code__", None)
     if code is not None:  # a plain function: read the flag directly, it's on the hot path
         return bool(code.co_flags & inspect.CO_COROUTINE)

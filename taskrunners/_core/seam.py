@@ -38,6 +38,7 @@ from taskrunners._core.futures import (
     not_a_runner,
     wait_for_state_async,
 )
+from taskrunners._core.limits import check_timeout, is_timed_out, split_limit, timed_out_state, with_limit
 from taskrunners._core.local.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.local.sequential import SequentialTaskRunner
 from taskrunners._core.local.threads import ConcurrentTaskRunner
@@ -86,6 +87,12 @@ __all__ = [
     "all_unchanging",
     "snapshot_each",
     "unchanging",
+    # Time limits.
+    "check_timeout",
+    "with_limit",
+    "split_limit",
+    "timed_out_state",
+    "is_timed_out",
     # Waiting from async code.
     "in_event_loop",
     "wait_until_done",

@@ -7,6 +7,7 @@ blocking portal running asyncio or trio, so one test body covers all three.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Dict, Iterator, Optional
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -39,11 +40,15 @@ class Driver:
         run_fn: Callable[..., Any],
         run_kwargs: Optional[Dict[str, Any]] = None,
         task_run: Optional[TaskRun] = None,
+        timeout_seconds: Optional[float] = None,
     ) -> PrefectFuture:
         task_run = task_run or TaskRun()
         if self.portal is None:
-            return self.runner.submit(task_run, run_fn, run_kwargs or {})
-        return self.portal.call(self.runner.submit, task_run, run_fn, run_kwargs or {})
+            return self.runner.submit(
+                task_run, run_fn, run_kwargs or {}, timeout_seconds=timeout_seconds
+            )
+        submit = functools.partial(self.runner.submit, timeout_seconds=timeout_seconds)
+        return self.portal.call(submit, task_run, run_fn, run_kwargs or {})
 
     def wait(self, future: PrefectFuture, timeout: Optional[float] = None) -> Optional[State]:
         if self.portal is None:

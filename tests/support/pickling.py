@@ -12,6 +12,7 @@ PAYLOAD_MODULES = (
     "tests.support.dask_payloads",
     "tests.support.ray_payloads",
     "tests.support.large_payloads",
+    "tests.support.stuck",
     "tests.support.waiting",
 )
 

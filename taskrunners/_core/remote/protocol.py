@@ -19,13 +19,21 @@ import importlib
 import pickle
 import time
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, cast
 
 import cloudpickle
 import sniffio
 
 from taskrunners._collections import visit_collection
 from taskrunners._core.calls import CallHandle, cancelled_state
+from taskrunners._core.limits import (
+    Limited,
+    ThreadGuard,
+    run_limited,
+    split_limit,
+    timed_out_state,
+    watchdog,
+)
 from taskrunners._core.running import checked_state, is_coroutine_function
 from taskrunners._core.futures import PrefectFuture
 from taskrunners.states import Crashed, State, exception_to_crashed_state
@@ -35,6 +43,8 @@ __all__ = [
     "with_upstream",
     "substitute",
     "CoroutineWatch",
+    "Expire",
+    "COROUTINE_GRACE_SECONDS",
     "run_in_worker",
     "run_batch",
     "load_call",
@@ -113,30 +123,81 @@ def substitute(expr: Any, lookup: Callable[[Hashable], Any]) -> Any:
     )
 
 
+#: What a backend does when a call's limit passes in its worker: given the call's
+#: thread guard (see ``limits.run_limited``), it stops the work its own way (raises
+#: into the thread, restarts or ends the worker process).
+Expire = Callable[[ThreadGuard], object]
+#: How much longer than its limit a coroutine call gets to end by its cancellation
+#: before its backend's ``Expire`` acts (a coroutine blocked in C never sees it).
+COROUTINE_GRACE_SECONDS = 0.5
+
+
 def run_in_worker(
     run_fn: Callable[..., Any],
     run_kwargs: Dict[str, Any],
     watch: Optional[CoroutineWatch] = None,
+    expire: Optional[Expire] = None,
+    name: str = "call",
 ) -> Tuple[State, Optional[BaseException]]:
     """Run a call to its State in a thread with no event loop; also what it raised.
 
     A coroutine ``run_fn`` runs on an event loop of its own, inside ``watch(loop,
-    task)`` if given.
+    task)`` if given. A call with a time limit (a ``limits.Limited`` run_fn) is
+    stopped once it passes: a plain one by ``expire``, a coroutine by its
+    cancellation (and by ``expire`` if it has not ended a moment later); its State
+    is then the task run ``name``'s TimedOut state.
     """
+    run_fn, seconds = split_limit(run_fn)
+    if seconds is not None and expire is not None:
+        if not is_coroutine_function(run_fn):
+            return run_limited(run_fn, run_kwargs, seconds, name, expire), None
+        guard = ThreadGuard()
+        alarm = watchdog().arm(seconds + COROUTINE_GRACE_SECONDS, lambda: expire(guard))
+        try:
+            return _run_coroutine(run_fn, run_kwargs, watch, seconds, name)
+        finally:
+            alarm.cancel()
+            guard.close()
     if not is_coroutine_function(run_fn):
         try:
             return checked_state(run_fn, run_fn(**run_kwargs)), None
         except BaseException as exc:
             return exception_to_crashed_state(exc), exc
+    return _run_coroutine(run_fn, run_kwargs, watch, seconds, name)
+
+
+def _run_coroutine(
+    run_fn: Callable[..., Any],
+    run_kwargs: Dict[str, Any],
+    watch: Optional[CoroutineWatch],
+    seconds: Optional[float],
+    name: str,
+) -> Tuple[State, Optional[BaseException]]:
     raised: List[BaseException] = []
+    timed_out: List[bool] = []
 
     async def run() -> State:
         sniffio.current_async_library_cvar.set(None)  # asyncio here, whatever the caller ran
+        timer = None
+        if seconds is not None:
+            task = asyncio.current_task()
+            assert task is not None
+
+            def expired() -> None:
+                timed_out.append(True)
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_later(seconds, expired)
         try:
             value = await run_fn(**run_kwargs)
         except BaseException as exc:
+            if timed_out:
+                return timed_out_state(name, cast(float, seconds))
             raised.append(exc)
             return exception_to_crashed_state(exc)
+        finally:
+            if timer is not None:
+                timer.cancel()
         return checked_state(run_fn, value)
 
     async def watched() -> State:
@@ -157,12 +218,16 @@ def run_batch(
     watch: Optional[CoroutineWatch] = None,
     starting: Optional[Callable[[int], bool]] = None,
     finished: Optional[Callable[[int], None]] = None,
+    expire: Optional[Callable[[int], Expire]] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> List[Tuple[State, float, Optional[BaseException]]]:
     """Run the calls of one batch in order: each one's State, seconds and what it raised.
 
     ``starting(i)`` is called before call ``i`` runs, and may say it must not (it was
     cancelled meanwhile: its State is then the cancellation); ``finished(i)`` after.
-    A call that raises affects no other call of its batch.
+    ``expire(i)`` is what stops call ``i`` if it has a limit and passes it; ``names``
+    name the calls in their TimedOut states. A call that raises affects no other call
+    of its batch.
     """
     outcomes: List[Tuple[State, float, Optional[BaseException]]] = []
     for index, (run_fn, run_kwargs) in enumerate(calls):
@@ -170,7 +235,11 @@ def run_batch(
             outcomes.append((cancelled_state(), 0.0, None))
             continue
         begun = time.perf_counter()
-        state, raised = run_in_worker(run_fn, run_kwargs, watch)
+        if expire is None or type(run_fn) is not Limited:
+            state, raised = run_in_worker(run_fn, run_kwargs, watch)
+        else:
+            name = names[index] if names is not None else "call"
+            state, raised = run_in_worker(run_fn, run_kwargs, watch, expire(index), name)
         outcomes.append((state, time.perf_counter() - begun, raised))
         if finished is not None:
             finished(index)
