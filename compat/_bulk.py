@@ -162,8 +162,10 @@ class MapRun:
         chunksize: Optional[int],
         buffersize: Optional[int],
         refuse: Callable[[], Optional[str]],
+        call_timeout: Optional[float] = None,
     ) -> None:
         self._core = core
+        self._call_timeout = call_timeout
         self._fn = fn
         self._chunk_type = _AsyncChunk if is_coroutine_function(fn) else _Chunk
         self._name = getattr(fn, "__name__", type(fn).__name__)
@@ -171,7 +173,8 @@ class MapRun:
         # Counted in chunks with an int chunksize (as the standard library), else items.
         self._count_items = chunksize is None
         cap = MAX_ITEMS if buffersize is None or chunksize is not None else max(1, buffersize // 4)
-        self._sizes = _Sizes(chunksize, min(cap, MAX_ITEMS))
+        # A time limit is per item: each item is then a call of its own.
+        self._sizes = _Sizes(1, 1) if call_timeout is not None else _Sizes(chunksize, min(cap, MAX_ITEMS))
         self._refuse = refuse
         self._lock = threading.Condition(threading.Lock())
         self._chunks: Deque[Tuple[Any, int]] = collections.deque()
@@ -209,7 +212,9 @@ class MapRun:
         return items
 
     def _submit(self, items: List[Any]) -> None:
-        run_fn = self._chunk_type(self._fn, items, self._spread, self)
+        run_fn: Callable[..., Any] = self._chunk_type(self._fn, items, self._spread, self)
+        if self._call_timeout is not None:
+            run_fn = seam.with_limit(run_fn, self._call_timeout, shared=False)
         call = seam.call_of(seam.submit(self._core, TaskRun(name=self._name), run_fn, {}))
         with self._lock:
             self._chunks.append((call, len(items)))

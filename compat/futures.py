@@ -171,7 +171,12 @@ class RunnerExecutor(concurrent.futures.Executor):
 
     :param runner: an unstarted runner: a blocking twin from :mod:`taskrunners.sync`,
         or a facade instance from :mod:`taskrunners`, driven through its blocking twin
-    :raises TypeError: if ``runner`` is not a taskrunners runner
+    :param call_timeout: the most seconds each call may run (from its start); past it
+        the work is stopped and its future's exception is a ``TimeoutError``. With
+        :meth:`map`, each item is then a runner call of its own. None: no limit
+    :raises TypeError: if ``runner`` is not a taskrunners runner, or ``call_timeout``
+        not a number
+    :raises ValueError: if ``call_timeout`` is not positive
 
     The runner is started on first use and its ``start()`` block ends on
     :meth:`shutdown`. A call's future holds ``fn``'s value, or the exception it
@@ -184,7 +189,8 @@ class RunnerExecutor(concurrent.futures.Executor):
     :meth:`shutdown` was called.
     """
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, call_timeout: Optional[float] = None) -> None:
+        self.call_timeout = seam.check_timeout(call_timeout, "call_timeout")
         try:
             core = seam.core_of(runner)
         except TypeError:
@@ -239,10 +245,12 @@ class RunnerExecutor(concurrent.futures.Executor):
         :raises RuntimeError: after :meth:`shutdown`
         """
         self._ensure_started()
-        run_fn = (_AsyncFunctionCall if is_coroutine_function(fn) else _FunctionCall)(
-            fn, args, kwargs or _NO_KWARGS
-        )
+        run_fn: Callable[..., Any] = (
+            _AsyncFunctionCall if is_coroutine_function(fn) else _FunctionCall
+        )(fn, args, kwargs or _NO_KWARGS)
         name = getattr(fn, "__name__", type(fn).__name__)
+        if self.call_timeout is not None:
+            run_fn = seam.with_limit(run_fn, self.call_timeout, shared=False)
         call = seam.call_of(seam.submit(self._core, TaskRun(name=name), run_fn, _NO_KWARGS))
         future = _Future()
         future.call = call
@@ -355,7 +363,9 @@ class RunnerExecutor(concurrent.futures.Executor):
     ) -> _bulk.MapRun:
         _bulk.check_sizes(chunksize, buffersize)
         self._ensure_started()
-        run = _bulk.MapRun(self._core, fn, iterables, chunksize, buffersize, self._refusal)
+        run = _bulk.MapRun(
+            self._core, fn, iterables, chunksize, buffersize, self._refusal, self.call_timeout
+        )
         self._maps.add(run)
         return run
 

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import anyio
 import tenacity
 
+from taskrunners._core import seam
 from taskrunners._core.seam import Memo, all_unchanging, snapshot_each, unchanging
 from taskrunners._flow_engine import FlowRun, current_flow_run, mark_inputs, resolve_inputs
 from taskrunners.futures import PrefectFuture, TaskRun
-from taskrunners.states import Completed, Failed, State
+from taskrunners.states import Completed, Failed, State, exception_to_crashed_state
 
 __all__ = [
     "RunnableTask",
@@ -60,6 +62,9 @@ class RunnableTask(Protocol):
 
     @property
     def retry_delay_seconds(self) -> Union[float, Sequence[float]]: ...
+
+    @property
+    def timeout_seconds(self) -> Optional[float]: ...
 
 
 class TaskInvocation:
@@ -101,7 +106,10 @@ class PlainInvocation(TaskInvocation):
 def submit_task(flow_run: FlowRun, task: RunnableTask, args: tuple, kwargs: dict) -> PrefectFuture[Any]:
     """Submit one run of ``task`` to the flow run's runner, without awaiting."""
     task_run = flow_run.new_task_run(task.name)
-    return flow_run.submit(task_run, *submission(task, task_run, args, kwargs))
+    run_fn, run_kwargs = submission(task, task_run, args, kwargs)
+    if _tries_apart(task):
+        return submit_tries(flow_run, task, task_run, run_fn, run_kwargs)
+    return flow_run.submit(task_run, run_fn, run_kwargs)
 
 
 async def asubmit_task(
@@ -109,7 +117,10 @@ async def asubmit_task(
 ) -> PrefectFuture[Any]:
     """Submit one run of an async ``task`` through an async flow run's facade."""
     task_run = flow_run.new_task_run(task.name)
-    return await flow_run.submit_async(task_run, *submission(task, task_run, args, kwargs))
+    run_fn, run_kwargs = submission(task, task_run, args, kwargs)
+    if _tries_apart(task):
+        return submit_tries(flow_run, task, task_run, run_fn, run_kwargs)
+    return await flow_run.submit_async(task_run, run_fn, run_kwargs)
 
 
 def submit_mapped(
@@ -120,7 +131,100 @@ def submit_mapped(
     run_kwargs_list = [
         submission(task, task_run, args, kwargs)[1] for task_run, (args, kwargs) in zip(task_runs, runs)
     ]
-    return flow_run.submit_many(task_runs, arun_task if task.isasync else run_task, run_kwargs_list)
+    run_fn = seam.with_limit(arun_task if task.isasync else run_task, task.timeout_seconds)
+    if _tries_apart(task):
+        return [
+            submit_tries(flow_run, task, task_run, run_fn, run_kwargs)
+            for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
+        ]
+    return flow_run.submit_many(task_runs, run_fn, run_kwargs_list)
+
+
+# -- tries as calls of their own --------------------------------------------------------------
+
+
+def _tries_apart(task: RunnableTask) -> bool:
+    """Whether the runs of ``task`` retry from the flow run, each try a call of its own.
+
+    So they do when a try has a time limit: a try past it may end its worker, so the
+    next one cannot run where it ran, and each try gets a fresh limit.
+    """
+    return task.timeout_seconds is not None and task.retries > 0
+
+
+class _Tries(seam.Call):
+    """A task run whose tries are calls of their own, one after another: it ends with
+    the last try's State."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: Optional[seam.CallHandle] = None  # None between two tries
+
+    def running(self) -> bool:
+        current = self.current
+        return current is not None and current.running()
+
+    def cancel(self) -> bool:
+        current = self.current
+        if current is None:
+            return super().cancel()
+        return current.cancel()  # its State reaches this run through a callback
+
+    def expedite(self) -> None:
+        current = self.current
+        if current is not None:
+            current.expedite()
+
+
+def submit_tries(
+    flow_run: FlowRun,
+    task: RunnableTask,
+    task_run: TaskRun,
+    run_fn: Callable[..., Any],
+    run_kwargs: Dict[str, Any],
+) -> PrefectFuture[Any]:
+    """Submit a run of ``task`` whose tries are submitted one by one: a try that ends
+    Failed (TimedOut among them) is submitted again after the task's delay, while
+    tries are left."""
+    attempts = task.retries + 1
+    tries = _Tries()
+    core = flow_run.core
+
+    def start(number: int) -> None:
+        if tries.done():  # cancelled between two tries
+            return
+        kwargs = dict(run_kwargs, attempt=(number, attempts))
+        try:
+            call = seam.call_of(seam.submit(core, task_run, run_fn, kwargs))
+        except BaseException as exc:  # the runner stopped meanwhile
+            tries.set_result(exception_to_crashed_state(exc))
+            return
+        tries.current = call
+        call.add_done_callback(lambda done: ended(number, seam.state_of_done(done)))
+
+    def ended(number: int, state: State[Any]) -> None:
+        if number == attempts or not state.is_failed() or tries.done():
+            tries.set_result(state)
+            return
+        tries.current = None
+        delay = _delay_before(task.retry_delay_seconds, number)
+        task_logger.warning(
+            "Task run %r: attempt %d of %d %s; retrying in %g s.",
+            task_run.name, number, attempts,
+            "timed out" if seam.is_timed_out(state) else state.message, delay,
+            extra={"task_run_name": task_run.name, "attempt": number},
+        )
+        # Not from here: this may be an engine's thread, or the submitting one.
+        timer = threading.Timer(delay, start, (number + 1,))
+        timer.daemon = True
+        timer.start()
+
+    seam.track(core, tries)
+    start(1)
+    owner = flow_run.facade if flow_run.facade is not None else core
+    return seam.future_for(tries, task_run, owner, flow_run.asynchronous)
 
 
 def submission(
@@ -135,7 +239,7 @@ def submission(
     run_kwargs: Dict[str, Any] = {"invocation": invocation}
     if upstream is not None:
         run_kwargs["upstream"] = upstream
-    return (arun_task if task.isasync else run_task), run_kwargs
+    return seam.with_limit(arun_task if task.isasync else run_task, task.timeout_seconds), run_kwargs
 
 
 # The run_fns: module-level so cloudpickle sends them by reference to worker
@@ -143,13 +247,18 @@ def submission(
 
 
 def run_task(
-    invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
+    invocation: TaskInvocation,
+    upstream: Optional[Dict[uuid.UUID, State[Any]]] = None,
+    attempt: Optional[Tuple[int, int]] = None,
 ) -> State[Any]:
-    """Run a plain task's body (with its retries) to a State."""
+    """Run a plain task's body (with its retries) to a State; with ``attempt`` (its
+    number, of how many), only that try: the flow run retries (see :func:`submit_tries`)."""
     args, kwargs, not_ready = _arguments(invocation, upstream)
     if not_ready is not None:
         return not_ready
     with _outside_flow():
+        if attempt is not None:
+            return _run_try(invocation.task, invocation.task_run_name, args, kwargs, attempt)
         return _run_body(invocation.task, invocation.task_run_name, args, kwargs)
 
 
@@ -162,13 +271,24 @@ run_task.__batch_key__ = _task_of  # type: ignore[attr-defined]
 
 
 async def arun_task(
-    invocation: TaskInvocation, upstream: Optional[Dict[uuid.UUID, State[Any]]] = None
+    invocation: TaskInvocation,
+    upstream: Optional[Dict[uuid.UUID, State[Any]]] = None,
+    attempt: Optional[Tuple[int, int]] = None,
 ) -> State[Any]:
-    """Run an async task's body (with its retries) to a State."""
+    """Run an async task's body (with its retries) to a State; with ``attempt``, only
+    that try, as :func:`run_task`."""
     args, kwargs, not_ready = _arguments(invocation, upstream)
     if not_ready is not None:
         return not_ready
     with _outside_flow():
+        if attempt is not None:
+            number, attempts = attempt
+            _log_attempt(invocation.task_run_name, number, attempts)
+            try:
+                value = await invocation.task.fn(*args, **kwargs)
+            except Exception as exc:
+                return _try_failed(invocation.task_run_name, exc, number, attempts)
+            return _final(invocation.task_run_name, value, attempts)
         return await _arun_body(invocation.task, invocation.task_run_name, args, kwargs)
 
 
@@ -234,6 +354,26 @@ async def _arun_body(
     return _final(task_run_name, value, attempts)
 
 
+def _run_try(
+    task: RunnableTask, task_run_name: str, args: tuple, kwargs: dict, attempt: Tuple[int, int]
+) -> State[Any]:
+    number, attempts = attempt
+    _log_attempt(task_run_name, number, attempts)
+    fn: Callable[..., Any] = task.fn
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as exc:
+        return _try_failed(task_run_name, exc, number, attempts)
+    return _final(task_run_name, value, attempts)
+
+
+def _try_failed(task_run_name: str, exc: Exception, number: int, attempts: int) -> State[Any]:
+    if number == attempts:
+        return _failed(task_run_name, exc, attempts)
+    # Not the last try: the flow run logs the retry.
+    return Failed(data=exc, message=f"raised {type(exc).__name__}: {exc}")
+
+
 def _retrying(kind: type, task: RunnableTask, task_run_name: str, attempts: int) -> Any:
     # A body that raises, or returns a Failed state, is run again (as Prefect 2 did).
     options: Dict[str, Any] = {}
@@ -257,10 +397,14 @@ class _RetryDelays(tenacity.wait.wait_base):
         self.delays = delays
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        delays = self.delays
-        if isinstance(delays, (int, float)):
-            return float(delays)
-        return float(delays[min(retry_state.attempt_number, len(delays)) - 1])
+        return _delay_before(self.delays, retry_state.attempt_number)
+
+
+def _delay_before(delays: Union[float, Sequence[float]], retry: int) -> float:
+    """Seconds before retry number ``retry`` (1 for the first)."""
+    if isinstance(delays, (int, float)):
+        return float(delays)
+    return float(delays[min(retry, len(delays)) - 1])
 
 
 def _is_failed(value: Any) -> bool:

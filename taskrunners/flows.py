@@ -31,7 +31,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any, Callable, Coroutine, Generic, Iterator, Optional, Tuple, TypeVar, cast, overload
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Coroutine,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    cast,
+    overload,
+)
 
 import anyio
 from typing_extensions import ParamSpec, Protocol
@@ -50,7 +63,7 @@ from taskrunners._flow_engine import (
     runner_for_call,
 )
 from taskrunners.futures import DoneAndNotDone, as_completed, wait
-from taskrunners.states import Completed, Failed, State
+from taskrunners.states import Completed, Crashed, Failed, State
 from taskrunners.task_runners import ConcurrentTaskRunner
 from taskrunners.tasks import Task, task, unmapped
 
@@ -76,7 +89,12 @@ class Flow(Decorated[P], Generic[P, R]):
     :param fn: the function, plain or ``async``
     :param name: the flow's name; defaults to the function's name
     :param task_runner: a runner instance or class; None for ``ConcurrentTaskRunner()``
-    :raises TypeError: if ``fn`` is not callable or ``task_runner`` is not a runner
+    :param timeout_seconds: the most seconds a call of the flow may run; past it the
+        body is interrupted, its task runs are stopped as when the body raises, and
+        the flow's State is Failed, named "TimedOut". None: no limit
+    :raises TypeError: if ``fn`` is not callable, ``task_runner`` is not a runner, or
+        ``timeout_seconds`` is not a number
+    :raises ValueError: if ``timeout_seconds`` is not positive
 
     ``task_runner`` may be reassigned (``my_flow.task_runner = DaskTaskRunner()``).
     Each call starts the runner for its own duration; when the instance is already in
@@ -92,6 +110,7 @@ class Flow(Decorated[P], Generic[P, R]):
         fn: Callable[P, Coroutine[Any, Any, T]],
         name: Optional[str] = None,
         task_runner: Optional[RunnerSpec] = None,
+        timeout_seconds: Optional[float] = None,
     ) -> None: ...
 
     @overload
@@ -100,6 +119,7 @@ class Flow(Decorated[P], Generic[P, R]):
         fn: Callable[P, T],
         name: Optional[str] = None,
         task_runner: Optional[RunnerSpec] = None,
+        timeout_seconds: Optional[float] = None,
     ) -> None: ...
 
     def __init__(
@@ -107,9 +127,11 @@ class Flow(Decorated[P], Generic[P, R]):
         fn: Callable[P, Any],
         name: Optional[str] = None,
         task_runner: Optional[RunnerSpec] = None,
+        timeout_seconds: Optional[float] = None,
     ) -> None:
         super().__init__(fn, name)
         self.task_runner = task_runner if task_runner is not None else ConcurrentTaskRunner()
+        self.timeout_seconds = seam.check_timeout(timeout_seconds, "timeout_seconds")
 
     @property
     def task_runner(self) -> RunnerSpec:
@@ -147,9 +169,14 @@ class Flow(Decorated[P], Generic[P, R]):
             try:
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, core)
                 with core.start(), _from_body():
-                    value = self.fn(*args, **kwargs)
+                    with self._time_limit(core) as fired:
+                        value = self.fn(*args, **kwargs)
+                    if fired:  # the interruption landed in a task run's body instead
+                        raise seam.CallTimedOut
             except _BodyRaised as raised:
                 failure = self._failed(raised.exc)
+            except seam.CallTimedOut:
+                failure = self._timed_out()
             finally:
                 current_flow_run.reset(token)
         if failure is not None:
@@ -175,9 +202,18 @@ class Flow(Decorated[P], Generic[P, R]):
                 flow_logger.debug("Flow run %r: starting on %s.", self.name, runner)
                 async with runner.start():
                     with _from_body():
-                        value = await self.fn(*args, **kwargs)
+                        if self.timeout_seconds is None:
+                            value = await self.fn(*args, **kwargs)
+                        else:
+                            with anyio.move_on_after(self.timeout_seconds) as scope:
+                                value = await self.fn(*args, **kwargs)
+                            if scope.cancel_called:
+                                # Left as an exception leaves it: task runs stopped.
+                                raise seam.CallTimedOut
             except _BodyRaised as raised:
                 failure = self._failed(raised.exc)
+            except seam.CallTimedOut:
+                failure = self._timed_out()
             finally:
                 current_flow_run.reset(token)
         # A runner may have turned a cancellation into a Crashed task run (Prefect 2's
@@ -186,6 +222,25 @@ class Flow(Decorated[P], Generic[P, R]):
         if failure is not None:
             return failure
         return self._final_state(await seam.astates_when_done(value, core))
+
+    def _time_limit(self, core: BlockingTaskRunner) -> ContextManager[List[bool]]:
+        """Interrupts the body of a sync flow at its limit (CallTimedOut), its task runs
+        ended first, so that a body waiting for one goes on to the interruption."""
+        seconds = self.timeout_seconds
+        if seconds is None:
+            return contextlib.nullcontext([])
+        stopped = Crashed(
+            message=f"Flow run {self.name!r} timed out after {seconds:g} s: this task run was stopped.",
+            data=TimeoutError(f"flow run {self.name!r} timed out"),
+        )
+        return seam.time_limit(seconds, lambda: seam.stop_running(core, stopped))
+
+    def _timed_out(self) -> State[Any]:
+        assert self.timeout_seconds is not None
+        state = seam.timed_out_state(self.name, self.timeout_seconds)
+        message = f"Flow run {self.name!r} timed out: it ran past its limit of {self.timeout_seconds:g} s (timeout_seconds)."
+        flow_logger.error(message)
+        return Failed(name=state.name, message=message, data=TimeoutError(message))
 
     def _failed(self, exc: Exception) -> State[Any]:
         message = f"Flow run {self.name!r} raised {type(exc).__name__}: {exc}"
@@ -276,7 +331,10 @@ def flow(fn: Callable[P, T], /) -> Flow[P, State[T]]: ...
 
 @overload
 def flow(
-    *, name: Optional[str] = None, task_runner: Optional[RunnerSpec] = None
+    *,
+    name: Optional[str] = None,
+    task_runner: Optional[RunnerSpec] = None,
+    timeout_seconds: Optional[float] = None,
 ) -> _FlowDecorator: ...
 
 
@@ -286,6 +344,7 @@ def flow(
     *,
     name: Optional[str] = None,
     task_runner: Optional[RunnerSpec] = None,
+    timeout_seconds: Optional[float] = None,
 ) -> Any:
     """Make a function a flow: ``@flow`` or ``@flow(name=..., task_runner=...)``.
 
@@ -309,8 +368,13 @@ def flow(
     :param name: the flow's name; defaults to the function's name
     :param task_runner: a runner instance or class from :mod:`taskrunners`; None for
         ``ConcurrentTaskRunner()``. A synchronous flow drives its blocking twin.
+    :param timeout_seconds: the most seconds a call of the flow may run; past it its
+        task runs are stopped and its State is Failed, named "TimedOut"
     :return: a :class:`Flow`, or a decorator making one
     """
     if fn is None:
-        return functools.partial(Flow, name=name, task_runner=task_runner)
-    return Flow(fn, name=name, task_runner=task_runner)
+        seam.check_timeout(timeout_seconds, "timeout_seconds")  # at the decorator, not later
+        return functools.partial(
+            Flow, name=name, task_runner=task_runner, timeout_seconds=timeout_seconds
+        )
+    return Flow(fn, name=name, task_runner=task_runner, timeout_seconds=timeout_seconds)

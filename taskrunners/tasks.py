@@ -35,6 +35,7 @@ from typing import (
 
 from typing_extensions import ParamSpec
 
+from taskrunners._core import seam
 from taskrunners._flow_engine import Decorated, FlowRun, current_flow_run
 from taskrunners._task_runs import asubmit_task, submit_mapped, submit_task
 from taskrunners.futures import Async, PrefectFuture, Sync
@@ -68,8 +69,12 @@ class Task(Decorated[P], Generic[P, R]):
     :param retries: how many times to run the body again after it raised an ``Exception``
     :param retry_delay_seconds: seconds to wait before each retry: one number, or a list
         of delays for successive retries (the last one repeats)
-    :raises TypeError: if ``fn`` is not callable
-    :raises ValueError: for a negative or non-integer ``retries`` or a bad delay
+    :param timeout_seconds: the most seconds one try of a run may run on its runner;
+        past it the work is stopped and the try is Failed, named "TimedOut" (retried
+        like any failed try, with a fresh limit). None: no limit
+    :raises TypeError: if ``fn`` is not callable, or ``timeout_seconds`` not a number
+    :raises ValueError: for a negative or non-integer ``retries``, a bad delay, or a
+        ``timeout_seconds`` that is not positive
     """
 
     kind = "Task"
@@ -81,6 +86,7 @@ class Task(Decorated[P], Generic[P, R]):
         name: Optional[str] = None,
         retries: int = 0,
         retry_delay_seconds: Union[float, Sequence[float]] = 0,
+        timeout_seconds: Optional[float] = None,
     ) -> None:
         super().__init__(fn, name)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
@@ -89,6 +95,7 @@ class Task(Decorated[P], Generic[P, R]):
             )
         self.retries = retries
         self.retry_delay_seconds = _checked_delays(retry_delay_seconds)
+        self.timeout_seconds = seam.check_timeout(timeout_seconds, "timeout_seconds")
 
     def __repr__(self) -> str:
         return f"Task(name={self.name!r}, fn={self.fn!r})"
@@ -240,6 +247,7 @@ def task(
     name: Optional[str] = None,
     retries: int = 0,
     retry_delay_seconds: Union[float, Sequence[float]] = 0,
+    timeout_seconds: Optional[float] = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -250,6 +258,7 @@ def task(
     name: Optional[str] = None,
     retries: int = 0,
     retry_delay_seconds: Union[float, Sequence[float]] = 0,
+    timeout_seconds: Optional[float] = None,
 ) -> Any:
     """Make a function a task: ``@task`` or ``@task(name=..., retries=..., ...)``.
 
@@ -268,13 +277,20 @@ def task(
     :param retries: how many times to run the body again after it raised
     :param retry_delay_seconds: seconds before each retry: a number, or a list of
         delays for successive retries (the last one repeats)
+    :param timeout_seconds: the most seconds one try may run (from its start on the
+        runner); past it the work is stopped and the try is Failed, named "TimedOut"
     :return: a :class:`Task`, or a decorator making one
     """
+    options: Dict[str, Any] = dict(
+        name=name,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        timeout_seconds=timeout_seconds,
+    )
     if fn is None:
-        return functools.partial(
-            Task, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds
-        )
-    return Task(fn, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds)
+        seam.check_timeout(timeout_seconds, "timeout_seconds")  # at the decorator, not later
+        return functools.partial(Task, **options)
+    return Task(fn, **options)
 
 
 def _checked_delays(delays: Any) -> Union[float, List[float]]:

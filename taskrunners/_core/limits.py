@@ -83,6 +83,11 @@ class Limited:
     def __call__(self, **run_kwargs: Any) -> Any:
         return self.run_fn(**run_kwargs)
 
+    def __batch_key__(self, run_kwargs: Any) -> Any:
+        """The task a call belongs to, as for its run_fn alone (see ``batching``)."""
+        key_of = getattr(self.run_fn, "__batch_key__", None)
+        return self.run_fn if key_of is None else key_of(run_kwargs)
+
     def __reduce__(self) -> Tuple[Any, ...]:
         return (Limited, (self.run_fn, self.seconds))
 
@@ -96,11 +101,19 @@ _limited: "weakref.WeakValueDictionary[Tuple[Any, float], Limited]" = weakref.We
 _limited_lock = threading.Lock()
 
 
-def with_limit(run_fn: Callable[..., Any], seconds: Optional[float]) -> Callable[..., Any]:
-    """``run_fn`` with the limit ``seconds`` (checked already); itself for None."""
+def with_limit(
+    run_fn: Callable[..., Any], seconds: Optional[float], shared: bool = True
+) -> Callable[..., Any]:
+    """``run_fn`` with the limit ``seconds`` (checked already); itself for None.
+
+    :param shared: one object for equal run_fns and limits (False for a run_fn made
+        for one call only)
+    """
     if seconds is None:
         return run_fn
     run_fn, _ = split_limit(run_fn)  # the latest limit wins
+    if not shared:
+        return Limited(run_fn, seconds)
     key = (run_fn, seconds)
     try:
         with _limited_lock:

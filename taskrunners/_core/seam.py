@@ -38,7 +38,15 @@ from taskrunners._core.futures import (
     not_a_runner,
     wait_for_state_async,
 )
-from taskrunners._core.limits import check_timeout, is_timed_out, split_limit, timed_out_state, with_limit
+from taskrunners._core.limits import (
+    CallTimedOut,
+    check_timeout,
+    is_timed_out,
+    split_limit,
+    timed_out_state,
+    with_limit,
+)
+from taskrunners._core.local.limited import time_limit
 from taskrunners._core.local.interrupts import interrupted_since, sigint_watch
 from taskrunners._core.local.sequential import SequentialTaskRunner
 from taskrunners._core.local.threads import ConcurrentTaskRunner
@@ -93,6 +101,9 @@ __all__ = [
     "split_limit",
     "timed_out_state",
     "is_timed_out",
+    "CallTimedOut",
+    "time_limit",
+    "stop_running",
     # Waiting from async code.
     "in_event_loop",
     "wait_until_done",
@@ -101,6 +112,7 @@ __all__ = [
     "submit",
     "submit_many",
     "future_for",
+    "track",
     "cancel_pending",
     "drain",
     "state_when_done",
@@ -168,6 +180,20 @@ def submit_many(
     return [
         future_for(call, task_run, owner, asynchronous) for task_run, call in zip(task_runs, calls)
     ]
+
+
+def track(core: BlockingTaskRunner, call: CallHandle) -> None:
+    """Count ``call`` among the core's calls: leaving its block waits for it."""
+    core._track(call)
+
+
+def stop_running(core: BlockingTaskRunner, state: State) -> None:
+    """End every call of the core's block now: those not started cancelled, the others
+    given ``state`` (their work is stopped when the block is left with an exception)."""
+    core._cancel_pending()
+    for call in list(core._pending):
+        if isinstance(call, Call):
+            call.set_result(state)
 
 
 def cancel_pending(core: BlockingTaskRunner) -> None:

@@ -74,11 +74,11 @@ def reading(counter: str, port: int) -> State:
 
 
 async def asleep(counter: str, seconds: float = 30.0) -> State:
-    """A coroutine that awaits a sleep of ``seconds``."""
-    import asyncio
+    """A coroutine that awaits a sleep of ``seconds`` (on asyncio or trio)."""
+    import anyio
 
     _started(counter)
-    await asyncio.sleep(seconds)
+    await anyio.sleep(seconds)
     bump(counter)
     return Completed(data="woke up")
 

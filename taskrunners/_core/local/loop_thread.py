@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict
 import sniffio
 
 from taskrunners._core.calls import Call
+from taskrunners._core.limits import arun_limited, split_limit
 from taskrunners._core.running import arun_to_state
 
 
@@ -41,26 +42,31 @@ class LoopThread:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
-    def submit(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> Call:
+    def submit(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], name: str = "call") -> Call:
         """Schedule a coroutine call; its State arrives on the returned call.
 
         The task runs in a copy of the submitting thread's context variables. The call
-        can be cancelled until its task starts; :meth:`stop` cancels running ones.
+        can be cancelled until its task starts; :meth:`stop` cancels running ones. A
+        call with a time limit is cancelled once it passes (TimedOut, naming ``name``).
         """
         call = Call()
         # The handle copies this thread's context, and the task copies the handle's.
-        self.loop.call_soon_threadsafe(self._start, call, run_fn, run_kwargs)
+        self.loop.call_soon_threadsafe(self._start, call, run_fn, run_kwargs, name)
         return call
 
-    def _start(self, call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+    def _start(self, call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], name: str) -> None:
         if call.set_running():
-            self.loop.create_task(self._run(call, run_fn, run_kwargs))
+            self.loop.create_task(self._run(call, run_fn, run_kwargs, name))
 
     @staticmethod
-    async def _run(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> None:
+    async def _run(call: Call, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], name: str) -> None:
         # The copied context may say that the caller runs trio; this loop is asyncio.
         sniffio.current_async_library_cvar.set(None)
-        call.set_result(await arun_to_state(run_fn, run_kwargs))
+        run_fn, seconds = split_limit(run_fn)
+        if seconds is None:
+            call.set_result(await arun_to_state(run_fn, run_kwargs))
+        else:
+            call.set_result(await arun_limited(run_fn, run_kwargs, seconds, name))
 
     def stop(self, cancel: bool, timeout: float = 10.0) -> None:
         """Stop the loop; with ``cancel``, running coroutine calls are cancelled first."""

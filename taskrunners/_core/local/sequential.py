@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import Call, block_until_done, done_call
+from taskrunners._core.limits import CallTimedOut, split_limit
 from taskrunners._core.local.interrupts import sigint_watch
+from taskrunners._core.local.limited import (
+    run_on_helper_thread,
+    run_with_timer_signal,
+    timer_signal_free,
+)
 from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.running import is_coroutine_function, run_to_state
 from taskrunners._core.futures import TaskRun
+from taskrunners.states import State
 
 __all__ = ["SequentialTaskRunner"]
 
@@ -29,7 +37,10 @@ class SequentialTaskRunner(BlockingTaskRunner):
     a thread that is itself running a loop. A Ctrl-C while a call runs in the main
     thread ends that call Crashed and then raises KeyboardInterrupt out of ``submit``,
     so the script stops; a ``run_fn`` that raises KeyboardInterrupt itself only gives
-    a Crashed state.
+    a Crashed state. A plain call with a time limit is interrupted at the limit by a
+    timer signal (``SIGALRM``) in the main thread, where nothing else handles it; in
+    another thread it runs on a helper thread, interrupted when it next runs Python
+    code and left behind if it is blocked in C (its State is TimedOut at the limit).
     """
 
     _handles = ("_call_lock", "_loop_thread", "_watching")
@@ -70,10 +81,33 @@ class SequentialTaskRunner(BlockingTaskRunner):
             self._call_lock = threading.RLock()
         with self._call_lock:
             if is_coroutine_function(run_fn):
-                return done_call(self._coroutine_loop().submit(run_fn, run_kwargs).result())
-            if sigint_watch.watching:
-                return done_call(sigint_watch.run_plain(run_fn, run_kwargs))
-            return done_call(run_to_state(run_fn, run_kwargs))
+                loop = self._coroutine_loop()
+                return done_call(loop.submit(run_fn, run_kwargs, task_run.name).result())
+            inner, seconds = split_limit(run_fn)
+            if seconds is not None:
+                state = self._run_limited(inner, run_kwargs, seconds, task_run.name)
+            elif sigint_watch.watching:
+                state = sigint_watch.run_plain(run_fn, run_kwargs)
+            else:
+                state = run_to_state(run_fn, run_kwargs)
+        if type(state.data) is CallTimedOut:
+            # The limit of the code around the call (a flow's) passed while it ran: the
+            # call is Crashed, and the interruption goes on to that code, as a Ctrl-C does.
+            raise state.data
+        return done_call(state)
+
+    @staticmethod
+    def _run_limited(
+        run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], seconds: float, name: str
+    ) -> State:
+        """A plain call with a limit: in the main thread under a timer signal (and the
+        Ctrl-C watch), elsewhere on a helper thread it can leave behind."""
+        if not timer_signal_free():
+            return run_on_helper_thread(run_fn, run_kwargs, seconds, name)
+        timed = functools.partial(run_with_timer_signal, run_fn, run_kwargs, seconds, name)
+        if sigint_watch.watching:
+            return sigint_watch.run_plain(timed, {})
+        return timed()
 
     def _dispatch_after(
         self,

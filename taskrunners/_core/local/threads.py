@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, Optional
 
 from taskrunners._core.arguments import check_max_workers
 from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
+from taskrunners._core.limits import Limited
 from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.local.thread_pool import ThreadPool
 from taskrunners._core.running import is_coroutine_function, run_to_state
@@ -40,6 +41,11 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
     variables, taken at submit time. Plain calls hold the GIL while they run Python
     code, so threads speed up waiting (I/O, sleeps, C code that releases the GIL),
     not pure-Python computation.
+
+    A plain call with a time limit is interrupted in its thread at the limit (an
+    exception Python raises there when the thread next runs Python code) and is
+    TimedOut at once; a thread blocked in C is left behind and no longer counts
+    against ``max_workers``. A coroutine call with a limit is cancelled.
     """
 
     max_workers: Setting[Optional[int]] = Setting("The most threads running plain calls; None for no bound.")
@@ -80,11 +86,13 @@ class ConcurrentTaskRunner(BlockingTaskRunner):
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> Any:
         if is_coroutine_function(run_fn):
-            return self._coroutine_loop().submit(run_fn, run_kwargs)
+            return self._coroutine_loop().submit(run_fn, run_kwargs, task_run.name)
         pool = self._pool
         if pool is None:
             raise self._not_started()
         context = contextvars.copy_context()
+        if type(run_fn) is Limited:
+            return pool.submit_limited(context.run, run_fn, run_kwargs, task_run.name)
         return pool.submit(context.run, run_to_state, run_fn, run_kwargs)
 
     def _coroutine_loop(self) -> LoopThread:
