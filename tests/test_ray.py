@@ -630,13 +630,18 @@ def test_a_runner_given_the_head_address_connects_and_leaves_it_running(ray_head
 def test_a_runner_given_a_ray_client_address_connects_and_leaves_it_running(ray_head):
     pytest.importorskip("grpc", reason="ray:// needs Ray's client extra")
     try:
-        report = join_script("--address", ray_head.client_address, env=clean_env(), timeout=190)
+        report = join_script("--address", ray_head.client_address, env=clean_env(), timeout=150)
     except AssertionError as first:
         # Under load the head's proxier can fail to spawn the per-client server (Ray's own
-        # start-up timeout); that is Ray's environment, not the runner: one more try.
-        if "Starting Ray client server failed" not in str(first):
+        # start-up timeout), or leave the client waiting for it with nothing printed after
+        # "Passing the following kwargs to ray.init() on the server" (seen once in CI):
+        # that is Ray's environment, not the runner: one more try.
+        if not any(
+            sign in str(first)
+            for sign in ("Starting Ray client server failed", "did not finish within")
+        ):
             raise
-        report = join_script("--address", ray_head.client_address, env=clean_env(), timeout=190)
+        report = join_script("--address", ray_head.client_address, env=clean_env(), timeout=150)
     assert report["results"] == [20, 21, "async"]
     assert not report["initialized_after"]
     assert f"Connecting to an existing Ray instance at {ray_head.client_address}" in report["log"]

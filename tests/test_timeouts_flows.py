@@ -250,6 +250,10 @@ def test_concurrent_with_one_worker_leaves_a_call_blocked_in_c_behind(mode, tmp_
         module = taskrunners.sync if mode == "sync" else taskrunners
         with driving(module.ConcurrentTaskRunner(max_workers=1), mode) as driver:
             with driver.start():
+                # Many calls first: the pool's threads then hold idle credit, which must
+                # not outlive the thread abandoned below.
+                for future in [driver.submit(stuck.quick, {"value": n}) for n in range(200)]:
+                    driver.wait(future)
                 counter = str(tmp_path / "counter")
                 blocked = driver.submit(stuck.reading, {"counter": counter, "port": port}, timeout_seconds=LIMIT)
                 after = driver.submit(stuck.quick, {"value": "next"})

@@ -25,6 +25,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from taskrunners.states import Failed, State, StateType
 
+_monotonic = time.monotonic
+
 __all__ = [
     "TIMED_OUT",
     "check_timeout",
@@ -39,8 +41,8 @@ __all__ = [
     "watchdog",
     "interrupt_thread",
     "ThreadGuard",
-    "run_limited",
-    "arun_limited",
+    "thread_guard",
+    "POLL_SECONDS",
 ]
 
 #: The name of a timed-out call's State.
@@ -55,6 +57,9 @@ def check_timeout(value: Any, argument: str) -> Optional[float]:
     """
     if value is None:
         return None
+    kind = type(value)
+    if (kind is float or kind is int) and 0 < value < math.inf:
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"{argument} must be a number of seconds or None (no limit), "
@@ -99,6 +104,9 @@ class Limited:
 # (and Ray makes a remote function) by run_fn, so equal limits must give one object.
 _limited: "weakref.WeakValueDictionary[Tuple[Any, float], Limited]" = weakref.WeakValueDictionary()
 _limited_lock = threading.Lock()
+# The latest one handed out: calls of one task, submitted in a row, find it here (it
+# keeps one run_fn alive until the next call with a limit).
+_last_limited: Optional[Limited] = None
 
 
 def with_limit(
@@ -109,8 +117,12 @@ def with_limit(
     :param shared: one object for equal run_fns and limits (False for a run_fn made
         for one call only)
     """
+    global _last_limited
     if seconds is None:
         return run_fn
+    last = _last_limited
+    if last is not None and last.run_fn is run_fn and last.seconds == seconds:
+        return last
     run_fn, _ = split_limit(run_fn)  # the latest limit wins
     if not shared:
         return Limited(run_fn, seconds)
@@ -121,7 +133,8 @@ def with_limit(
             if limited is None:
                 limited = _limited[key] = Limited(run_fn, seconds)
     except TypeError:  # a run_fn that cannot be a dict key
-        limited = Limited(run_fn, seconds)
+        return Limited(run_fn, seconds)
+    _last_limited = limited
     return limited
 
 
@@ -155,8 +168,8 @@ def is_timed_out(state: Optional[State]) -> bool:
 
 
 class Alarm:
-    """One armed limit: its action runs on the watchdog's thread at ``deadline``,
-    unless :meth:`cancel` came first."""
+    """One armed one-off limit: its action runs on the watchdog's thread at
+    ``deadline``, unless :meth:`cancel` came first."""
 
     __slots__ = ("deadline", "action", "cancelled")
 
@@ -166,7 +179,7 @@ class Alarm:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """The call ended in time: the action will not run (a cheap flag, no lock)."""
+        """The limit no longer applies: the action will not run (a flag, no lock)."""
         self.cancelled = True
         self.action = _nothing
 
@@ -175,67 +188,119 @@ def _nothing() -> None:
     return None
 
 
-class Watchdog:
-    """A daemon thread that runs each :class:`Alarm`'s action when its time comes.
+#: How often the watchdog looks at the guards while one is armed (seconds): how late
+#: past its limit a call is stopped, at most, beyond the time its runner takes.
+POLL_SECONDS = 0.05
+# How often it looks while none is: a guard armed then is seen within this, and
+# watched closely from then on (arming also wakes it, unless it was about to sleep).
+_IDLE_POLL_SECONDS = 1.0
 
-    Arming is a heap push under a lock and wakes the thread only when the new alarm
-    is the earliest; cancelled alarms stay in the heap until their time, and cost
-    nothing but the entry.
+
+class Watchdog:
+    """A daemon thread that stops calls past their limits.
+
+    It watches two things: :class:`ThreadGuard` s, one per thread that runs calls
+    with a limit, which it polls (arming one is two assignments: no lock, no heap,
+    nothing left behind once the call ends, however many calls run); and one-off
+    :class:`Alarm` s (:meth:`arm`), kept in a heap until their time.
     """
 
     def __init__(self) -> None:
         self._heap: List[Tuple[float, int, Alarm]] = []
         self._order = itertools.count()
         self._cond = threading.Condition(threading.Lock())
+        self._guards: "weakref.WeakSet[ThreadGuard]" = weakref.WeakSet()
+        self._fired: "weakref.WeakKeyDictionary[ThreadGuard, Any]" = weakref.WeakKeyDictionary()
         self._thread: Optional[threading.Thread] = None
+        self._resting = True  # polling slowly: no guard was armed since the last look
+        #: Set by every arming (a plain assignment): the watchdog keeps looking closely.
+        self.armed_lately = False
+
+    def _ensure_running(self) -> None:
+        # With the condition's lock held.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="taskrunners-watchdog", daemon=True)
+            self._thread.start()
 
     def arm(self, seconds: float, action: Callable[[], object]) -> Alarm:
         """Run ``action()`` in ``seconds`` from now, on the watchdog's thread."""
         alarm = Alarm(time.monotonic() + seconds, action)
         with self._cond:
             heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="taskrunners-watchdog", daemon=True)
-                self._thread.start()
-            elif self._heap[0][2] is alarm:
+            self._ensure_running()
+            if self._heap[0][2] is alarm:
                 self._cond.notify()
         return alarm
+
+    def watch(self, guard: "ThreadGuard") -> None:
+        """Poll ``guard`` from now on (while it lives)."""
+        with self._cond:
+            self._guards.add(guard)
+            self._ensure_running()
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """A guard was armed while resting: look closely again."""
+        with self._cond:
+            self._resting = False
+            self._cond.notify()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while True:
-                    if not self._heap:
-                        self._cond.wait()
-                        continue
-                    delay = self._heap[0][0] - time.monotonic()
-                    if delay <= 0:
-                        alarm = heapq.heappop(self._heap)[2]
-                        break
-                    self._cond.wait(delay)
-            if not alarm.cancelled:
-                try:
-                    alarm.action()
-                except BaseException:  # an action must never stop the watchdog
-                    pass
-            del alarm
+                now = time.monotonic()
+                due: List[Alarm] = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+                guards = list(self._guards)
+            armed_any, self.armed_lately = self.armed_lately, False
+            for guard in guards:
+                armed = guard.armed
+                if armed is None:
+                    continue
+                armed_any = True
+                if armed[0] <= now and self._fired.get(guard) is not armed:
+                    self._fired[guard] = armed
+                    guard._expire(armed)
+            for alarm in due:
+                if not alarm.cancelled:
+                    try:
+                        alarm.action()
+                    except BaseException:  # an action must never stop the watchdog
+                        pass
+            del guards, due
+            with self._cond:
+                self._resting = not armed_any
+                wait = POLL_SECONDS if armed_any else _IDLE_POLL_SECONDS
+                if self._heap:
+                    wait = min(wait, max(0.0, self._heap[0][0] - time.monotonic()))
+                self._cond.wait(wait)
 
 
 _watchdog: Optional[Watchdog] = None
-_watchdog_pid = 0
 _watchdog_lock = threading.Lock()
 
 
 def watchdog() -> Watchdog:
-    """This process's watchdog (a forked child gets its own)."""
-    global _watchdog, _watchdog_pid
+    """This process's watchdog."""
+    global _watchdog
     found = _watchdog
-    if found is not None and _watchdog_pid == os.getpid():
+    if found is not None:
         return found
     with _watchdog_lock:
-        if _watchdog is None or _watchdog_pid != os.getpid():
-            _watchdog, _watchdog_pid = Watchdog(), os.getpid()
+        if _watchdog is None:
+            _watchdog = Watchdog()
         return _watchdog
+
+
+def _forget_watchdog() -> None:
+    # A forked child has none of its parent's threads: it makes its own watchdog.
+    global _watchdog, _watchdog_lock
+    _watchdog, _watchdog_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_watchdog)
 
 
 def interrupt_thread(ident: int, exc_type: type = CallTimedOut) -> bool:
@@ -252,76 +317,93 @@ def interrupt_thread(ident: int, exc_type: type = CallTimedOut) -> bool:
     return bool(found)
 
 
-# -- running a call under its limit -------------------------------------------------
-
-
 class ThreadGuard:
-    """Lets the watchdog raise :class:`CallTimedOut` into the thread running one call,
-    and never once the call is over (a pending one is then taken back)."""
+    """The watch over the calls with a limit that one thread runs, one after another.
 
-    __slots__ = ("ident", "_lock", "_live", "fired")
+    :meth:`arm` starts a call's clock; once it passes, the watchdog calls the
+    ``expire(guard)`` it was given, which stops the work its runner's way, for
+    example with :meth:`interrupt`, which raises :class:`CallTimedOut` into the
+    thread, and never once the call is over (:meth:`close` takes back one that is
+    still pending). Each thread has one (:func:`thread_guard`), reused call after call.
+    """
+
+    __slots__ = ("ident", "_lock", "armed", "fired", "_expiring", "_settle", "_dog", "__weakref__")
 
     def __init__(self) -> None:
         self.ident = threading.get_ident()
         self._lock = threading.Lock()
-        self._live = True
+        #: (deadline, expire) while a call runs under a limit, else None.
+        self.armed: Optional[Tuple[float, Callable[["ThreadGuard"], object]]] = None
         self.fired = False
+        self._expiring: Any = None
+        self._settle: Optional[Callable[[], object]] = None
+        self._dog: Optional[Watchdog] = None  # the watchdog that polls it
 
-    def interrupt(self) -> bool:
-        """Raise CallTimedOut into the call (on the watchdog's thread); False if it is over."""
+    def arm(self, seconds: float, expire: Callable[["ThreadGuard"], object]) -> None:
+        """A call with a limit of ``seconds`` starts in this thread now."""
+        self.fired = False
+        self.armed = (_monotonic() + seconds, expire)
+        dog = _watchdog
+        if dog is None or self._dog is not dog:  # not yet watched
+            dog = self._dog = watchdog()
+            dog.watch(self)
+        dog.armed_lately = True
+        if dog._resting:
+            dog.wake()
+
+    def _expire(self, armed: Any) -> None:
+        # On the watchdog's thread: the call armed as ``armed`` ran past its limit.
         with self._lock:
-            if not self._live:
+            if self.armed is not armed:  # it ended meanwhile
+                return
+            self._expiring = armed
+        expire: Callable[[ThreadGuard], object] = armed[1]  # type: ignore[index]
+        try:
+            expire(self)
+        except BaseException:  # the watchdog must go on
+            pass
+
+    def interrupt(
+        self,
+        raise_in: Optional[Callable[[], object]] = None,
+        settle: Optional[Callable[[], object]] = None,
+    ) -> bool:
+        """Raise CallTimedOut into the call that expired (on the watchdog's thread);
+        False if it is over.
+
+        By default as an asynchronous exception; else ``raise_in()`` raises it (a
+        signal), and ``settle()``, run when the call is over, makes sure that it no
+        longer will.
+        """
+        with self._lock:
+            if self.armed is None or self.armed is not self._expiring:
                 return False
             self.fired = True
-            interrupt_thread(self.ident)
+            self._settle = settle
+            if raise_in is None:
+                interrupt_thread(self.ident)
+            else:
+                raise_in()
             return True
 
     def close(self) -> None:
         """The call is over (in its own thread): no interruption from now on."""
         with self._lock:
-            self._live = False
-        if self.fired:  # raised already, or still pending: take it back
+            self.armed = None
+            settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
+        elif self.fired:  # raised already, or still pending: take it back
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident), None)
 
 
-def run_limited(
-    run_fn: Callable[..., Any],
-    run_kwargs: Any,
-    seconds: float,
-    name: str,
-    expire: Callable[[ThreadGuard], object],
-) -> State:
-    """Run a plain ``run_fn`` in this thread; ``expire(guard)`` runs on the watchdog's
-    thread if ``seconds`` pass first (``guard.interrupt`` raises into the call).
+_local = threading.local()
 
-    A call that ends by the interruption is :func:`timed_out_state`.
-    """
-    from taskrunners._core.running import run_to_state
 
-    guard = ThreadGuard()
+def thread_guard() -> ThreadGuard:
+    """The calling thread's guard."""
     try:
-        alarm = watchdog().arm(seconds, lambda: expire(guard))
-        try:
-            state = run_to_state(run_fn, run_kwargs)
-        finally:
-            alarm.cancel()
-            guard.close()
-    except CallTimedOut:  # raised between the call's end and close()
-        guard.close()
-    if guard.fired:
-        return timed_out_state(name, seconds)
-    return state
-
-
-async def arun_limited(run_fn: Callable[..., Any], run_kwargs: Any, seconds: float, name: str) -> State:
-    """Await a coroutine ``run_fn``, cancelled once ``seconds`` pass (any anyio backend)."""
-    import anyio
-
-    from taskrunners._core.running import arun_to_state
-
-    with anyio.move_on_after(seconds) as scope:
-        state = await arun_to_state(run_fn, run_kwargs)
-    # The cancellation may have been caught inside, as a Crashed state.
-    if scope.cancelled_caught or (scope.cancel_called and state.is_crashed()):
-        return timed_out_state(name, seconds)
-    return state
+        return _local.guard
+    except AttributeError:
+        guard = _local.guard = ThreadGuard()
+        return guard

@@ -71,12 +71,18 @@ class SigintWatch:
             raise KeyboardInterrupt
         self._previous(signum, frame)
 
-    def run_plain(self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> State:
-        """Run a plain call in the main thread; re-raise a SIGINT that landed meanwhile."""
+    def run_plain(
+        self,
+        run_fn: Callable[..., Any],
+        run_kwargs: Dict[str, Any],
+        run: Callable[[Callable[..., Any], Dict[str, Any]], State] = run_to_state,
+    ) -> State:
+        """Run a plain call in the main thread, with ``run`` (``run_to_state`` or one
+        that keeps a limit); re-raise a SIGINT that landed meanwhile."""
         signals = self.signals
         self._plain_calls += 1
         try:
-            state = run_to_state(run_fn, run_kwargs)
+            state = run(run_fn, run_kwargs)
         finally:
             self._plain_calls -= 1
         if self.signals != signals:

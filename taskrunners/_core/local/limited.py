@@ -22,26 +22,74 @@ import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from taskrunners._core.calls import Call
-from taskrunners._core.limits import (
-    CallTimedOut,
-    ThreadGuard,
-    run_limited,
-    timed_out_state,
-    watchdog,
-)
-from taskrunners._core.running import run_to_state
+from taskrunners._core.limits import CallTimedOut, ThreadGuard, timed_out_state
+from taskrunners._core.running import run_limited
 from taskrunners.states import State
 
-__all__ = ["timer_signal_free", "time_limit", "run_with_timer_signal", "run_on_helper_thread"]
+__all__ = ["MainThreadAlarm", "main_alarm", "time_limit", "run_in_main_thread", "run_on_helper_thread"]
 
 _MAIN_THREAD_ID = threading.main_thread().ident
 
 
-def timer_signal_free() -> bool:
-    """Whether this is the main thread and nobody else handles ``SIGALRM``."""
-    if threading.get_ident() != _MAIN_THREAD_ID or not hasattr(signal, "setitimer"):
-        return False
-    return signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+class MainThreadAlarm:
+    """``SIGALRM`` as the way to interrupt the main thread, for whoever needs it there.
+
+    Its handler is installed while anyone uses it (:meth:`install`), and only where
+    nothing else handles ``SIGALRM``. :meth:`fire`, from any thread, makes the main
+    thread raise :class:`~taskrunners._core.limits.CallTimedOut` where it is, which
+    interrupts a sleep or a read too; :meth:`settle` withdraws a fire not yet raised.
+    """
+
+    def __init__(self) -> None:
+        self._installs = 0
+        self._previous: Any = None
+        self._raising = False
+
+    @property
+    def usable(self) -> bool:
+        """Installed, and asked from the main thread."""
+        return self._installs > 0 and threading.get_ident() == _MAIN_THREAD_ID
+
+    def install(self) -> bool:
+        """Install the handler (from the main thread); False where it cannot be."""
+        if threading.get_ident() != _MAIN_THREAD_ID or not hasattr(signal, "pthread_kill"):
+            return False
+        if self._installs == 0:
+            previous = signal.getsignal(signal.SIGALRM)
+            if previous not in (signal.SIG_DFL, None):  # somebody else's
+                return False
+            self._previous = previous
+            signal.signal(signal.SIGALRM, self._handle)
+        self._installs += 1
+        return True
+
+    def uninstall(self) -> None:
+        """Undo one :meth:`install` (from the main thread; elsewhere it stays)."""
+        if threading.get_ident() != _MAIN_THREAD_ID:
+            return
+        self._installs -= 1
+        if self._installs == 0 and signal.getsignal(signal.SIGALRM) == self._handle:
+            signal.signal(signal.SIGALRM, self._previous)
+
+    def fire(self) -> None:
+        self._raising = True
+        signal.pthread_kill(_MAIN_THREAD_ID, signal.SIGALRM)  # type: ignore[arg-type]
+
+    def settle(self) -> None:
+        self._raising = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._raising:
+            self._raising = False
+            raise CallTimedOut
+
+
+#: The one of this process (signal handlers are process-wide).
+main_alarm = MainThreadAlarm()
+
+
+def _expire_in_main(guard: ThreadGuard) -> None:
+    guard.interrupt(main_alarm.fire, main_alarm.settle)
 
 
 @contextlib.contextmanager
@@ -50,60 +98,42 @@ def time_limit(seconds: float, on_expiry: Optional[Callable[[], object]] = None)
     ``seconds`` pass, calling ``on_expiry()`` first; yields a list that holds True once
     they did.
 
-    In the main thread, where :func:`timer_signal_free`, a timer signal raises it
-    (and interrupts a sleep or a read); elsewhere the watchdog raises it into the
+    In the main thread, where the :data:`main_alarm` can be installed, a signal raises
+    it (and interrupts a sleep or a read); elsewhere the watchdog raises it into the
     thread when it next runs Python code.
     """
     fired: List[bool] = []
-    if timer_signal_free():
+    in_main = main_alarm.install()
+    guard = ThreadGuard()  # its own: the block may run calls with limits of their own here
 
-        def on_alarm(signum: int, frame: Any) -> None:
-            fired.append(True)
-            if on_expiry is not None:
-                on_expiry()
-            raise CallTimedOut
-
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, seconds)
-            yield fired
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-        return
-    guard = ThreadGuard()
-
-    def expire() -> None:
+    def expire(guard: ThreadGuard) -> None:
         fired.append(True)
         if on_expiry is not None:
             on_expiry()
-        guard.interrupt()
+        if in_main:
+            _expire_in_main(guard)
+        else:
+            guard.interrupt()
 
-    alarm = watchdog().arm(seconds, expire)
     try:
-        yield fired
+        guard.arm(seconds, expire)
+        try:
+            yield fired
+        finally:
+            guard.close()
     finally:
-        alarm.cancel()
-        guard.close()
+        if in_main:
+            main_alarm.uninstall()
 
 
-def run_with_timer_signal(
+def run_in_main_thread(
     run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], seconds: float, name: str
 ) -> State:
     """Run a plain call in the main thread, interrupted by ``SIGALRM`` at its limit.
 
-    Only where :func:`timer_signal_free` says so; the signal's handler is put back after.
+    Only where :attr:`MainThreadAlarm.usable` (the caller installed it).
     """
-    state: Optional[State] = None
-    fired: List[bool] = []
-    try:
-        with time_limit(seconds) as fired:
-            state = run_to_state(run_fn, run_kwargs)
-    except CallTimedOut:  # the alarm went off between the call's end and the reset
-        pass
-    if fired or state is None:
-        return timed_out_state(name, seconds)
-    return state
+    return run_limited(run_fn, run_kwargs, seconds, name, _expire_in_main)
 
 
 def run_on_helper_thread(

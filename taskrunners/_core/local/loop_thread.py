@@ -9,8 +9,8 @@ from typing import Any, Callable, Dict
 import sniffio
 
 from taskrunners._core.calls import Call
-from taskrunners._core.limits import arun_limited, split_limit
-from taskrunners._core.running import arun_to_state
+from taskrunners._core.limits import split_limit
+from taskrunners._core.running import arun_limited, arun_to_state
 
 
 class LoopThread:

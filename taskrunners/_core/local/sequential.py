@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -10,11 +9,7 @@ from taskrunners._core.base import BlockingTaskRunner, TaskConcurrencyType
 from taskrunners._core.calls import Call, block_until_done, done_call
 from taskrunners._core.limits import CallTimedOut, split_limit
 from taskrunners._core.local.interrupts import sigint_watch
-from taskrunners._core.local.limited import (
-    run_on_helper_thread,
-    run_with_timer_signal,
-    timer_signal_free,
-)
+from taskrunners._core.local.limited import main_alarm, run_in_main_thread, run_on_helper_thread
 from taskrunners._core.local.loop_thread import LoopThread
 from taskrunners._core.running import is_coroutine_function, run_to_state
 from taskrunners._core.futures import TaskRun
@@ -38,12 +33,12 @@ class SequentialTaskRunner(BlockingTaskRunner):
     thread ends that call Crashed and then raises KeyboardInterrupt out of ``submit``,
     so the script stops; a ``run_fn`` that raises KeyboardInterrupt itself only gives
     a Crashed state. A plain call with a time limit is interrupted at the limit by a
-    timer signal (``SIGALRM``) in the main thread, where nothing else handles it; in
+    signal (``SIGALRM``) in the main thread, where nothing else handles it; in
     another thread it runs on a helper thread, interrupted when it next runs Python
     code and left behind if it is blocked in C (its State is TimedOut at the limit).
     """
 
-    _handles = ("_call_lock", "_loop_thread", "_watching")
+    _handles = ("_call_lock", "_loop_thread", "_watching", "_alarm")
     _usable_after_pickling = True
 
     def __init__(self) -> None:
@@ -51,6 +46,7 @@ class SequentialTaskRunner(BlockingTaskRunner):
         self._call_lock: Optional[threading.RLock] = None
         self._loop_thread: Optional[LoopThread] = None
         self._watching = False
+        self._alarm = False
 
     @property
     def concurrency_type(self) -> TaskConcurrencyType:
@@ -59,6 +55,7 @@ class SequentialTaskRunner(BlockingTaskRunner):
     def _open(self) -> None:
         self._call_lock = threading.RLock()
         self._watching = sigint_watch.install()
+        self._alarm = main_alarm.install()
 
     def _close(self) -> None:
         self._release(cancel=False)
@@ -70,6 +67,9 @@ class SequentialTaskRunner(BlockingTaskRunner):
         if self._watching:
             self._watching = False
             sigint_watch.uninstall()
+        if self._alarm:
+            self._alarm = False
+            main_alarm.uninstall()
         if self._loop_thread is not None:
             self._loop_thread.stop(cancel=cancel)
             self._loop_thread = None
@@ -100,14 +100,17 @@ class SequentialTaskRunner(BlockingTaskRunner):
     def _run_limited(
         run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], seconds: float, name: str
     ) -> State:
-        """A plain call with a limit: in the main thread under a timer signal (and the
-        Ctrl-C watch), elsewhere on a helper thread it can leave behind."""
-        if not timer_signal_free():
+        """A plain call with a limit: in the main thread interrupted by a signal (and
+        under the Ctrl-C watch), elsewhere on a helper thread it can leave behind."""
+        if not main_alarm.usable:
             return run_on_helper_thread(run_fn, run_kwargs, seconds, name)
-        timed = functools.partial(run_with_timer_signal, run_fn, run_kwargs, seconds, name)
-        if sigint_watch.watching:
-            return sigint_watch.run_plain(timed, {})
-        return timed()
+        if not sigint_watch.watching:
+            return run_in_main_thread(run_fn, run_kwargs, seconds, name)
+
+        def run(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]) -> State:
+            return run_in_main_thread(run_fn, run_kwargs, seconds, name)
+
+        return sigint_watch.run_plain(run_fn, run_kwargs, run)
 
     def _dispatch_after(
         self,

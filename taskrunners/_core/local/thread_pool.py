@@ -7,7 +7,8 @@ import threading
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from taskrunners._core.calls import Call
-from taskrunners._core.limits import Limited, ThreadGuard, run_limited, timed_out_state
+from taskrunners._core.limits import Limited, ThreadGuard, timed_out_state
+from taskrunners._core.running import run_limited
 from taskrunners.states import State
 
 
@@ -87,6 +88,8 @@ class ThreadPool:
                     break
             else:
                 return
+            # Idle credit is for threads that will take a call: never more than remain.
+            self._idle = min(self._idle, len(self._threads))
             # The calls waiting for a thread get this one's place.
             if not self._shutdown and self._queue.qsize() > self._idle:
                 thread = self._new_thread()

@@ -26,15 +26,8 @@ import sniffio
 
 from taskrunners._collections import visit_collection
 from taskrunners._core.calls import CallHandle, cancelled_state
-from taskrunners._core.limits import (
-    Limited,
-    ThreadGuard,
-    run_limited,
-    split_limit,
-    timed_out_state,
-    watchdog,
-)
-from taskrunners._core.running import checked_state, is_coroutine_function
+from taskrunners._core.limits import Limited, ThreadGuard, split_limit, thread_guard, timed_out_state
+from taskrunners._core.running import checked_state, is_coroutine_function, run_limited
 from taskrunners._core.futures import PrefectFuture
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -151,12 +144,11 @@ def run_in_worker(
     if seconds is not None and expire is not None:
         if not is_coroutine_function(run_fn):
             return run_limited(run_fn, run_kwargs, seconds, name, expire), None
-        guard = ThreadGuard()
-        alarm = watchdog().arm(seconds + COROUTINE_GRACE_SECONDS, lambda: expire(guard))
+        guard = thread_guard()
+        guard.arm(seconds + COROUTINE_GRACE_SECONDS, expire)
         try:
             return _run_coroutine(run_fn, run_kwargs, watch, seconds, name)
         finally:
-            alarm.cancel()
             guard.close()
     if not is_coroutine_function(run_fn):
         try:
