@@ -71,6 +71,10 @@ class MainThreadAlarm:
         if self._installs == 0 and signal.getsignal(signal.SIGALRM) == self._handle:
             signal.signal(signal.SIGALRM, self._previous)
 
+    def in_place(self) -> bool:
+        """Whether the handler is still the one in place (from any thread)."""
+        return signal.getsignal(signal.SIGALRM) == self._handle
+
     def fire(self) -> None:
         self._raising = True
         signal.pthread_kill(_MAIN_THREAD_ID, signal.SIGALRM)  # type: ignore[arg-type]
@@ -89,7 +93,10 @@ main_alarm = MainThreadAlarm()
 
 
 def _expire_in_main(guard: ThreadGuard) -> None:
-    guard.interrupt(main_alarm.fire, main_alarm.settle)
+    if main_alarm.in_place():
+        guard.interrupt(main_alarm.fire, main_alarm.settle)
+    else:  # somebody put their own handler in place meanwhile: leave it alone
+        guard.interrupt()
 
 
 @contextlib.contextmanager

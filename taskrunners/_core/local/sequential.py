@@ -55,7 +55,6 @@ class SequentialTaskRunner(BlockingTaskRunner):
     def _open(self) -> None:
         self._call_lock = threading.RLock()
         self._watching = sigint_watch.install()
-        self._alarm = main_alarm.install()
 
     def _close(self) -> None:
         self._release(cancel=False)
@@ -96,12 +95,13 @@ class SequentialTaskRunner(BlockingTaskRunner):
             raise state.data
         return done_call(state)
 
-    @staticmethod
     def _run_limited(
-        run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], seconds: float, name: str
+        self, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], seconds: float, name: str
     ) -> State:
         """A plain call with a limit: in the main thread interrupted by a signal (and
         under the Ctrl-C watch), elsewhere on a helper thread it can leave behind."""
+        if not self._alarm and self._started:  # the block's first call with a limit
+            self._alarm = main_alarm.install()
         if not main_alarm.usable:
             return run_on_helper_thread(run_fn, run_kwargs, seconds, name)
         if not sigint_watch.watching:
