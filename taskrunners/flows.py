@@ -237,10 +237,9 @@ class Flow(Decorated[P], Generic[P, R]):
 
     def _timed_out(self) -> State[Any]:
         assert self.timeout_seconds is not None
-        state = seam.timed_out_state(self.name, self.timeout_seconds)
-        message = f"Flow run {self.name!r} timed out: it ran past its limit of {self.timeout_seconds:g} s (timeout_seconds)."
-        flow_logger.error(message)
-        return Failed(name=state.name, message=message, data=TimeoutError(message))
+        state = seam.timed_out_state(self.name, self.timeout_seconds, kind="Flow run")
+        flow_logger.error(state.message)
+        return state
 
     def _failed(self, exc: Exception) -> State[Any]:
         message = f"Flow run {self.name!r} raised {type(exc).__name__}: {exc}"

@@ -64,7 +64,7 @@ def test_a_stuck_call_times_out_and_its_work_stops(driver, kind, tmp_path, silen
     run_fn = getattr(stuck, stuck_kind)
     kwargs = {"counter": counter, "port": silent_port} if stuck_kind == "reading" else {"counter": counter}
     if stuck_kind == "sleeping":
-        kwargs["seconds"] = 4.0
+        kwargs["seconds"] = 2.5
     task_run = TaskRun(name=f"stuck-{stuck_kind}")
     with driver.start():
         begun = time.monotonic()
@@ -80,7 +80,8 @@ def test_a_stuck_call_times_out_and_its_work_stops(driver, kind, tmp_path, silen
             time.sleep(0.6)
             assert stuck.count(counter) <= seen + 1  # one bump may have been on its way
         if stuck_kind == "sleeping":  # the bump after the sleep never comes
-            time.sleep(max(0.0, begun + 4.5 - time.monotonic()))
+            started = os.path.getmtime(stuck.pid_file(counter))  # when the call began
+            time.sleep(max(0.0, started + 2.5 + 0.3 - time.time()))
             assert stuck.count(counter) == 1
         if kind.id.split("-")[0] in KILLS_ITS_WORKER:
             pid = int(open(stuck.pid_file(counter)).read())

@@ -153,9 +153,10 @@ class CallTimedOut(BaseException):
     """
 
 
-def timed_out_state(name: str, seconds: float) -> State:
-    """The State of the call of task run ``name`` that went past ``seconds``."""
-    message = f"Task run {name!r} timed out: it ran past its limit of {seconds:g} s (timeout_seconds)."
+def timed_out_state(name: str, seconds: float, kind: str = "Task run") -> State:
+    """The State of the call of task run ``name`` (or a ``kind`` of that name) that
+    went past ``seconds``."""
+    message = f"{kind} {name!r} timed out: it ran past its limit of {seconds:g} s (timeout_seconds)."
     return Failed(name=TIMED_OUT, message=message, data=TimeoutError(message))
 
 
