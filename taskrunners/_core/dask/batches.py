@@ -65,6 +65,7 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.dask.scattered import dependencies
 from taskrunners._core.dask.submitter import DaskSubmitter
+from taskrunners._core.limits import Limited
 from taskrunners._core.remote.sharing import collecting
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners.states import Crashed, State
@@ -233,6 +234,12 @@ class DaskBatches:
                 call.set_result(state)
             self.task_done()
             return
+        run_fn = live[0].item.run_fn
+        if type(run_fn) is Limited and self.submitter.timeouts is not None:
+            names = [entry.item.task_run.name for entry in live]
+            self.submitter.timeouts.register(
+                batch.calls, tokens, names, run_fn.seconds, batch, dask_future, live
+            )
         self.submitter.watch(batch, dask_future)
 
     def _by_value(self, run_kwargs: Dict[str, Any]) -> Dict[str, Any]:

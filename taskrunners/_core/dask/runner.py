@@ -52,6 +52,7 @@ from taskrunners._core.dask.calls import (
     dask_future_to_hand_off,
 )
 from taskrunners._core.dask.submitter import DaskSubmitter, start_after
+from taskrunners._core.dask.timeouts import TimeoutPolicy
 from taskrunners._core.remote.protocol import import_engine
 from taskrunners._core.dask.scattered import ScatteredValues
 from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
@@ -223,6 +224,9 @@ class DaskTaskRunner(BlockingTaskRunner):
             if self.batch_size == 1
             else DaskBatches(submitter, self._durations)
         )
+        # A stuck call's worker is restarted only on a cluster of processes it created.
+        restarts = self._cluster is not None and not self._workers_in_process
+        submitter.timeouts = TimeoutPolicy(client, restarts, self._batches, submitter.tokens, self.logger)
 
     def _close(self) -> None:
         self._release(abort=False)
@@ -237,8 +241,10 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._release(abort=True)
 
     def _release(self, abort: bool) -> None:
-        client, cluster = self._client, self._cluster
+        client, cluster, submitter = self._client, self._cluster, self._submitter
         self._client = self._cluster = self._submitter = self._batches = None
+        if submitter is not None and submitter.timeouts is not None:
+            submitter.timeouts.close(0.0 if abort else 60.0)
         self._close_shared()
         dask_cluster.close_connection(client, cluster, abort, self.logger)
         # Nothing can settle calls any more (an abort cancelled them already).
