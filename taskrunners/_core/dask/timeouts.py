@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -65,6 +66,7 @@ class TimeoutPolicy:
         self.tokens = tokens
         self.logger = logger
         self._restarting: List[threading.Thread] = []
+        self._lock = threading.Lock()
         with _subscribe_lock:
             if client not in _subscribed:
                 client.subscribe_topic(TOPIC, _on_event)
@@ -109,15 +111,21 @@ class TimeoutPolicy:
             name="taskrunners-dask-restart",
             daemon=True,
         )
-        self._restarting = [other for other in self._restarting if other.is_alive()]
-        self._restarting.append(thread)
         thread.start()
+        with self._lock:
+            self._restarting = [other for other in self._restarting if other.is_alive()]
+            self._restarting.append(thread)
 
     def _restart(self, dask_future: Any, worker: str, name: str) -> None:
-        # Cancelled first, so that Dask does not run it again when its worker leaves.
+        client = self.client
         try:
-            self.client.cancel([dask_future])
-            answer = self.client.restart_workers(
+            # Dask would run again, elsewhere, the task it loses with the worker and the
+            # finished ones whose results only that worker holds: those are let go
+            # first (a call taking such a result then takes its State by value).
+            lost = [dask_future, *_held_only_by(client, worker)]
+            client.cancel(lost)
+            _wait_released(client, [future.key for future in lost])
+            answer = client.restart_workers(
                 [worker], timeout=_RESTART_TIMEOUT_SECONDS, raise_for_error=False
             )
         except Exception as exc:
@@ -136,9 +144,10 @@ class TimeoutPolicy:
 
     def close(self, timeout: float = _RESTART_TIMEOUT_SECONDS) -> None:
         """The block ends: wait for the worker restarts under way."""
-        for thread in self._restarting:
+        with self._lock:
+            restarting, self._restarting = self._restarting, []
+        for thread in restarting:
             thread.join(timeout)
-        self._restarting = []
 
 
 class Expiring:
@@ -200,6 +209,32 @@ class Expiring:
                     continue
                 call.dask_future = call.token = call.position = None
             batches.dispatcher.submit(entry)
+
+
+def _held_only_by(client: Any, worker: str) -> List[Any]:
+    """Futures of ``client`` for the results that only ``worker`` holds."""
+    import distributed
+
+    wanted = getattr(client, "futures", {})
+    return [
+        distributed.Future(key, client)
+        for key, holders in client.who_has().items()
+        if list(holders) == [worker] and key in wanted
+    ]
+
+
+def _wait_released(client: Any, keys: List[Any], patience: float = 5.0) -> None:
+    """Wait until the scheduler let ``keys`` go (a cancellation is not acknowledged)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if not client.run_on_scheduler(_known_keys, keys):
+            return
+        time.sleep(0.02)
+
+
+def _known_keys(keys: List[Any], dask_scheduler: Any = None) -> List[Any]:
+    """Run on the scheduler: which of ``keys`` it still has a task for."""
+    return [key for key in keys if key in dask_scheduler.tasks]
 
 
 def _forget(token: str, call: Any) -> None:
