@@ -65,6 +65,7 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.dask.scattered import dependencies
 from taskrunners._core.dask.submitter import DaskSubmitter
+from taskrunners._core.dask.timeouts import forget
 from taskrunners._core.limits import Limited
 from taskrunners._core.remote.sharing import collecting
 from taskrunners._core.remote.protocol import decode_batch
@@ -236,9 +237,9 @@ class DaskBatches:
             return
         run_fn = live[0].item.run_fn
         if type(run_fn) is Limited and self.submitter.timeouts is not None:
-            names = [entry.item.task_run.name for entry in live]
+            batch.expiring = tokens[0]
             self.submitter.timeouts.register(
-                batch.calls, tokens, names, run_fn.seconds, batch, dask_future, live
+                list(batch.calls), tokens[0], None, run_fn.seconds, batch, dask_future, live
             )
         self.submitter.watch(batch, dask_future)
 
@@ -272,6 +273,8 @@ class DaskBatches:
         if batch.settled:
             return
         batch.settled = True
+        if batch.expiring is not None:
+            forget(batch.expiring)
         try:
             if batch.single:
                 seconds = dask_worker.seconds_of(value)
@@ -307,6 +310,8 @@ class DaskBatches:
         if batch.settled:
             return
         batch.settled = True
+        if batch.expiring is not None:
+            forget(batch.expiring)
         try:
             if batch.single:
                 self.submitter.settle_failure(batch.calls[0], exc)
@@ -323,6 +328,7 @@ class DaskBatches:
         """The fetcher gave the batch's calls a State of its own: the Dask task is back."""
         if not batch.settled:
             batch.settled = True
+            forget(batch.expiring)
             batch.calls = []
             self.task_done()
 

@@ -5,7 +5,7 @@ an exception is raised into the worker thread running it (``ThreadGuard.interrup
 which stops a busy Python loop at once. A call blocked in C (a sleep, a socket read)
 sees it only when that returns: if it is still running :data:`GRACE_SECONDS` later, the
 worker tells the client by a Dask event on :data:`TOPIC` (``Worker.log_event``),
-naming the call by its token, with the States of the calls of its batch that had
+naming the call by its task's first token and its place there, with the States of the calls of its batch that had
 finished (the calls after it will not start here any more). The client's half is in
 :mod:`~taskrunners._core.dask.timeouts`. An event leaves on the worker's stream to
 the scheduler before the task's own end, so the client hears of the stuck call
@@ -42,8 +42,9 @@ def current_worker() -> Any:
         return None
 
 
-def expiry(token: str, freeze: Freeze, worker: Any) -> Expire:
-    """What stops the call ``token`` once its limit passes: an exception raised into
+def expiry(task: str, position: int, freeze: Freeze, worker: Any) -> Expire:
+    """What stops the call at ``position`` in the Dask task ``task`` (the token of its
+    first call) once its limit passes: an exception raised into
     its thread, then, if it still runs :data:`GRACE_SECONDS` later, an event telling
     the client (``freeze`` checks, under the registry's lock, that it still runs and
     keeps the rest of its batch from starting here)."""
@@ -52,7 +53,7 @@ def expiry(token: str, freeze: Freeze, worker: Any) -> Expire:
         frozen = freeze()
         if frozen is None or worker is None:
             return
-        message = {"token": token, "worker": worker.address, "pid": os.getpid(), "done": frozen[0]}
+        message = {"task": task, "position": position, "worker": worker.address, "pid": os.getpid(), "done": frozen[0]}
         worker.log_event(TOPIC, message)
 
     def expire(guard: ThreadGuard) -> None:

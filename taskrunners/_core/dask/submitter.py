@@ -171,7 +171,9 @@ class DaskSubmitter:
         if handed_off:
             call.rerun = (submission, list(handed_off.values()))
         if type(run_fn) is Limited and self.timeouts is not None:
-            self.timeouts.register([call], [token], [task_run.name], run_fn.seconds, sent, dask_future)
+            self.timeouts.register([call], token, task_run.name, run_fn.seconds, sent, dask_future)
+            if sent is not None:
+                sent.expiring = token
         if sent is None:
             self._fetcher.watch(call, dask_future)
         else:

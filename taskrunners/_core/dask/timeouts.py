@@ -15,8 +15,9 @@ what it was sent with:
   restarted: a warning says the work may still be running there, and the worker
   thread stays taken until the call returns.
 
-Only calls with a limit are registered (by token, in one table for the process, as
-the event reaches every subscribed client); calls without a limit cost nothing here.
+Only Dask tasks of calls with a limit are registered (once per task, by the token of
+its first call, in one table for the process, as the event reaches every subscribed
+client); calls without a limit cost nothing here.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 from taskrunners._core.dask.calls import DaskBatch, DaskCall
 from taskrunners._core.dask.expiry import TOPIC
 from taskrunners._core.limits import timed_out_state
 from taskrunners._core.remote.protocol import decode_batch
 
-__all__ = ["TimeoutPolicy", "Expiring"]
+__all__ = ["TimeoutPolicy", "Expiring", "forget"]
 
 # The calls with a limit in flight, by token: their Dask task and place in it.
-_expiring: Dict[str, Tuple["Expiring", int]] = {}
+_expiring: Dict[str, "Expiring"] = {}
 _subscribed: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _subscribe_lock = threading.Lock()
 _RESTART_TIMEOUT_SECONDS = 60.0
@@ -74,23 +75,25 @@ class TimeoutPolicy:
 
     def register(
         self,
-        calls: Sequence[DaskCall],
-        tokens: Sequence[str],
-        names: Sequence[str],
+        calls: List[DaskCall],
+        task: str,
+        name: Optional[str],
         seconds: float,
         sent: Optional[DaskBatch],
         dask_future: Any,
-        entries: Optional[Sequence[Any]] = None,
+        entries: Optional[List[Any]] = None,
     ) -> None:
-        """Calls with a limit of ``seconds`` just handed to Dask as one Dask task.
+        """Calls with a limit of ``seconds`` just handed to Dask as one Dask task, which
+        its workers name by ``task`` (the token of its first call).
 
-        :param sent: the dispatcher's batch they went as, if they did
+        :param name: the task run's name, for a call alone
+        :param sent: the dispatcher's batch they went as, if they did (it forgets
+            them when settled, see :func:`forget`); else the call does
         :param entries: the dispatcher's entries of a batch of several (to resend)
         """
-        expiring = Expiring(self, list(calls), list(tokens), list(names), seconds, sent, dask_future, entries)
-        for position, (call, token) in enumerate(zip(calls, tokens)):
-            _expiring[token] = (expiring, position)
-            call.add_done_callback(functools.partial(_forget, token))
+        _expiring[task] = Expiring(self, calls, name, seconds, sent, dask_future, entries)
+        if sent is None:
+            calls[0].add_done_callback(functools.partial(_forget_call, task))
 
     def stop(self, dask_future: Any, message: Dict[str, Any], name: str) -> None:
         """Stop the work of a stuck call: restart its worker, or warn that it runs on."""
@@ -153,23 +156,21 @@ class TimeoutPolicy:
 class Expiring:
     """One Dask task holding calls with a limit: a call alone, or a batch."""
 
-    __slots__ = ("policy", "calls", "tokens", "names", "seconds", "sent", "dask_future", "entries")
+    __slots__ = ("policy", "calls", "name", "seconds", "sent", "dask_future", "entries")
 
     def __init__(
         self,
         policy: TimeoutPolicy,
         calls: List[DaskCall],
-        tokens: List[str],
-        names: List[str],
+        name: Optional[str],
         seconds: float,
         sent: Optional[DaskBatch],
         dask_future: Any,
-        entries: Optional[Sequence[Any]],
+        entries: Optional[List[Any]],
     ) -> None:
         self.policy = policy
         self.calls = calls
-        self.tokens = tokens
-        self.names = names
+        self.name = name
         self.seconds = seconds
         self.sent = sent
         self.dask_future = dask_future
@@ -177,20 +178,20 @@ class Expiring:
 
     def expired(self, position: int, message: Dict[str, Any]) -> None:
         """A worker reports the call at ``position`` stuck past its limit (client loop)."""
-        call = self.calls[position]
-        if call.done():
+        calls, entries = self.calls, self.entries
+        if position >= len(calls) or calls[position].done():
             return
-        for token in self.tokens:
-            _expiring.pop(token, None)
+        call = calls[position]
+        name = self.name if entries is None else entries[position].item.task_run.name
         policy = self.policy
-        call.set_result(timed_out_state(self.names[position], self.seconds))
-        if self.entries is not None:
+        call.set_result(timed_out_state(str(name), self.seconds))
+        if entries is not None:
             self._settle_batch(position, message.get("done"))
         elif self.sent is not None and policy.batches is not None:
             policy.batches.abandoned(self.sent)
         if call.key is not None and policy.tokens.get(call.key) == call.token:
             policy.tokens.pop(call.key, None)
-        policy.stop(self.dask_future, message, self.names[position])
+        policy.stop(self.dask_future, message, str(name))
 
     def _settle_batch(self, position: int, done: Optional[bytes]) -> None:
         """The calls before the stuck one get their States, those after go again."""
@@ -237,17 +238,23 @@ def _known_keys(keys: List[Any], dask_scheduler: Any = None) -> List[Any]:
     return [key for key in keys if key in dask_scheduler.tasks]
 
 
-def _forget(token: str, call: Any) -> None:
-    _expiring.pop(token, None)
+def forget(task: Optional[str]) -> None:
+    """The Dask task ``task`` (see :meth:`TimeoutPolicy.register`) is settled."""
+    if task is not None:
+        _expiring.pop(task, None)
+
+
+def _forget_call(task: str, call: Any) -> None:
+    _expiring.pop(task, None)
 
 
 def _on_event(event: Any) -> None:
     """A worker's report of a stuck call (on the client's loop): see :class:`Expiring`."""
     try:
         message = event[1]
-        found = _expiring.get(message["token"])
+        expiring = _expiring.pop(message["task"], None)
+        position = int(message["position"])
     except Exception:
         return
-    if found is not None:
-        expiring, position = found
+    if expiring is not None:
         expiring.expired(position, message)

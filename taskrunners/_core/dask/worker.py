@@ -234,7 +234,7 @@ def run_batch_task(
                 done = [(state, seconds) for state, seconds, _ in ran[:index]]
                 return (encode_batch(names[:index], done, [], WHERE) if done else None,)
 
-            return expiry.expiry(tokens[index], freeze, worker)
+            return expiry.expiry(tokens[0], index, freeze, worker)
 
     capturing: ContextManager[List[Any]] = captured_records(*capture) if capture else nullcontext([])
     with capturing as records:
@@ -269,7 +269,7 @@ def _run_call(
     if type(run_fn) is not Limited:
         return run_in_worker(run_fn, run_kwargs, watch=_registered(token))
     expire = expiry.expiry(
-        token, lambda: (None,) if _freeze(token, ()) else None, expiry.current_worker()
+        token, 0, lambda: (None,) if _freeze(token, ()) else None, expiry.current_worker()
     )
     return run_in_worker(run_fn, run_kwargs, _registered(token), expire, expiry.run_name(key))
 
