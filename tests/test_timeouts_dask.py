@@ -1,7 +1,8 @@
 """DaskTaskRunner timeouts, what only Dask does: a call blocked in C past its limit is
 reported by its worker and TimedOut about a second after the limit; its worker is
 restarted on a process cluster the runner created, never on one it did not (a
-warning says so); the other calls of its batch each run once.
+warning says so; on a threads cluster its thread leaves the worker's pool); the
+other calls of its batch each run once.
 
 The shared behaviour (every stuck kind, every mode) is in tests/test_timeouts.py.
 """
@@ -22,7 +23,7 @@ from taskrunners import TaskRun
 from taskrunners.states import Completed, State, StateType
 from taskrunners._core.seam import call_of
 from tests.support import stuck
-from tests.support.kinds_dask import PROCESSES_CLUSTER
+from tests.support.kinds_dask import PROCESSES_CLUSTER, THREADS_CLUSTER
 from tests.support.waiting import holds_within
 
 distributed = pytest.importorskip("distributed")
@@ -50,6 +51,18 @@ def read_if(value: int, counter: str, port: int, nap: float = 0.0, stuck_here: b
             connection.recv(1)
     time.sleep(nap)
     return Completed(data=value)
+
+
+def meet(directory: str, name: str, patience: float = 20.0) -> State:
+    """Say this call runs (a file named ``name``), then wait for another to say so:
+    whether two calls ran at once."""
+    open(os.path.join(directory, name), "w").close()
+    end = time.monotonic() + patience
+    while time.monotonic() < end:
+        if len(os.listdir(directory)) >= 2:
+            return Completed(data=True)
+        time.sleep(0.02)
+    return Completed(data=False)
 
 
 @pytest.fixture
@@ -125,6 +138,22 @@ def test_a_call_blocked_in_c_on_an_external_cluster_is_timed_out_with_a_warning_
         assert runner.wait(runner.submit(TaskRun(), stuck.quick, {"value": 5})).result() == 5
         time.sleep(1.0)
         assert is_alive(pid) and worker_pids(runner) == before
+
+
+def test_a_call_blocked_in_c_on_a_threads_cluster_leaves_its_worker_thread(tmp_path, silent_port, caplog):
+    # The stuck thread cannot be stopped; it leaves its worker's thread pool, so
+    # both workers' threads (one each) still run calls: two calls can meet.
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    with SyncDask(cluster_kwargs={**THREADS_CLUSTER}, batch_size=1).start() as runner:
+        _, after_limit, pid = timed_out_reading(runner, tmp_path, silent_port)
+        assert after_limit < SLACK, after_limit
+        assert pid == os.getpid()
+        warnings = [record.getMessage() for record in caplog.records if record.name == LOGGER]
+        assert any("stuck-reading" in message and "may still be running" in message for message in warnings)
+        futures = [runner.submit(TaskRun(), meet, {"directory": str(meeting), "name": name}) for name in "ab"]
+        assert [runner.wait(future, timeout=60).result() for future in futures] == [True, True]
 
 
 @pytest.mark.parametrize("where", ["processes", "external"])

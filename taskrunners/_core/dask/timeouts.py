@@ -184,14 +184,15 @@ class Expiring:
         call = calls[position]
         name = self.name if entries is None else entries[position].item.task_run.name
         policy = self.policy
-        call.set_result(timed_out_state(str(name), self.seconds))
         if entries is not None:
             self._settle_batch(position, message.get("done"))
         elif self.sent is not None and policy.batches is not None:
             policy.batches.abandoned(self.sent)
         if call.key is not None and policy.tokens.get(call.key) == call.token:
             policy.tokens.pop(call.key, None)
+        # Warned (or the restart under way) before anybody sees the State.
         policy.stop(self.dask_future, message, str(name))
+        call.set_result(timed_out_state(str(name), self.seconds))
 
     def _settle_batch(self, position: int, done: Optional[bytes]) -> None:
         """The calls before the stuck one get their States, those after go again."""
