@@ -109,6 +109,12 @@ class DaskTaskRunner(BlockingTaskRunner):
     ``distributed.scheduler.allowed-failures`` times, then Crashed (a lost batch runs
     again whole). Workers are recycled by Dask's own settings, through
     ``cluster_kwargs``: ``memory_limit``, ``lifetime`` with ``lifetime_restart=True``.
+
+    A call past its ``timeout_seconds`` is interrupted in its worker thread; one blocked
+    in C is TimedOut about half a second after its limit all the same, its thread
+    leaves the worker's pool, and its worker is restarted if the runner created the
+    cluster with worker processes (never otherwise: a warning says the work may still
+    run). The other calls of its batch run once each (see ``dask.timeouts``).
     """
 
     address: Setting[Optional[str]] = Setting("The scheduler to connect to; None for a temporary cluster.")
