@@ -65,6 +65,8 @@ from taskrunners._core.dask.calls import (
 )
 from taskrunners._core.dask.scattered import dependencies
 from taskrunners._core.dask.submitter import DaskSubmitter
+from taskrunners._core.dask.timeouts import forget
+from taskrunners._core.limits import Limited
 from taskrunners._core.remote.sharing import collecting
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners.states import Crashed, State
@@ -233,6 +235,12 @@ class DaskBatches:
                 call.set_result(state)
             self.task_done()
             return
+        run_fn = live[0].item.run_fn
+        if type(run_fn) is Limited and self.submitter.timeouts is not None:
+            batch.expiring = tokens[0]
+            self.submitter.timeouts.register(
+                list(batch.calls), tokens[0], None, run_fn.seconds, batch, dask_future, live
+            )
         self.submitter.watch(batch, dask_future)
 
     def _by_value(self, run_kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -265,6 +273,8 @@ class DaskBatches:
         if batch.settled:
             return
         batch.settled = True
+        if batch.expiring is not None:
+            forget(batch.expiring)
         try:
             if batch.single:
                 seconds = dask_worker.seconds_of(value)
@@ -300,6 +310,8 @@ class DaskBatches:
         if batch.settled:
             return
         batch.settled = True
+        if batch.expiring is not None:
+            forget(batch.expiring)
         try:
             if batch.single:
                 self.submitter.settle_failure(batch.calls[0], exc)
@@ -316,6 +328,7 @@ class DaskBatches:
         """The fetcher gave the batch's calls a State of its own: the Dask task is back."""
         if not batch.settled:
             batch.settled = True
+            forget(batch.expiring)
             batch.calls = []
             self.task_done()
 

@@ -174,7 +174,7 @@ class DaskBatch:
         :func:`~taskrunners._core.dask.worker.run_task`), rather than a batch
     """
 
-    __slots__ = ("calls", "task", "sender", "single", "dask_future", "settled")
+    __slots__ = ("calls", "task", "sender", "single", "dask_future", "settled", "expiring")
 
     def __init__(self, calls: List[DaskCall], task: Any, sender: Any, single: bool) -> None:
         self.calls = calls
@@ -183,6 +183,8 @@ class DaskBatch:
         self.single = single
         self.dask_future: Any = None
         self.settled = False
+        #: Its key in ``dask.timeouts`` if its calls have a time limit, else None.
+        self.expiring: Optional[str] = None
 
     def done(self) -> bool:
         """Whether its outcome was handled (the fetcher then leaves it alone)."""

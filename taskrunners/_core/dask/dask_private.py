@@ -30,6 +30,7 @@ __all__ = [
     "retries_requested",
     "total_threads",
     "worker_server_keywords",
+    "secede_thread",
     "required",
 ]
 
@@ -205,6 +206,59 @@ def _worker_task_state_readable(dask_worker: Any) -> bool:
     return isinstance(dask_worker.state.tasks, dict) and "annotations" in fields
 
 
+def secede_thread(worker: Any, ident: int) -> bool:
+    """From another thread: have the worker thread ``ident`` leave ``worker``'s thread
+    pool, as ``distributed.secede()`` does from inside a task, so that a call stuck
+    there no longer takes one of the worker's threads (a new one takes its place, and
+    the worker is not waited for it when it closes).
+
+    Uses ``Worker.active_threads`` (thread id -> key), the executors' ``_threads`` set,
+    ``_adjust_thread_count()`` and ``threads_lock``, and hands the worker a
+    ``SecedeEvent`` on its loop; False, doing nothing, if any of these is missing.
+    """
+    try:
+        import threading
+        import time
+
+        from distributed.threadpoolexecutor import threads_lock
+        from distributed.worker_state_machine import SecedeEvent
+
+        key = worker.active_threads.get(ident)
+        thread = next((t for t in threading.enumerate() if t.ident == ident), None)
+        if key is None or thread is None:
+            return False
+        with threads_lock:
+            for executor in worker.executors.values():
+                threads = getattr(executor, "_threads", None)
+                if isinstance(threads, set) and thread in threads:
+                    threads.discard(thread)
+                    executor._adjust_thread_count()
+                    break
+            else:
+                return False
+        event = SecedeEvent(key=key, compute_duration=0.0, stimulus_id=f"taskrunners-secede-{time.time()}")
+        worker.loop.add_callback(worker.handle_stimulus, event)
+        return True
+    except Exception:
+        return False
+
+
+def _secede_reachable(dask_worker: Any) -> bool:
+    """Run on workers (``Client.run``): whether :func:`secede_thread` finds its names."""
+    try:
+        from distributed.threadpoolexecutor import threads_lock  # noqa: F401
+        from distributed.worker_state_machine import SecedeEvent  # noqa: F401
+    except ImportError:
+        return False
+    executor = dask_worker.executors.get("default")
+    return (
+        isinstance(dask_worker.active_threads, dict)
+        and isinstance(getattr(executor, "_threads", None), set)
+        and callable(getattr(executor, "_adjust_thread_count", None))
+        and callable(getattr(dask_worker, "handle_stimulus", None))
+    )
+
+
 def required(client: Any, cluster: Any) -> Dict[str, bool]:
     """For each function above, whether the installed distributed still has what it uses.
 
@@ -237,4 +291,12 @@ def required(client: Any, cluster: Any) -> Dict[str, bool]:
         "retries_requested": worker_task_state(),
         "total_threads": total_threads(client) is not None,
         "worker_server_keywords": worker_server_keywords() is not None,
+        "secede_thread": _all_workers(client, _secede_reachable),
     }
+
+
+def _all_workers(client: Any, check: Callable[[Any], bool]) -> bool:
+    try:
+        return all(client.run(check).values())
+    except Exception:
+        return False

@@ -52,6 +52,7 @@ from taskrunners._core.dask.calls import (
     dask_future_to_hand_off,
 )
 from taskrunners._core.dask.submitter import DaskSubmitter, start_after
+from taskrunners._core.dask.timeouts import TimeoutPolicy
 from taskrunners._core.remote.protocol import import_engine
 from taskrunners._core.dask.scattered import ScatteredValues
 from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES, check_large_value_bytes
@@ -108,6 +109,12 @@ class DaskTaskRunner(BlockingTaskRunner):
     ``distributed.scheduler.allowed-failures`` times, then Crashed (a lost batch runs
     again whole). Workers are recycled by Dask's own settings, through
     ``cluster_kwargs``: ``memory_limit``, ``lifetime`` with ``lifetime_restart=True``.
+
+    A call past its ``timeout_seconds`` is interrupted in its worker thread; one blocked
+    in C is TimedOut about half a second after its limit all the same, its thread
+    leaves the worker's pool, and its worker is restarted if the runner created the
+    cluster with worker processes (never otherwise: a warning says the work may still
+    run). The other calls of its batch run once each (see ``dask.timeouts``).
     """
 
     address: Setting[Optional[str]] = Setting("The scheduler to connect to; None for a temporary cluster.")
@@ -223,6 +230,9 @@ class DaskTaskRunner(BlockingTaskRunner):
             if self.batch_size == 1
             else DaskBatches(submitter, self._durations)
         )
+        # A stuck call's worker is restarted only on a cluster of processes it created.
+        restarts = self._cluster is not None and not self._workers_in_process
+        submitter.timeouts = TimeoutPolicy(client, restarts, self._batches, submitter.tokens, self.logger)
 
     def _close(self) -> None:
         self._release(abort=False)
@@ -237,8 +247,10 @@ class DaskTaskRunner(BlockingTaskRunner):
         self._release(abort=True)
 
     def _release(self, abort: bool) -> None:
-        client, cluster = self._client, self._cluster
+        client, cluster, submitter = self._client, self._cluster, self._submitter
         self._client = self._cluster = self._submitter = self._batches = None
+        if submitter is not None and submitter.timeouts is not None:
+            submitter.timeouts.close(0.0 if abort else 60.0)
         self._close_shared()
         dask_cluster.close_connection(client, cluster, abort, self.logger)
         # Nothing can settle calls any more (an abort cancelled them already).

@@ -40,6 +40,7 @@ from taskrunners._core.dask.calls import (
 from taskrunners._core.dask.fetcher import StateFetcher
 from taskrunners._core.dask.cluster import RecordForwarder
 from taskrunners._core.dask.scattered import ScatteredValues, dependencies
+from taskrunners._core.limits import Limited
 from taskrunners._core.remote.protocol import with_upstream
 from taskrunners._core.remote.sharing import collecting
 from taskrunners._core.remote.snapshots import maybe_large, shared_state
@@ -77,6 +78,8 @@ class DaskSubmitter:
         self._fetcher = StateFetcher(client, self.settle_outcome, self.settle_failure)
         #: Where the block's large values are scattered (see ``dask.scattered``), if it is.
         self.shared: Optional[ScatteredValues] = None
+        #: What the block does with calls stuck past their limit (``dask.timeouts``).
+        self.timeouts: Any = None
 
     def by_value(self, call: CallHandle) -> Any:
         """What stands for a done upstream call in the arguments of a call that takes it
@@ -167,6 +170,10 @@ class DaskSubmitter:
             return False
         if handed_off:
             call.rerun = (submission, list(handed_off.values()))
+        if type(run_fn) is Limited and self.timeouts is not None:
+            self.timeouts.register([call], token, task_run.name, run_fn.seconds, sent, dask_future)
+            if sent is not None:
+                sent.expiring = token
         if sent is None:
             self._fetcher.watch(call, dask_future)
         else:

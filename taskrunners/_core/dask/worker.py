@@ -39,7 +39,8 @@ import uuid
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
-from taskrunners._core.dask import dask_private
+from taskrunners._core.dask import dask_private, expiry
+from taskrunners._core.limits import Limited
 from taskrunners._core.dask.scattered import payloads_here
 from taskrunners._core.remote.protocol import (
     decode_batch,
@@ -209,6 +210,7 @@ def run_batch_task(
         outcomes = [(unloadable, 0.0)] * len(names)
         return outcomes if capture is None else encode_batch(names, outcomes, [], WHERE)
     running: List[str] = []  # the token of the call running now
+    ran: List[Tuple[State, float, Optional[BaseException]]] = []  # filled as calls end
 
     def starting(index: int) -> bool:
         token = tokens[index]
@@ -221,9 +223,23 @@ def run_batch_task(
     def watch(loop: asyncio.AbstractEventLoop, task: "asyncio.Task[State]") -> ContextManager[None]:
         return _registered(running[0])(loop, task)
 
+    expire: Optional[Callable[[int], Any]] = None
+    if type(calls[0][0]) is Limited:  # a batch's calls share their run_fn, so their limit
+        worker = expiry.current_worker()
+
+        def expire(index: int) -> Any:
+            def freeze() -> Any:
+                if not _freeze(tokens[index], tokens[index + 1 :]):
+                    return None
+                done = [(state, seconds) for state, seconds, _ in ran[:index]]
+                return (encode_batch(names[:index], done, [], WHERE) if done else None,)
+
+            return expiry.expiry(tokens[0], index, freeze, worker)
+
     capturing: ContextManager[List[Any]] = captured_records(*capture) if capture else nullcontext([])
     with capturing as records:
-        ran = run_batch(calls, watch, starting, finished)
+        run_names = None if expire is None else [expiry.run_name(name) for name in names]
+        run_batch(calls, watch, starting, finished, expire, run_names, ran)
     outcomes = [(state, seconds) for state, seconds, _ in ran]
     if capture is None:
         return outcomes
@@ -250,7 +266,12 @@ def _run_call(
             index: _upstream_state(name, outcome) for index, (name, outcome) in enumerate(upstream)
         }
         run_kwargs = substitute(run_kwargs, states.__getitem__)
-    return run_in_worker(run_fn, run_kwargs, watch=_registered(token))
+    if type(run_fn) is not Limited:
+        return run_in_worker(run_fn, run_kwargs, watch=_registered(token))
+    expire = expiry.expiry(
+        token, 0, lambda: (None,) if _freeze(token, ()) else None, expiry.current_worker()
+    )
+    return run_in_worker(run_fn, run_kwargs, _registered(token), expire, expiry.run_name(key))
 
 
 class HandedOff:
@@ -335,6 +356,17 @@ def _mark_finished(token: str) -> None:
     with _registry_lock:
         _running.pop(token, None)
         _remember(_finished, token)
+
+
+def _freeze(token: str, later: Sequence[str]) -> bool:
+    """A call past its limit: whether it still runs here; if so, the ``later`` calls of
+    its batch will not start here (the client runs them elsewhere)."""
+    with _registry_lock:
+        if token not in _running:
+            return False
+        for other in later:
+            _remember(_cancelled, other)
+        return True
 
 
 def _registered(token: str) -> CoroutineWatch:

@@ -212,6 +212,7 @@ def run_batch(
     finished: Optional[Callable[[int], None]] = None,
     expire: Optional[Callable[[int], Expire]] = None,
     names: Optional[Sequence[str]] = None,
+    outcomes: Optional[List[Tuple[State, float, Optional[BaseException]]]] = None,
 ) -> List[Tuple[State, float, Optional[BaseException]]]:
     """Run the calls of one batch in order: each one's State, seconds and what it raised.
 
@@ -219,9 +220,11 @@ def run_batch(
     cancelled meanwhile: its State is then the cancellation); ``finished(i)`` after.
     ``expire(i)`` is what stops call ``i`` if it has a limit and passes it; ``names``
     name the calls in their TimedOut states. A call that raises affects no other call
-    of its batch.
+    of its batch. ``outcomes``: the list to fill and return, where a backend can read
+    those of the calls finished so far (a new one if None).
     """
-    outcomes: List[Tuple[State, float, Optional[BaseException]]] = []
+    if outcomes is None:
+        outcomes = []
     for index, (run_fn, run_kwargs) in enumerate(calls):
         if starting is not None and not starting(index):
             outcomes.append((cancelled_state(), 0.0, None))
