@@ -196,8 +196,11 @@ def submit_tries(
         if tries.done():  # cancelled between two tries
             return
         kwargs = dict(run_kwargs, attempt=(number, attempts))
+        # A run id of its own for each try: an engine may know a call by it (Dask's
+        # key), and would take a try for the one before.
+        run = task_run if number == 1 else TaskRun(name=task_run.name)
         try:
-            call = seam.call_of(seam.submit(core, task_run, run_fn, kwargs))
+            call = seam.call_of(seam.submit(core, run, run_fn, kwargs))
         except BaseException as exc:  # the runner stopped meanwhile
             tries.set_result(exception_to_crashed_state(exc))
             return
