@@ -8,19 +8,45 @@ call, which calls had started (the one running is Crashed, naming the cause), wh
 had finished (their results were lost with the worker) and which never started (they
 run again elsewhere), so that no call ever runs twice.
 
-A worker that cannot open the table (it runs on another machine) marks nothing; the
-parent then knows only what its engine tells it.
+A call with a time limit that passes it ends its worker (the worker's watchdog acts,
+see :meth:`Marks.expiry`): it marks the call timed out (``-pid`` as the finishing
+pid), leaves the outcomes of the calls of its batch that had finished in a small file
+beside the table (:func:`done_path`; an engine sends a batch's results back together,
+so they would be lost with the worker), and exits with :data:`TIMED_OUT_EXIT_CODE`.
+The parent reads both after the death (:meth:`SlotTable.timed_out`,
+:meth:`SlotTable.left_outcomes`): the timed-out call is TimedOut, the finished ones
+are delivered, the others run again. The process is killed: the call's ``finally``
+blocks do not run.
+
+A worker that cannot open the table (it runs on another machine) marks nothing and
+leaves no file (at a limit, it still ends itself); the parent then knows only what
+its engine tells it.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import mmap
 import os
 import struct
-from typing import Deque, Optional, Tuple
+import threading
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
-__all__ = ["SlotTable", "Marks"]
+from taskrunners._core.remote.protocol import Expire, decode_batch, encode_batch
+from taskrunners.states import State
+
+__all__ = ["TIMED_OUT_EXIT_CODE", "done_path", "SlotTable", "Marks"]
+
+#: The exit code of a worker process that ended itself because a call of it went past
+#: its time limit (as GNU ``timeout`` exits).
+TIMED_OUT_EXIT_CODE = 124
+
+
+def done_path(table_path: str, first_slot: int) -> str:
+    """Where the worker of the batch whose slots start at ``first_slot`` leaves the
+    outcomes of its finished calls when a call of it times out."""
+    return f"{table_path}-{first_slot}.done"
 
 # One slot per call: (pid of the worker that started it, pid of the one that finished
 # it), 0 meaning "not yet".
@@ -60,9 +86,33 @@ class SlotTable:
         self._free.append(slots.start)
 
     def marks(self, slot: int) -> Tuple[int, int]:
-        """(pid that started the call in ``slot``, pid that finished it), 0 for not yet."""
+        """(pid that started the call in ``slot``, pid that finished it), 0 for not yet;
+        the second is ``-pid`` for a call that went past its time limit there."""
         started, finished = _SLOT.unpack_from(self._table, slot * _SLOT.size)
         return started, finished
+
+    def timed_out(self, slot: int) -> bool:
+        """Whether the call in ``slot`` went past its time limit (its worker ended)."""
+        return _SLOT.unpack_from(self._table, slot * _SLOT.size)[1] < 0
+
+    def left_outcomes(
+        self, slots: range, names: Sequence[str]
+    ) -> Tuple[List[Tuple[State, float]], Optional[List[Any]]]:
+        """What the worker of a batch (``slots``, its calls ``names``) left when a call of
+        it timed out: the States and seconds of the calls before that one, in order, and
+        their log records; nothing if it left no file. The file is removed."""
+        path = done_path(self.path, slots.start)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError:
+            return [], None
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        outcomes, records = decode_batch(names, data)
+        return list(outcomes), records
 
     def close(self) -> None:
         self._table.close()
@@ -92,18 +142,23 @@ def _table(path: str) -> Optional[mmap.mmap]:
 
 
 class Marks:
-    """In the worker: marks the calls of one batch started and finished in their slots.
+    """In the worker: marks the calls of one batch started and finished in their slots,
+    and ends the worker when one of them goes past its time limit (:meth:`expiry`).
 
     :param path: the table's path, or None when the batch has no slots
     :param slots: the batch's slots, one per call in order
     """
 
-    __slots__ = ("_table", "_slots", "_pid")
+    __slots__ = ("_table", "_path", "_slots", "_pid", "_lock", "_finished")
 
     def __init__(self, path: Optional[str], slots: Optional[range]) -> None:
         self._table = _table(path) if path is not None and slots is not None else None
+        self._path = path
         self._slots = slots if slots is not None else range(0)
         self._pid = os.getpid()
+        # The watchdog's thread ends the worker unless the call finished first.
+        self._lock = threading.Lock()
+        self._finished = -1  # the index of the last call finished
 
     def started(self, index: int) -> bool:
         """Call ``index`` starts now (True: it may)."""
@@ -113,5 +168,86 @@ class Marks:
 
     def finished(self, index: int) -> None:
         """Call ``index`` has its State."""
-        if self._table is not None:
-            _PID.pack_into(self._table, self._slots[index] * _SLOT.size + _PID.size, self._pid)
+        with self._lock:
+            self._finished = index
+            if self._table is not None:
+                _PID.pack_into(self._table, self._slots[index] * _SLOT.size + _PID.size, self._pid)
+
+    def expiry(
+        self,
+        names: Sequence[str],
+        outcomes: List[Tuple[State, float, Any]],
+        records: List[Any],
+        where: str,
+    ) -> Callable[[int], Expire]:
+        """``run_batch``'s ``expire``: call ``index`` went past its limit, so the worker
+        marks it timed out, leaves the outcomes of the calls before it (``outcomes``,
+        the list ``run_batch`` fills, and the log records so far) beside the table,
+        and exits at once (``finally`` blocks do not run). Nothing happens if the call
+        finished meanwhile.
+
+        Without a table (another machine) the worker ends all the same; the parent
+        then sees a worker that died, which may have been the limit.
+        """
+        return functools.partial(_ExpireCall, self, names, outcomes, records, where)
+
+    def _expire(
+        self,
+        index: int,
+        names: Sequence[str],
+        outcomes: List[Tuple[State, float, Any]],
+        records: List[Any],
+        where: str,
+    ) -> None:
+        with self._lock:  # held until the end: the call cannot finish meanwhile
+            if self._finished >= index:
+                return
+            table = self._table
+            if table is not None and self._path is not None:
+                if index:
+                    try:
+                        _leave(done_path(self._path, self._slots.start), names, outcomes[:index], records, where)
+                    except Exception:  # the parent then reports those calls lost
+                        pass
+                _PID.pack_into(table, self._slots[index] * _SLOT.size + _PID.size, -self._pid)
+            os._exit(TIMED_OUT_EXIT_CODE)
+
+
+class _ExpireCall:
+    """The ``Expire`` of one call of a batch (see :meth:`Marks.expiry`)."""
+
+    __slots__ = ("_marks", "_names", "_outcomes", "_records", "_where", "_index")
+
+    def __init__(
+        self,
+        marks: Marks,
+        names: Sequence[str],
+        outcomes: List[Tuple[State, float, Any]],
+        records: List[Any],
+        where: str,
+        index: int,
+    ) -> None:
+        self._marks = marks
+        self._names = names
+        self._outcomes = outcomes
+        self._records = records
+        self._where = where
+        self._index = index
+
+    def __call__(self, guard: object) -> None:
+        self._marks._expire(self._index, self._names, self._outcomes, self._records, self._where)
+
+
+def _leave(
+    path: str,
+    names: Sequence[str],
+    outcomes: List[Tuple[State, float, Any]],
+    records: List[Any],
+    where: str,
+) -> None:
+    # Written under another name, then renamed: the parent never reads half a file.
+    data = encode_batch(names[: len(outcomes)], [(state, seconds) for state, seconds, _ in outcomes], list(records), where)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
