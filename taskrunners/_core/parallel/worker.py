@@ -74,6 +74,8 @@ def run_batch_call(
             marks = Marks(table_path, slots)
             ran: List[Tuple[State, float, Optional[BaseException]]] = []  # read by the watchdog if a call goes past its limit
             expire = marks.expiry(names, ran, emitted, _WHERE)
+            starting: Callable[[int], bool]
+            finished: Callable[[int], None]
             if watch is None:
                 starting, finished = marks.started, marks.finished
             else:
