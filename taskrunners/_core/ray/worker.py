@@ -117,7 +117,7 @@ def run_call(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], upstream: t
         run_kwargs = substitute(run_kwargs, states.__getitem__)
     begun = time.perf_counter()
     if type(run_fn) is Limited:  # sent alone only when the runner has no slot table
-        name = _task_name(split_limit(run_fn)[0])
+        name = _task_name(run_fn)
         expire = slot_marks.Marks(None, None).expiry([name], [], [], WHERE)(0)
         state, _ = run_in_worker(run_fn, run_kwargs, interrupt_tick, expire, name)
     else:
@@ -296,6 +296,7 @@ class Unbatched:
 def _task_name(task: Any) -> str:
     if type(task) is Unbatched:
         task = task.run_fn
+    task, _ = split_limit(task)  # a call with a limit: its run_fn's name
     name = getattr(task, "name", None)  # a flow's Task: the name it was given
     if not isinstance(name, str):
         name = getattr(task, "__name__", None) or type(task).__name__
