@@ -72,15 +72,20 @@ def run_batch_call(
         else:
             del payload
             marks = Marks(table_path, slots)
-            ran: List[Tuple[State, float, Optional[BaseException]]] = []  # read by the watchdog if a call goes past its limit
-            expire = marks.expiry(names, ran, emitted, _WHERE)
+            ran: List[Tuple[State, float, Optional[BaseException]]] = []  # read at a limit
+            marks.watch(names, ran, emitted, _WHERE)
+            calls = marks.limits(list(zip(run_fns, loaded)))
             starting: Callable[[int], bool]
             finished: Callable[[int], None]
             if watch is None:
                 starting, finished = marks.started, marks.finished
             else:
                 starting, finished = watch.wrap(marks)
-            run_batch(list(zip(run_fns, loaded)), None, starting, finished, expire, names, ran)
+            try:
+                run_batch(calls, None, starting, finished, marks.expiry, names, ran)
+            finally:
+                marks.close()
+            del calls
             del run_fns, loaded  # the worker keeps no argument alive until its next batch
             outcomes = [(state, seconds) for state, seconds, _ in ran]
             del ran

@@ -118,7 +118,7 @@ def run_call(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], upstream: t
     begun = time.perf_counter()
     if type(run_fn) is Limited:  # sent alone only when the runner has no slot table
         name = _task_name(run_fn)
-        expire = slot_marks.Marks(None, None).expiry([name], [], [], WHERE)(0)
+        expire = slot_marks.Marks(None, None).expiry(0)
         state, _ = run_in_worker(run_fn, run_kwargs, interrupt_tick, expire, name)
     else:
         state, _ = run_in_worker(run_fn, run_kwargs, watch=interrupt_tick)
@@ -209,9 +209,12 @@ def run_batch_call(
         return marks.started(index)
 
     calls = (prepared(*call) for call in batch.calls)
-    outcomes: List[Tuple[State, float, Optional[BaseException]]] = []  # the watchdog reads it
-    expire = marks.expiry(batch.names, outcomes, [], WHERE)
-    run_batch(list(calls), interrupt_tick, starting, marks.finished, expire, batch.names, outcomes)
+    outcomes: List[Tuple[State, float, Optional[BaseException]]] = []  # read at a limit
+    marks.watch(batch.names, outcomes, [], WHERE)
+    try:
+        run_batch(marks.limits(list(calls)), interrupt_tick, starting, marks.finished, marks.expiry, batch.names, outcomes)
+    finally:
+        marks.close()
     return encode_batch(batch.names, [(state, seconds) for state, seconds, _ in outcomes], [], WHERE)
 
 

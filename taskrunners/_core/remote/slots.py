@@ -9,7 +9,7 @@ had finished (their results were lost with the worker) and which never started (
 run again elsewhere), so that no call ever runs twice.
 
 A call with a time limit that passes it ends its worker (the worker's watchdog acts,
-see :meth:`Marks.expiry`): it marks the call timed out (``-pid`` as the finishing
+see :class:`Marks`): it marks the call timed out (``-pid`` as the finishing
 pid), leaves the outcomes of the calls of its batch that had finished in a small file
 beside the table (:func:`done_path`; an engine sends a batch's results back together,
 so they would be lost with the worker), and exits with :data:`TIMED_OUT_EXIT_CODE`.
@@ -31,9 +31,12 @@ import mmap
 import os
 import struct
 import threading
+import time
 from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
+from taskrunners._core.limits import Alarm, Limited, split_limit, watchdog
 from taskrunners._core.remote.protocol import Expire, decode_batch, encode_batch
+from taskrunners._core.running import is_coroutine_function
 from taskrunners.states import State
 
 __all__ = ["TIMED_OUT_EXIT_CODE", "done_path", "SlotTable", "Marks"]
@@ -143,13 +146,22 @@ def _table(path: str) -> Optional[mmap.mmap]:
 
 class Marks:
     """In the worker: marks the calls of one batch started and finished in their slots,
-    and ends the worker when one of them goes past its time limit (:meth:`expiry`).
+    and ends the worker when one of them goes past its time limit.
 
     :param path: the table's path, or None when the batch has no slots
     :param slots: the batch's slots, one per call in order
+
+    Limits: :meth:`watch` says what to leave behind at a limit, and takes the plain
+    calls' limits out of their run_fns (:meth:`limits`): this object watches them,
+    with one watchdog alarm for the whole batch, moved on as each call starts (a
+    call costs a clock read, not an alarm). A coroutine call keeps its limit, for
+    ``run_batch`` to cancel it on its loop, with :meth:`expiry` as its ``expire``.
     """
 
-    __slots__ = ("_table", "_path", "_slots", "_pid", "_lock", "_finished")
+    __slots__ = (
+        "_table", "_path", "_slots", "_pid", "_lock", "_finished", "_limits", "_timed",
+        "_deadline", "_alarm", "_over", "_left",
+    )
 
     def __init__(self, path: Optional[str], slots: Optional[range]) -> None:
         self._table = _table(path) if path is not None and slots is not None else None
@@ -159,11 +171,57 @@ class Marks:
         # The watchdog's thread ends the worker unless the call finished first.
         self._lock = threading.Lock()
         self._finished = -1  # the index of the last call finished
+        # The limit of each plain call this object watches (None: none), the last such
+        # call started, and when its limit passes.
+        self._limits: Optional[List[Optional[float]]] = None
+        self._timed = -1
+        self._deadline = 0.0
+        self._alarm: Optional[Alarm] = None
+        self._over = False
+        # What to leave beside the table at a limit: (names, outcomes, records, where).
+        self._left: Tuple[Sequence[str], List[Tuple[State, float, Any]], List[Any], str] = ((), [], [], "")
+
+    def watch(
+        self,
+        names: Sequence[str],
+        outcomes: List[Tuple[State, float, Any]],
+        records: List[Any],
+        where: str,
+    ) -> None:
+        """At a limit, leave the outcomes of the calls before the late one (``outcomes``,
+        the list ``run_batch`` fills, and the log records so far) beside the table."""
+        self._left = (names, outcomes, records, where)
+
+    def limits(self, calls: List[Tuple[Callable[..., Any], Any]]) -> List[Tuple[Callable[..., Any], Any]]:
+        """``calls`` with the limits of their plain run_fns taken out, to be watched here."""
+        limits: List[Optional[float]] = []
+        found = False
+        unwrapped = []
+        for run_fn, run_kwargs in calls:
+            seconds = None
+            if type(run_fn) is Limited and not is_coroutine_function(run_fn.run_fn):
+                run_fn, seconds = split_limit(run_fn)
+                found = True
+            limits.append(seconds)
+            unwrapped.append((run_fn, run_kwargs))
+        if not found:
+            return calls
+        self._limits = limits
+        return unwrapped
 
     def started(self, index: int) -> bool:
         """Call ``index`` starts now (True: it may)."""
         if self._table is not None:
             _PID.pack_into(self._table, self._slots[index] * _SLOT.size, self._pid)
+        limits = self._limits
+        if limits is not None:
+            seconds = limits[index]
+            if seconds is not None:
+                # The deadline first: the watchdog reads the call, then its deadline.
+                self._deadline = time.monotonic() + seconds
+                self._timed = index
+                if self._alarm is None:
+                    self._alarm = watchdog().arm(seconds, self._check)
         return True
 
     def finished(self, index: int) -> None:
@@ -173,69 +231,65 @@ class Marks:
             if self._table is not None:
                 _PID.pack_into(self._table, self._slots[index] * _SLOT.size + _PID.size, self._pid)
 
-    def expiry(
-        self,
-        names: Sequence[str],
-        outcomes: List[Tuple[State, float, Any]],
-        records: List[Any],
-        where: str,
-    ) -> Callable[[int], Expire]:
-        """``run_batch``'s ``expire``: call ``index`` went past its limit, so the worker
-        marks it timed out, leaves the outcomes of the calls before it (``outcomes``,
-        the list ``run_batch`` fills, and the log records so far) beside the table,
-        and exits at once (``finally`` blocks do not run). Nothing happens if the call
-        finished meanwhile.
+    def close(self) -> None:
+        """The batch is over: no call of it is watched any more."""
+        with self._lock:
+            self._over = True
+            alarm, self._alarm = self._alarm, None
+        if alarm is not None:
+            alarm.cancel()
+
+    def _check(self) -> None:
+        # On the watchdog's thread, at the deadline the alarm was armed for: end the
+        # worker if the call watched is late, else move the alarm on to its deadline.
+        with self._lock:
+            if self._over:
+                return
+            timed = self._timed
+            running = timed > self._finished
+            now = time.monotonic()
+            if running and now >= self._deadline:
+                self._expire_locked(timed)
+            limits = self._limits
+            if running:
+                delay = self._deadline - now
+            else:  # between calls: the next one's limit passes later than this
+                delay = next((seconds for seconds in limits or () if seconds is not None), 1.0)
+            self._alarm = watchdog().arm(max(delay, 0.0), self._check)
+
+    def expiry(self, index: int) -> Expire:
+        """``run_batch``'s ``expire`` of a coroutine call ``index``: see :meth:`_expire_locked`."""
+        return functools.partial(_expire_call, self, index)
+
+    def _expire(self, index: int) -> None:
+        with self._lock:
+            self._expire_locked(index)
+
+    def _expire_locked(self, index: int) -> None:
+        """Call ``index`` went past its limit: unless it finished meanwhile, mark it timed
+        out, leave the outcomes of the calls before it beside the table, and end the
+        worker at once (``finally`` blocks do not run); with the lock held, so that the
+        call cannot finish meanwhile.
 
         Without a table (another machine) the worker ends all the same; the parent
         then sees a worker that died, which may have been the limit.
         """
-        return functools.partial(_ExpireCall, self, names, outcomes, records, where)
-
-    def _expire(
-        self,
-        index: int,
-        names: Sequence[str],
-        outcomes: List[Tuple[State, float, Any]],
-        records: List[Any],
-        where: str,
-    ) -> None:
-        with self._lock:  # held until the end: the call cannot finish meanwhile
-            if self._finished >= index:
-                return
-            table = self._table
-            if table is not None and self._path is not None:
-                if index:
-                    try:
-                        _leave(done_path(self._path, self._slots.start), names, outcomes[:index], records, where)
-                    except Exception:  # the parent then reports those calls lost
-                        pass
-                _PID.pack_into(table, self._slots[index] * _SLOT.size + _PID.size, -self._pid)
-            os._exit(TIMED_OUT_EXIT_CODE)
+        if self._finished >= index:
+            return
+        table = self._table
+        if table is not None and self._path is not None:
+            names, outcomes, records, where = self._left
+            if index and outcomes:
+                try:
+                    _leave(done_path(self._path, self._slots.start), names, outcomes[:index], records, where)
+                except Exception:  # the parent then reports those calls lost
+                    pass
+            _PID.pack_into(table, self._slots[index] * _SLOT.size + _PID.size, -self._pid)
+        os._exit(TIMED_OUT_EXIT_CODE)
 
 
-class _ExpireCall:
-    """The ``Expire`` of one call of a batch (see :meth:`Marks.expiry`)."""
-
-    __slots__ = ("_marks", "_names", "_outcomes", "_records", "_where", "_index")
-
-    def __init__(
-        self,
-        marks: Marks,
-        names: Sequence[str],
-        outcomes: List[Tuple[State, float, Any]],
-        records: List[Any],
-        where: str,
-        index: int,
-    ) -> None:
-        self._marks = marks
-        self._names = names
-        self._outcomes = outcomes
-        self._records = records
-        self._where = where
-        self._index = index
-
-    def __call__(self, guard: object) -> None:
-        self._marks._expire(self._index, self._names, self._outcomes, self._records, self._where)
+def _expire_call(marks: Marks, index: int, guard: object) -> None:
+    marks._expire(index)
 
 
 def _leave(
@@ -246,7 +300,8 @@ def _leave(
     where: str,
 ) -> None:
     # Written under another name, then renamed: the parent never reads half a file.
-    data = encode_batch(names[: len(outcomes)], [(state, seconds) for state, seconds, _ in outcomes], list(records), where)
+    done = [(state, seconds) for state, seconds, _ in outcomes]
+    data = encode_batch(names[: len(done)], done, list(records), where)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "wb") as file:
         file.write(data)
