@@ -46,10 +46,11 @@ __all__ = ["TIMED_OUT_EXIT_CODE", "done_path", "SlotTable", "Marks"]
 TIMED_OUT_EXIT_CODE = 124
 
 
-def done_path(table_path: str, first_slot: int) -> str:
-    """Where the worker of the batch whose slots start at ``first_slot`` leaves the
-    outcomes of its finished calls when a call of it times out."""
-    return f"{table_path}-{first_slot}.done"
+def done_path(table_path: str, first_slot: int, pid: int) -> str:
+    """Where worker ``pid``, running the batch whose slots start at ``first_slot``,
+    leaves the outcomes of its finished calls when a call of it times out (the pid
+    tells it from a file an earlier batch in those slots may have left)."""
+    return f"{table_path}-{first_slot}-{pid}.done"
 
 # One slot per call: (pid of the worker that started it, pid of the one that finished
 # it), 0 meaning "not yet".
@@ -104,7 +105,10 @@ class SlotTable:
         """What the worker of a batch (``slots``, its calls ``names``) left when a call of
         it timed out: the States and seconds of the calls before that one, in order, and
         their log records; nothing if it left no file. The file is removed."""
-        path = done_path(self.path, slots.start)
+        pid = self.marks(slots.start)[0] if len(slots) else 0
+        if not pid:
+            return [], None
+        path = done_path(self.path, slots.start, pid)
         try:
             with open(path, "rb") as file:
                 data = file.read()
@@ -281,7 +285,7 @@ class Marks:
             names, outcomes, records, where = self._left
             if index and outcomes:
                 try:
-                    _leave(done_path(self._path, self._slots.start), names, outcomes[:index], records, where)
+                    _leave(done_path(self._path, self._slots.start, self._pid), names, outcomes[:index], records, where)
                 except Exception:  # the parent then reports those calls lost
                     pass
             _PID.pack_into(table, self._slots[index] * _SLOT.size + _PID.size, -self._pid)
