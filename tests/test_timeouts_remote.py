@@ -262,3 +262,17 @@ def test_ray_keeps_max_retries_at_zero_for_calls_with_a_limit(ray_shared, tmp_pa
         assert timed_out(runner.wait(future), 0.5)
         time.sleep(3.0)  # a second try would have counted by now
     assert stuck.count(counter) == 1
+
+
+def test_parallel_calls_queued_behind_calls_that_time_out_each_run_once(tmp_path):
+    # A worker holds two calls: one that times out ends the worker with the next one
+    # in it, not started, which goes again to a fresh worker, and runs once.
+    counters = [str(tmp_path / f"counter-{n}") for n in range(8)]
+    with parallel_runner(batch_size=1).start() as runner:
+        lates, quick = [], []
+        for n in range(8):
+            lates.append(runner.submit(TaskRun(), stuck.busy, {"counter": str(tmp_path / f"late-{n}")}, timeout_seconds=0.5))
+            quick.append(runner.submit(TaskRun(), stuck.quick, {"value": n, "counter": counters[n]}))
+        assert all(timed_out(runner.wait(late), 0.5) for late in lates)
+        assert [runner.wait(future).result() for future in quick] == list(range(8))
+    assert [stuck.count(counter) for counter in counters] == [1] * 8
