@@ -34,6 +34,7 @@ Hazards handled here:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import glob
@@ -57,6 +58,9 @@ from taskrunners._core.remote.slots import SlotTable
 from taskrunners.states import State
 
 __all__ = ["RaySender", "SenderThread"]
+
+#: How many tasks with a time limit a block keeps alive (see ``RaySender._keep``).
+_KEPT_LIMITED = 32
 
 # Set while a Ray thread runs our completion callbacks, which must not submit tasks.
 _in_ray_callback = threading.local()
@@ -152,6 +156,11 @@ class RaySender:
         self._limited_options = {} if functions.options.get("max_retries", 0) == 0 else {"max_retries": 0}
         # Slots are taken by whichever thread sends a batch.
         self._slots_lock = threading.Lock()
+        # The latest tasks with a time limit, kept while the block runs: the next burst
+        # of calls with that limit then gets the same Limited run_fn (``with_limit``
+        # holds it weakly), so its remote function is not exported again and the
+        # durations learned for it still size its batches.
+        self._kept: "collections.OrderedDict[Any, None]" = collections.OrderedDict()
         self._thread = SenderThread(self, name)
         self._thread.start()
 
@@ -163,6 +172,7 @@ class RaySender:
     def close(self) -> None:
         """Hand nothing more to Ray; stop the thread and remove the slot table."""
         self.closing = True
+        self._kept.clear()
         self._thread.stop()
         table, self.slots = self.slots, None
         if table is not None:
@@ -208,6 +218,8 @@ class RaySender:
             return
         first = live[0]
         call: RayCall = first.call
+        if type(first.key) is Limited:
+            self._keep(first.key)
         refused = self.resources.refusal(call.options)
         if refused is not None:
             for entry in live:
@@ -397,6 +409,14 @@ class RaySender:
         self.ready(entries)
         for entry in entries:
             self.dispatcher.expedite(entry.call)
+
+    def _keep(self, task: Any) -> None:
+        with self._slots_lock:
+            kept = self._kept
+            kept[task] = None
+            kept.move_to_end(task)
+            if len(kept) > _KEPT_LIMITED:
+                kept.popitem(last=False)
 
     def _take_slots(
         self, count: int, limited: bool = False

@@ -201,11 +201,15 @@ class Marks:
         limits: List[Optional[float]] = []
         found = False
         unwrapped = []
-        for run_fn, run_kwargs in calls:
-            seconds = None
-            if type(run_fn) is Limited and not is_coroutine_function(run_fn.run_fn):
-                run_fn, seconds = split_limit(run_fn)
-                found = True
+        given: Any = None  # the calls of a batch mostly share their run_fn: looked at once
+        run_fn: Callable[..., Any] = _nothing
+        seconds: Optional[float] = None
+        for each, run_kwargs in calls:
+            if each is not given:
+                given, run_fn, seconds = each, each, None
+                if type(each) is Limited and not is_coroutine_function(each.run_fn):
+                    run_fn, seconds = split_limit(each)
+                    found = True
             limits.append(seconds)
             unwrapped.append((run_fn, run_kwargs))
         if not found:
@@ -290,6 +294,10 @@ class Marks:
                     pass
             _PID.pack_into(table, self._slots[index] * _SLOT.size + _PID.size, -self._pid)
         os._exit(TIMED_OUT_EXIT_CODE)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _expire_call(marks: Marks, index: int, guard: object) -> None:
