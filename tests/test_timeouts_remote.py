@@ -9,6 +9,7 @@ usable. The standard behaviour every runner shares is tests/test_timeouts.py.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 
 import pytest
@@ -276,3 +277,32 @@ def test_parallel_calls_queued_behind_calls_that_time_out_each_run_once(tmp_path
         assert all(timed_out(runner.wait(late), 0.5) for late in lates)
         assert [runner.wait(future).result() for future in quick] == list(range(8))
     assert [stuck.count(counter) for counter in counters] == [1] * 8
+
+
+def test_ray_without_a_slot_table_a_late_call_is_crashed_naming_its_limit(ray_shared, tmp_path, monkeypatch):
+    # As on a worker of another machine, nothing can mark the call timed out: its
+    # worker still ends at the limit, and the call is Crashed, saying it may have been
+    # the limit; it is not run again.
+    from taskrunners._core.ray import sending
+
+    monkeypatch.setattr(sending, "new_slot_table", lambda runs, run_size: None)
+    counter = str(tmp_path / "counter")
+    with RayTaskRunner(address=ray_shared).start() as runner:
+        future = runner.submit(TaskRun(name="late"), stuck.busy, {"counter": counter}, timeout_seconds=0.5)
+        state = runner.wait(future)
+        assert state.is_crashed(), state
+        assert "'late'" in state.message and "perhaps at the call's limit of 0.5 s" in state.message
+        assert runner.wait(runner.submit(TaskRun(), stuck.quick, {"value": 1})).result() == 1
+    pid = int(open(stuck.pid_file(counter)).read())
+    seen = stuck.count(counter)
+    time.sleep(0.5)
+    assert stuck.count(counter) == seen  # the work stopped with its worker
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"worker {pid} still runs")

@@ -41,6 +41,7 @@ __all__ = [
     "after_worker_death",
     "as_marks",
     "left_states",
+    "maybe_timed_out_state",
 ]
 
 
@@ -145,7 +146,7 @@ def after_worker_death(
             states.append(_lost_state(name, exc))
         elif started or (index == 0 and not table_works):
             if limit is not None and not table_works:
-                states.append(_maybe_timed_out_state(name, limit, exc))
+                states.append(maybe_timed_out_state(name, limit, exc))
             else:
                 states.append(crash_state(name, exc))
         elif table_works and mark is not None:
@@ -181,12 +182,14 @@ def as_marks(table: Any, slots: Optional[range], count: int) -> List[Optional[Tu
     return [table.marks(slot) for slot in slots]
 
 
-def _maybe_timed_out_state(name: str, limit: float, exc: BaseException) -> State:
+def maybe_timed_out_state(name: str, limit: float, exc: BaseException) -> State:
+    """Call ``name`` with a limit whose worker died, and nothing marked it timed out."""
     return Crashed(
         message=f"The Ray worker running call {name!r} ended before the call's result "
         f"reached this process, perhaps at the call's limit of {limit:g} s "
-        "(timeout_seconds): a worker on another machine cannot mark the call timed out; "
-        f"the call was not run again. Ray: {type(exc).__name__}: {exc}",
+        "(timeout_seconds): its worker could not mark the call timed out (a worker on "
+        "another machine cannot open the runner's slot table); the call was not run "
+        f"again. Ray: {type(exc).__name__}: {exc}",
         data=exc,
     )
 

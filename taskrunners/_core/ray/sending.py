@@ -336,7 +336,13 @@ class RaySender:
             if isinstance(result, BaseException):  # run_fns give States, so Ray failed
                 dispatcher.task_done()
                 call.failed = True
-                state = ray_outcomes.crash_state(call.task_run.name, result)
+                # A call with a limit goes alone only without a slot table: nothing
+                # then tells its limit from a crash.
+                limit = split_limit(call.run_fn)[1] if call.run_fn is not None else None
+                if limit is not None and ray_outcomes.is_worker_death(result):
+                    state = ray_outcomes.maybe_timed_out_state(call.task_run.name, limit, result)
+                else:
+                    state = ray_outcomes.crash_state(call.task_run.name, result)
             else:
                 state, seconds = unpacked(result)
                 if self.batch_size == "auto":  # before the next batch is sized
