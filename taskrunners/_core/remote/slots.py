@@ -226,11 +226,19 @@ class Marks:
             seconds = limits[index]
             if seconds is not None:
                 # The deadline first: the watchdog reads the call, then its deadline.
-                self._deadline = time.monotonic() + seconds
+                deadline = self._deadline = time.monotonic() + seconds
                 self._timed = index
-                if self._alarm is None:
-                    self._alarm = watchdog().arm(seconds, self._check)
+                alarm = self._alarm
+                if alarm is None or deadline < alarm.deadline:  # the first, or a shorter limit
+                    with self._lock:
+                        self._arm(seconds)
         return True
+
+    def _arm(self, seconds: float) -> None:
+        # With the lock held: one alarm at a time, the one armed last.
+        old, self._alarm = self._alarm, watchdog().arm(seconds, self._check)
+        if old is not None:
+            old.cancel()
 
     def finished(self, index: int) -> None:
         """Call ``index`` has its State."""
@@ -261,9 +269,9 @@ class Marks:
             limits = self._limits
             if running:
                 delay = self._deadline - now
-            else:  # between calls: the next one's limit passes later than this
-                delay = next((seconds for seconds in limits or () if seconds is not None), 1.0)
-            self._alarm = watchdog().arm(max(delay, 0.0), self._check)
+            else:  # between calls: the next one re-arms if its limit is shorter than this
+                delay = min((seconds for seconds in limits or () if seconds is not None), default=1.0)
+            self._arm(max(delay, 0.0))
 
     def expiry(self, index: int) -> Expire:
         """``run_batch``'s ``expire`` of a coroutine call ``index``: see :meth:`_expire_locked`."""
