@@ -8,7 +8,6 @@ usable. The standard behaviour every runner shares is tests/test_timeouts.py.
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 
@@ -79,11 +78,6 @@ def test_ray_a_call_beside_one_that_times_out_completes(ray_shared, tmp_path):
         assert runner.wait(slow).result() == "slept"
 
 
-def _task_takes_a_limit():
-    return "timeout_seconds" in inspect.signature(task).parameters
-
-
-@pytest.mark.skipif(not _task_takes_a_limit(), reason="@task(timeout_seconds=) is not there yet")
 def test_parallel_in_a_flow_a_task_beside_one_that_times_out_completes(tmp_path):
     counter = str(tmp_path / "counter")
 
@@ -104,7 +98,7 @@ def test_parallel_in_a_flow_a_task_beside_one_that_times_out_completes(tmp_path)
             second.result()
         return first.result(), second.name
 
-    assert both() == ("slept", "TimedOut")
+    assert both().result() == ("slept", "TimedOut")
 
 
 # -- every form of wait sees it ----------------------------------------------------------------
