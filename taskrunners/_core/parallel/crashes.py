@@ -26,6 +26,7 @@ import cloudpickle
 
 from taskrunners._core.parallel import loky_private
 from taskrunners._core.parallel.worker import INITIALIZER_ERROR_FILE
+from taskrunners._core.remote.slots import TIMED_OUT_EXIT_CODE
 from taskrunners._core.futures import TaskRun
 from taskrunners.states import Crashed, State
 
@@ -53,6 +54,8 @@ def describe_exit(exitcode: Optional[int]) -> str:
     """How a worker process ended, from its exit code: "was killed by SIGKILL (...)"."""
     if exitcode is None:
         return "stopped for an unknown reason"
+    if exitcode == TIMED_OUT_EXIT_CODE:
+        return f"ended itself as a call went past its time limit (exit code {exitcode})"
     if exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name

@@ -28,7 +28,7 @@ from taskrunners._core.parallel.worker import (
     initialize_worker,
     run_batch_call,
 )
-from taskrunners._core.remote.slots import SlotTable
+from taskrunners._core.remote.slots import TIMED_OUT_EXIT_CODE, SlotTable
 
 __all__ = ["Generation"]
 
@@ -154,6 +154,10 @@ class Generation:
             self.broken = self.broken or error
             if self.dead is None:
                 self.dead = loky_private.stopped_workers(self.executor)
+
+    def timed_out(self) -> bool:
+        """Whether its worker ended itself because a call went past its time limit."""
+        return TIMED_OUT_EXIT_CODE in (self.dead or {}).values()
 
     def cause(self) -> str:
         """Which workers died and how, for messages."""

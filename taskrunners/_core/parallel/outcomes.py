@@ -5,6 +5,11 @@ with some calls unrun (the worker went above ``worker_memory_limit``: the slot t
 tells which started), or as an error: the pool shutting down, a broken executor (its
 worker died: the slot table tells which calls had started), or anything else loky
 raises. :func:`settle_batch` settles each call it can and names those to send again.
+
+A worker that ended itself because a call went past its time limit breaks its executor
+too: that call is TimedOut, the calls of its batch that had finished get the States
+the worker left beside the slot table, and those not started go again (that handover
+does not count against :data:`MAX_HANDOVERS`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from taskrunners._core.parallel.crashes import (
     stopped_state,
 )
 from taskrunners._core.parallel.generation import Generation
+from taskrunners._core.limits import split_limit, timed_out_state
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners._core.remote.records import emit
+from taskrunners._core.remote.slots import TIMED_OUT_EXIT_CODE
+from taskrunners.states import State
 
 __all__ = ["MAX_HANDOVERS", "settle_batch"]
 
@@ -72,7 +80,9 @@ def settle_batch(
     if loky_private.is_shutdown_error(error) or abort_reason is not None:
         for entry, slot in zip(batch.entries, slots):
             started, finished = generation.marks(slot)
-            if started:
+            if finished < 0:
+                entry.call.set_result(_timed_out(entry))
+            elif started:
                 state = stopped_state(entry.call.task_run.name, started, finished, abort_reason)
                 entry.call.set_result(state)
             else:
@@ -114,13 +124,27 @@ def _after_break(
 ) -> List[Sendable[None]]:
     generation.broke_under(error)
     dead, cause = generation.dead or {}, generation.cause()
+    # A worker that ended at a call's time limit left the States of the calls of its
+    # batch that had finished.
+    left, records = generation.slots.left_outcomes(slots, batch.names)
+    if records:
+        emit(records)
+    timed_out = TIMED_OUT_EXIT_CODE in dead.values()
     again: List[Sendable[None]] = []
-    for entry, slot in zip(batch.entries, slots):
+    for index, (entry, slot) in enumerate(zip(batch.entries, slots)):
         call = entry.call
         started, finished = generation.marks(slot)
+        if finished < 0:
+            call.set_result(_timed_out(entry))
+            continue
+        if started and finished and index < len(left):
+            call.set_result(left[index][0])  # delivered
+            continue
         if started:
             call.set_result(broken_pool_state(call.task_run.name, started, finished, dead, cause))
             continue
+        if timed_out:
+            call.handovers -= 1  # a limit, not a broken pool: this one does not count
         if initializer_failed(directory):
             call.set_result(initializer_failure(directory, call.task_run.name))
         elif call.handovers >= MAX_HANDOVERS:
@@ -128,3 +152,10 @@ def _after_break(
         else:
             again.append(entry)  # on a fresh pool
     return again
+
+
+def _timed_out(entry: Sendable[None]) -> State:
+    """The State of a call that went past its time limit in its worker."""
+    call = entry.call
+    _, seconds = split_limit(call.run_fn)
+    return timed_out_state(call.task_run.name, seconds or 0.0)

@@ -301,10 +301,9 @@ class ProcessPool:
     def _renew(self, index: int) -> Generation:
         # With the lock held, and the place holding no batch: a fresh worker in it.
         old = self._workers[index]
-        if old.broken is not None:
-            self._logger.warning(
-                "A worker process of the pool died (%s); it is replaced.", old.cause()
-            )
+        if old.broken is not None:  # at a call's time limit: not worth a warning
+            level = logging.DEBUG if old.timed_out() else logging.WARNING
+            self._logger.log(level, "A worker process of the pool died (%s); it is replaced.", old.cause())
         elif old.retiring is not None:
             self._logger.debug("Worker %d of the pool is recycled (%s).", old.number, old.retiring)
         old.retire()

@@ -110,6 +110,13 @@ class ParallelTaskRunner(BlockingTaskRunner):
     replaced between calls; a call that takes a fresh worker past
     ``worker_memory_limit`` on its own is Crashed, naming the limit. A ``run_fn``,
     argument or result that cannot be pickled Crashes that call alone.
+
+    A call submitted with ``timeout_seconds`` that runs past it (counted from its
+    start in the worker) ends its worker process, which is replaced: the call is
+    Failed, named "TimedOut", about as soon as the limit passes; the calls of its
+    batch that had finished keep their States, those it had not started run in
+    another worker, and calls in the other workers go on. The process is killed, so
+    the call's ``finally`` blocks and context managers do not run.
     """
 
     max_workers: Setting[Optional[int]] = Setting("The number of worker processes; None for one per CPU.")

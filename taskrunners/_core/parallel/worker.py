@@ -8,6 +8,9 @@
   each took and the log records they emitted for the trip back. With a
   ``worker_memory_limit``, a worker whose resident memory went above it after a call
   starts no other call (see :mod:`~taskrunners._core.parallel.recycling`) and says so.
+  A call with a time limit that passes it ends the worker process (see
+  ``remote.slots.Marks.expiry``): the call's ``finally`` blocks do not run, and the
+  parent settles the batch from the slot table.
 """
 
 from __future__ import annotations
@@ -69,10 +72,20 @@ def run_batch_call(
         else:
             del payload
             marks = Marks(table_path, slots)
+            ran: List[Tuple[State, float, Optional[BaseException]]] = []  # read at a limit
+            marks.watch(names, ran, emitted, _WHERE)
+            calls = marks.limits(list(zip(run_fns, loaded)))
+            starting: Callable[[int], bool]
+            finished: Callable[[int], None]
             if watch is None:
-                ran = run_batch(list(zip(run_fns, loaded)), None, marks.started, marks.finished)
+                starting, finished = marks.started, marks.finished
             else:
-                ran = run_batch(list(zip(run_fns, loaded)), None, *watch.wrap(marks))
+                starting, finished = watch.wrap(marks)
+            try:
+                run_batch(calls, None, starting, finished, marks.expiry, names, ran)
+            finally:
+                marks.close()
+            del calls
             del run_fns, loaded  # the worker keeps no argument alive until its next batch
             outcomes = [(state, seconds) for state, seconds, _ in ran]
             del ran

@@ -14,6 +14,13 @@ finished, and :func:`after_worker_death` decides, call by call:
   every call after the first of a batch whose worker ran on another machine, where the
   table cannot be opened: there only the first call is known to have started.
 
+A call with a time limit that passes it ends its worker (see ``remote.slots``), which
+marks it timed out and leaves the States of its batch's finished calls beside the
+table (:func:`left_states`): the call is TimedOut, the finished calls get their
+States, the others run again. A worker that could not open the table (another
+machine) marks nothing: its call is Crashed, saying the worker ended, maybe at the
+call's limit.
+
 No call ever starts twice: only calls the table shows unstarted run again.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, List, Optional, Sequence, Tuple
 
+from taskrunners._core.limits import timed_out_state
 from taskrunners._core.ray import ray_private
 from taskrunners.states import Crashed, State, exception_to_crashed_state
 
@@ -32,6 +40,8 @@ __all__ = [
     "is_unpickling_failure",
     "after_worker_death",
     "as_marks",
+    "left_states",
+    "maybe_timed_out_state",
 ]
 
 
@@ -104,14 +114,22 @@ def is_unpickling_failure(exc: BaseException) -> bool:
 
 
 def after_worker_death(
-    names: Sequence[str], marks: Sequence[Optional[Tuple[int, int]]], exc: BaseException
+    names: Sequence[str],
+    marks: Sequence[Optional[Tuple[int, int]]],
+    exc: BaseException,
+    left: Sequence[State] = (),
+    limits: Sequence[Optional[float]] = (),
 ) -> List[Optional[State]]:
     """Each call's State after the worker of its batch died; None for a call to run again.
 
     :param names: the task run names of the batch's calls, in the order they run
     :param marks: each call's (pid that started it, pid that finished it) from the slot
-        table, 0 for "not marked"; None for a call that had no slot
+        table, 0 for "not marked", ``-pid`` as the second for a call that went past
+        its time limit; None for a call that had no slot
     :param exc: what Ray said
+    :param left: the States of the first calls, which had finished, that a worker
+        ending at a call's limit left (see :func:`left_states`)
+    :param limits: each call's time limit in seconds, or None
     """
     # Nothing marked at all: the worker could not open the table (another machine), or
     # it died before its first call. Either way the first call is taken as started.
@@ -119,10 +137,18 @@ def after_worker_death(
     states: List[Optional[State]] = []
     for index, (name, mark) in enumerate(zip(names, marks)):
         started, finished = mark if mark is not None else (0, 0)
-        if finished:
+        limit = limits[index] if index < len(limits) else None
+        if finished < 0:
+            states.append(timed_out_state(name, limit or 0.0))
+        elif finished and index < len(left):
+            states.append(left[index])  # delivered by the worker that ended at a limit
+        elif finished:
             states.append(_lost_state(name, exc))
         elif started or (index == 0 and not table_works):
-            states.append(crash_state(name, exc))
+            if limit is not None and not table_works:
+                states.append(maybe_timed_out_state(name, limit, exc))
+            else:
+                states.append(crash_state(name, exc))
         elif table_works and mark is not None:
             states.append(None)  # never started: safe to run elsewhere
         else:
@@ -154,3 +180,24 @@ def as_marks(table: Any, slots: Optional[range], count: int) -> List[Optional[Tu
     if table is None or slots is None:
         return [None] * count
     return [table.marks(slot) for slot in slots]
+
+
+def maybe_timed_out_state(name: str, limit: float, exc: BaseException) -> State:
+    """Call ``name`` with a limit whose worker died, and nothing marked it timed out."""
+    return Crashed(
+        message=f"The Ray worker running call {name!r} ended before the call's result "
+        f"reached this process, perhaps at the call's limit of {limit:g} s "
+        "(timeout_seconds): its worker could not mark the call timed out (a worker on "
+        "another machine cannot open the runner's slot table); the call was not run "
+        f"again. Ray: {type(exc).__name__}: {exc}",
+        data=exc,
+    )
+
+
+def left_states(table: Any, slots: Optional[range], names: Sequence[str]) -> List[State]:
+    """The States a worker that ended at a call's limit left for the calls of its batch
+    before that one (read once: the file is removed); none if it left nothing."""
+    if table is None or slots is None:
+        return []
+    outcomes, _ = table.left_outcomes(slots, names)
+    return [state for state, _ in outcomes]

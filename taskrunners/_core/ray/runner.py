@@ -119,6 +119,15 @@ class RayTaskRunner(BlockingTaskRunner):
     go on. Workers are recycled by Ray's own ``max_calls``, through ``remote_options``
     (it counts Ray tasks, and a batch is one). A started runner, pickled and
     unpickled, refuses to submit and wait.
+
+    A call submitted with ``timeout_seconds`` that runs past it (counted from its
+    start in the worker) ends its Ray worker process, as a forced ``ray.cancel``
+    would: the call is Failed, named "TimedOut"; the calls of its batch that had
+    finished keep their States, those not started run again, and Ray never retries
+    it (``max_retries=0`` for calls with a limit, whatever ``remote_options`` say).
+    Its ``finally`` blocks do not run. On a worker of another machine, which cannot
+    open the runner's slot table, the call is Crashed instead, saying that its
+    worker ended, perhaps at the limit.
     """
 
     address: Setting[Optional[str]] = Setting(

@@ -34,8 +34,10 @@ Hazards handled here:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import glob
 import logging
 import os
 import queue
@@ -50,11 +52,15 @@ from taskrunners._core.ray.calls import RayCall, RayEntry, stopped_state
 from taskrunners._core.ray.options import ResourceCheck
 from taskrunners._core.ray.placed import PutValues, pickled_call
 from taskrunners._core.ray.worker import BatchPayload, RemoteFunction, RemoteFunctions, unpacked
+from taskrunners._core.limits import Limited, split_limit
 from taskrunners._core.remote.protocol import decode_batch
 from taskrunners._core.remote.slots import SlotTable
 from taskrunners.states import State
 
 __all__ = ["RaySender", "SenderThread"]
+
+#: How many tasks with a time limit a block keeps alive (see ``RaySender._keep``).
+_KEPT_LIMITED = 32
 
 # Set while a Ray thread runs our completion callbacks, which must not submit tasks.
 _in_ray_callback = threading.local()
@@ -141,12 +147,20 @@ class RaySender:
         self.dispatcher: Dispatcher[RayEntry] = Dispatcher(limit, self._send, Durations(batch_size))
         #: A run of slots for each batch that may be out, twice over (expedited batches
         #: go beyond the limit); a call without a slot is never run again.
-        self.slots: Optional[SlotTable] = None
-        if batch_size != 1:
-            largest = batch_size if isinstance(batch_size, int) else MAX_CALLS
-            self.slots = new_slot_table(limit * 2, largest)
+        # (With batch_size=1 too: a call with a time limit takes a slot, to be marked
+        # timed out in.)
+        largest = batch_size if isinstance(batch_size, int) else MAX_CALLS
+        self.slots: Optional[SlotTable] = new_slot_table(limit * 2, largest)
+        #: The remote options to add for calls with a time limit: a worker that ends at
+        #: a limit must not make Ray run the task again.
+        self._limited_options = {} if functions.options.get("max_retries", 0) == 0 else {"max_retries": 0}
         # Slots are taken by whichever thread sends a batch.
         self._slots_lock = threading.Lock()
+        # The latest tasks with a time limit, kept while the block runs: the next burst
+        # of calls with that limit then gets the same Limited run_fn (``with_limit``
+        # holds it weakly), so its remote function is not exported again and the
+        # durations learned for it still size its batches.
+        self._kept: "collections.OrderedDict[Any, None]" = collections.OrderedDict()
         self._thread = SenderThread(self, name)
         self._thread.start()
 
@@ -158,13 +172,15 @@ class RaySender:
     def close(self) -> None:
         """Hand nothing more to Ray; stop the thread and remove the slot table."""
         self.closing = True
+        self._kept.clear()
         self._thread.stop()
         table, self.slots = self.slots, None
         if table is not None:
             # Workers that still have it open keep writing to their own mapping.
             table.close()
-            with contextlib.suppress(OSError):
-                os.unlink(table.path)
+            for path in [table.path, *glob.glob(glob.escape(table.path) + "-*")]:
+                with contextlib.suppress(OSError):  # the table, and files left at limits
+                    os.unlink(path)
 
     def ready(self, entries: List[RayEntry]) -> None:
         """These calls may run now: to the dispatcher, which sends or gathers them."""
@@ -202,6 +218,8 @@ class RaySender:
             return
         first = live[0]
         call: RayCall = first.call
+        if type(first.key) is Limited:
+            self._keep(first.key)
         refused = self.resources.refusal(call.options)
         if refused is not None:
             for entry in live:
@@ -221,6 +239,8 @@ class RaySender:
             and remote.holds_run_fn
             and call.run_fn is first.key
             and all(held.position is None and not held.large for held in call.held)
+            # A call with a time limit needs a slot (see _take_slots).
+            and (type(call.run_fn) is not Limited or self.slots is None)
         ):
             self._submit_alone(first, remote)
         else:
@@ -229,8 +249,11 @@ class RaySender:
     def _submit_alone(self, entry: RayEntry, remote: RemoteFunction) -> None:
         call: RayCall = entry.call
         refs = [held.ref for held in call.held]
+        options = call.options
+        if self._limited_options and type(call.run_fn) is Limited:
+            options = {**options, **self._limited_options}
         try:
-            function = remote.function.options(**call.options) if call.options else remote.function
+            function = remote.function.options(**options) if options else remote.function
             if call.run_kwargs or refs:
                 ref = function.remote(call.run_kwargs, *refs)
             else:
@@ -276,7 +299,7 @@ class RaySender:
                 except Exception:  # Ray refuses it below, as it would have
                     pass
             calls.append((run_fn, run_kwargs, places))
-        table, slots = self._take_slots(len(live))
+        table, slots = self._take_slots(len(live), type(live[0].call.run_fn) is Limited)
         payload = BatchPayload(
             [entry.call.task_run.name for entry in live],
             calls,
@@ -284,6 +307,8 @@ class RaySender:
             slots,
         )
         options = live[0].call.options
+        if self._limited_options and type(live[0].call.run_fn) is Limited:
+            options = {**options, **self._limited_options}
         try:
             function = remote.function.options(**options) if options else remote.function
             ref = function.remote(payload, *refs)
@@ -311,7 +336,13 @@ class RaySender:
             if isinstance(result, BaseException):  # run_fns give States, so Ray failed
                 dispatcher.task_done()
                 call.failed = True
-                state = ray_outcomes.crash_state(call.task_run.name, result)
+                # A call with a limit goes alone only without a slot table: nothing
+                # then tells its limit from a crash.
+                limit = split_limit(call.run_fn)[1] if call.run_fn is not None else None
+                if limit is not None and ray_outcomes.is_worker_death(result):
+                    state = ray_outcomes.maybe_timed_out_state(call.task_run.name, limit, result)
+                else:
+                    state = ray_outcomes.crash_state(call.task_run.name, result)
             else:
                 state, seconds = unpacked(result)
                 if self.batch_size == "auto":  # before the next batch is sized
@@ -349,10 +380,11 @@ class RaySender:
         states: List[Optional[State]]
         if ray_outcomes.is_worker_death(exc):
             # Read the marks before the slots can be taken again.
-            marks = ray_outcomes.as_marks(
-                sent.table if table_open else None, sent.slots, len(entries)
-            )
-            states = ray_outcomes.after_worker_death(names, marks, exc)
+            table = sent.table if table_open else None
+            marks = ray_outcomes.as_marks(table, sent.slots, len(entries))
+            left = ray_outcomes.left_states(table, sent.slots, names)
+            limits = [split_limit(entry.call.run_fn)[1] for entry in entries]
+            states = ray_outcomes.after_worker_death(names, marks, exc, left, limits)
         elif len(entries) > 1 and ray_outcomes.is_unpickling_failure(exc):
             # The worker could not unpickle the batch's arguments, so no call started:
             # each goes again alone, and only those at fault fail.
@@ -384,10 +416,22 @@ class RaySender:
         for entry in entries:
             self.dispatcher.expedite(entry.call)
 
-    def _take_slots(self, count: int) -> Tuple[Optional[SlotTable], Optional[range]]:
+    def _keep(self, task: Any) -> None:
+        with self._slots_lock:
+            kept = self._kept
+            kept[task] = None
+            kept.move_to_end(task)
+            if len(kept) > _KEPT_LIMITED:
+                kept.popitem(last=False)
+
+    def _take_slots(
+        self, count: int, limited: bool = False
+    ) -> Tuple[Optional[SlotTable], Optional[range]]:
         """A slot of the table for each of ``count`` calls of a batch (None: no room)."""
         table = self.slots
-        if table is None or count < 2:  # a call alone is the one running if its worker dies
+        # A call alone is the one running if its worker dies; unless it has a time
+        # limit: then its slot tells a limit from a crash.
+        if table is None or (count < 2 and not limited):
             return None, None
         with self._slots_lock:
             slots = table.take(count)

@@ -11,6 +11,11 @@ and calls it in one of two shapes:
   and finished in the runner's slot table, and sends back every State and duration
   pickled together (:func:`~taskrunners._core.remote.protocol.encode_batch`).
 
+A call with a time limit that passes it ends its worker process, as a forced
+``ray.cancel`` would, without a trip to the parent (which does not know when a call of
+a batch started): see ``remote.slots.Marks.expiry``. Its ``finally`` blocks do not run.
+Such calls go as batches, so that they have a slot to be marked timed out in.
+
 Ray puts what each upstream ref holds in its place: a packed State, or the outcomes
 of a batch, of which the call's places say which one it needs. Those States then
 take the place of the ``Upstream(n)`` placeholders in ``run_kwargs``.
@@ -37,6 +42,7 @@ from typing import (
     cast,
 )
 
+from taskrunners._core.limits import Limited, split_limit
 from taskrunners._core.ray.placed import PickledCall, unpickled_call
 from taskrunners._core.remote import sharing, slots as slot_marks
 from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES
@@ -110,7 +116,12 @@ def run_call(run_fn: Callable[..., Any], run_kwargs: Dict[str, Any], upstream: t
         states: Dict[Hashable, Any] = {n: unpacked(value)[0] for n, value in enumerate(upstream)}
         run_kwargs = substitute(run_kwargs, states.__getitem__)
     begun = time.perf_counter()
-    state, _ = run_in_worker(run_fn, run_kwargs, watch=interrupt_tick)
+    if type(run_fn) is Limited:  # sent alone only when the runner has no slot table
+        name = _task_name(run_fn)
+        expire = slot_marks.Marks(None, None).expiry(0)
+        state, _ = run_in_worker(run_fn, run_kwargs, interrupt_tick, expire, name)
+    else:
+        state, _ = run_in_worker(run_fn, run_kwargs, watch=interrupt_tick)
     return packed(state, time.perf_counter() - begun)
 
 
@@ -198,7 +209,12 @@ def run_batch_call(
         return marks.started(index)
 
     calls = (prepared(*call) for call in batch.calls)
-    outcomes = run_batch(list(calls), interrupt_tick, starting, marks.finished)
+    outcomes: List[Tuple[State, float, Optional[BaseException]]] = []  # read at a limit
+    marks.watch(batch.names, outcomes, [], WHERE)
+    try:
+        run_batch(marks.limits(list(calls)), interrupt_tick, starting, marks.finished, marks.expiry, batch.names, outcomes)
+    finally:
+        marks.close()
     return encode_batch(batch.names, [(state, seconds) for state, seconds, _ in outcomes], [], WHERE)
 
 
@@ -283,6 +299,7 @@ class Unbatched:
 def _task_name(task: Any) -> str:
     if type(task) is Unbatched:
         task = task.run_fn
+    task, _ = split_limit(task)  # a call with a limit: its run_fn's name
     name = getattr(task, "name", None)  # a flow's Task: the name it was given
     if not isinstance(name, str):
         name = getattr(task, "__name__", None) or type(task).__name__
@@ -329,7 +346,8 @@ class RemoteFunctions:
 
     def __init__(self, ray: Any, options: Mapping[str, Any]) -> None:
         self._ray = ray
-        self._options = options
+        #: The runner's remote options, which every remote function gets.
+        self.options = options
         # The lock makes each task exported once when threads submit it together.
         self._lock = threading.Lock()
         self._entries: "weakref.WeakKeyDictionary[Any, RemoteFunction]" = weakref.WeakKeyDictionary()
@@ -339,13 +357,13 @@ class RemoteFunctions:
         try:
             remote = self._entries.get(task)
         except TypeError:
-            return _remote_function(self._ray, task, run_fn, self._options)
+            return _remote_function(self._ray, task, run_fn, self.options)
         if remote is not None:
             return remote
         with self._lock:
             remote = self._entries.get(task)
             if remote is None:
                 remote = self._entries[task] = _remote_function(
-                    self._ray, task, run_fn, self._options
+                    self._ray, task, run_fn, self.options
                 )
             return remote
