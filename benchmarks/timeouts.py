@@ -131,6 +131,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _reading_here() -> bool:
+    """Whether a thread of this process is still inside :func:`reading`."""
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code is reading.__code__:
+                return True
+            frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 def measure_stopping(runner: Any, name: str) -> Dict[str, Dict[str, Any]]:
     """Per stuck kind: seconds from the limit to the State, and whether the work stopped."""
     from taskrunners import TaskRun
@@ -155,6 +165,9 @@ def measure_stopping(runner: Any, name: str) -> Dict[str, Dict[str, Any]]:
             elif kind == "sleeping":
                 time.sleep(max(0.0, float(started) + 4.5 - time.time()))
                 stopped = os.path.getsize(counter) == 1
+            elif int(pid) == os.getpid():  # a thread of this process: is it still reading?
+                time.sleep(0.5)
+                stopped = "left blocked (its thread)" if _reading_here() else True
             else:
                 time.sleep(0.5)
                 stopped = "process ended" if not _alive(int(pid)) else "left blocked"

@@ -689,3 +689,19 @@ def test_scale_measures_every_way_in_a_fresh_process(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["way"] for row in rows] == list(scale.WAYS)
     assert all(row["calls"] == 300 and row["seconds"] > 0 and row["growth_bytes"] >= 0 for row in rows)
+
+
+def test_the_timeouts_benchmark_reports_each_stuck_kind(tmp_path):
+    # In a process of its own: it leaves a thread blocked on a socket read behind.
+    path = tmp_path / "timeouts.json"
+    run_python(
+        "-m", "benchmarks.timeouts", "--runners", "concurrent", "--calls", "50",
+        "--repeats", "1", "--json", str(path), timeout=120, check=True,
+    )
+    found = json.loads(path.read_text())["runners"]["concurrent"]
+    assert found["overhead"]["ratio"] > 0
+    assert set(found["stopping"]) == {"sleeping", "busy", "reading"}
+    for kind, outcome in found["stopping"].items():
+        assert outcome["state"] == "TimedOut", kind
+        assert outcome["seconds_after_limit"] < 5, kind
+    assert found["stopping"]["busy"]["stopped"] is True
