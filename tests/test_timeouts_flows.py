@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
 import socket
 import sys
 import threading
@@ -22,6 +21,7 @@ from taskrunners.compat.futures import RunnerExecutor
 from tests.support import stuck
 from tests.support.driver import driving
 from tests.support.kinds import all_kinds, kind_params
+from tests.support.processes import run_python
 from tests.test_flows import ASYNC_CASES, RUNNERS, Runner
 
 pytestmark = pytest.mark.timeout(240)
@@ -265,24 +265,49 @@ def test_concurrent_with_one_worker_leaves_a_call_blocked_in_c_behind(mode, tmp_
         assert time.monotonic() - begun < SLACK
 
 
+_MAIN_THREAD_SCRIPT = """
+import signal, socket, sys, threading, time
+import taskrunners.sync
+from taskrunners import TaskRun
+from tests.support import stuck
+
+counter, flow_counter = sys.argv[1], sys.argv[2]
+before = threading.active_count()
+with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    with taskrunners.sync.SequentialTaskRunner().start() as runner:
+        begun = time.monotonic()
+        future = runner.submit(
+            TaskRun(), stuck.reading, {"counter": counter, "port": port}, timeout_seconds=1
+        )
+        took = time.monotonic() - begun
+        state = runner.wait(future)
+
+    @taskrunners.flow(task_runner=taskrunners.sync.SequentialTaskRunner(), timeout_seconds=1)
+    def reads():
+        return stuck.reading(flow_counter, port)
+
+    flow_state = reads()
+# In this very thread: submit returned because the read was interrupted, and no
+# helper thread was left blocked in it.
+print(state.name, round(took, 1), threading.active_count() - before,
+      signal.getsignal(signal.SIGALRM) is signal.SIG_DFL, flow_state.name)
+"""
+
+
 def test_sequential_in_the_main_thread_interrupts_a_blocking_read(tmp_path):
-    assert threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGALRM)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(8)
-        counter = str(tmp_path / "counter")
-        with taskrunners.sync.SequentialTaskRunner().start() as runner:
-            begun = time.monotonic()
-            # Inside submit, in this very thread: it returns only if the read was interrupted.
-            future = runner.submit(
-                TaskRun(), stuck.reading, {"counter": counter, "port": server.getsockname()[1]},
-                timeout_seconds=LIMIT,
-            )
-            assert time.monotonic() - begun < LIMIT + SLACK
-            assert runner.wait(future).name == "TimedOut"
-    assert stuck.count(counter) == 1
-    assert signal.getsignal(signal.SIGALRM) is previous
+    # In a process of its own: pytest-timeout holds SIGALRM in this one, and the
+    # runner then leaves it alone (it would run the call on a helper thread).
+    counter, flow_counter = str(tmp_path / "counter"), str(tmp_path / "flow")
+    result = run_python("-c", _MAIN_THREAD_SCRIPT, counter, flow_counter, timeout=60, check=True)
+    name, took, threads_left, handler_restored, flow_name = result.stdout.split()
+    assert name == "TimedOut" and float(took) < LIMIT + SLACK
+    assert int(threads_left) <= 1  # the watchdog's thread at most; a helper thread would be 2
+    assert handler_restored == "True"
+    assert flow_name == "TimedOut"
+    assert stuck.count(counter) == 1 and stuck.count(flow_counter) == 1
 
 
 def test_sequential_in_another_thread_leaves_a_blocked_call_behind(tmp_path):
