@@ -50,6 +50,8 @@ def arguments() -> None:
     total("1, 2, 3")  # E: arg-type
     total(valuez=[1])  # E: call-arg
     task(retries="3")  # E: call-overload
+    task(timeout_seconds="10")  # E: call-overload
+    task(timeout=10)  # E: call-overload
 
 
 def settings() -> None:

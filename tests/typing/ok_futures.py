@@ -30,6 +30,8 @@ def blocking() -> int:
         futures: List[PrefectFuture[int, Sync]] = [
             runner.submit(TaskRun(name=f"square-{i}"), square, {"x": i}) for i in range(4)
         ]
+        limited: PrefectFuture[int, Sync] = runner.submit(TaskRun(), square, {"x": 5}, timeout_seconds=30)
+        futures.append(limited)
         first = futures[0].wait().result()  # no timeout: always a State
         late: Optional[State[int]] = futures[1].wait(timeout=0.1)
         done, not_done = taskrunners.wait(futures, timeout=10)
@@ -40,6 +42,7 @@ def blocking() -> int:
 async def awaited() -> int:
     async with taskrunners.ConcurrentTaskRunner().start() as runner:
         futures = [await runner.submit(TaskRun(), async_square, {"x": i}) for i in range(4)]
+        futures.append(await runner.submit(TaskRun(), async_square, {"x": 5}, timeout_seconds=30))
         state = await runner.wait(futures[0])
         first = state.result() if state is not None else 0
         second = (await futures[1].wait()).result()

@@ -2,9 +2,12 @@
 
 A plain call runs in a thread of this process, so its limit is enforced here:
 
-- in the main thread (a Sequential call), by a timer signal: ``SIGALRM`` raises
+- in the main thread (a Sequential call, a flow's body), by a signal: the watchdog
+  sends ``SIGALRM``, whose handler raises
   :class:`~taskrunners._core.limits.CallTimedOut` in the call, which interrupts a
-  sleep, a socket read or a busy loop alike (:func:`run_with_timer_signal`);
+  sleep, a socket read or a busy loop alike (:class:`MainThreadAlarm`,
+  :func:`run_in_main_thread`, :func:`time_limit`); only where nothing else handles
+  ``SIGALRM`` (pytest-timeout does, for one);
 - in any other thread, by an exception raised into that thread at the limit, which
   Python delivers when the thread next runs Python code: a busy loop stops at once,
   a call blocked in C only when it returns. Its State is TimedOut at the limit all
