@@ -152,32 +152,6 @@ def _tries_apart(task: RunnableTask) -> bool:
     return task.timeout_seconds is not None and task.retries > 0
 
 
-class _Tries(seam.Call):
-    """A task run whose tries are calls of their own, one after another: it ends with
-    the last try's State."""
-
-    __slots__ = ("current",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current: Optional[seam.CallHandle] = None  # None between two tries
-
-    def running(self) -> bool:
-        current = self.current
-        return current is not None and current.running()
-
-    def cancel(self) -> bool:
-        current = self.current
-        if current is None:
-            return super().cancel()
-        return current.cancel()  # its State reaches this run through a callback
-
-    def expedite(self) -> None:
-        current = self.current
-        if current is not None:
-            current.expedite()
-
-
 def submit_tries(
     flow_run: FlowRun,
     task: RunnableTask,
@@ -189,7 +163,7 @@ def submit_tries(
     Failed (TimedOut among them) is submitted again after the task's delay, while
     tries are left."""
     attempts = task.retries + 1
-    tries = _Tries()
+    tries = seam.Relay()  # stands for each try in turn
     core = flow_run.core
 
     def start(number: int) -> None:
@@ -204,14 +178,14 @@ def submit_tries(
         except BaseException as exc:  # the runner stopped meanwhile
             tries.set_result(exception_to_crashed_state(exc))
             return
-        tries.current = call
+        tries.started = call
         call.add_done_callback(lambda done: ended(number, seam.state_of_done(done)))
 
     def ended(number: int, state: State[Any]) -> None:
         if number == attempts or not state.is_failed() or tries.done():
             tries.set_result(state)
             return
-        tries.current = None
+        tries.started = None  # between two tries
         delay = _delay_before(task.retry_delay_seconds, number)
         task_logger.warning(
             "Task run %r: attempt %d of %d %s; retrying in %g s.",

@@ -28,6 +28,7 @@ from taskrunners._collections import iter_leaves, visit_collection
 from taskrunners._core.arguments import check_submission, is_future, may_hold_futures
 from taskrunners._core.calls import (
     Call,
+    Relay,
     CallHandle,
     block_until_done,
     state_of_done,
@@ -66,31 +67,6 @@ class TaskConcurrencyType(enum.Enum):
     SEQUENTIAL = "SEQUENTIAL"
     CONCURRENT = "CONCURRENT"
     PARALLEL = "PARALLEL"
-
-
-class _AfterUpstream(Call):
-    """A call waiting for its upstream calls, then the call it was started as."""
-
-    __slots__ = ("started",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started: Optional[Any] = None
-
-    def running(self) -> bool:
-        started = self.started
-        return started is not None and started.running()
-
-    def cancel(self) -> bool:
-        started = self.started
-        if started is None:
-            return super().cancel()
-        return started.cancel()  # its State reaches this call through a callback
-
-    def expedite(self) -> None:
-        started = self.started
-        if started is not None:
-            started.expedite()
 
 
 class RunnerIdentity:
@@ -387,7 +363,7 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         run_kwargs: Dict[str, Any],
     ) -> Call:
         """Start a call once its upstream calls are done, holding no worker meanwhile."""
-        call = _AfterUpstream()
+        call = Relay()
 
         def start() -> None:
             if call.done():  # cancelled while waiting

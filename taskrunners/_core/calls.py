@@ -23,6 +23,7 @@ __all__ = [
     "CallHandle",
     "Phase",
     "Call",
+    "Relay",
     "cancelled_state",
     "done_call",
     "state_of_done",
@@ -228,6 +229,33 @@ class Call:
 
     def expedite(self) -> None:
         """Somebody waits for the call: nothing to do, unless a batch holds it back."""
+
+
+class Relay(Call):
+    """A call that stands for other calls in turn: waiting for its upstream calls, then
+    the call it was started as (or one try, then the next); it ends with the State
+    the last of them hands it through a callback."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: Optional[Any] = None  # the call it stands for now, if any
+
+    def running(self) -> bool:
+        started = self.started
+        return started is not None and started.running()
+
+    def cancel(self) -> bool:
+        started = self.started
+        if started is None:
+            return super().cancel()
+        return started.cancel()  # its State reaches this call through a callback
+
+    def expedite(self) -> None:
+        started = self.started
+        if started is not None:
+            started.expedite()
 
 
 def done_call(state: State) -> Call:

@@ -26,7 +26,7 @@ from taskrunners._core.arguments import FLAT_TYPES, check_submission, is_future
 from taskrunners._core.base import BlockingTaskRunner, RunnerIdentity, TaskConcurrencyType
 from taskrunners._core.batching import BatchSize
 from taskrunners._core.remote.sharing import DEFAULT_LARGE_VALUE_BYTES
-from taskrunners._core.calls import Call, CallHandle, block_until_done, state_of_done
+from taskrunners._core.calls import Call, CallHandle, Relay, block_until_done, state_of_done
 from taskrunners._core.dask.runner import DaskTaskRunner
 from taskrunners._core.futures import (
     Async,
@@ -79,6 +79,7 @@ __all__ = [
     "Async",
     "RunFn",
     "Call",
+    "Relay",
     "CallHandle",
     "call_of",
     "state_of_done",
