@@ -8,7 +8,30 @@ from typing import Any, Dict, Optional
 
 from benchmarks.engines import EngineSettings
 
-__all__ = ["SharedCluster", "quiet_engines"]
+__all__ = ["SharedCluster", "local_cluster", "quiet_engines"]
+
+
+def local_cluster(**kwargs: Any) -> Any:
+    """A ``distributed.LocalCluster``, leaving this process's environment as it was.
+
+    Its nannies set their workers' variables (``MALLOC_TRIM_THRESHOLD_``, the thread
+    counts, ``PYTHONHASHSEED``) in this process and leave them: every engine started
+    afterwards (loky's, joblib's, Ray's workers) would inherit them, and numpy code that
+    makes large temporaries runs several times slower under that malloc setting.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    names = {*(dask.config.get("distributed.nanny.pre-spawn-environ", None) or ()), "PYTHONHASHSEED"}
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        return LocalCluster(**kwargs)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class SharedCluster:
@@ -34,9 +57,7 @@ class SharedCluster:
 
     def open(self) -> None:
         if self.family_key == "dask":
-            from distributed import LocalCluster
-
-            self._cluster = LocalCluster(**self.settings.dask_cluster_kwargs())
+            self._cluster = local_cluster(**self.settings.dask_cluster_kwargs())
             self.address = self._cluster.scheduler_address
         else:
             import ray

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import anyio
 
+from benchmarks.clusters import local_cluster
 from benchmarks.engines import AsyncEngine, BatchTimeout, SyncEngine
 from benchmarks.workloads import run_coroutine
 
@@ -136,10 +137,10 @@ class DaskClient(SyncEngine):
         self._client: Any = None
 
     def open(self):
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         if self.address is None:
-            self._cluster = LocalCluster(**self.cluster_kwargs)
+            self._cluster = local_cluster(**self.cluster_kwargs)
         self._client = Client(self.address or self._cluster, set_as_default=False)
 
     def run_batch(self, fn, kwargs, calls, timeout):

@@ -921,6 +921,34 @@ def test_leaving_with_an_exception_cancels_and_stops_an_own_process_cluster_prom
     assert runner._client is None and not runner.is_started
 
 
+def environment_of_this_process(names):
+    return Completed(data={name: os.environ.get(name) for name in names})
+
+
+def test_the_variables_dask_sets_for_its_workers_stay_out_of_this_process(monkeypatch):
+    """A Nanny sets distributed.nanny.pre-spawn-environ (MALLOC_TRIM_THRESHOLD_, the
+    thread counts) and PYTHONHASHSEED in the process that spawns its worker; left there,
+    every process started later (loky's, Ray's) would inherit them."""
+    names = sorted({*dask.config.get("distributed.nanny.pre-spawn-environ"), "PYTHONHASHSEED"})
+    assert "MALLOC_TRIM_THRESHOLD_" in names
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    unset = dict.fromkeys(names)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # one the user set: it is kept as it is
+    mine = {**unset, "OMP_NUM_THREADS": "3"}
+    runner = SyncDask(cluster_kwargs={"processes": True, "n_workers": 1})
+    with runner.start():
+        assert environment_of_this_process(names).data == mine
+        future = runner.submit(TaskRun(), environment_of_this_process, {"names": names})
+        in_worker = runner.wait(future, timeout=60).result()
+        assert in_worker["MALLOC_TRIM_THRESHOLD_"] is not None  # the workers have them
+    assert environment_of_this_process(names).data == mine
+    with pytest.raises(KeyError):
+        with runner.start():
+            raise KeyError("stop")
+    assert environment_of_this_process(names).data == mine
+
+
 @pytest.mark.timeout(120)
 def test_leaving_with_an_exception_cancels_calls_on_a_cluster_it_did_not_create(dask_external_cluster):
     address = dask_external_cluster.address

@@ -109,7 +109,7 @@ def test_each_call_sees_the_array_as_it_was_at_its_submit(driver):
 
 
 @parametrize_kinds(REMOTE)
-def test_workers_get_large_arrays_read_only_and_small_ones_as_usual(driver):
+def test_workers_get_large_arrays_read_only_and_aligned_and_small_ones_as_usual(driver):
     with driver.start():
         large = driver.run(array_info, {"array": np.ones(ARRAY)}).result()
         small = driver.run(array_info, {"array": np.ones(16)}).result()
@@ -117,6 +117,7 @@ def test_workers_get_large_arrays_read_only_and_small_ones_as_usual(driver):
         again = driver.run(array_info, {"array": np.ones(ARRAY)}).result()
     assert large[:2] == (ARRAY * 1.0, False)
     assert small[:2] == (16.0, True)
+    assert large[3] and small[3], "a misaligned array"
     assert isinstance(state.data, ValueError) and "read-only" in str(state.data), state
     assert again[0] == ARRAY * 1.0  # the failed write changed nothing
 

@@ -52,8 +52,10 @@ def make_counted(path: str) -> State:
 
 
 def array_info(array: Any) -> State:
-    """The sum of ``array``, whether the worker could write to it, and its process."""
-    return Completed(data=(float(array.sum()), bool(array.flags.writeable), os.getpid()))
+    """The sum of ``array``, whether the worker could write to it, its process, and
+    whether it is aligned (numpy computes on a misaligned array through slow paths)."""
+    flags = array.flags
+    return Completed(data=(float(array.sum()), bool(flags.writeable), os.getpid(), bool(flags.aligned)))
 
 
 def write_to(array: Any) -> State:

@@ -265,6 +265,10 @@ class Connection(NamedTuple):
     #: For workers outside this process: the lowest level of the records they send
     #: back, and whether to keep those from their own handlers; None otherwise.
     capture: Optional[Tuple[int, bool]]
+    #: For a cluster the runner created: the variables its nannies set in this
+    #: process, as they were before (put back again when the block ends, after
+    #: workers that adaptive scaling or a restart spawned meanwhile).
+    environment: Optional[Dict[str, Optional[str]]] = None
 
 
 def connect(
@@ -319,7 +323,11 @@ def create(
     """Create a cluster of ``cluster_class`` (on loopback, if a LocalCluster) and its client."""
     logger.info("Creating a new Dask cluster with `%s`", qualified_name(cluster_class))
     settings = kwargs_on_loopback(cluster_class, cluster_kwargs, distributed, logger)
-    cluster = cluster_class(**settings.kwargs)
+    environment = dask_private.spawn_environment()
+    try:
+        cluster = cluster_class(**settings.kwargs)
+    finally:
+        _restore_environment(environment)
     try:
         if adapt_kwargs:
             cluster.adapt(**adapt_kwargs)
@@ -327,13 +335,16 @@ def create(
     except BaseException:
         cluster.close()
         raise
+    finally:
+        _restore_environment(environment)
     processes = None
     if isinstance(cluster, distributed.LocalCluster):
         processes = dask_private.cluster_processes(cluster)
     if processes is None:
-        return _opened(client, cluster, _has_workers_in_process(client), False, settings, logger)
-    # Its worker processes write to this process's terminal: hide_worker_output.
-    return _opened(client, cluster, not processes, processes, settings, logger)
+        connection = _opened(client, cluster, _has_workers_in_process(client), False, settings, logger)
+    else:  # its worker processes write to this process's terminal: hide_worker_output
+        connection = _opened(client, cluster, not processes, processes, settings, logger)
+    return connection._replace(environment=environment)
 
 
 def _opened(
@@ -381,11 +392,18 @@ def _dashboard_link(client: Any, cluster: Any, settings: ClusterKwargs) -> Optio
     return link
 
 
-def close_connection(client: Any, cluster: Any, abort: bool, logger: logging.Logger) -> None:
+def close_connection(
+    client: Any,
+    cluster: Any,
+    abort: bool,
+    logger: logging.Logger,
+    environment: Optional[Dict[str, Optional[str]]] = None,
+) -> None:
     """Close ``client``, and ``cluster`` if the runner created it (else None).
 
     With ``abort`` (the block is left with an exception) the cluster's workers are
-    stopped first, without waiting for the calls they run.
+    stopped first, without waiting for the calls they run. ``environment`` is the
+    connection's: its variables are put back as they were.
     """
     try:
         if abort and cluster is not None:
@@ -396,8 +414,21 @@ def close_connection(client: Any, cluster: Any, abort: bool, logger: logging.Log
         if client is not None:
             client.close()
     finally:
-        if cluster is not None:
-            cluster.close()
+        try:
+            if cluster is not None:
+                cluster.close()
+        finally:
+            if environment is not None:
+                _restore_environment(environment)
+
+
+def _restore_environment(saved: Dict[str, Optional[str]]) -> None:
+    """Put the variables of :func:`dask_private.spawn_environment` back as they were."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        elif os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 # -- log forwarding ----------------------------------------------------------------------------

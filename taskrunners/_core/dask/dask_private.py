@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from taskrunners._core.keywords import signature_keywords
@@ -31,6 +32,7 @@ __all__ = [
     "total_threads",
     "worker_server_keywords",
     "secede_thread",
+    "spawn_environment",
     "required",
 ]
 
@@ -259,11 +261,30 @@ def _secede_reachable(dask_worker: Any) -> bool:
     )
 
 
+def spawn_environment() -> Dict[str, Optional[str]]:
+    """The variables a Nanny sets in its own process's ``os.environ`` before it spawns a
+    worker, with their values now (None: unset).
+
+    A Nanny applies ``distributed.nanny.pre-spawn-environ`` (``MALLOC_TRIM_THRESHOLD_``,
+    ``OMP_NUM_THREADS``, ...) and a ``PYTHONHASHSEED`` to ``os.environ`` and leaves them
+    there. A LocalCluster's nannies run in the process that made it, so every process
+    it starts later inherits them: with ``MALLOC_TRIM_THRESHOLD_=65536``, numpy code
+    that makes large temporaries runs several times slower in loky's or Ray's workers.
+    Without that config key, only ``PYTHONHASHSEED`` is kept.
+    """
+    import dask
+
+    names = set(dask.config.get("distributed.nanny.pre-spawn-environ", None) or ())
+    names.add("PYTHONHASHSEED")
+    return {name: os.environ.get(name) for name in names}
+
+
 def required(client: Any, cluster: Any) -> Dict[str, bool]:
     """For each function above, whether the installed distributed still has what it uses.
 
     ``client`` is connected to ``cluster``, a running LocalCluster of worker threads.
     """
+    import dask
     import distributed
     import distributed.utils
 
@@ -292,6 +313,9 @@ def required(client: Any, cluster: Any) -> Dict[str, bool]:
         "total_threads": total_threads(client) is not None,
         "worker_server_keywords": worker_server_keywords() is not None,
         "secede_thread": _all_workers(client, _secede_reachable),
+        "spawn_environment": isinstance(
+            dask.config.get("distributed.nanny.pre-spawn-environ", None), dict
+        ),
     }
 
 

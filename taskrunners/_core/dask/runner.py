@@ -130,7 +130,7 @@ class DaskTaskRunner(BlockingTaskRunner):
     batch_size: Setting[BatchSize] = Setting(BATCH_SIZE_DOC)
     large_value_bytes: Setting[Optional[int]] = Setting(LARGE_VALUE_BYTES_DOC)
 
-    _handles = ("_client", "_cluster", "_submitter", "_forwarder", "_batches", "_durations", "_shared")
+    _handles = ("_client", "_cluster", "_submitter", "_forwarder", "_batches", "_durations", "_shared", "_environment")
     _usable_after_pickling = True
     _snapshots_arguments = True
 
@@ -169,6 +169,7 @@ class DaskTaskRunner(BlockingTaskRunner):
         # The client, and the cluster if the runner created it (see dask_cluster.Connection).
         self._client: Any = None
         self._cluster: Any = None
+        self._environment: Optional[Dict[str, Optional[str]]] = None
         self._workers_in_process = False
         # What run_task does with log records and results (see there).
         self._capture: Optional[Tuple[int, bool]] = None
@@ -216,6 +217,7 @@ class DaskTaskRunner(BlockingTaskRunner):
                 self.logger,
             )
         self._client, self._cluster = connection.client, connection.cluster
+        self._environment = connection.environment
         self._workers_in_process, self._capture = connection.workers_in_process, connection.capture
         self._compose(connection.client)
 
@@ -252,7 +254,8 @@ class DaskTaskRunner(BlockingTaskRunner):
         if submitter is not None and submitter.timeouts is not None:
             submitter.timeouts.close(0.0 if abort else 60.0)
         self._close_shared()
-        dask_cluster.close_connection(client, cluster, abort, self.logger)
+        environment, self._environment = self._environment, None
+        dask_cluster.close_connection(client, cluster, abort, self.logger, environment)
         # Nothing can settle calls any more (an abort cancelled them already).
         for call in self._pending_calls():
             call.set_result(Crashed(message=CLIENT_CLOSED))
