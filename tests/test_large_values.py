@@ -190,6 +190,27 @@ def _shared_folders_of(runner):
     return [runner._shared.folder]
 
 
+def _memory_files():
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{name}"))
+        except OSError:  # closed meanwhile
+            pass
+    return [target for target in found if target.startswith("/memfd:taskrunners-")]
+
+
+@parametrize_kinds([kind for kind in REMOTE if kind.class_name == "RayTaskRunner"])
+def test_ray_keeps_the_object_stores_copy_and_none_of_its_own(kind, request):
+    runner = kind.make(request, blocking=True)
+    value = Counted(os.devnull)
+    with runner.start():
+        futures = [runner.submit(taskrunners.TaskRun(), size_of, {"value": value, "pause": 1}) for _ in range(3)]
+        assert len(runner._shared) == 1  # held for the calls
+        assert _memory_files() == []
+        assert all(runner.wait(future).is_completed() for future in futures)
+
+
 @pytest.mark.dask
 def test_dask_leaves_no_scattered_key(dask_external_cluster):
     import distributed

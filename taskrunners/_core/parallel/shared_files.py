@@ -16,12 +16,12 @@ import os
 import pickle
 import shutil
 import tempfile
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, cast
 
 from loky.backend import resource_tracker
 
 from taskrunners._core.remote import sharing
-from taskrunners._core.remote.sharing import Shared, SharedValues
+from taskrunners._core.remote.sharing import MappedCopy, Shared, SharedValues
 
 __all__ = ["SharedFiles", "load_file"]
 
@@ -38,7 +38,7 @@ class SharedFiles(SharedValues):
         resource_tracker.register(self.folder, "folder")
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
-        copy = self._copy_of(shared)
+        copy = cast(MappedCopy, self._copy_of(shared))  # as _copy made it
         return (load_file, (shared.key, copy.path, copy.header_size, copy.spans))
 
     def close(self) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import cloudpickle
 
 from taskrunners._core.remote.sharing import (
+    Copy,
+    Payload,
     Shared,
     SharedValues,
     collect,
@@ -28,20 +30,45 @@ __all__ = ["PutValues", "PickledCall", "pickled_call", "unpickled_call"]
 
 
 class PutValues(SharedValues):
-    """Large values put in Ray's object store, one object each."""
+    """Large values put in Ray's object store, one object each: the store's is the
+    block's only copy of each."""
 
     def __init__(self, threshold: int, ray: Any) -> None:
         super().__init__(threshold)
         self._ray = ray
 
+    def _copy(self, key: str, header: bytes, raw: List[memoryview]) -> Copy:
+        reference = self._ray.put(Payload(header, raw))
+        return _Stored(reference, self._ray.get(reference))
+
     def _place(self, shared: Shared) -> bool:
-        shared.reference = self._ray.put(self.payload(shared))
+        copy = self._copy_of(shared)
+        assert isinstance(copy, _Stored)  # as _copy made it
+        shared.reference = copy.reference
         return True
 
     def reduce(self, shared: Shared) -> Tuple[Any, ...]:
         if shared.reference is not None and collect(shared):
             return (load_placed, (shared.key,))
         return super().reduce(shared)  # not on its way to a task: the value itself
+
+
+class _Stored(Copy):
+    """A value's pickle and buffers in Ray's object store, read here in place (for a
+    driver on the store's node: zero-copy views)."""
+
+    __slots__ = ("reference", "payload")
+
+    def __init__(self, reference: Any, payload: Payload) -> None:
+        self.reference = reference
+        self.payload = payload
+
+    @property
+    def header(self) -> memoryview:
+        return memoryview(self.payload.header)
+
+    def buffers(self) -> List[memoryview]:
+        return [memoryview(buffer) for buffer in self.payload.buffers]
 
 
 class PickledCall:

@@ -11,7 +11,8 @@ the call's arguments hold a :class:`Shared` in the value's place:
   :class:`Shared`; changed, the new value gets a copy of its own. So every call sees
   its value as it was at its submit;
 - the runner places the copy where its workers read it: a file in shared memory
-  (Parallel, which maps it), a scattered key (Dask), an object in the store (Ray);
+  (Parallel, which maps it), a scattered key (Dask), an object in the store (Ray,
+  whose object is the copy: this process reads it in place);
 - in a worker the first call that needs it loads it, with read-only buffers
   (zero-copy where the type allows: a numpy array is a read-only view), and keeps
   it by key for the calls that follow (:func:`load`);
@@ -38,6 +39,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "DEFAULT_LARGE_VALUE_BYTES",
+    "Copy",
+    "MappedCopy",
     "Shared",
     "SharedValues",
     "Payload",
@@ -70,7 +73,23 @@ def check_large_value_bytes(value: Optional[int]) -> Optional[int]:
     return value
 
 
-class _Copy:
+class Copy:
+    """One value's pickle and buffers, as a block keeps them while calls need them."""
+
+    __slots__ = ()
+
+    @property
+    def header(self) -> memoryview:
+        raise NotImplementedError
+
+    def buffers(self) -> List[memoryview]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let the copy go (its memory is freed once no view of it is left)."""
+
+
+class MappedCopy(Copy):
     """One value's pickle and buffers, copied into one memory map."""
 
     __slots__ = ("memory", "header_size", "spans", "path")
@@ -88,6 +107,12 @@ class _Copy:
     def buffers(self) -> List[memoryview]:
         view = memoryview(self.memory)
         return [view[offset : offset + size] for offset, size in self.spans]
+
+    def close(self) -> None:
+        try:
+            self.memory.close()
+        except BufferError:  # a view of it is still out: freed with that view
+            pass
 
 
 class Shared:
@@ -146,10 +171,10 @@ def _aligned(view: memoryview) -> memoryview:
     """
     import numpy
 
-    data = numpy.frombuffer(view, dtype=numpy.uint8)
-    if data.ctypes.data % _ALIGNMENT == 0:
+    address = _address(view)
+    if address is None or address % _ALIGNMENT == 0:
         return view
-    return data.copy().data
+    return numpy.frombuffer(view, numpy.uint8).copy().data
 
 
 class SharedValues:
@@ -167,7 +192,7 @@ class SharedValues:
         self._lock = threading.RLock()
         #: id of a value shared → (the value, kept so that its id stays its own; its Shared)
         self._by_id: Dict[int, Tuple[Any, "weakref.ref[Shared]"]] = {}
-        self._copies: Dict[str, _Copy] = {}
+        self._copies: Dict[str, Copy] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -246,7 +271,7 @@ class SharedValues:
         os.unlink(path)
         return handle, None
 
-    def _copy_of(self, shared: Shared) -> _Copy:
+    def _copy_of(self, shared: Shared) -> Copy:
         copy = self._copies.get(shared.key)
         if copy is None:
             raise RuntimeError(f"The large value {shared.key} was released with its runner's block.")
@@ -257,12 +282,12 @@ class SharedValues:
         False if that cannot be done from this thread."""
         return True
 
-    def _dropped(self, copy: _Copy) -> None:
+    def _dropped(self, copy: Copy) -> None:
         """``copy`` is no longer needed: release what :meth:`_open` made."""
 
     # -- inside -----------------------------------------------------------------------------
 
-    def _copy(self, key: str, header: bytes, raw: List[memoryview]) -> _Copy:
+    def _copy(self, key: str, header: bytes, raw: List[memoryview]) -> Copy:
         # Written to a file, then mapped: writing is faster than filling a fresh map.
         spans: List[Tuple[int, int]] = []
         end = len(header)
@@ -283,15 +308,16 @@ class SharedValues:
             raise
         finally:
             os.close(handle)
-        return _Copy(memory, len(header), spans, path)
+        return MappedCopy(memory, len(header), spans, path)
 
     def _unchanged(self, key: str, header: bytes, raw: List[memoryview]) -> bool:
         copy = self._copies.get(key)
-        if copy is None or len(raw) != len(copy.spans):
+        if copy is None:
             return False
-        if not _same_bytes(memoryview(header), copy.header, header):
+        kept = copy.buffers()
+        if len(raw) != len(kept) or not _same_bytes(memoryview(header), copy.header, header):
             return False
-        return all(_same_bytes(a, b) for a, b in zip(raw, copy.buffers()))
+        return all(_same_bytes(a, b) for a, b in zip(raw, kept))
 
     def _released(self, key: str, vid: int, _: "weakref.ref[Shared]") -> None:
         self._release(key, vid)
@@ -305,10 +331,7 @@ class SharedValues:
                     del self._by_id[vid]
         if copy is not None:
             self._dropped(copy)
-            try:
-                copy.memory.close()
-            except BufferError:  # a view of it is still out: freed with that view
-                pass
+            copy.close()
 
 
 def _write_at(handle: int, data: memoryview, offset: int) -> None:
