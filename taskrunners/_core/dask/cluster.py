@@ -326,15 +326,13 @@ def create(
     environment = dask_private.spawn_environment()
     try:
         cluster = cluster_class(**settings.kwargs)
-    finally:
-        _restore_environment(environment)
-    try:
-        if adapt_kwargs:
-            cluster.adapt(**adapt_kwargs)
-        client = distributed.Client(cluster, **client_kwargs)
-    except BaseException:
-        cluster.close()
-        raise
+        try:
+            if adapt_kwargs:
+                cluster.adapt(**adapt_kwargs)
+            client = distributed.Client(cluster, **client_kwargs)
+        except BaseException:
+            cluster.close()
+            raise
     finally:
         _restore_environment(environment)
     processes = None

@@ -76,6 +76,11 @@ class DaskTaskRunner(BlockingTaskRunner):
             future = runner.submit(TaskRun(), lambda x: Completed(data=x * 2), {"x": 21})
             runner.wait(future).result()  # 42
 
+    The variables Dask sets for the workers of a cluster it creates
+    (``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_``, the thread
+    counts; ``PYTHONHASHSEED``) stay theirs: this process's own are put back, so that
+    processes it starts later do not inherit them.
+
     :param address: a running scheduler to connect to, e.g. ``"tcp://127.0.0.1:8786"``;
         None to create a temporary cluster
     :param cluster_class: the temporary cluster's class, or its dotted name (imported at
