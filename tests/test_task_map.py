@@ -60,19 +60,20 @@ def test_a_mapped_run_reads_compares_hashes_and_pickles_as_a_task_run():
 def test_mapped_runs_are_numbered_in_a_row_after_and_before_single_runs(runner_class):
     count = MAP_PART + 100  # more than one part
 
-    @flow(task_runner=runner_class(max_workers=2) if runner_class is ParallelTaskRunner else runner_class())
+    runner = runner_class(max_workers=2) if runner_class is ParallelTaskRunner else runner_class()
+
+    @flow(task_runner=runner)
     def test_flow():
         first = add(0, 0)
         mapped = add.map(range(count), unmapped(1))
         last = add(0, 0)
-        return first, mapped, last
+        runs = [future.task_run for future in [first, *mapped, last]]
+        return runs, len({*mapped}), [future.result() for future in mapped]
 
-    first, mapped, last = test_flow().result()
-    names = [future.task_run.name for future in [first, *mapped, last]]
-    assert names == [f"add-{n}" for n in range(count + 2)]
-    assert len({future.task_run.id for future in [first, *mapped, last]}) == count + 2
-    assert len({*mapped}) == count
-    assert [future.result() for future in mapped] == [n + 1 for n in range(count)]
+    runs, distinct_futures, results = test_flow().result()
+    assert [run.name for run in runs] == [f"add-{n}" for n in range(count + 2)]
+    assert len({run.id for run in runs}) == count + 2 and distinct_futures == count
+    assert results == [n + 1 for n in range(count)]
 
 
 def test_a_long_map_over_a_generator_and_by_keyword_gives_every_result_in_order():
