@@ -81,6 +81,16 @@ class FlowRun:
             numbers = self._numbers.setdefault(task_name, itertools.count())
         return TaskRun(name=f"{task_name}-{next(numbers)}")
 
+    def new_task_runs(self, task_name: str, count: int) -> List[TaskRun]:
+        """The next ``count`` runs of the task named ``task_name``, numbered in a row."""
+        numbers = self._numbers.get(task_name)
+        if numbers is None:
+            numbers = self._numbers.setdefault(task_name, itertools.count())
+        # islice takes its numbers from the counter in one go (in C, holding the GIL):
+        # they follow each other, and runs named from another thread get others.
+        taken = list(itertools.islice(numbers, count))
+        return seam.numbered_runs(task_name, taken[0], count) if taken else []
+
     def submit(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]
     ) -> PrefectFuture[Any]:
@@ -94,10 +104,12 @@ class FlowRun:
         task_runs: List[TaskRun],
         run_fn: Callable[..., Any],
         run_kwargs_list: List[Dict[str, Any]],
+        memo: Optional[seam.Memo] = None,
     ) -> List[PrefectFuture[Any]]:
-        """Submit many runs of one task at once (``task.map``), without awaiting."""
+        """Submit many runs of one task at once (``task.map``), without awaiting; the
+        parts of one map share a ``memo`` (see ``seam.submit_many``)."""
         return seam.submit_many(
-            self.core, task_runs, run_fn, run_kwargs_list, self.facade, self.asynchronous
+            self.core, task_runs, run_fn, run_kwargs_list, self.facade, self.asynchronous, memo
         )
 
     async def submit_async(
@@ -166,8 +178,11 @@ def mark_inputs(
         futures nor States to resolve), and whether every argument is a plain number,
         string or None
     """
-    if FLAT_TYPES.issuperset(map(type, args)) and FLAT_TYPES.issuperset(map(type, kwargs.values())):
-        return args, kwargs, None, True  # the common case of task.map: nothing to walk
+    if not kwargs and len(args) == 1:  # the common case of task.map: one argument
+        if type(args[0]) in FLAT_TYPES:
+            return args, kwargs, None, True
+    elif FLAT_TYPES.issuperset(map(type, args)) and FLAT_TYPES.issuperset(map(type, kwargs.values())):
+        return args, kwargs, None, True  # nothing to walk
     upstream: Dict[uuid.UUID, PrefectFuture[Any]] = {}
     found_state = False
 

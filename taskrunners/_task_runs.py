@@ -6,7 +6,10 @@ How a task run travels::
                submission() ── the run_fn (run_task or arun_task) and its run_kwargs:
                a TaskInvocation (the task, its arguments with futures marked) and, if
                any, the upstream futures, which the runner swaps for their States ──
-               and submits it to the flow run's runner (FlowRun.submit)
+               and submits it to the flow run's runner (FlowRun.submit); submit_mapped()
+               does so for the runs of a task.map, MAP_PART at a time (the workers
+               start on a part while the next is made), with one run_fn for all and
+               names made when read (FlowRun.new_task_runs)
     worker:    run_task() resolves the arguments (or ends NotReady), then runs the
                task's body with its retries: an attempt that raises an Exception, or
                returns a Failed state, is run again; the last outcome is the State
@@ -17,10 +20,12 @@ Every attempt is logged on the ``taskrunners.task`` logger, where the body runs.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import logging
 import threading
 import uuid
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import anyio
 import tenacity
@@ -29,7 +34,7 @@ from taskrunners._core import seam
 from taskrunners._core.seam import Memo, all_unchanging, snapshot_each, unchanging
 from taskrunners._flow_engine import FlowRun, current_flow_run, mark_inputs, resolve_inputs
 from taskrunners.futures import PrefectFuture, TaskRun
-from taskrunners.states import Completed, Failed, State, exception_to_crashed_state
+from taskrunners.states import Completed, Failed, State, StateType, exception_to_crashed_state
 
 __all__ = [
     "RunnableTask",
@@ -43,6 +48,7 @@ __all__ = [
 ]
 
 task_logger = logging.getLogger("taskrunners.task")
+_COMPLETED = Completed().name
 
 
 class RunnableTask(Protocol):
@@ -123,21 +129,37 @@ async def asubmit_task(
     return await flow_run.submit_async(task_run, run_fn, run_kwargs)
 
 
+#: How many runs of a map are submitted together: the workers start on the first
+#: ones while the next are made, and fewer runs wait at once.
+MAP_PART = 1000
+
+
 def submit_mapped(
-    flow_run: FlowRun, task: RunnableTask, runs: List[Tuple[tuple, dict]]
+    flow_run: FlowRun, task: RunnableTask, runs: Iterable[Tuple[tuple, dict]]
 ) -> List[PrefectFuture[Any]]:
-    """Submit one run of ``task`` per ``(args, kwargs)`` at once (``task.map``)."""
-    task_runs = [flow_run.new_task_run(task.name) for _ in runs]
-    run_kwargs_list = [
-        submission(task, task_run, args, kwargs)[1] for task_run, (args, kwargs) in zip(task_runs, runs)
-    ]
+    """Submit one run of ``task`` per ``(args, kwargs)`` (``task.map``), part by part.
+
+    The run_fn (with the task's time limit) is made once for the map; each run has
+    its own name, TaskRun and invocation, made when its part is submitted. A value
+    the runs share is snapshotted once for all of them, whichever part they are in.
+    """
     run_fn = seam.with_limit(arun_task if task.isasync else run_task, task.timeout_seconds)
+    kwargs_of = functools.partial(_run_kwargs, task)
+    runs = iter(runs)
+    futures: List[PrefectFuture[Any]] = []
     if _tries_apart(task):
-        return [
-            submit_tries(flow_run, task, task_run, run_fn, run_kwargs)
-            for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
-        ]
-    return flow_run.submit_many(task_runs, run_fn, run_kwargs_list)
+        for args, kwargs in runs:
+            task_run = flow_run.new_task_run(task.name)
+            run_kwargs = kwargs_of(task_run, (args, kwargs))
+            futures.append(submit_tries(flow_run, task, task_run, run_fn, run_kwargs))
+        return futures
+    memo = seam.map_memo(flow_run.core)
+    while True:
+        part = list(itertools.islice(runs, MAP_PART))
+        if not part:
+            return futures
+        task_runs = flow_run.new_task_runs(task.name, len(part))
+        futures += flow_run.submit_many(task_runs, run_fn, list(map(kwargs_of, task_runs, part)), memo)
 
 
 # -- tries as calls of their own --------------------------------------------------------------
@@ -208,15 +230,21 @@ def submission(
     task: RunnableTask, task_run: TaskRun, args: tuple, kwargs: dict
 ) -> Tuple[Callable[..., Any], Dict[str, Any]]:
     """The ``run_fn`` and ``run_kwargs`` that run ``task`` on these arguments."""
+    run_fn = seam.with_limit(arun_task if task.isasync else run_task, task.timeout_seconds)
+    return run_fn, _run_kwargs(task, task_run, (args, kwargs))
+
+
+def _run_kwargs(task: RunnableTask, task_run: TaskRun, run: Tuple[tuple, dict]) -> Dict[str, Any]:
     # The markers are remote.protocol.Upstream placeholders keyed by run id. They must stay
     # inside the TaskInvocation, which no runner walks: in a run kwarg of their own, a
     # remote backend's substitute() would look their run ids up among its references.
-    args, kwargs, upstream, plain = mark_inputs(args, kwargs)
-    invocation = (PlainInvocation if plain else TaskInvocation)(task, task_run.name, args, kwargs)
-    run_kwargs: Dict[str, Any] = {"invocation": invocation}
+    args, kwargs, upstream, plain = mark_inputs(*run)
+    if plain:
+        return {"invocation": PlainInvocation(task, task_run.name, args, kwargs)}
+    run_kwargs: Dict[str, Any] = {"invocation": TaskInvocation(task, task_run.name, args, kwargs)}
     if upstream is not None:
         run_kwargs["upstream"] = upstream
-    return seam.with_limit(arun_task if task.isasync else run_task, task.timeout_seconds), run_kwargs
+    return run_kwargs
 
 
 # The run_fns: module-level so cloudpickle sends them by reference to worker
@@ -230,13 +258,21 @@ def run_task(
 ) -> State[Any]:
     """Run a plain task's body (with its retries) to a State; with ``attempt`` (its
     number, of how many), only that try: the flow run retries (see :func:`submit_tries`)."""
-    args, kwargs, not_ready = _arguments(invocation, upstream)
-    if not_ready is not None:
-        return not_ready
-    with _outside_flow():
+    if upstream is None:
+        args, kwargs = invocation.args, invocation.kwargs
+    else:
+        args, kwargs, not_ready = resolve_inputs(invocation.args, invocation.kwargs, upstream)
+        if not_ready is not None:
+            return not_ready
+    # Outside the flow: a task called from the body is a plain call (no context
+    # manager here: this runs once per call, thousands of times per batch).
+    token = current_flow_run.set(None)
+    try:
         if attempt is not None:
             return _run_try(invocation.task, invocation.task_run_name, args, kwargs, attempt)
         return _run_body(invocation.task, invocation.task_run_name, args, kwargs)
+    finally:
+        current_flow_run.reset(token)
 
 
 def _task_of(run_kwargs: Dict[str, Any]) -> Any:
@@ -389,6 +425,8 @@ def _is_failed(value: Any) -> bool:
 
 
 def _log_attempt(task_run_name: str, number: int, attempts: int) -> None:
+    if not task_logger.isEnabledFor(logging.DEBUG):  # the record's extra costs more
+        return
     task_logger.debug(
         "Task run %r: attempt %d of %d.", task_run_name, number, attempts,
         extra={"task_run_name": task_run_name, "attempt": number},
@@ -422,7 +460,7 @@ def _failed(task_run_name: str, exc: Exception, attempts: int) -> State[Any]:
 def _final(task_run_name: str, value: Any, attempts: int) -> State[Any]:
     """The task run's State once its body returned ``value``: a State stands as it is."""
     if not isinstance(value, State):
-        return Completed(data=value)
+        return State(StateType.COMPLETED, _COMPLETED, None, value)
     if value.is_failed():
         task_logger.error(
             "Task run %r returned %r.", task_run_name, value,

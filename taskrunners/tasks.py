@@ -24,6 +24,7 @@ from typing import (
     Dict,
     Generic,
     Iterable,
+    Iterator,
     List,
     Optional,
     Sequence,
@@ -209,8 +210,10 @@ class Task(Decorated[P], Generic[P, R]):
         :raises ValueError: if the iterables differ in length, or there is none
         """
         runs = _mapped_arguments(self.name, args, kwargs)
-        if runs:  # every run has the same arguments by name and position: check one
-            self._check_arguments(*runs[0])
+        first = next(runs, None)
+        if first is not None:  # every run has the same arguments by name and position: check one
+            self._check_arguments(*first)
+            runs = itertools.chain((first,), runs)
         flow_run = current_flow_run.get()
         if flow_run is None:
             if self.isasync:
@@ -221,12 +224,12 @@ class Task(Decorated[P], Generic[P, R]):
             return self._map_async(flow_run, runs)
         return submit_mapped(flow_run, self, runs)
 
-    async def _map_plain_async(self, runs: List[Tuple[tuple, dict]]) -> List[Any]:
+    async def _map_plain_async(self, runs: Iterator[Tuple[tuple, dict]]) -> List[Any]:
         fn: Callable[..., Any] = self.fn
         return [await fn(*a, **k) for a, k in runs]
 
     async def _map_async(
-        self, flow_run: FlowRun, runs: List[Tuple[tuple, dict]]
+        self, flow_run: FlowRun, runs: Iterator[Tuple[tuple, dict]]
     ) -> List[PrefectFuture[Any]]:
         return [await asubmit_task(flow_run, self, a, k) for a, k in runs]
 
@@ -327,13 +330,17 @@ class unmapped:
         return f"unmapped({self.value!r})"
 
 
-def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> List[Tuple[tuple, dict]]:
-    """The arguments of each mapped run: the iterables zipped, ``unmapped`` values whole."""
+def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> Iterator[Tuple[tuple, dict]]:
+    """The arguments of each mapped run: the iterables zipped, ``unmapped`` values whole.
+
+    The iterables are read (and checked) at once; each run's arguments are made as
+    they are taken, so that a long map does not hold them all at once.
+    """
 
     def describe(key: Union[int, str]) -> str:
         return f"positional argument {key}" if isinstance(key, int) else f"argument {key!r}"
 
-    mapped: Dict[Union[int, str], list] = {}
+    mapped: Dict[Union[int, str], Sequence[Any]] = {}
     for key, value in itertools.chain(enumerate(args), kwargs.items()):
         if isinstance(value, unmapped):
             continue
@@ -343,6 +350,9 @@ def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> List[Tuple[tuple,
                 "pass its data (`future.result()`, awaited in an async flow), or wrap it in "
                 "unmapped(...) to give it whole to every run."
             )
+        if type(value) in (list, tuple, range):  # read in order, here: no copy needed
+            mapped[key] = value
+            continue
         try:
             mapped[key] = list(value)
         except TypeError:
@@ -371,13 +381,10 @@ def _mapped_arguments(name: str, args: tuple, kwargs: dict) -> List[Tuple[tuple,
     arg_rows = zip(*(column(key, value) for key, value in enumerate(args))) if args else None
     names = list(kwargs)
     kwarg_rows = zip(*(column(key, kwargs[key]) for key in names)) if names else None
-    return [
-        (
-            next(arg_rows) if arg_rows is not None else (),
-            dict(zip(names, next(kwarg_rows))) if kwarg_rows is not None else _NO_KWARGS,
-        )
-        for _ in range(count)
-    ]
+    if kwarg_rows is None:
+        return zip(arg_rows, itertools.repeat(_NO_KWARGS))  # type: ignore[arg-type]
+    kwarg_dicts = map(dict, map(functools.partial(zip, names), kwarg_rows))
+    return zip(arg_rows if arg_rows is not None else itertools.repeat((), count), kwarg_dicts)
 
 
 # The keyword arguments of a mapped run that has none: one dict for all, never changed

@@ -298,13 +298,19 @@ class BlockingTaskRunner(RunnerIdentity, abc.ABC):
         task_runs: List[TaskRun],
         run_fn: Callable[..., Any],
         run_kwargs_list: List[Dict[str, Any]],
+        memo: Optional[Memo] = None,
     ) -> List[CallHandle]:
-        """Submit many calls of one ``run_fn`` at once (``task.map``); their handles."""
+        """Submit many calls of one ``run_fn`` at once (``task.map``); their handles.
+
+        ``memo``: the snapshots of calls submitted before with these (the earlier parts
+        of one map), so that a value they share is taken once for all of them.
+        """
         if not self._started or self._detached:
             self._ensure_usable("submit work")
         if self._snapshots_arguments:
             # Submitted together: a value the calls share is taken once for all of them.
-            memo = Memo(self._shared)
+            if memo is None:
+                memo = Memo(self._shared)
             run_fn, _ = snapshot_call(run_fn, {}, memo)
             run_kwargs_list = [
                 snapshot_kwargs(run_kwargs, memo, self._shared) for run_kwargs in run_kwargs_list

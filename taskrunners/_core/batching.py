@@ -49,6 +49,7 @@ __all__ = [
     "MAX_CALLS",
     "check_batch_size",
     "batch_key_of",
+    "batch_keys_of",
     "Durations",
     "Sendable",
     "OwnEntry",
@@ -95,6 +96,17 @@ def batch_key_of(run_fn: Any, run_kwargs: Dict[str, Any]) -> Hashable:
         except Exception:
             pass
     return run_fn
+
+
+def batch_keys_of(run_fn: Any, run_kwargs_list: Sequence[Dict[str, Any]]) -> List[Hashable]:
+    """:func:`batch_key_of` for many calls of one ``run_fn``."""
+    key_of = getattr(run_fn, "__batch_key__", None)
+    if key_of is None:
+        return [run_fn] * len(run_kwargs_list)
+    try:
+        return list(map(key_of, run_kwargs_list))
+    except Exception:
+        return [batch_key_of(run_fn, run_kwargs) for run_kwargs in run_kwargs_list]
 
 
 class Durations:

@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import enum
 import functools
-import itertools
 import threading
 from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
@@ -71,9 +70,10 @@ class CallHandle(Completes, Protocol):
 
 
 # Calls share a few locks, each held only for a few assignments and never with
-# another: a lock per call would be one more object per call for the collector.
+# another: a lock per call would be one more object per call for the collector. A
+# call's lock is found from its address (objects are 16-byte aligned), so that no
+# call keeps a field for it.
 _LOCKS = tuple(threading.Lock() for _ in range(64))
-_next_lock = itertools.count().__next__
 # What a call's callbacks are before the first is added (then the callback itself,
 # then a list of them; None once they have run).
 _NO_CALLBACKS: Any = ()
@@ -136,20 +136,19 @@ class Call:
     pending at once, so a call is kept small: the garbage collector walks every one.
     """
 
-    __slots__ = ("_phase", "_state", "_callbacks", "_lock", "_finished")
+    __slots__ = ("_phase", "_state", "_callbacks", "_finished")
 
     def __init__(self) -> None:
         self._phase = PENDING
         self._state: Optional[State] = None
         self._callbacks: Any = _NO_CALLBACKS
-        self._lock = _LOCKS[_next_lock() & 63]
         self._finished: Optional[threading.Event] = None
 
     def _move(self, allowed: int, to: Phase, state: Optional[State] = None) -> bool:
         """Move the call to ``to`` if its phase is one of ``allowed`` (a mask of
         phases); False if it is not. A move that ends the call (to CANCELLED or DONE)
         gives it ``state``, then runs its done callbacks, outside the lock."""
-        with self._lock:
+        with _LOCKS[(id(self) >> 4) & 63]:
             if not self._phase & allowed:
                 return False
             if state is None:
@@ -204,7 +203,7 @@ class Call:
     def result(self, timeout: Optional[float] = None) -> State:
         state = self._state
         if state is None:
-            with self._lock:
+            with _LOCKS[(id(self) >> 4) & 63]:
                 if self._state is None and self._finished is None:
                     self._finished = threading.Event()
                 finished = self._finished
@@ -215,7 +214,7 @@ class Call:
         return state
 
     def add_done_callback(self, fn: Callable[[Any], object]) -> None:
-        with self._lock:
+        with _LOCKS[(id(self) >> 4) & 63]:
             callbacks = self._callbacks
             if callbacks is not None:
                 if callbacks is _NO_CALLBACKS:

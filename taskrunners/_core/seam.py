@@ -19,6 +19,7 @@ one under a facade runner.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Collection, Dict, List, Optional
 
 from taskrunners._collections import iter_leaves
@@ -36,6 +37,7 @@ from taskrunners._core.futures import (
     TaskRun,
     call_of,
     not_a_runner,
+    numbered_runs,
     wait_for_state_async,
 )
 from taskrunners._core.limits import (
@@ -82,6 +84,7 @@ __all__ = [
     "Relay",
     "CallHandle",
     "call_of",
+    "numbered_runs",
     "state_of_done",
     "is_future",
     # Submissions: checking them, running a coroutine call to a State, snapshots.
@@ -112,6 +115,7 @@ __all__ = [
     "core_of",
     "submit",
     "submit_many",
+    "map_memo",
     "future_for",
     "track",
     "cancel_pending",
@@ -174,13 +178,29 @@ def submit_many(
     run_kwargs_list: List[Dict[str, Any]],
     runner: Any = None,
     asynchronous: bool = False,
+    memo: Optional[Memo] = None,
 ) -> List[PrefectFuture[Any]]:
-    """Submit many calls of one ``run_fn`` to a started core at once; their futures."""
-    calls = core._submit_calls(task_runs, run_fn, run_kwargs_list)
+    """Submit many calls of one ``run_fn`` to a started core at once; their futures.
+
+    :param memo: from :func:`map_memo`, shared by the parts of one map submitted one
+        after the other: a value they share is taken (and sent) once for all of them
+    """
+    calls = core._submit_calls(task_runs, run_fn, run_kwargs_list, memo)
     owner = core if runner is None else runner
-    return [
-        future_for(call, task_run, owner, asynchronous) for task_run, call in zip(task_runs, calls)
-    ]
+    return list(map(functools.partial(_future_of, owner, asynchronous), calls, task_runs))
+
+
+def _future_of(
+    runner: Any, asynchronous: bool, call: CallHandle, task_run: TaskRun
+) -> PrefectFuture[Any]:
+    future: PrefectFuture[Any] = PrefectFuture(task_run, runner, asynchronous)
+    future._call = call
+    return future
+
+
+def map_memo(core: BlockingTaskRunner) -> Memo:
+    """A memo for the parts of one map submitted to a started ``core`` (see :func:`submit_many`)."""
+    return Memo(core._shared)
 
 
 def track(core: BlockingTaskRunner, call: CallHandle) -> None:

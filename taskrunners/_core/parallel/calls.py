@@ -15,7 +15,7 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 import cloudpickle
 
@@ -39,7 +39,7 @@ class ParallelCall(Call, OwnEntry):
     before loky gives it back).
     """
 
-    __slots__ = ("task_run", "run_fn", "run_kwargs", "handovers", "key", "group", "_dispatcher")
+    __slots__ = ("task_run", "run_fn", "run_kwargs", "handovers", "key", "_dispatcher")
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class ParallelCall(Call, OwnEntry):
         run_fn: Callable[..., Any],
         run_kwargs: Dict[str, Any],
         dispatcher: "Dispatcher[Sendable[None]]",
+        key: Hashable = None,
     ) -> None:
         Call.__init__(self)
         self.task_run = task_run
@@ -54,14 +55,20 @@ class ParallelCall(Call, OwnEntry):
         self.run_kwargs: Optional[Dict[str, Any]] = run_kwargs
         #: How many pools were handed the call; one that broke may have to retry it.
         self.handovers = 0
-        # The call is its own entry for the dispatcher (a Sendable): its task and group.
-        self.key = self.group = batch_key_of(run_fn, run_kwargs)
+        # The call is its own entry for the dispatcher (a Sendable): its task, which is
+        # its group (``key``: batch_key_of(run_fn, run_kwargs), if the caller has it).
+        self.key = batch_key_of(run_fn, run_kwargs) if key is None else key
         self._dispatcher: Optional["Dispatcher[Sendable[None]]"] = dispatcher
+
+    @property
+    def group(self) -> Hashable:
+        """The call's group for the dispatcher: its task (no options on this runner)."""
+        return self.key
 
     def _ended(self) -> None:
         # A settled call, cancelled ones too, keeps no argument, function (its key: the
         # run_fn, or the flow's task) or pool alive.
-        self.run_fn = self.run_kwargs = self._dispatcher = self.key = self.group = None
+        self.run_fn = self.run_kwargs = self._dispatcher = self.key = None
 
     def expedite(self) -> None:
         dispatcher = self._dispatcher

@@ -68,7 +68,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import loky
 
-from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, Sendable
+from taskrunners._core.batching import MAX_CALLS, BatchSize, Dispatcher, Durations, Sendable, batch_keys_of
 from taskrunners._core.parallel import loky_private
 from taskrunners._core.parallel.calls import Batch, ParallelCall, pack
 from taskrunners._core.parallel.crashes import (
@@ -188,9 +188,10 @@ class ProcessPool:
         run_kwargs_list: List[Dict[str, Any]],
     ) -> List[ParallelCall]:
         dispatcher = self._dispatcher
+        keys = batch_keys_of(run_fn, run_kwargs_list)  # once per run_fn, not per call
         calls = [
-            ParallelCall(task_run, run_fn, run_kwargs, dispatcher)
-            for task_run, run_kwargs in zip(task_runs, run_kwargs_list)
+            ParallelCall(task_run, run_fn, run_kwargs, dispatcher, key)
+            for task_run, run_kwargs, key in zip(task_runs, run_kwargs_list, keys)
         ]
         if self._stopping:
             for call in calls:
