@@ -19,7 +19,6 @@ one under a facade runner.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Collection, Dict, List, Optional
 
 from taskrunners._collections import iter_leaves
@@ -187,15 +186,7 @@ def submit_many(
     """
     calls = core._submit_calls(task_runs, run_fn, run_kwargs_list, memo)
     owner = core if runner is None else runner
-    return list(map(functools.partial(_future_of, owner, asynchronous), calls, task_runs))
-
-
-def _future_of(
-    runner: Any, asynchronous: bool, call: CallHandle, task_run: TaskRun
-) -> PrefectFuture[Any]:
-    future: PrefectFuture[Any] = PrefectFuture(task_run, runner, asynchronous)
-    future._call = call
-    return future
+    return [future_for(call, run, owner, asynchronous) for call, run in zip(calls, task_runs)]
 
 
 def map_memo(core: BlockingTaskRunner) -> Memo:
