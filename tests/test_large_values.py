@@ -190,14 +190,15 @@ def _shared_folders_of(runner):
     return [runner._shared.folder]
 
 
-def _memory_files():
+def _memory_files(token):
+    """The unnamed memory files this process has open for the copies of one store."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         try:
             found.append(os.readlink(f"/proc/self/fd/{name}"))
         except OSError:  # closed meanwhile
             pass
-    return [target for target in found if target.startswith("/memfd:taskrunners-")]
+    return [target for target in found if target.startswith(f"/memfd:taskrunners-{token}-")]
 
 
 @parametrize_kinds([kind for kind in REMOTE if kind.class_name == "RayTaskRunner"])
@@ -207,8 +208,21 @@ def test_ray_keeps_the_object_stores_copy_and_none_of_its_own(kind, request):
     with runner.start():
         futures = [runner.submit(taskrunners.TaskRun(), size_of, {"value": value, "pause": 1}) for _ in range(3)]
         assert len(runner._shared) == 1  # held for the calls
-        assert _memory_files() == []
+        assert _memory_files(runner._shared._token) == []
         assert all(runner.wait(future).is_completed() for future in futures)
+
+
+@parametrize_kinds([kind for kind in REMOTE if kind.class_name != "ParallelTaskRunner"])
+def test_no_copy_outlives_its_block_in_this_process(kind, request):
+    # Dask's thread workers run here: what they loaded must not hold a copy open.
+    runner = kind.make(request, blocking=True)
+    with runner.start():
+        token = runner._shared._token
+        futures = [runner.submit(taskrunners.TaskRun(), array_info, {"array": np.ones(ARRAY)}) for _ in range(3)]
+        assert all(runner.wait(future).is_completed() for future in futures)
+    del futures
+    gc.collect()
+    assert _memory_files(token) == []
 
 
 @pytest.mark.dask

@@ -330,6 +330,10 @@ class SharedValues:
                 if known is not None and known[1]() is None:
                     del self._by_id[vid]
         if copy is not None:
+            # Workers in this process (Dask's threads) may have loaded it: let go here
+            # too, so that its memory goes now, not at the next load.
+            with _loaded_lock:
+                _loaded.pop(key, None)
             self._dropped(copy)
             copy.close()
 
