@@ -56,11 +56,12 @@ def _once_per_process(path: str, kind) -> None:
 def test_a_value_many_calls_take_is_loaded_once_per_worker(driver, kind, tmp_path, where):
     path = str(tmp_path / "loads")
     value = Counted(path)
+    argument = value if where == "direct" else {"x": [value]}
     with driver.start():
-        futures = [
-            driver.submit(size_of, {"value": value if where == "direct" else {"x": [value]}, "pause": 0.02})
-            for _ in range(CALLS)
-        ]
+        # The first call keeps the value in use while the others are submitted, however
+        # slowly: a value no pending call holds is released, and shared anew after.
+        futures = [driver.submit(size_of, {"value": argument, "pause": 1.5})]
+        futures += [driver.submit(size_of, {"value": argument, "pause": 0.02}) for _ in range(CALLS)]
         results = [driver.wait(future).result() for future in futures]
     assert {size for size, _ in results} == {len(value.data)}
     _once_per_process(path, kind)
