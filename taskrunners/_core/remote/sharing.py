@@ -153,7 +153,9 @@ class Payload:
         """The value, its buffers read-only views of this payload's (or of an aligned
         copy, for arrays that arrived misaligned)."""
         views = [memoryview(b) for b in self.buffers]
-        if b"numpy" in self.header:
+        # Only a payload that travelled (its header bytes again) may be misaligned: an
+        # engine's in-process worker gets the block's own copy, whose buffers are aligned.
+        if type(self.header) is bytes and b"numpy" in self.header:
             views = [_aligned(view) for view in views]
         return pickle.loads(self.header, buffers=[view.toreadonly() for view in views])
 
