@@ -76,20 +76,20 @@ class FlowRun:
 
     def new_task_run(self, task_name: str) -> TaskRun:
         """The next run of the task named ``task_name``: ``"<name>-<n>"``, from 0."""
-        numbers = self._numbers.get(task_name)
-        if numbers is None:
-            numbers = self._numbers.setdefault(task_name, itertools.count())
-        return TaskRun(name=f"{task_name}-{next(numbers)}")
+        return TaskRun(name=f"{task_name}-{next(self._numbers_of(task_name))}")
 
     def new_task_runs(self, task_name: str, count: int) -> List[TaskRun]:
         """The next ``count`` runs of the task named ``task_name``, numbered in a row."""
-        numbers = self._numbers.get(task_name)
-        if numbers is None:
-            numbers = self._numbers.setdefault(task_name, itertools.count())
         # islice takes its numbers from the counter in one go (in C, holding the GIL):
         # they follow each other, and runs named from another thread get others.
-        taken = list(itertools.islice(numbers, count))
+        taken = list(itertools.islice(self._numbers_of(task_name), count))
         return seam.numbered_runs(task_name, taken[0], count) if taken else []
+
+    def _numbers_of(self, task_name: str) -> Iterator[int]:
+        numbers = self._numbers.get(task_name)
+        if numbers is None:  # setdefault: another thread may have made it meanwhile
+            numbers = self._numbers.setdefault(task_name, itertools.count())
+        return numbers
 
     def submit(
         self, task_run: TaskRun, run_fn: Callable[..., Any], run_kwargs: Dict[str, Any]

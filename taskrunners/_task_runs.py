@@ -19,13 +19,12 @@ Every attempt is logged on the ``taskrunners.task`` logger, where the body runs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
 import threading
 import uuid
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import anyio
 import tenacity
@@ -258,12 +257,9 @@ def run_task(
 ) -> State[Any]:
     """Run a plain task's body (with its retries) to a State; with ``attempt`` (its
     number, of how many), only that try: the flow run retries (see :func:`submit_tries`)."""
-    if upstream is None:
-        args, kwargs = invocation.args, invocation.kwargs
-    else:
-        args, kwargs, not_ready = resolve_inputs(invocation.args, invocation.kwargs, upstream)
-        if not_ready is not None:
-            return not_ready
+    args, kwargs, not_ready = _arguments(invocation, upstream)
+    if not_ready is not None:
+        return not_ready
     # Outside the flow: a task called from the body is a plain call (no context
     # manager here: this runs once per call, thousands of times per batch).
     token = current_flow_run.set(None)
@@ -293,7 +289,8 @@ async def arun_task(
     args, kwargs, not_ready = _arguments(invocation, upstream)
     if not_ready is not None:
         return not_ready
-    with _outside_flow():
+    token = current_flow_run.set(None)  # outside the flow, as in run_task
+    try:
         if attempt is not None:
             number, attempts = attempt
             _log_attempt(invocation.task_run_name, number, attempts)
@@ -303,6 +300,8 @@ async def arun_task(
                 return _try_failed(invocation.task_run_name, exc, number, attempts)
             return _final(invocation.task_run_name, value, attempts)
         return await _arun_body(invocation.task, invocation.task_run_name, args, kwargs)
+    finally:
+        current_flow_run.reset(token)
 
 
 arun_task.__batch_key__ = _task_of  # type: ignore[attr-defined]
@@ -314,16 +313,6 @@ def _arguments(
     if upstream is None:
         return invocation.args, invocation.kwargs, None
     return resolve_inputs(invocation.args, invocation.kwargs, upstream)
-
-
-@contextlib.contextmanager
-def _outside_flow() -> Iterator[None]:
-    """A task called from inside a task body is a plain call, not a submission."""
-    token = current_flow_run.set(None)
-    try:
-        yield
-    finally:
-        current_flow_run.reset(token)
 
 
 # -- the body, with its retries -------------------------------------------------------------
